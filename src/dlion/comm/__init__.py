@@ -1,0 +1,1 @@
+"""Messages, their encoded sizes, and collectives built from point-to-point messages."""

@@ -1,0 +1,269 @@
+"""Typed experiment config: pydantic models, YAML loading, `--set a.b=v` overrides, one-line errors."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dlion.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+class SiteConfig(_Strict):
+    name: str = Field(description="Site (micro-cloud) name, referenced by workers and links.")
+    intra_bandwidth_mbps: float = Field(
+        1000.0, gt=0, description="Bandwidth of every link between two workers of this site."
+    )
+    intra_latency_ms: float = Field(0.1, ge=0, description="Latency inside this site.")
+
+
+class WorkerConfig(_Strict):
+    site: str = Field(description="Name of the site this worker lives in.")
+    capacity_gflops: float = Field(
+        gt=0, description="Effective compute capacity (GFLOP/s) for training this model."
+    )
+    nic_mbps: float | None = Field(
+        None, gt=0, description="NIC capacity shared by all of this worker's transfers; "
+        "None means the NIC is never the bottleneck."
+    )
+    count: int = Field(1, ge=1, description="Replicate this worker entry this many times.")
+
+
+class LinkConfig(_Strict):
+    """Site-to-site link (symmetric), or a per-pair override when `workers` is given."""
+
+    sites: tuple[str, str] | None = Field(None, description="The two sites this link joins.")
+    workers: tuple[int, int] | None = Field(
+        None, description="Per-pair override: the two worker ranks this link joins."
+    )
+    bandwidth_mbps: float = Field(gt=0, description="Link bandwidth in Mbit/s.")
+    latency_ms: float = Field(ge=0, description="One-way latency in ms.")
+
+    @model_validator(mode="after")
+    def _one_endpoint_kind(self) -> LinkConfig:
+        if (self.sites is None) == (self.workers is None):
+            raise ValueError("give exactly one of 'sites' or 'workers'")
+        return self
+
+
+class ClusterConfig(_Strict):
+    sites: list[SiteConfig] = Field(min_length=1)
+    workers: list[WorkerConfig] = Field(min_length=1)
+    links: list[LinkConfig] = Field(default_factory=list)
+    default_inter_bandwidth_mbps: float = Field(
+        100.0, gt=0, description="Bandwidth between sites that no link entry names."
+    )
+    default_inter_latency_ms: float = Field(10.0, ge=0)
+
+
+# ----------------------------------------------------------------------------- data/model
+
+
+class DataConfig(_Strict):
+    name: Literal["digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz"] = "digits"
+    path: str | None = Field(None, description="File or directory for user data formats.")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    num_samples: int | None = Field(None, ge=20, description="Generated datasets: sample count.")
+    num_features: int = Field(32, ge=2, description="synthetic: feature count.")
+    num_classes: int = Field(10, ge=2, description="synthetic: class count.")
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID skew).")
+    shards_per_worker: int = Field(2, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+class StrategyConfig(_Strict):
+    name: str = Field("dlion", description="Registered strategy name (`dlion strategies`).")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Strategy-specific options, validated by its model."
+    )
+
+
+class TrainConfig(_Strict):
+    seed: int = 0
+    target_acc: float = Field(0.95, gt=0, le=1, description="Mean replica accuracy to reach.")
+    max_time: float = Field(60.0, gt=0, description="Stop after this many (virtual) seconds.")
+    stop_at_target: bool = True
+    batch_per_worker: int = Field(
+        32, ge=1, description="Configured per-worker batch; the global batch G is N times this."
+    )
+    lr: float = Field(0.05, gt=0, description="Learning rate, set for the global batch.")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_iterations: int | None = Field(None, ge=1, description="Optional cap on iterations.")
+
+
+class EngineConfig(_Strict):
+    name: Literal["sim"] = "sim"
+    header_bytes: int = Field(
+        64, ge=0, description="Per-message envelope size charged by the network model."
+    )
+    recv_timeout: float = Field(
+        30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
+    )
+    threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+
+
+class EvaluationConfig(_Strict):
+    every_s: float = Field(
+        0.5, gt=0, description="Evaluate every replica every this many (virtual) seconds."
+    )
+    max_test_samples: int | None = Field(None, ge=1, description="Evaluate on a test subset.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    description: str = ""
+    cluster: ClusterConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _sites_exist(self) -> ExperimentConfig:
+        names = [s.name for s in self.cluster.sites]
+        if len(set(names)) != len(names):
+            raise ValueError("cluster.sites: site names must be unique")
+        for i, w in enumerate(self.cluster.workers):
+            if w.site not in names:
+                raise ValueError(f"cluster.workers.{i}.site: unknown site {w.site!r}")
+        for i, link in enumerate(self.cluster.links):
+            for s in link.sites or ():
+                if s not in names:
+                    raise ValueError(f"cluster.links.{i}.sites: unknown site {s!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if "input" in first and first["type"] not in ("missing",) and not loc.endswith("]"):
+        given = repr(first["input"])
+        if len(given) <= 40:
+            msg = f"{msg}, got {given}"
+    return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value with YAML rules, so `true`, `3`, `0.1`, `[1,2]` are typed."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a raw config dict (returns a new dict)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.seed=1")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node: Any = out
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    path = ".".join(parts[: depth + 1])
+                    raise ConfigError(f"--set {key}: {path} is not a valid list index")
+                node = node[int(part)]
+                continue
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict | list):
+                path = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {key}: {path} is a value, not a section")
+            node = child
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {key}: {last} is not a valid list index")
+            node[int(last)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return out
+
+
+def shipped_scenarios() -> list[str]:
+    """Names of the scenario presets shipped inside the package."""
+    folder = resources.files("dlion") / "scenarios"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
+    """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        text = path.read_text()
+    elif source in shipped_scenarios():
+        text = (resources.files("dlion") / "scenarios" / f"{source}.yaml").read_text()
+    else:
+        known = ", ".join(shipped_scenarios())
+        raise ConfigError(f"{source}: not a config file or a shipped scenario ({known})")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return raw, source
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate a config from a YAML path or shipped scenario name, with overrides."""
+    raw, origin = _read_yaml(source)
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, origin)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {_format_validation_error(err)}") from None
+
+
+def with_changes(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A copy of a validated config with `a.b=v` overrides applied and re-validated."""
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return config_from_dict(raw, cfg.name)

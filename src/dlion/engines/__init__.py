@@ -1,0 +1,1 @@
+"""Engines run strategies: `sim` on a virtual clock."""

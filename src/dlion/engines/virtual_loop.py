@@ -1,0 +1,40 @@
+"""An asyncio event loop whose clock is virtual: when every coroutine waits, time jumps.
+
+asyncio asks its selector to wait `timeout` seconds for I/O until the next timer is due.
+Here the selector polls without blocking and, if nothing is ready, advances the virtual
+clock by `timeout` instead of sleeping. Everything else (tasks, timers, wait_for, gather)
+is stock asyncio, so strategy code is the same under a real loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from typing import Any
+
+from dlion.errors import SimulationError
+
+
+class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            # Nothing is scheduled and nothing is ready: every coroutine waits on another.
+            raise SimulationError("simulation deadlock: every worker waits and no event is due")
+        self.now += timeout
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(selector=self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now

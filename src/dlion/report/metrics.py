@@ -1,0 +1,112 @@
+"""Run metrics: eval points, the JSONL metrics log, time-to-accuracy and atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from dlion.errors import DataError
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One periodic evaluation of all replicas at virtual time `t` (seconds)."""
+
+    t: float
+    iteration: int
+    mean_acc: float
+    min_acc: float
+    mean_loss: float
+    bytes_sent: int
+
+
+class MetricsLog:
+    """Appends one JSON object per line to DIR/metrics.jsonl, flushed after each write."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.events: list[dict] = []
+        self._file: IO[str] | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Append so that a resumed run keeps the history written before it stopped.
+            self._file = path.open("a", encoding="utf-8")
+
+    def write(self, event: str, **fields: object) -> None:
+        """Record `{"event": event, **fields}` in memory and, if a path was given, on disk."""
+        record: dict = {"event": event, **fields}
+        # Serialize before keeping it so that a bad field never leaves memory and disk out of sync.
+        line = json.dumps(record)
+        self.events.append(record)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            # Flush every line so a crashed or still-running run can be inspected from outside.
+            self._file.flush()
+
+    def close(self) -> None:
+        """Close the file; further writes only go to memory."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def time_to_accuracy(points: Sequence[EvalPoint], target: float) -> float | None:
+    """First eval time at which mean_acc >= target, or None if it never gets there."""
+    reached = [p.t for p in points if p.mean_acc >= target]
+    # min() rather than the first element, so unsorted input still gives the earliest crossing.
+    return min(reached) if reached else None
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write `obj` as indented JSON; readers see the old file or the new one, never half of one."""
+    # Serialize first: an unserializable object then fails before anything touches the disk.
+    text = json.dumps(obj, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file must live in the same directory for os.replace to be an atomic rename.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Parse a metrics.jsonl file into its event dicts; blank lines are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read metrics file {path}: {e}") from e
+    events: list[dict] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: malformed JSON: {e.msg}") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object")
+        events.append(record)
+    return events

@@ -1,0 +1,70 @@
+"""Accuracy-versus-time plots (PNG, headless Agg backend) and averaging of curves over seeds."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+# There is no display on the machines this runs on; Agg must be chosen before pyplot loads.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_accuracy_vs_time(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: Path,
+    *,
+    title: str,
+    target: float | None = None,
+    xlabel: str = "simulated time (s)",
+) -> Path:
+    """Plot one accuracy line per label and a dashed target line; save a PNG and return its path."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for label, curve in curves.items():
+            points = sorted(curve)
+            ax.plot([t for t, _ in points], [a for _, a in points], label=label, linewidth=1.5)
+        if target is not None:
+            ax.axhline(
+                target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}"
+            )
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        # Long benchmark sweeps draw many figures; leaking them exhausts memory.
+        plt.close(fig)
+    return path
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Mean over seeds of step-interpolated curves, on the union of their time grids.
+
+    Each curve carries its last value forward. The grid is restricted to times every curve
+    covers: from the latest first time to the earliest last time, so no seed is extrapolated.
+    """
+    series = [sorted(c) for c in curves]
+    if not series or any(not s for s in series):
+        return []
+    start = max(s[0][0] for s in series)
+    end = min(s[-1][0] for s in series)
+    grid = sorted({t for s in series for t, _ in s if start <= t <= end})
+    times = [[t for t, _ in s] for s in series]
+    result: list[tuple[float, float]] = []
+    for t in grid:
+        total = 0.0
+        for s, ts in zip(series, times, strict=True):
+            # Last point at or before t; bisect_right makes a repeated time take its last value.
+            total += s[bisect.bisect_right(ts, t) - 1][1]
+        result.append((t, total / len(series)))
+    return result
