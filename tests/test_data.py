@@ -111,6 +111,20 @@ def test_bad_test_fraction_is_rejected(fraction: float) -> None:
         load_dataset("digits", test_fraction=fraction)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "parameter"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": 100.0}, "num_samples"),
+    ],
+)
+def test_bad_seed_or_num_samples_is_rejected(kwargs: dict[str, Any], parameter: str) -> None:
+    with pytest.raises(DataError, match=parameter):
+        load_dataset("synthetic", **kwargs)
+
+
 @pytest.mark.parametrize("name", ["mnist-idx", "cifar10", "npz"])
 def test_file_datasets_need_a_path(name: str, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=name):
@@ -536,7 +550,7 @@ def test_npz_bad_contents(tmp_path: Path, arrays: dict[str, np.ndarray], message
 def test_npz_not_a_zip(tmp_path: Path) -> None:
     path = tmp_path / "junk.npz"
     path.write_bytes(b"this is not a zip archive")
-    with pytest.raises(DataError, match="junk.npz"):
+    with pytest.raises(DataError, match=r"junk\.npz"):
         read_npz(path)
 
 
@@ -615,6 +629,7 @@ def test_partition_dirichlet_infeasible_min_size() -> None:
         ({"scheme": "shards", "shards_per_part": 30}, "shards_per_part"),
         ({"min_size": 50}, "min_size"),
         ({"min_size": -1}, "min_size"),
+        ({"seed": -3}, "seed"),
     ],
 )
 def test_partition_bad_arguments(kwargs: dict[str, Any], parameter: str) -> None:

@@ -91,7 +91,10 @@ class Cluster:
                     key = frozenset((a.site, b.site))
                     bw, lat = site_links.get(
                         key,
-                        (cfg.default_inter_bandwidth_mbps * MBPS, cfg.default_inter_latency_ms / 1e3),
+                        (
+                            cfg.default_inter_bandwidth_mbps * MBPS,
+                            cfg.default_inter_latency_ms / 1e3,
+                        ),
                     )
                 links[(a.rank, b.rank)] = Link(bw, lat)
         return cls(workers, links)

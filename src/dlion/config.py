@@ -36,8 +36,10 @@ class WorkerConfig(_Strict):
         gt=0, description="Effective compute capacity (GFLOP/s) for training this model."
     )
     nic_mbps: float | None = Field(
-        None, gt=0, description="NIC capacity shared by all of this worker's transfers; "
-        "None means the NIC is never the bottleneck."
+        None,
+        gt=0,
+        description="NIC capacity shared by all of this worker's transfers; "
+        "None means the NIC is never the bottleneck.",
     )
     count: int = Field(1, ge=1, description="Replicate this worker entry this many times.")
 
@@ -220,7 +222,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def shipped_scenarios() -> list[str]:
     """Names of the scenario presets shipped inside the package."""
     folder = resources.files("dlion") / "scenarios"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:

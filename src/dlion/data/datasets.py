@@ -12,6 +12,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,10 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction: must be between 0 and 1 (exclusive), got {test_fraction}")
-    if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        # numpy's legacy seeding (used by sklearn and mnist1d) accepts only this range.
+        raise DataError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise DataError(f"num_samples: must be a positive integer, got {num_samples!r}")
     if name == "digits":
         return _load_digits(seed, test_fraction)
@@ -89,6 +93,11 @@ def load_dataset(
     if name == "cifar10":
         return _load_cifar10(location)
     return _load_npz(location, seed, test_fraction)
+
+
+def _is_int(value: object) -> bool:
+    # bool is an Integral too, but True as a count or seed is a mistake.
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def cache_dir() -> Path:
@@ -251,9 +260,9 @@ def _load_synthetic(
     num_features: int,
     num_classes: int,
 ) -> Dataset:
-    if isinstance(num_classes, bool) or num_classes < 2:
+    if not _is_int(num_classes) or num_classes < 2:
         raise DataError(f"num_classes: synthetic needs at least 2, got {num_classes!r}")
-    if isinstance(num_features, bool) or num_features < 2:
+    if not _is_int(num_features) or num_features < 2:
         raise DataError(f"num_features: synthetic needs at least 2, got {num_features!r}")
     n = _SYNTHETIC_DEFAULT_SAMPLES if num_samples is None else num_samples
     if n < 2 * num_classes:
@@ -350,6 +359,8 @@ def _load_cifar10(directory: Path) -> Dataset:
     x_te, y_te = read_cifar10_batch(directory / "test_batch")
     x_tr = np.concatenate([x for x, _ in train])
     y_tr = np.concatenate([y for _, y in train])
+    if len(y_tr) == 0 or len(y_te) == 0:
+        raise DataError(f"{directory}: the train or test batches hold no images")
     scale = np.float32(1.0 / 255.0)
     return _to_dataset(
         "cifar10",

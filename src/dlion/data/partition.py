@@ -53,6 +53,7 @@ def partition(
             f"min_size: {num_parts} parts of at least {min_size} samples need "
             f"{num_parts * min_size}, but there are only {n}"
         )
+    _check_int("seed", seed, 0)
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = _iid(n, int(num_parts), rng)

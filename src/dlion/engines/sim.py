@@ -127,7 +127,6 @@ def run_sim(
     spec = get_strategy(cfg.strategy.name)
     options = parse_options(spec, cfg.strategy.options)
     loop = VirtualTimeLoop()
-    wall_start = time.perf_counter()
     try:
         asyncio.set_event_loop(loop)
         engine = _SimEngine(cfg, loop)
@@ -139,13 +138,17 @@ def run_sim(
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         engine.log = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None else None)
         name = label or spec.name
-        with engine.log, TrainProgress(f"{cfg.name} {name}", cfg.train.max_time,
-                                       enabled=progress) as bar:
+        with (
+            engine.log,
+            TrainProgress(f"{cfg.name} {name}", cfg.train.max_time, enabled=progress) as bar,
+        ):
+            # Wall time of the training loop alone (data loading and setup excluded).
+            wall_start = time.perf_counter()
             points = loop.run_until_complete(_main(engine, spec.worker, options, bar))
+            wall = time.perf_counter() - wall_start
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    wall = time.perf_counter() - wall_start
     last = points[-1]
     summary: dict[str, Any] = {
         "scenario": cfg.name,
@@ -213,9 +216,10 @@ async def _main(
                 break
             if reached and cfg.train.stop_at_target:
                 break
-            wait = min(cfg.evaluation.every_s, cfg.train.max_time - point.t)
+            # Evaluate at exact multiples of every_s, so all strategies share the time grid.
+            next_eval = min((len(points)) * cfg.evaluation.every_s, cfg.train.max_time)
             try:
-                await asyncio.wait_for(engine.stop.wait(), wait)
+                await asyncio.wait_for(engine.stop.wait(), next_eval - engine.loop.time())
             except TimeoutError:
                 pass
     finally:

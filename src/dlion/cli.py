@@ -1,0 +1,154 @@
+"""The `dlion` command. Bad input: one line on stderr, exit 2. Runtime failure: exit 1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+# typer 0.29 vendors click; its UsageError is the one place to catch CLI misuse.
+from typer._click.exceptions import UsageError
+
+from dlion.errors import BadInput, DlionError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="dlion: decentralized training across heterogeneous micro-clouds.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="YAML config path or shipped scenario name.")],
+    engine: Annotated[str, typer.Option(help="Engine: sim.")] = "sim",
+    strategy: Annotated[str | None, typer.Option(help="Strategy name (overrides config).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field: --set train.seed=1 (repeatable)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run one training job; writes metrics.jsonl and summary.json."""
+    from dlion.config import load_config
+    from dlion.engines.sim import run_sim
+    from dlion.report import plot_accuracy_vs_time
+
+    if engine != "sim":
+        raise BadInput(f"--engine: unknown engine {engine!r} (available: sim)")
+    overrides = list(set_ or [])
+    if strategy is not None:
+        overrides.append(f"strategy.name={strategy}")
+    cfg = load_config(config, overrides)
+    out_dir = out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
+    result = run_sim(cfg, out_dir=out_dir, progress=not quiet)
+    s = result.summary
+    plot_accuracy_vs_time(
+        {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
+        out_dir / "accuracy_vs_time.png",
+        title=f"{cfg.name}: {s['strategy']}",
+        target=cfg.train.target_acc,
+    )
+    tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.2f} s"
+    console.print(
+        f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: "
+        f"time to {s['target_acc']:.1%} = {tta}, final accuracy {s['final_acc']:.2%} "
+        f"(worst replica {s['final_min_acc']:.2%}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
+        f"{s['iterations']} iterations in {s['time_s']:.2f} simulated s"
+    )
+    console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, accuracy_vs_time.png")
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="Shipped suite name or YAML path.")],
+    strategies: Annotated[
+        str | None, typer.Option(help="Comma-separated labels to run (e.g. allreduce,dlion).")
+    ] = None,
+    scenarios: Annotated[str | None, typer.Option(help="Comma-separated scenarios.")] = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Seeds per run (overrides suite).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run a benchmark suite side by side; writes summary.json, report.md and plots."""
+    from dlion.bench import load_suite, report, run_suite
+
+    spec = load_suite(suite)
+    out_dir = out or Path("runs") / f"bench-{spec.name}"
+    runs, plots = run_suite(
+        spec,
+        out_dir,
+        strategies=_split(strategies),
+        scenarios=_split(scenarios),
+        seeds=seeds,
+        extra_set=list(set_ or []),
+        progress=not quiet,
+    )
+    table, _ = report(spec, runs, plots, out_dir)
+    console.print(table)
+    console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")
+
+
+@app.command("strategies")
+def list_strategies() -> None:
+    """List the registered strategies."""
+    from dlion.strategies import REGISTRY
+
+    for spec in REGISTRY.values():
+        print(f"{spec.name:<12} {spec.summary}")
+
+
+@app.command("scenarios")
+def list_scenarios() -> None:
+    """List the shipped scenario presets."""
+    from dlion.config import load_config, shipped_scenarios
+
+    for name in shipped_scenarios():
+        print(f"{name:<20} {load_config(name).description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps errors to one-line messages and exit codes (2 bad input, 1 failure)."""
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="dlion")
+    except UsageError as exc:
+        if not exc.format_message():
+            return 2  # bare `dlion`: help was printed
+        hint = f" (see 'dlion {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        err_console.print(f"error: {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Abort:
+        err_console.print("aborted", highlight=False)
+        return 1
+    except BadInput as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except DlionError as exc:
+        err_console.print(f"failed: {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
