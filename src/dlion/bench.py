@@ -215,7 +215,6 @@ def ideal_notes(runs: list[dict[str, Any]]) -> str:
     for row in rows:
         if row.strategy == IDEAL or row.speedup_vs_baseline is None:
             continue
-        lines.append(
-            f"- {row.scenario}: {row.strategy} TTA = {1 / row.speedup_vs_baseline:.2f}x the ideal bound"
-        )
+        ratio = 1 / row.speedup_vs_baseline
+        lines.append(f"- {row.scenario}: {row.strategy} TTA = {ratio:.2f}x the ideal bound")
     return "TTA relative to the ideal bound (lower is better, 1.00 = ideal):\n" + "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Typed experiment config: pydantic models, YAML loading, `--set a.b=v` overrides, one-line errors."""
+"""Typed experiment config: pydantic models, YAML, `--set a.b=v` overrides, one-line errors."""
 
 from __future__ import annotations
 

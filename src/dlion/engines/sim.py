@@ -10,6 +10,7 @@ Evaluation of the replicas happens between events and costs no virtual time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,10 +219,8 @@ async def _main(
                 break
             # Evaluate at exact multiples of every_s, so all strategies share the time grid.
             next_eval = min((len(points)) * cfg.evaluation.every_s, cfg.train.max_time)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(engine.stop.wait(), next_eval - engine.loop.time())
-            except TimeoutError:
-                pass
     finally:
         # Workers and anything they started (background sends) stop with the run.
         leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
