@@ -10,7 +10,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dlion.config import ExperimentConfig, load_config, with_changes
+from dlion.config import (
+    ExperimentConfig,
+    config_from_dict,
+    format_validation_error,
+    load_config,
+    read_text_file,
+    with_changes,
+)
 from dlion.engines.sim import run_sim
 from dlion.errors import ConfigError
 from dlion.report import (
@@ -41,6 +48,7 @@ class Suite(BaseModel):
     scenarios: list[str] = Field(min_length=1, description="Shipped names or YAML paths.")
     variants: dict[str, list[str]] = Field(
         default_factory=lambda: {"default": []},
+        min_length=1,
         description="Named lists of --set overrides (e.g. one per dataset) applied to each "
         "scenario; a run's scenario key is 'scenario/variant' when there are several.",
     )
@@ -64,9 +72,7 @@ def shipped_suites() -> list[str]:
 def load_suite(source: str) -> Suite:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{source}: suite file not found")
-        text = path.read_text()
+        text = read_text_file(path, "suite")
     elif source in shipped_suites():
         text = (resources.files("dlion") / "suites" / f"{source}.yaml").read_text()
     else:
@@ -79,9 +85,7 @@ def load_suite(source: str) -> Suite:
     except yaml.YAMLError:
         raise ConfigError(f"{source}: invalid YAML") from None
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: {loc}: {first['msg']}") from None
+        raise ConfigError(f"{source}: {format_validation_error(err)}") from None
 
 
 def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -136,15 +140,9 @@ def run_suite(
             targets[key] = base.train.target_acc
             plan: list[tuple[str, ExperimentConfig]] = []
             for s in chosen:
-                opts = json.dumps(s.options)
-                plan.append(
-                    (
-                        s.label,
-                        with_changes(
-                            base, [f"strategy.name={s.strategy}", f"strategy.options={opts}"]
-                        ),
-                    )
-                )
+                raw = base.model_dump(mode="json")
+                raw["strategy"] = {"name": s.strategy, "options": dict(s.options)}
+                plan.append((s.label, config_from_dict(raw, f"{suite.name}: {s.label}")))
             if with_ideal:
                 plan.append((IDEAL, ideal_config(base)))
             for label, cfg in plan:

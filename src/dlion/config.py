@@ -163,7 +163,7 @@ class ExperimentConfig(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
@@ -194,28 +194,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key")
         node: Any = out
-        for depth, part in enumerate(parts[:-1]):
+        for depth, part in enumerate(parts):
+            path = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    path = ".".join(parts[: depth + 1])
                     raise ConfigError(f"--set {key}: {path} is not a valid list index")
-                node = node[int(part)]
-                continue
-            child = node.get(part)
-            if child is None:
-                child = {}
-                node[part] = child
-            elif not isinstance(child, dict | list):
-                path = ".".join(parts[: depth + 1])
-                raise ConfigError(f"--set {key}: {path} is a value, not a section")
-            node = child
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {key}: {last} is not a valid list index")
-            node[int(last)] = _parse_value(value)
-        else:
-            node[last] = _parse_value(value)
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+            else:
+                parent = ".".join(parts[:depth])
+                raise ConfigError(f"--set {key}: {parent} is a value, not a section")
+            if last:
+                node[index] = _parse_value(value)
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[index]
     return out
 
 
@@ -227,13 +223,25 @@ def shipped_scenarios() -> list[str]:
     )
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file, or a ConfigError naming it (missing, a directory, not UTF-8)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what} file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        text = path.read_text()
+        text = read_text_file(path, "config")
     elif source in shipped_scenarios():
         text = (resources.files("dlion") / "scenarios" / f"{source}.yaml").read_text()
     else:
@@ -264,7 +272,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentC
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{origin}: {_format_validation_error(err)}") from None
+        raise ConfigError(f"{origin}: {format_validation_error(err)}") from None
 
 
 def with_changes(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:

@@ -84,7 +84,7 @@ def load_dataset(
     if name == "synthetic":
         return _load_synthetic(seed, test_fraction, num_samples, num_features, num_classes)
     if path is None:
-        raise DataError(f"dataset {name!r} needs a path")
+        raise DataError(f"data.path: dataset {name!r} needs a path (file or directory)")
     location = Path(path)
     if not location.exists():
         raise DataError(f"{location}: no such file or directory (dataset {name!r})")
