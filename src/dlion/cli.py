@@ -19,7 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dlion: decentralized training across heterogeneous micro-clouds.",
 )
-console = Console()
+# Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 

@@ -80,12 +80,13 @@ class Network:
         """Move every flow forward at its current rate up to now; finish completed flows."""
         now = self._loop.time()
         elapsed = now - self._last_update
+        if elapsed <= 0:
+            return  # nothing moved since the last update (many flows start at one instant)
         self._last_update = now
-        if elapsed > 0:
-            for f in self._flows:
-                moved = f.rate * elapsed
-                f.remaining -= moved
-                self.bytes_moved += moved
+        for f in self._flows:
+            moved = f.rate * elapsed
+            f.remaining -= moved
+            self.bytes_moved += moved
         still: list[_Flow] = []
         for f in self._flows:
             if f.remaining <= _DONE_BYTES:
