@@ -106,6 +106,9 @@ def test_top_k_fits_the_link_budget() -> None:
         assert k * (INDEX_BYTES + VALUE_BYTES) + header <= fits
         assert (k + 1) * (INDEX_BYTES + VALUE_BYTES) + header > fits
     assert link_budget_entries(1e6, 0.02, 0.01) == 0  # latency alone exceeds the budget
+    # ... unless the link keeps a minimum share of the budget, so it never starves.
+    assert link_budget_entries(1e6, 0.02, 0.01, 0, min_fraction=0.25) == int(1e6 * 0.0025 // 8)
+    assert link_budget_entries(1e6, 0.001, 0.01, 0, min_fraction=0.25) == int(1e6 * 0.009 // 8)
 
 
 def test_pge_messages_fit_the_link_time_budget_in_sim() -> None:

@@ -51,8 +51,9 @@ def train(
     if engine != "sim":
         raise BadInput(f"--engine: unknown engine {engine!r} (available: sim)")
     overrides = list(set_ or [])
-    if strategy is not None:
-        overrides.append(f"strategy.name={strategy}")
+    if strategy is not None and strategy != load_config(config).strategy.name:
+        # The file's strategy options belong to the file's strategy: start from defaults.
+        overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
     out_dir = out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
     result = run_sim(cfg, out_dir=out_dir, progress=not quiet)

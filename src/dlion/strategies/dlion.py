@@ -47,6 +47,13 @@ class Options(BaseModel):
     rho: float = Field(
         1.0, gt=0, description="Link time budget as a multiple of this iteration's compute."
     )
+    min_link_fraction: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Every link may send for at least this share of the time budget, "
+        "even when its latency exceeds the budget (no link starves).",
+    )
     dense_fraction: float = Field(
         0.5, gt=0, le=1, description="Send dense when top-k would cover this much of it."
     )
@@ -89,10 +96,21 @@ def wdb_batch_sizes(
 
 
 def link_budget_entries(
-    bandwidth: float, latency: float, time_budget: float, header_bytes: int = 0
+    bandwidth: float,
+    latency: float,
+    time_budget: float,
+    header_bytes: int = 0,
+    min_fraction: float = 0.0,
 ) -> int:
-    """How many (index, value) pairs fit in bandwidth * (time_budget - latency) bytes."""
-    budget = bandwidth * (time_budget - latency) - header_bytes
+    """How many (index, value) pairs fit in bandwidth * (time_budget - latency) bytes.
+
+    A link whose latency alone exceeds the budget would never carry anything, and its
+    residual would grow without ever being delivered; `min_fraction` keeps at least
+    bandwidth * min_fraction * time_budget bytes for it (the message pays latency anyway
+    under bulk-synchronous exchange).
+    """
+    send_time = max(time_budget - latency, min_fraction * time_budget)
+    budget = bandwidth * send_time - header_bytes
     if budget <= 0:
         return 0
     return int(budget // (INDEX_BYTES + VALUE_BYTES))
@@ -173,7 +191,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         for p in peers:
             if opt.pge:
                 k = link_budget_entries(
-                    ctx.bandwidth(p), ctx.latency(p), opt.rho * result.seconds, ctx.header_bytes
+                    ctx.bandwidth(p),
+                    ctx.latency(p),
+                    opt.rho * result.seconds,
+                    ctx.header_bytes,
+                    opt.min_link_fraction,
                 )
                 payload = links[p].step(weighted, k, opt.dense_fraction)
             else:
