@@ -1,0 +1,35 @@
+"""The README's examples work as written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dlion.cli import main
+from dlion.cluster import Cluster
+from dlion.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "two-labs.yaml")
+
+
+def test_example_config_loads_with_its_per_pair_override() -> None:
+    cfg = load_config(EXAMPLE)
+    cluster = Cluster.from_config(cfg.cluster)
+    assert cluster.size == 4
+    assert cluster.link(1, 3).bandwidth == pytest.approx(10e6 / 8)  # per-pair override
+    assert cluster.link(0, 2).bandwidth == pytest.approx(50e6 / 8)  # site-to-site link
+    assert cfg.strategy.options == {"dkt_every": 25}
+
+
+def test_switching_strategy_on_the_cli_drops_the_files_strategy_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", EXAMPLE, "--strategy", "allreduce", "--quiet", "--out", str(out)]
+    assert main([*args, "--set", "train.max_time=0.2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "allreduce"
+    assert "two-labs allreduce" in capsys.readouterr().out
