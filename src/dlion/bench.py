@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from dlion.config import (
     config_from_dict,
     format_validation_error,
     load_config,
-    read_text_file,
+    read_source,
     with_changes,
 )
 from dlion.engines.sim import run_sim
@@ -62,23 +61,8 @@ class Suite(BaseModel):
     set: list[str] = Field(default_factory=list, description="Overrides for every run.")
 
 
-def shipped_suites() -> list[str]:
-    folder = resources.files("dlion") / "suites"
-    return sorted(
-        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
-    )
-
-
 def load_suite(source: str) -> Suite:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        text = read_text_file(path, "suite")
-    elif source in shipped_suites():
-        text = (resources.files("dlion") / "suites" / f"{source}.yaml").read_text()
-    else:
-        raise ConfigError(
-            f"{source}: not a suite file or a shipped suite ({', '.join(shipped_suites())})"
-        )
+    text = read_source(source, "suites", "suite")
     try:
         raw = yaml.safe_load(text)
         return Suite.model_validate(raw)

@@ -215,12 +215,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def shipped_names(folder: str) -> list[str]:
+    """Names of the YAML presets shipped in the package folder (scenarios, suites)."""
+    root = resources.files("dlion") / folder
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
 def shipped_scenarios() -> list[str]:
-    """Names of the scenario presets shipped inside the package."""
-    folder = resources.files("dlion") / "scenarios"
-    return sorted(
-        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
-    )
+    return shipped_names("scenarios")
+
+
+def read_source(source: str, folder: str, what: str) -> str:
+    """Text of a user's YAML file, or of the preset of that name shipped in `folder`."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return read_text_file(path, what)
+    if source in shipped_names(folder):
+        return (resources.files("dlion") / folder / f"{source}.yaml").read_text()
+    known = ", ".join(shipped_names(folder))
+    preset = folder.removesuffix("s")
+    raise ConfigError(f"{source}: not a {what} file or a shipped {preset} ({known})")
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -239,14 +253,7 @@ def read_text_file(path: Path, what: str) -> str:
 
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from)."""
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        text = read_text_file(path, "config")
-    elif source in shipped_scenarios():
-        text = (resources.files("dlion") / "scenarios" / f"{source}.yaml").read_text()
-    else:
-        known = ", ".join(shipped_scenarios())
-        raise ConfigError(f"{source}: not a config file or a shipped scenario ({known})")
+    text = read_source(source, "scenarios", "config")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
