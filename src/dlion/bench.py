@@ -113,6 +113,9 @@ def run_suite(
     with_ideal = suite.ideal and (strategies is None or IDEAL in strategies)
     n_seeds = seeds or suite.seeds
     out_dir.mkdir(parents=True, exist_ok=True)
+    per_config = len(chosen) + (1 if with_ideal else 0)
+    total = len(names) * len(suite.variants) * per_config * n_seeds
+    done = 0
     runs: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
     targets: dict[str, float] = {}
@@ -135,8 +138,15 @@ def run_suite(
                     run_dir = out_dir / "runs" / key.replace("/", "__") / label / f"seed{seed}"
                     summary = _finished_summary(run_dir)
                     points: list[tuple[float, float]]
+                    done += 1
                     if summary is None:
-                        result = run_sim(run_cfg, out_dir=run_dir, label=label, progress=progress)
+                        result = run_sim(
+                            run_cfg,
+                            out_dir=run_dir,
+                            label=label,
+                            progress=progress,
+                            description=f"[{done}/{total}] {key} {label} seed {seed}",
+                        )
                         summary = result.summary
                         points = [(p.t, p.mean_acc) for p in result.points]
                     else:

@@ -139,6 +139,7 @@ def run_sim(
     out_dir: Path | None = None,
     label: str | None = None,
     progress: bool = True,
+    description: str | None = None,
 ) -> RunResult:
     """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir."""
     torch.set_num_threads(cfg.engine.threads)
@@ -155,11 +156,8 @@ def run_sim(
             )
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         engine.log = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None else None)
-        name = label or spec.name
-        with (
-            engine.log,
-            TrainProgress(f"{cfg.name} {name}", cfg.train.max_time, enabled=progress) as bar,
-        ):
+        text = description or f"{cfg.name} {label or spec.name}"
+        with engine.log, TrainProgress(text, cfg.train.max_time, enabled=progress) as bar:
             # Wall time of the training loop alone (data loading and setup excluded).
             wall_start = time.perf_counter()
             with _quiet_gc():
