@@ -127,6 +127,10 @@ def list_scenarios() -> None:
         print(f"{name:<20} {load_config(name).description}")
 
 
+# Sub-command groups: each module package exposes a typer app; one line each, below.
+# (sub-command groups end here)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to one-line messages and exit codes (2 bad input, 1 failure)."""
     try:
