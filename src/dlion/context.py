@@ -8,6 +8,7 @@ so the same code runs on the virtual clock of the sim and on real processes.
 from __future__ import annotations
 
 import asyncio
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class WorkerContext(ABC):
         latency: dict[int, float],
         bandwidth_ema: float = 0.5,
         header_bytes: int = 0,
+        seed: int = 0,
     ) -> None:
         self.rank = rank
         self.replica = replica
@@ -100,6 +102,9 @@ class WorkerContext(ABC):
         self._bandwidth_ema = bandwidth_ema
         self.header_bytes = header_bytes  # envelope charged on every message
         self.mailbox = Mailbox()
+        # Strategies draw randomness (neighbour choice, sampling) only from here, so a run
+        # is reproducible for a seed on any engine.
+        self.rng = random.Random(seed * 100_003 + rank)
         self.bytes_sent = 0
         self.messages_sent = 0
         self.rejected = 0

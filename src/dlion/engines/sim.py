@@ -57,6 +57,7 @@ class SimContext(WorkerContext):
             bandwidth_seed={p: cluster.link(rank, p).bandwidth for p in peers},
             latency={p: cluster.link(rank, p).latency for p in peers},
             header_bytes=engine.cfg.engine.header_bytes,
+            seed=engine.cfg.train.seed,
         )
         self._engine = engine
 
