@@ -123,8 +123,10 @@ def list_scenarios() -> None:
     """List the shipped scenario presets."""
     from dlion.config import load_config, shipped_scenarios
 
-    for name in shipped_scenarios():
-        print(f"{name:<20} {load_config(name).description}")
+    names = shipped_scenarios()
+    width = max(len(n) for n in names) + 2
+    for name in names:
+        print(f"{name:<{width}}{load_config(name).description}")
 
 
 # Sub-command groups: each module package exposes a typer app; one line each, below.

@@ -251,8 +251,25 @@ def read_text_file(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
-    """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from)."""
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: mappings merge key by key, anything else (lists too) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(source: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from).
+
+    A config may start with `extends: NAME_OR_PATH` to take another config as its base
+    (a path is relative to the extending file) and change only what differs.
+    """
+    if source in _chain:
+        raise ConfigError(f"{source}: extends itself ({' -> '.join([*_chain, source])})")
     text = read_source(source, "scenarios", "config")
     try:
         raw = yaml.safe_load(text)
@@ -265,6 +282,17 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{source}: extends: expected a scenario name or YAML path")
+        path = Path(source)
+        if path.is_file() and not Path(parent).is_absolute():
+            relative = path.parent / parent
+            if relative.exists():
+                parent = str(relative)
+        base, _ = _read_yaml(parent, (*_chain, source))
+        raw = _deep_merge(base, raw)
     return raw, source
 
 
