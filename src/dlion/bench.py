@@ -39,6 +39,17 @@ class SuiteStrategy(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="strategy.options.")
 
 
+class LrSearch(BaseModel):
+    """The same learning-rate search for every strategy: each grid value on one scenario,
+    pick the lowest mean TTA (all seeds reaching the target), else the best final accuracy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scenario: str = Field("homogeneous", description="Where the search runs.")
+    grid: list[float] = Field(min_length=1, description="Learning rates to try.")
+    seeds: int = Field(1, ge=1, description="Seeds per grid value.")
+
+
 class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +70,9 @@ class Suite(BaseModel):
         "compute and free communication.",
     )
     set: list[str] = Field(default_factory=list, description="Overrides for every run.")
+    lr_search: LrSearch | None = Field(
+        None, description="Tune train.lr per strategy and variant before the runs."
+    )
 
 
 def load_suite(source: str) -> Suite:
@@ -98,8 +112,10 @@ def run_suite(
     seeds: int | None = None,
     extra_set: list[str] | None = None,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Run the suite; finished runs found in out_dir/runs are reused, not rerun."""
+) -> tuple[list[dict[str, Any]], list[Path], dict[str, Any]]:
+    """Run the suite; finished runs found in out_dir are reused, not rerun.
+
+    Returns the run summaries, the plots, and the learning-rate search's choices."""
     chosen = [s for s in suite.strategies if strategies is None or s.label in strategies]
     if strategies is not None:
         unknown = set(strategies) - {s.label for s in suite.strategies} - {IDEAL}
@@ -116,6 +132,9 @@ def run_suite(
     per_config = len(chosen) + (1 if with_ideal else 0)
     total = len(names) * len(suite.variants) * per_config * n_seeds
     done = 0
+    chosen_lr = search_learning_rates(
+        suite, out_dir, chosen, with_ideal, list(extra_set or []), progress
+    )
     runs: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
     targets: dict[str, float] = {}
@@ -125,32 +144,21 @@ def run_suite(
             base = load_config(scenario, [*suite.set, *variant_set, *(extra_set or [])])
             base = with_changes(base, [f"name={key}"])
             targets[key] = base.train.target_acc
-            plan: list[tuple[str, ExperimentConfig]] = []
-            for s in chosen:
-                raw = base.model_dump(mode="json")
-                raw["strategy"] = {"name": s.strategy, "options": dict(s.options)}
-                plan.append((s.label, config_from_dict(raw, f"{suite.name}: {s.label}")))
-            if with_ideal:
-                plan.append((IDEAL, ideal_config(base)))
+            plan = _plan(suite, base, chosen, with_ideal)
             for label, cfg in plan:
+                if label in chosen_lr.get(variant, {}):
+                    cfg = with_changes(cfg, [f"train.lr={chosen_lr[variant][label]['lr']}"])
                 for seed in range(n_seeds):
                     run_cfg = with_changes(cfg, [f"train.seed={seed}"])
                     run_dir = out_dir / "runs" / key.replace("/", "__") / label / f"seed{seed}"
-                    summary = _finished_summary(run_dir)
-                    points: list[tuple[float, float]]
                     done += 1
-                    if summary is None:
-                        result = run_sim(
-                            run_cfg,
-                            out_dir=run_dir,
-                            label=label,
-                            progress=progress,
-                            description=f"[{done}/{total}] {key} {label} seed {seed}",
-                        )
-                        summary = result.summary
-                        points = [(p.t, p.mean_acc) for p in result.points]
-                    else:
-                        points = _curve_from_metrics(run_dir)
+                    summary, points = _run_or_reuse(
+                        run_cfg,
+                        run_dir,
+                        label,
+                        progress,
+                        f"[{done}/{total}] {key} {label} seed {seed}",
+                    )
                     runs.append(summary)
                     curves.setdefault(key, {}).setdefault(label, []).append(points)
     plots: list[Path] = []
@@ -161,8 +169,80 @@ def run_suite(
             mean_curves, path, title=f"{suite.name}: {key} (mean over seeds)", target=targets[key]
         )
         plots.append(path)
-    write_json_atomic(out_dir / "summary.json", {"suite": suite.name, "runs": runs})
-    return runs, plots
+    write_json_atomic(
+        out_dir / "summary.json", {"suite": suite.name, "runs": runs, "lr_search": chosen_lr}
+    )
+    return runs, plots, chosen_lr
+
+
+def _plan(
+    suite: Suite, base: ExperimentConfig, chosen: list[SuiteStrategy], with_ideal: bool
+) -> list[tuple[str, ExperimentConfig]]:
+    """(label, config) for every strategy of the suite on one scenario config."""
+    plan: list[tuple[str, ExperimentConfig]] = []
+    for s in chosen:
+        raw = base.model_dump(mode="json")
+        raw["strategy"] = {"name": s.strategy, "options": dict(s.options)}
+        plan.append((s.label, config_from_dict(raw, f"{suite.name}: {s.label}")))
+    if with_ideal:
+        plan.append((IDEAL, ideal_config(base)))
+    return plan
+
+
+def _run_or_reuse(
+    cfg: ExperimentConfig, run_dir: Path, label: str, progress: bool, description: str
+) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    """Run one configuration, or reuse its finished result from an earlier bench."""
+    summary = _finished_summary(run_dir)
+    if summary is not None:
+        return summary, _curve_from_metrics(run_dir)
+    result = run_sim(cfg, out_dir=run_dir, label=label, progress=progress, description=description)
+    return result.summary, [(p.t, p.mean_acc) for p in result.points]
+
+
+def search_learning_rates(
+    suite: Suite,
+    out_dir: Path,
+    chosen: list[SuiteStrategy],
+    with_ideal: bool,
+    extra_set: list[str],
+    progress: bool,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{variant: {label: {"lr": chosen, "grid": {lr: [tta or None per seed]}}}}."""
+    search = suite.lr_search
+    if search is None:
+        return {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, variant_set in suite.variants.items():
+        base = load_config(search.scenario, [*suite.set, *variant_set, *extra_set])
+        for label, cfg in _plan(suite, base, chosen, with_ideal):
+            grid: dict[str, list[dict[str, Any]]] = {}
+            for lr in search.grid:
+                for seed in range(search.seeds):
+                    run_cfg = with_changes(cfg, [f"train.lr={lr}", f"train.seed={seed}"])
+                    run_dir = out_dir / "lr-search" / variant / label / f"lr{lr}" / f"seed{seed}"
+                    desc = f"lr search {variant} {label} lr={lr} seed {seed}"
+                    summary, _ = _run_or_reuse(run_cfg, run_dir, label, progress, desc)
+                    grid.setdefault(str(lr), []).append(summary)
+            out.setdefault(variant, {})[label] = {
+                "lr": pick_learning_rate(grid),
+                "grid": {lr: [r["tta_s"] for r in rs] for lr, rs in grid.items()},
+            }
+    return out
+
+
+def pick_learning_rate(grid: dict[str, list[dict[str, Any]]]) -> float:
+    """Lowest mean TTA among the rates every seed reached the target with; if none did,
+    the highest mean final accuracy. Ties go to the first rate in the grid."""
+    reached = {
+        lr: sum(r["tta_s"] for r in runs) / len(runs)
+        for lr, runs in grid.items()
+        if all(r["tta_s"] is not None for r in runs)
+    }
+    if reached:
+        return float(min(reached, key=lambda lr: reached[lr]))
+    final = {lr: sum(r["final_acc"] for r in runs) / len(runs) for lr, runs in grid.items()}
+    return float(max(final, key=lambda lr: final[lr]))
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -186,10 +266,16 @@ def _curve_from_metrics(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def report(
-    suite: Suite, runs: list[dict[str, Any]], plots: list[Path], out_dir: Path
+    suite: Suite,
+    runs: list[dict[str, Any]],
+    plots: list[Path],
+    out_dir: Path,
+    lr_search: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Any]]:
     rows = aggregate(runs, baseline="allreduce")
     notes = ideal_notes(runs)
+    if lr_search:
+        notes += "\n\n" + lr_notes(suite, lr_search)
     write_report(
         out_dir / "report.md",
         rows,
@@ -198,6 +284,21 @@ def report(
         notes=notes,
     )
     return bench_table(rows, f"dlion bench {suite.name}"), rows
+
+
+def lr_notes(suite: Suite, lr_search: dict[str, Any]) -> str:
+    """The learning-rate search as markdown: the grid, each rate's TTA, the choice."""
+    search = suite.lr_search
+    where = f" on {search.scenario}, {search.seeds} seed(s)" if search is not None else ""
+    lines = [f"Learning-rate search{where} (TTA per seed in simulated s; - = not reached):"]
+    for variant, by_label in lr_search.items():
+        for label, entry in by_label.items():
+            tried = ", ".join(
+                f"{lr}: " + "/".join("-" if t is None else f"{t:.1f}" for t in ttas)
+                for lr, ttas in entry["grid"].items()
+            )
+            lines.append(f"- {variant} {label}: chose lr={entry['lr']} ({tried})")
+    return "\n".join(lines)
 
 
 def ideal_notes(runs: list[dict[str, Any]]) -> str:

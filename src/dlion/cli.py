@@ -95,7 +95,7 @@ def bench(
 
     spec = load_suite(suite)
     out_dir = out or Path("runs") / f"bench-{spec.name}"
-    runs, plots = run_suite(
+    runs, plots, lr_search = run_suite(
         spec,
         out_dir,
         strategies=_split(strategies),
@@ -104,7 +104,7 @@ def bench(
         extra_set=list(set_ or []),
         progress=not quiet,
     )
-    table, _ = report(spec, runs, plots, out_dir)
+    table, _ = report(spec, runs, plots, out_dir, lr_search)
     console.print(table)
     console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")
 
