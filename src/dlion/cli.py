@@ -130,7 +130,6 @@ def list_scenarios() -> None:
 
 
 # Sub-command groups: each module package exposes a typer app; one line each, below.
-app.add_typer(__import__("dlion.transfer.cli", fromlist=["app"]).app, name="transfer")
 # (sub-command groups end here)
 
 
