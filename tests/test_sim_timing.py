@@ -253,3 +253,25 @@ def test_ring_allreduce_sums_exactly_and_takes_the_ring_time(n: int) -> None:
         assert torch.equal(results[r], results[0])  # bit-identical on every worker
     step = 0.002 + (size // n * 4 + HEADER) / 1e6
     assert max(ends.values()) == pytest.approx(2 * (n - 1) * step, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, float("inf"), 2.0],
+        [float("-inf"), float("inf")],
+        [float("nan")],
+        [3e38, 3e38, float("nan")],  # the sum overflows and there is a NaN
+    ],
+)
+def test_non_finite_tensors_are_detected(values: list[float]) -> None:
+    from dlion.comm.messages import tensor_problem
+
+    assert tensor_problem(Dense(torch.tensor(values)), None) == "tensor contains NaN or Inf"
+
+
+def test_huge_but_finite_tensor_is_accepted() -> None:
+    from dlion.comm.messages import tensor_problem
+
+    # The sum overflows to inf, yet every entry is finite: not a reason to reject.
+    assert tensor_problem(Dense(torch.tensor([3e38, 3e38, 3e38])), None) is None

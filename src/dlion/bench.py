@@ -273,7 +273,7 @@ def report(
     lr_search: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Any]]:
     rows = aggregate(runs, baseline="allreduce")
-    notes = ideal_notes(runs)
+    notes = ideal_notes(runs) + "\n\n" + sim_cost_notes(runs)
     if lr_search:
         notes += "\n\n" + lr_notes(suite, lr_search)
     write_report(
@@ -298,6 +298,30 @@ def lr_notes(suite: Suite, lr_search: dict[str, Any]) -> str:
                 for lr, ttas in entry["grid"].items()
             )
             lines.append(f"- {variant} {label}: chose lr={entry['lr']} ({tried})")
+    return "\n".join(lines)
+
+
+def sim_cost_notes(runs: list[dict[str, Any]]) -> str:
+    """Simulator cost per (scenario, strategy): loop wall time over gradient wall time."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        if "wall_s" in run and run.get("compute_wall_s"):
+            groups.setdefault((run["scenario"], run["strategy"]), []).append(run)
+    lines = [
+        "Simulator cost (wall seconds, mean over seeds; ratio = loop wall / gradient wall):",
+        "",
+        "| scenario | strategy | loop wall (s) | gradients (s) | evaluation (s) | ratio "
+        "| ratio without evaluation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (scenario, strategy), group in groups.items():
+        wall = sum(r["wall_s"] for r in group) / len(group)
+        grads = sum(r["compute_wall_s"] for r in group) / len(group)
+        evals = sum(r.get("eval_wall_s", 0.0) for r in group) / len(group)
+        lines.append(
+            f"| {scenario} | {strategy} | {wall:.2f} | {grads:.2f} | {evals:.2f} "
+            f"| {wall / grads:.2f} | {(wall - evals) / grads:.2f} |"
+        )
     return "\n".join(lines)
 
 

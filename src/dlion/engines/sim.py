@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -186,6 +187,8 @@ def run_sim(
         "wall_s": wall,
         "compute_wall_s": engine.compute_wall_s,
         "eval_wall_s": engine.eval_wall_s,
+        # Peak resident memory of this process so far (KiB on Linux), for scale-out reports.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if out_dir is not None:
         write_json_atomic(out_dir / "summary.json", summary)
