@@ -1,0 +1,66 @@
+"""Reading YAML sources (a user's file or a shipped preset) and validating them in one line."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dlion.config import format_validation_error, read_text_file
+from dlion.errors import ConfigError
+from dlion.thermal.errors import ThermalError
+
+PROFILE_FOLDER = "thermal_profiles"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def shipped_profile_names() -> list[str]:
+    """Names of the device profiles shipped in dlion/thermal_profiles."""
+    root = resources.files("dlion") / PROFILE_FOLDER
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_profile_text(source: str) -> str:
+    """Text of a profile YAML file, or of the shipped profile of that name."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return read_file(path, "profile")
+    if source in shipped_profile_names():
+        return (resources.files("dlion") / PROFILE_FOLDER / f"{source}.yaml").read_text()
+    known = ", ".join(shipped_profile_names())
+    raise ThermalError(f"{source}: not a profile YAML file or a shipped profile ({known})")
+
+
+def read_file(path: Path, what: str) -> str:
+    try:
+        return read_text_file(path, what)
+    except ConfigError as exc:  # keep the message; one error type for the thermal package
+        raise ThermalError(str(exc)) from None
+
+
+def parse_mapping(text: str, origin: str) -> dict[str, Any]:
+    """YAML text that must hold a mapping at the top level; errors name the line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ThermalError(f"{origin}:{where} {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ThermalError(f"{origin}: the top level must be a mapping")
+    return raw
+
+
+def validate(model: type[M], raw: Any, origin: str) -> M:
+    """Validate raw data into `model`; a failure is one ThermalError line naming the field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ThermalError(f"{origin}: {format_validation_error(err)}") from None
