@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from dlion.context import WorkerContext
 from dlion.errors import ConfigError
-from dlion.strategies import allreduce, dlion
+from dlion.strategies import adpsgd, ako, allreduce, dlion, gaia, hop, ps
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ REGISTRY: dict[str, StrategySpec] = {
     for spec in (
         StrategySpec("allreduce", allreduce.SUMMARY, allreduce.Options, allreduce.worker),
         StrategySpec("dlion", dlion.SUMMARY, dlion.Options, dlion.worker),
+        StrategySpec("gaia", gaia.SUMMARY, gaia.Options, gaia.worker),
+        StrategySpec("ako", ako.SUMMARY, ako.Options, ako.worker),
+        StrategySpec("hop", hop.SUMMARY, hop.Options, hop.worker),
+        StrategySpec("ps-bsp", ps.BSP_SUMMARY, ps.Options, ps.bsp_worker),
+        StrategySpec("ps-asp", ps.ASP_SUMMARY, ps.AspOptions, ps.asp_worker),
+        StrategySpec("adpsgd", adpsgd.SUMMARY, adpsgd.Options, adpsgd.worker),
     )
 }
 
