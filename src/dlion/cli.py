@@ -130,6 +130,7 @@ def list_scenarios() -> None:
 
 
 # Sub-command groups: each module package exposes a typer app; one line each, below.
+app.add_typer(__import__("dlion.hybrid.cli", fromlist=["app"]).app, name="hybrid")
 app.add_typer(__import__("dlion.thermal.cli", fromlist=["app"]).app, name="thermal")
 # (sub-command groups end here)
 

@@ -1,0 +1,238 @@
+"""Typed config of a hybrid edge/cloud run (selective query, Kag et al., ICLR '23): data,
+models, router, training, latency model; YAML files or presets, `--set a.b=v` overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dlion.config import apply_overrides, format_validation_error, read_text_file
+from dlion.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HybridDataConfig(_Strict):
+    name: Literal["digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz"] = Field(
+        "digits", description="Dataset, as for `dlion train` (see dlion.data.load_dataset)."
+    )
+    path: str | None = Field(None, description="File or directory for user data formats.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Test share for datasets without a test split."
+    )
+    num_samples: int | None = Field(
+        None, ge=20, description="Generated datasets (mnist1d, synthetic): sample count."
+    )
+    val_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=0.5,
+        description="Share of the training split held out for threshold calibration; 0.25 "
+        "makes it about as large as the test split. Quantiles of a few hundred scores are "
+        "only good to a few points: coverage on test follows the calibration that closely.",
+    )
+    router_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Share of the training split held out to train the router on, so its "
+        "proxy labels see the models' unseen-data mistakes. 0 (as in the paper) trains it on "
+        "the models' own training data: on digits and mnist1d the extra training data helps "
+        "the models more than the honest labels help the router.",
+    )
+
+
+class ModelSpec(_Strict):
+    """An edge or cloud classifier: a registered name (`mlp`, `cnn`, or `module:function`)."""
+
+    name: str = Field("mlp", description="Registered model name, or 'package.module:builder'.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [32], min_length=1, description="Dense hidden widths."
+    )
+    channels: list[int] = Field(
+        default_factory=lambda: [16, 32], min_length=1, description="cnn: conv channels."
+    )
+    downsample: int = Field(
+        1,
+        ge=1,
+        description="Average-pool the input by this factor per spatial axis before the "
+        "model (1 = full resolution); part of the model, so its FLOPs are counted.",
+    )
+
+
+def _edge_default() -> ModelSpec:
+    # A 2x average pool turns 8x8 digits into 4x4 (and 40-long mnist1d into 20), so the edge
+    # sees a coarse input and is clearly weaker than the cloud model.
+    return ModelSpec(name="mlp", hidden=[32], downsample=2)
+
+
+def _cloud_default() -> ModelSpec:
+    return ModelSpec(name="cnn", hidden=[64], channels=[16, 32], downsample=1)
+
+
+class RouterConfig(_Strict):
+    hidden: list[int] = Field(
+        default_factory=lambda: [32], min_length=1, description="Router MLP hidden widths."
+    )
+    top_k: int = Field(
+        3,
+        ge=2,
+        description="Margins p(1) - p(j) for j = 2..top_k of the edge's sorted softmax are "
+        "router inputs, next to the entropy and the penultimate features.",
+    )
+    train_coverage: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Coverage the penalty aims at during training: the router is charged "
+        "when its mean keep-probability falls below it (it sends more than 1 - this).",
+    )
+    coverage_penalty: float = Field(
+        1.0, ge=0, description="Weight of the coverage penalty (0 = plain proxy BCE)."
+    )
+    epochs: int = Field(60, ge=1, description="Router epochs per (re)training.")
+    lr: float = Field(0.003, gt=0, description="Router Adam learning rate.")
+    weight_decay: float = Field(
+        1e-3, ge=0, description="Router L2 penalty: its training split is small."
+    )
+    default_coverage: float = Field(
+        0.8, gt=0, le=1, description="Coverage `dlion hybrid route` uses without --coverage."
+    )
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="Mini-batch for every model.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate of the edge and cloud.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam L2 penalty, edge and cloud.")
+    edge_epochs: int = Field(15, ge=1, description="Edge epochs before the first router.")
+    cloud_epochs: int = Field(
+        10, ge=1, description="Cloud epochs; 10 already puts the CNN well above the edge."
+    )
+    rounds: int = Field(
+        1,
+        ge=0,
+        description="Alternating rounds: each re-trains the router on the current edge, then "
+        "fine-tunes the edge on the inputs the router keeps; a final router follows.",
+    )
+    round_edge_epochs: int = Field(3, ge=1, description="Edge fine-tune epochs per round.")
+    edge_focus: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="In a round, an input's edge loss weight is (1 - focus) + focus * "
+        "keep-probability: the edge spends its capacity on what it will answer.",
+    )
+    threads: int = Field(1, ge=1, description="torch intra-op threads while training.")
+
+
+class LatencyConfig(_Strict):
+    edge_gflops: float = Field(
+        0.05,
+        gt=0,
+        description="Edge device capacity for this model (GFLOP/s); a microcontroller "
+        "manages tens of MFLOP/s on small dense layers.",
+    )
+    uplink_mbps: float = Field(1.0, gt=0, description="Edge-to-cloud bandwidth (Mbit/s).")
+    uplink_latency_ms: float = Field(
+        20.0, ge=0, description="Round-trip network latency of one query (ms)."
+    )
+    bytes_per_value: float = Field(
+        1.0, gt=0, description="Payload bytes per input value (1 = 8-bit samples)."
+    )
+    payload_bytes: int | None = Field(
+        None, ge=1, description="Bytes sent per query; default input size x bytes_per_value."
+    )
+    cloud_gflops: float = Field(
+        100.0, gt=0, description="Cloud capacity for one query of the cloud model (GFLOP/s)."
+    )
+    cloud_overhead_ms: float = Field(
+        2.0, ge=0, description="Fixed serving cost per cloud query (ms): queueing, decoding."
+    )
+
+
+class HybridConfig(_Strict):
+    name: str = Field("hybrid", description="Run name, used in titles and default paths.")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seeds the data split, model inits and shuffling."
+    )
+    data: HybridDataConfig = Field(default_factory=HybridDataConfig)
+    edge: ModelSpec = Field(default_factory=_edge_default)
+    cloud: ModelSpec = Field(default_factory=_cloud_default)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    coverages: list[float] = Field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9],
+        min_length=1,
+        description="Target coverages (fraction answered on the edge) `eval` reports.",
+    )
+
+    @model_validator(mode="after")
+    def _coverages_in_range(self) -> HybridConfig:
+        for i, c in enumerate(self.coverages):
+            if not 0 < c <= 1:
+                raise ValueError(f"coverages.{i}: coverage must be in (0, 1], got {c}")
+        return self
+
+
+# Presets: `dlion hybrid train digits` or `... mnist1d`. Kept in Python (not YAML files) so
+# they ship with the package without packaging changes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {"name": "digits", "data": {"name": "digits"}},
+    "mnist1d": {
+        "name": "mnist1d",
+        "data": {"name": "mnist1d"},
+        # mnist1d is harder: the edge needs more epochs to stop improving.
+        "train": {"edge_epochs": 30},
+    },
+}
+
+
+def load_hybrid_config(source: str, overrides: list[str] | None = None) -> HybridConfig:
+    """A validated config from a YAML path or a preset name, with `a.b=v` overrides."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        text = read_text_file(path, "config")
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{source}:{where} {problem}") from None
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    elif source in PRESETS:
+        raw = PRESETS[source]
+    else:
+        raise ConfigError(f"{source}: not a config file or a preset ({', '.join(sorted(PRESETS))})")
+    return hybrid_config_from_dict(apply_overrides(raw, overrides or []), source)
+
+
+def hybrid_config_from_dict(raw: dict[str, Any], origin: str = "config") -> HybridConfig:
+    try:
+        cfg = HybridConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {format_validation_error(err)}") from None
+    # Imported here: the model registry imports torch, which config parsing does not need.
+    from dlion.hybrid.models import check_model_name
+
+    check_model_name(cfg.edge.name, f"{origin}: edge.name")
+    check_model_name(cfg.cloud.name, f"{origin}: cloud.name")
+    return cfg
+
+
+def config_hash(cfg: HybridConfig) -> str:
+    """A short content hash of a resolved config; saved weights carry it."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

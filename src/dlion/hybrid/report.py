@@ -1,0 +1,134 @@
+"""Tables (rich and markdown) and accuracy-vs-latency plots for selective query
+(Kag et al., ICLR '23)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+# No display on the machines this runs on; Agg must be chosen before pyplot loads.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from rich.table import Table
+
+from dlion.hybrid.evaluate import CLOUD_ONLY, EDGE_ONLY, ORACLE, Evaluation
+from dlion.hybrid.inference import METHODS
+
+LABELS = {
+    "router": "router",
+    "entropy": "entropy threshold",
+    "max_softmax": "max-softmax threshold",
+    ORACLE: "oracle router",
+    EDGE_ONLY: "edge-only",
+    CLOUD_ONLY: "cloud-only",
+}
+EVAL_COLUMNS = (
+    "target coverage",
+    "method",
+    "coverage",
+    "accuracy (%)",
+    "to cloud (%)",
+    "latency (ms)",
+)
+
+
+def eval_rows(ev: Evaluation, targets: Sequence[float]) -> list[list[str]]:
+    """One row per (target, method), then edge-only and cloud-only; cells as text."""
+    rows = []
+    for target in targets:
+        for method in (*METHODS, ORACLE):
+            p = ev.point(method, target)
+            rows.append(
+                [
+                    f"{target:.2f}",
+                    LABELS[method],
+                    f"{p.coverage:.3f}",
+                    f"{100 * p.accuracy:.2f}",
+                    f"{100 * p.cloud_fraction:.1f}",
+                    f"{1e3 * p.latency_s:.2f}",
+                ]
+            )
+    for method in (EDGE_ONLY, CLOUD_ONLY):
+        p = ev.point(method, None)
+        rows.append(
+            [
+                "—",
+                LABELS[method],
+                f"{p.coverage:.3f}",
+                f"{100 * p.accuracy:.2f}",
+                f"{100 * p.cloud_fraction:.1f}",
+                f"{1e3 * p.latency_s:.2f}",
+            ]
+        )
+    return rows
+
+
+def rich_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], section_every: int = 0
+) -> Table:
+    """A rich table; a rule after every `section_every` rows (0 = none)."""
+    table = Table(title=title)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for i, row in enumerate(rows):
+        end = bool(section_every) and (i + 1) % section_every == 0
+        table.add_row(*row, end_section=end)
+    return table
+
+
+def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (no trailing newline)."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(columns))) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_latency(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: Path,
+    *,
+    title: str,
+    marks: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
+    """One line per method of (latency s, accuracy) points, plus labelled single points (e.g.
+    edge-only and cloud-only); latency in ms on the x axis. Saves a PNG and returns its path."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for method, curve in curves.items():
+            points = sorted(curve)
+            style = "--" if method == ORACLE else "-"
+            ax.plot(
+                [1e3 * t for t, _ in points],
+                [100 * a for _, a in points],
+                style,
+                label=LABELS.get(method, method),
+                linewidth=1.5,
+            )
+        for name, (t, a) in (marks or {}).items():
+            ax.plot([1e3 * t], [100 * a], "o", label=LABELS.get(name, name))
+        ax.set_xlabel("expected latency per input (ms)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)  # long sweeps draw many figures; leaking them exhausts memory
+    return path
+
+
+def plot_evaluation(ev: Evaluation, path: Path, title: str) -> Path:
+    """The threshold-sweep curves of one evaluation, with edge-only and cloud-only marked."""
+    curves = {m: [(p.latency_s, p.accuracy) for p in ps] for m, ps in ev.curves.items()}
+    marks = {
+        m: (ev.point(m, None).latency_s, ev.point(m, None).accuracy)
+        for m in (EDGE_ONLY, CLOUD_ONLY)
+    }
+    return plot_accuracy_vs_latency(curves, path, title=title, marks=marks)

@@ -1,0 +1,319 @@
+"""Training for selective query (Kag et al., ICLR '23): the cloud model, the edge model, then
+alternating rounds of router training on proxy labels and edge fine-tuning on the inputs the
+router keeps; finally threshold calibration scores on a validation split."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from dlion.data import load_dataset
+from dlion.errors import DataError, DlionError
+from dlion.hybrid.calibrate import Calibration
+from dlion.hybrid.config import HybridConfig, TrainConfig
+from dlion.hybrid.inference import HybridModels, edge_outputs, edge_scores, predict
+from dlion.hybrid.latency import build_latency_model, forward_flops
+from dlion.hybrid.models import SplitModel
+from dlion.hybrid.proxy import proxy_labels, router_features
+from dlion.hybrid.router import Router, router_loss
+from dlion.hybrid.store import HybridRun, build_models
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# Offsets of cfg.seed for each random stream, so no two consumers share one.
+_SHUFFLE_CLOUD, _SHUFFLE_EDGE, _SHUFFLE_ROUTER, _SPLIT = 11, 12, 13, 14
+
+
+@dataclass(frozen=True)
+class Splits:
+    """fit trains edge and cloud; router trains the router (fit itself when router_fraction
+    is 0); val calibrates thresholds; test is the dataset's test split, only for eval."""
+
+    fit: Batch
+    router: Batch
+    val: Batch
+    test: Batch
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _split_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held) index arrays; stratified when every class can appear on both sides."""
+    idx = np.arange(len(y))
+    try:
+        rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError:
+        try:
+            rest, held = train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError as exc:
+            raise DataError(
+                f"data: cannot hold out {fraction} of {len(y)} samples: {exc}"
+            ) from None
+    return np.sort(rest), np.sort(held)
+
+
+def load_splits(cfg: HybridConfig) -> Splits:
+    d = cfg.data
+    ds = load_dataset(
+        d.name,
+        path=d.path,
+        seed=cfg.seed,
+        test_fraction=d.test_fraction,
+        num_samples=d.num_samples,
+    )
+    x, y = ds.x_train, ds.y_train
+    rest, val = _split_indices(y.numpy(), d.val_fraction, cfg.seed + _SPLIT)
+    if d.router_fraction > 0:
+        share = d.router_fraction / (1 - d.val_fraction)  # of what is left after val
+        fit_pos, router_pos = _split_indices(y[rest].numpy(), share, cfg.seed + _SPLIT)
+        fit, router = rest[fit_pos], rest[router_pos]
+    else:
+        fit = router = rest
+    return Splits(
+        fit=(x[fit], y[fit]),
+        router=(x[router], y[router]),
+        val=(x[val], y[val]),
+        test=(ds.x_test, ds.y_test),
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+    )
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Bar:
+    """A rich bar over training epochs (all phases); silent when disabled."""
+
+    def __init__(self, description: str, total: int, enabled: bool, console: Console | None):
+        self._progress: Progress | None = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("epochs  {task.fields[phase]}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self._task = self._progress.add_task(description, total=total, phase="")
+
+    def __enter__(self) -> _Bar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def ticker(self, phase: str) -> Callable[[float], None]:
+        def tick(loss: float) -> None:
+            if self._progress is not None:
+                self._progress.update(self._task, advance=1, phase=f"{phase} loss {loss:.3f}")
+
+        return tick
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _check_finite(loss: float, lr_field: str) -> None:
+    # A diverged model would be saved with NaN weights that no later command can load.
+    if not math.isfinite(loss):
+        raise DlionError(f"training diverged (loss {loss}); lower {lr_field}")
+
+
+def fit_classifier(
+    model: nn.Module,
+    data: Batch,
+    *,
+    epochs: int,
+    train: TrainConfig,
+    seed: int,
+    weights: torch.Tensor | None = None,
+    on_epoch: Callable[[float], None] = lambda loss: None,
+) -> float:
+    """Adam on (optionally per-input weighted) cross-entropy; returns the last epoch's loss."""
+    x, y = data
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    mean_loss = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(x), train.batch_size):
+            idx = order[start : start + train.batch_size]
+            losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+            if weights is None:
+                loss = losses.mean()
+            else:
+                w = weights[idx]
+                loss = (w * losses).sum() / w.sum().clamp_min(1e-12)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        mean_loss = total / max(count, 1)
+        _check_finite(mean_loss, "train.lr")
+        on_epoch(mean_loss)
+    return mean_loss
+
+
+def train_router(
+    edge: SplitModel,
+    data: Batch,
+    cloud_correct: torch.Tensor,
+    cfg: HybridConfig,
+    seed: int,
+    on_epoch: Callable[[float], None] = lambda loss: None,
+) -> tuple[Router, float]:
+    """A fresh router fitted to proxy labels of the current edge; returns it and the share of
+    "send" labels."""
+    x, y = data
+    features, logits = edge_outputs(edge, x)
+    inputs = router_features(features, logits, cfg.router.top_k)
+    proxy = proxy_labels(logits.argmax(dim=1) == y, cloud_correct)
+    router = Router(inputs.shape[1], cfg.router.hidden, cfg.seed + 2)
+    router.fit_standardisation(inputs)
+    rc = cfg.router
+    opt = torch.optim.Adam(router.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    router.train()
+    for _ in range(rc.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), cfg.train.batch_size):
+            idx = order[start : start + cfg.train.batch_size]
+            loss = router_loss(
+                router(inputs[idx]), proxy[idx], rc.train_coverage, rc.coverage_penalty
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        _check_finite(total, "router.lr")
+        on_epoch(total / max(len(x), 1))
+    router.eval()
+    return router, float(proxy.mean())
+
+
+@torch.no_grad()
+def keep_probabilities(models: HybridModels, x: torch.Tensor) -> torch.Tensor:
+    """The router's probability of keeping each input on the edge."""
+    return torch.sigmoid(-edge_scores(models, x).scores["router"])
+
+
+def _accuracy(model: SplitModel, data: Batch) -> float:
+    x, y = data
+    return float((predict(model, x) == y).float().mean())
+
+
+def train_hybrid(
+    cfg: HybridConfig, *, progress: bool = True, console: Console | None = None
+) -> HybridRun:
+    """Train cloud, edge and router for `cfg`; returns the calibrated run (not yet saved)."""
+    splits = load_splits(cfg)
+    models = build_models(cfg, splits.input_shape, splits.num_classes)
+    t, r = cfg.train, cfg.router
+    total = t.cloud_epochs + t.edge_epochs + t.rounds * (r.epochs + t.round_edge_epochs)
+    total += r.epochs
+    history: list[dict[str, float]] = []
+    with _torch_threads(t.threads), _Bar(cfg.name, total, progress, console) as bar:
+        fit_classifier(
+            models.cloud,
+            splits.fit,
+            epochs=t.cloud_epochs,
+            train=t,
+            seed=cfg.seed + _SHUFFLE_CLOUD,
+            on_epoch=bar.ticker("cloud"),
+        )
+        fit_classifier(
+            models.edge,
+            splits.fit,
+            epochs=t.edge_epochs,
+            train=t,
+            seed=cfg.seed + _SHUFFLE_EDGE,
+            on_epoch=bar.ticker("edge"),
+        )
+        x_r, y_r = splits.router
+        cloud_correct = predict(models.cloud, x_r) == y_r
+        for round_ in range(t.rounds + 1):
+            models.router, send_rate = train_router(
+                models.edge,
+                splits.router,
+                cloud_correct,
+                cfg,
+                cfg.seed + _SHUFFLE_ROUTER + round_,
+                bar.ticker(f"router {round_ + 1}"),
+            )
+            history.append(
+                {
+                    "round": round_,
+                    "edge_val_acc": _accuracy(models.edge, splits.val),
+                    "proxy_send_rate": send_rate,
+                }
+            )
+            if round_ == t.rounds:
+                break  # the last router matches the final edge
+            keep = keep_probabilities(models, splits.fit[0])
+            fit_classifier(
+                models.edge,
+                splits.fit,
+                epochs=t.round_edge_epochs,
+                train=t,
+                seed=cfg.seed + _SHUFFLE_EDGE + 100 * (round_ + 1),
+                weights=(1 - t.edge_focus) + t.edge_focus * keep,
+                on_epoch=bar.ticker(f"edge round {round_ + 1}"),
+            )
+        calibration = Calibration(edge_scores(models, splits.val[0]).scores)
+    router_in = models.router.mean.numel()
+    flops = {
+        "edge": forward_flops(models.edge, splits.input_shape),
+        "router": forward_flops(models.router, (router_in,)),
+        "cloud": forward_flops(models.cloud, splits.input_shape),
+    }
+    input_values = int(np.prod(splits.input_shape))
+    latency = build_latency_model(
+        cfg.latency,
+        edge_flops=flops["edge"],
+        router_flops=flops["router"],
+        cloud_flops=flops["cloud"],
+        input_values=input_values,
+    )
+    info = {
+        "splits": {k: len(getattr(splits, k)[1]) for k in ("fit", "router", "val", "test")},
+        "flops": flops,
+        "val_acc": {
+            "edge": _accuracy(models.edge, splits.val),
+            "cloud": _accuracy(models.cloud, splits.val),
+        },
+        "rounds": history,
+    }
+    return HybridRun(
+        cfg, models, calibration, latency, splits.input_shape, splits.num_classes, info
+    )
