@@ -251,6 +251,22 @@ def read_text_file(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def parse_yaml_mapping(text: str, origin: str) -> dict[str, Any]:
+    """YAML text whose top level must be a mapping; errors name the file and line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{origin}:{where} {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+    return raw
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """`top` over `base`: mappings merge key by key, anything else (lists too) replaces."""
     out = copy.deepcopy(base)
@@ -270,18 +286,7 @@ def _read_yaml(source: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any
     """
     if source in _chain:
         raise ConfigError(f"{source}: extends itself ({' -> '.join([*_chain, source])})")
-    text = read_source(source, "scenarios", "config")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{source}:{where} {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw = parse_yaml_mapping(read_source(source, "scenarios", "config"), source)
     parent = raw.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str) or not parent:

@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.config import apply_overrides, format_validation_error, read_text_file
+from dlion.config import (
+    apply_overrides,
+    format_validation_error,
+    parse_yaml_mapping,
+    read_text_file,
+)
 from dlion.errors import ConfigError
 
 
@@ -201,17 +205,7 @@ def load_hybrid_config(source: str, overrides: list[str] | None = None) -> Hybri
     """A validated config from a YAML path or a preset name, with `a.b=v` overrides."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        text = read_text_file(path, "config")
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"{source}:{where} {problem}") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        raw = parse_yaml_mapping(read_text_file(path, "config"), source)
     elif source in PRESETS:
         raw = PRESETS[source]
     else:

@@ -6,10 +6,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from dlion.config import format_validation_error, read_text_file
+from dlion.config import format_validation_error, parse_yaml_mapping, read_text_file
 from dlion.errors import ConfigError
 from dlion.thermal.errors import ThermalError
 
@@ -45,17 +44,9 @@ def read_file(path: Path, what: str) -> str:
 def parse_mapping(text: str, origin: str) -> dict[str, Any]:
     """YAML text that must hold a mapping at the top level; errors name the line."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ThermalError(f"{origin}:{where} {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ThermalError(f"{origin}: the top level must be a mapping")
-    return raw
+        return parse_yaml_mapping(text, origin)
+    except ConfigError as exc:  # keep the message; one error type for the thermal package
+        raise ThermalError(str(exc)) from None
 
 
 def validate(model: type[M], raw: Any, origin: str) -> M:
