@@ -13,6 +13,9 @@ from rich.console import Console
 from typer._click.exceptions import UsageError
 
 from dlion.errors import BadInput, DlionError
+from dlion.hybrid.cli import app as hybrid_app
+from dlion.thermal.cli import app as thermal_app
+from dlion.transfer.cli import app as transfer_app
 
 app = typer.Typer(
     add_completion=False,
@@ -129,10 +132,10 @@ def list_scenarios() -> None:
         print(f"{name:<{width}}{load_config(name).description}")
 
 
-# Sub-command groups: each module package exposes a typer app; one line each, below.
-app.add_typer(__import__("dlion.hybrid.cli", fromlist=["app"]).app, name="hybrid")
-app.add_typer(__import__("dlion.thermal.cli", fromlist=["app"]).app, name="thermal")
-# (sub-command groups end here)
+# Sub-command groups: each module package exposes its own typer app.
+app.add_typer(hybrid_app, name="hybrid")
+app.add_typer(thermal_app, name="thermal")
+app.add_typer(transfer_app, name="transfer")
 
 
 def main(argv: list[str] | None = None) -> int:
