@@ -24,9 +24,14 @@ def plot_accuracy_vs_time(
     """Plot one accuracy line per label and a dashed target line; save a PNG and return its path."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
-        for label, curve in curves.items():
+        for i, (label, curve) in enumerate(curves.items()):
             points = sorted(curve)
-            ax.plot([t for t, _ in points], [a for _, a in points], label=label, linewidth=1.5)
+            ax.plot(
+                [t for t, _ in points],
+                [a for _, a in points],
+                label=label,
+                **_line_style(i, label),
+            )
         if target is not None:
             ax.axhline(
                 target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}"
@@ -45,6 +50,18 @@ def plot_accuracy_vs_time(
         # Long benchmark sweeps draw many figures; leaking them exhausts memory.
         plt.close(fig)
     return path
+
+
+def _line_style(index: int, label: str) -> dict[str, object]:
+    """A distinct look per line: the default 10-colour cycle repeats in a 12-strategy bench.
+    The ideal bound is a dotted black reference; DLion itself is drawn thicker."""
+    if label == "ideal":
+        return {"color": "black", "linestyle": ":", "linewidth": 1.5}
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    # Dark shades first (even indices), then the light ones.
+    color = colors[(2 * index) % 20 + (2 * index) // 20 % 2]
+    width = 2.6 if label == "dlion" else 1.4
+    return {"color": color, "linestyle": "-" if index < 10 else "--", "linewidth": width}
 
 
 def mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float]]:
