@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dlion.config import ExperimentConfig, config_from_dict
 from dlion.context import WorkerContext
+from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import REGISTRY, StrategySpec
 
 
@@ -56,3 +57,26 @@ def registered(
         yield
     finally:
         del REGISTRY[name]
+
+
+def run_counting(
+    cfg: ExperimentConfig,
+    worker: Callable[[WorkerContext, Any], Awaitable[None]],
+    options: Any,
+    die: frozenset[int] = frozenset(),
+) -> tuple[RunResult, dict[int, int]]:
+    """Run `worker` under a test name; return the result and each rank's iteration count.
+    Ranks in `die` stop at once (a crashed worker that never sends)."""
+    counts: dict[int, int] = {}
+
+    async def counting(ctx: WorkerContext, _: Any) -> None:
+        try:
+            if ctx.rank not in die:
+                await worker(ctx, options)
+        finally:
+            counts[ctx.rank] = ctx.iteration
+
+    with registered("t-counting", counting):
+        renamed = cfg.strategy.model_copy(update={"name": "t-counting", "options": {}})
+        result = run_sim(cfg.model_copy(update={"strategy": renamed}), progress=False)
+    return result, counts

@@ -10,11 +10,10 @@ import torch
 
 from dlion.comm.messages import META_ENTRY_BYTES, VALUE_BYTES
 from dlion.config import ExperimentConfig, load_config
-from dlion.context import WorkerContext
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import ako
 from dlion.strategies.ako import PartitionedAccumulator, partition_bounds, partitions_for_link
-from helpers import registered, small_config
+from helpers import run_counting, small_config
 
 # ------------------------------------------------------------------------------ P from the link
 
@@ -119,21 +118,7 @@ def test_one_partition_in_lockstep_is_exactly_allreduce() -> None:
 def _run_counting(
     cfg: ExperimentConfig, options: ako.Options, die: frozenset[int] = frozenset()
 ) -> tuple[RunResult, dict[int, int]]:
-    """Run Ako under a test name; return the result and each rank's iteration count.
-    Ranks in `die` stop at once (a crashed worker that never sends)."""
-    counts: dict[int, int] = {}
-
-    async def counting(ctx: WorkerContext, _: Any) -> None:
-        try:
-            if ctx.rank not in die:
-                await ako.worker(ctx, options)
-        finally:
-            counts[ctx.rank] = ctx.iteration
-
-    with registered("t-ako", counting):
-        renamed = cfg.strategy.model_copy(update={"name": "t-ako", "options": {}})
-        result = run_sim(cfg.model_copy(update={"strategy": renamed}), progress=False)
-    return result, counts
+    return run_counting(cfg, ako.worker, options, die)
 
 
 def test_workers_never_wait_for_peers_by_default() -> None:

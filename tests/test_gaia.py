@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dlion.config import ExperimentConfig, load_config
-from dlion.context import WorkerContext
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import gaia
 from dlion.strategies.gaia import (
@@ -18,7 +17,7 @@ from dlion.strategies.gaia import (
     significant,
     site_layout,
 )
-from helpers import registered, small_config
+from helpers import run_counting, small_config
 
 # ------------------------------------------------------------------------------ pure rules
 
@@ -142,21 +141,7 @@ def test_filtering_nothing_under_a_lockstep_clock_is_exactly_allreduce() -> None
 def _run_counting(
     cfg: ExperimentConfig, options: gaia.Options, die: frozenset[int] = frozenset()
 ) -> tuple[RunResult, dict[int, int]]:
-    """Run Gaia under a test name; return the result and each rank's iteration count.
-    Ranks in `die` stop at once (a crashed worker that never sends)."""
-    counts: dict[int, int] = {}
-
-    async def counting(ctx: WorkerContext, _: Any) -> None:
-        try:
-            if ctx.rank not in die:
-                await gaia.worker(ctx, options)
-        finally:
-            counts[ctx.rank] = ctx.iteration
-
-    with registered("t-gaia", counting):
-        renamed = cfg.strategy.model_copy(update={"name": "t-gaia", "options": {}})
-        result = run_sim(cfg.model_copy(update={"strategy": renamed}), progress=False)
-    return result, counts
+    return run_counting(cfg, gaia.worker, options, die)
 
 
 def test_sites_keep_one_model_and_send_only_significant_updates_across() -> None:
