@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from dlion.config import ExperimentConfig, load_config
-from dlion.context import WorkerContext
-from dlion.engines.sim import RunResult, run_sim
+from dlion.engines.sim import run_sim
 from dlion.experiment import make_replica, prepare
 from dlion.strategies import ps
-from helpers import registered, small_config
+from helpers import run_counting, small_config
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -45,26 +44,6 @@ def _three_workers(strategy: str, **kw: Any) -> ExperimentConfig:
         {"site": "a", "capacity_gflops": 0.01},
     ]
     return small_config(workers=workers, strategy=strategy, **kw)
-
-
-def _run_counting(
-    cfg: ExperimentConfig, worker: Any, options: Any, die: frozenset[int] = frozenset()
-) -> tuple[RunResult, dict[int, int]]:
-    """Run `worker` with `options` as the test strategy "t-ps" (the config must name it);
-    return the result and each rank's iteration count. Ranks in `die` stop at once, like a
-    crashed worker that never sends."""
-    counts: dict[int, int] = {}
-
-    async def counting(ctx: WorkerContext, _: Any) -> None:
-        try:
-            if ctx.rank not in die:
-                await worker(ctx, options)
-        finally:
-            counts[ctx.rank] = ctx.iteration
-
-    with registered("t-ps", counting):
-        result = run_sim(cfg, progress=False)
-    return result, counts
 
 
 # ------------------------------------------------------------------------------ BSP
@@ -109,7 +88,7 @@ def test_bsp_computes_the_same_model_as_synchronous_allreduce() -> None:
 def test_bsp_waits_for_the_slowest_worker() -> None:
     workers = [{"site": "a", "capacity_gflops": 0.1}, {"site": "a", "capacity_gflops": 0.01}]
     cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 2.0})
-    _, counts = _run_counting(cfg, ps.bsp_worker, ps.Options())
+    _, counts = run_counting(cfg, ps.bsp_worker, ps.Options())
     assert counts[0] > 20
     assert abs(counts[0] - counts[1]) <= 1
 
@@ -117,7 +96,7 @@ def test_bsp_waits_for_the_slowest_worker() -> None:
 def test_bsp_drops_a_silent_worker_and_goes_on() -> None:
     cfg = _three_workers("t-ps", train={"max_time": 2.0})
     options = ps.Options(timeout_s=0.5)
-    result, counts = _run_counting(cfg, ps.bsp_worker, options, die=frozenset({2}))
+    result, counts = run_counting(cfg, ps.bsp_worker, options, die=frozenset({2}))
     drops = [e for e in result.events if e["event"] == "ps_drop"]
     assert [(e["rank"], e["worker"]) for e in drops] == [(0, 2)]
     assert drops[0]["t"] == pytest.approx(0.5)
@@ -130,7 +109,7 @@ def test_bsp_tells_a_dropped_straggler_so_it_stops_waiting() -> None:
         {"site": "a", "capacity_gflops": 0.0002},  # its first gradient takes 0.81 s
     ]
     cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 1.0})
-    result, counts = _run_counting(cfg, ps.bsp_worker, ps.Options(timeout_s=0.3))
+    result, counts = run_counting(cfg, ps.bsp_worker, ps.Options(timeout_s=0.3))
     events = {(e["event"], e.get("rank")) for e in result.events}
     assert ("ps_drop", 0) in events and ("ps_dropped", 2) in events
     assert counts[2] == 0 and counts[0] > 10
@@ -145,7 +124,7 @@ def test_asp_fast_worker_never_waits_for_the_slow_one(server_rank: int) -> None:
     whichever node holds the server role."""
     workers = [{"site": "a", "capacity_gflops": 0.002}, {"site": "a", "capacity_gflops": 0.02}]
     cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 2.0})
-    _, counts = _run_counting(cfg, ps.asp_worker, ps.AspOptions(server_rank=server_rank))
+    _, counts = run_counting(cfg, ps.asp_worker, ps.AspOptions(server_rank=server_rank))
     assert counts[0] >= 20
     assert 8.0 <= counts[1] / counts[0] <= 10.5
 
@@ -159,7 +138,7 @@ def test_asp_server_applies_each_gradient_on_arrival_with_weight_b_over_g(
     and the worker holds the server's latest model after each iteration."""
     workers = [{"site": "a", "capacity_gflops": 1e-6}, {"site": "a", "capacity_gflops": 0.02}]
     cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 0.5})
-    result, counts = _run_counting(cfg, ps.asp_worker, ps.AspOptions(lr_scale=lr_scale))
+    result, counts = run_counting(cfg, ps.asp_worker, ps.AspOptions(lr_scale=lr_scale))
     assert counts[0] == 0 and counts[1] > 10
     prep = prepare(cfg, 2)
     by_hand = make_replica(cfg, prep, 1)  # the worker's shard and batch order
@@ -173,7 +152,7 @@ def test_asp_server_applies_each_gradient_on_arrival_with_weight_b_over_g(
 def test_asp_drops_a_silent_worker_without_hanging() -> None:
     cfg = _three_workers("t-ps", train={"max_time": 2.0})
     options = ps.AspOptions(timeout_s=0.5)
-    result, counts = _run_counting(cfg, ps.asp_worker, options, die=frozenset({1}))
+    result, counts = run_counting(cfg, ps.asp_worker, options, die=frozenset({1}))
     drops = [e for e in result.events if e["event"] == "ps_drop"]
     assert [(e["rank"], e["worker"]) for e in drops] == [(0, 1)]
     assert counts[1] == 0 and counts[0] > 10 and counts[2] > 10
