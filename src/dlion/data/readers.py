@@ -196,26 +196,33 @@ def validate_arrays(x: Any, y: Any, where: str, x_name: str = "x", y_name: str =
     return y.astype(np.int64)
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read and validate an npz: 'x', 'y', optionally 'x_test', 'y_test'; labels as int64."""
-    path = Path(path)
+def load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file, never unpickling; any problem is a DataError naming it."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
     try:
         # allow_pickle=False: object arrays would be unpickled, which can run code.
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
         # np.load raises many types (OSError, ValueError, BadZipFile, EOFError) for bad files.
-        raise DataError(f"{path}: not a readable npz file: {exc}") from exc
+        raise DataError(f"{path}: not a readable npz file: {exc}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: not an npz archive (a single .npy array?)")
     try:
         with loaded as npz:
-            keys = set(npz.files)
-            arrays = {k: npz[k] for k in ("x", "y", "x_test", "y_test") if k in keys}
+            return {key: npz[key] for key in npz.files}
     except Exception as exc:
         # A member can be corrupt, truncated or an object array refused by allow_pickle=False.
-        raise DataError(f"{path}: cannot read array from npz: {exc}") from exc
+        raise DataError(f"{path}: cannot read an array from the npz: {exc}") from None
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read and validate an npz: 'x', 'y', optionally 'x_test', 'y_test'; labels as int64."""
+    path = Path(path)
+    arrays = load_npz_arrays(path)
+    keys = set(arrays)
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{path}: missing array '{key}' (found {sorted(keys)})")

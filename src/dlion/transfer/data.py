@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlion.data.readers import load_npz_arrays
 from dlion.errors import DataError
 from dlion.transfer.config import SyntheticConfig
 
@@ -85,24 +86,7 @@ def read_multimodal_npz(
 ) -> MultimodalData:
     """Read and validate a multimodal npz; `require` names modalities that must be present."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    try:
-        # allow_pickle=False: object arrays would be unpickled, which can run code.
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        # np.load raises many types (OSError, ValueError, BadZipFile, EOFError) for bad files.
-        raise DataError(f"{path}: not a readable npz file: {exc}") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an npz archive (a single .npy array?)")
-    try:
-        with loaded as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except Exception as exc:
-        # A member can be corrupt, truncated or an object array refused by allow_pickle=False.
-        raise DataError(f"{path}: cannot read an array from the npz: {exc}") from None
+    arrays = load_npz_arrays(path)
 
     modalities: dict[str, np.ndarray] = {}
     for key in sorted(arrays):
