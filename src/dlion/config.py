@@ -117,7 +117,9 @@ class TrainConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    name: Literal["sim"] = "sim"
+    name: Literal["sim", "dist"] = Field(
+        "sim", description="sim: virtual clock in one process; dist: real processes."
+    )
     header_bytes: int = Field(
         64, ge=0, description="Per-message envelope size charged by the network model."
     )
@@ -125,6 +127,41 @@ class EngineConfig(_Strict):
         30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    # ---- dist engine only
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="dist transport: auto picks nccl when CUDA is available, else gloo."
+    )
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="dist: wall seconds per scenario second. Compute throttling, link shaping, "
+        "latencies and timeouts all stretch by it, so a small host can emulate a slower cluster.",
+    )
+    shaping: Literal["transport", "kernel", "none"] = Field(
+        "transport",
+        description="dist: transport = sender-side pacing of each link's bandwidth plus its "
+        "latency; kernel = bandwidth left to tc (netns), latency still added in the transport; "
+        "none = neither.",
+    )
+    peer_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="dist: wall seconds without a heartbeat after which a peer is declared dead.",
+    )
+    heartbeat_s: float = Field(0.5, gt=0, description="dist: heartbeat period (wall seconds).")
+    max_message_mb: float = Field(
+        64.0, gt=0, description="dist: frames larger than this are refused (and the link dropped)."
+    )
+    secret: str | None = Field(
+        None,
+        description="dist: shared secret; processes that cannot prove it are refused at join. "
+        "The DLION_SECRET environment variable sets it too (and wins).",
+    )
+    host: str = Field("127.0.0.1", description="dist launcher: address the job's store binds to.")
+    port: int = Field(0, ge=0, le=65535, description="dist launcher: store port (0: any free).")
+    startup_timeout: float = Field(
+        120.0, gt=0, description="dist: wall seconds to wait for every worker to connect."
+    )
 
 
 class EvaluationConfig(_Strict):

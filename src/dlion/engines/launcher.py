@@ -1,0 +1,385 @@
+"""The dist engine, job side: launch worker processes, evaluate them, write the run's files.
+
+`run_dist` hosts the job's store (a torch.distributed TCPStore), starts one process per
+worker (`python -m dlion.worker`, with the same environment variables torchrun sets),
+and runs the coordinator. The coordinator never trains: on the evaluation grid
+(every_s x time_scale wall seconds) it reads each live worker's snapshot from the store,
+evaluates it, logs the point, drives the progress bar, and sets the stop flag at the
+target or at max_time. It outlives any worker, so it can record departures (with the
+time peers took to notice) and still finish the run. Under torchrun the same
+coordinator runs in rank 0's process instead (see dlion/worker.py).
+
+Faults for tests and benchmarks are injected here as real signals: SIGKILL (a crash,
+no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from dlion.cluster import Cluster
+from dlion.comm.codec import BadFrame, decode
+from dlion.config import ExperimentConfig
+from dlion.engines.dist import Keys, job_store, resolve_backend, store_get_json, store_has
+from dlion.engines.sim import RunResult
+from dlion.errors import SimulationError
+from dlion.experiment import make_replica, prepare
+from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Send `signal` (KILL: crash; TERM: clean leave) to worker `rank` at scenario time `at`."""
+
+    rank: int
+    at: float
+    signal: str = "KILL"
+
+
+class Coordinator:
+    """Evaluates a running dist job from the store and writes metrics.jsonl and summary.json."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        store: dist.Store,
+        *,
+        out_dir: Path,
+        label: str | None = None,
+        processes: dict[int, subprocess.Popen[bytes]] | None = None,
+        faults: list[Fault] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.out_dir = out_dir
+        self.label = label or cfg.strategy.name
+        self.processes = processes
+        self.faults = sorted(faults or [], key=lambda f: f.at)
+        self.scale = cfg.engine.time_scale
+        self.size = Cluster.from_config(cfg.cluster).size
+        self.prep = prepare(cfg, self.size)
+        self._eval_replica = make_replica(cfg, self.prep, 0)
+        self.t0 = 0.0
+        self.departed: dict[int, dict[str, Any]] = {}  # rank -> membership record
+        self._last: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}
+        self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
+        self.eval_wall_s = 0.0
+
+    # ---------------------------------------------------------------- start-up
+    def wait_ready(self) -> None:
+        deadline = time.time() + self.cfg.engine.startup_timeout
+        pending = set(range(self.size))
+        while pending:
+            pending = {r for r in pending if not store_has(self.store, Keys.ready(r))}
+            for r in list(pending):
+                if self._exited(r) is not None or store_has(self.store, Keys.refused(r)):
+                    pending.discard(r)
+                    self.departed[r] = {"t": 0.0, "rank": r, "event": "failed_to_start"}
+            if not pending:
+                break
+            if time.time() > deadline:
+                raise SimulationError(
+                    f"dist: workers {sorted(pending)} did not connect within "
+                    f"{self.cfg.engine.startup_timeout:g} s (engine.startup_timeout)"
+                )
+            time.sleep(0.05)
+        if len(self.departed) == self.size:
+            raise SimulationError("dist: no worker started; see workers/rank-*.log")
+
+    def start(self) -> None:
+        self.t0 = time.time() + 0.2  # a common start a moment ahead, so everyone sees it first
+        self.store.set(Keys.T0, repr(self.t0))
+        self.store.set(Keys.GO, "1")
+
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    # ---------------------------------------------------------------- membership
+    def _exited(self, rank: int) -> int | None:
+        if self.processes is None:
+            return None
+        return self.processes[rank].poll()
+
+    def _update_membership(self) -> None:
+        now = self.now()
+        for r in range(self.size):
+            if r in self.departed:
+                continue
+            code = self._exited(r)
+            if store_has(self.store, Keys.left(r)):
+                left = store_get_json(self.store, Keys.left(r))
+                self.departed[r] = {"t": float(left["t"]), "rank": r, "event": "leave"}
+            elif code is not None and not store_has(self.store, Keys.final(r)):
+                self.departed[r] = {"t": now, "rank": r, "event": "crash", "exit_code": code}
+            elif code is None and self.processes is None and self._heartbeat_stale(r):
+                self.departed[r] = {"t": now, "rank": r, "event": "crash"}
+
+    def _heartbeat_stale(self, rank: int) -> bool:
+        if not store_has(self.store, Keys.heartbeat(rank)):
+            return False
+        seen = float(self.store.get(Keys.heartbeat(rank)).decode())
+        return time.time() - seen > self.cfg.engine.peer_timeout
+
+    def _inject_faults(self) -> None:
+        while self.faults and self.faults[0].at * self.scale <= self.now():
+            fault = self.faults.pop(0)
+            if self.processes is None or self._exited(fault.rank) is not None:
+                continue
+            sig = signal.SIGKILL if fault.signal == "KILL" else signal.SIGTERM
+            self.processes[fault.rank].send_signal(sig)
+            self.log.write("fault", t=self.now(), rank=fault.rank, signal=fault.signal)
+
+    # ---------------------------------------------------------------- evaluation
+    def _collect(self, k: int) -> None:
+        for r in range(self.size):
+            if r in self.departed:
+                continue
+            key = Keys.snapshot(k, r)
+            if not store_has(self.store, key):
+                continue
+            try:
+                msg = decode(self.store.get(key), 1 << 31)
+            except BadFrame:
+                continue
+            self._last[r] = (msg.payload.values, msg.meta)  # type: ignore[union-attr]
+            self.store.delete_key(key)
+
+    def _evaluate(self, params: torch.Tensor) -> tuple[float, float]:
+        for cached, result in self._eval_cache:
+            if torch.equal(cached, params):
+                return result
+        self._eval_replica.set_params(params)
+        result = self._eval_replica.evaluate(self.prep.x_eval, self.prep.y_eval)
+        self._eval_cache = [*self._eval_cache[-self.size :], (params, result)]
+        return result
+
+    def evaluate(self, k: int) -> EvalPoint | None:
+        start = time.perf_counter()
+        self._collect(k)
+        live = [r for r in range(self.size) if r not in self.departed and r in self._last]
+        if not live:
+            return None
+        results = [self._evaluate(self._last[r][0]) for r in live]
+        self.eval_wall_s += time.perf_counter() - start
+        accs = [a for a, _ in results]
+        metas = [meta for _, meta in self._last.values()]
+        return EvalPoint(
+            t=round(k * self.cfg.evaluation.every_s * self.scale, 9),
+            iteration=round(sum(self._last[r][1]["iteration"] for r in live) / len(live)),
+            mean_acc=sum(accs) / len(accs),
+            min_acc=min(accs),
+            mean_loss=sum(loss for _, loss in results) / len(results),
+            bytes_sent=int(sum(m["bytes_sent"] for m in metas)),
+        )
+
+    # ---------------------------------------------------------------- the run
+    def run(self, *, progress: bool = True, description: str | None = None) -> RunResult:
+        cfg = self.cfg
+        every = cfg.evaluation.every_s * self.scale
+        horizon = cfg.train.max_time * self.scale
+        # Snapshots are published on the grid; read each a little after it is due.
+        grace = min(0.5 * every, 0.25 + 2 * cfg.engine.heartbeat_s)
+        points: list[EvalPoint] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        text = description or f"{cfg.name} {self.label} [dist]"
+        with self.log, TrainProgress(text, horizon, enabled=progress) as bar:
+            self.log.write(
+                "start",
+                scenario=cfg.name,
+                strategy=cfg.strategy.name,
+                seed=cfg.train.seed,
+                workers=self.size,
+                engine="dist",
+                time_scale=self.scale,
+                backend=resolve_backend(cfg.engine.backend),
+                shaping=cfg.engine.shaping,
+            )
+            k = 0
+            reason = "max_time"
+            while True:
+                due = self.t0 + k * every + grace
+                while time.time() < due:
+                    self._inject_faults()
+                    self._update_membership()
+                    time.sleep(min(0.05, max(0.0, due - time.time())))
+                self._update_membership()
+                point = self.evaluate(k)
+                if point is None and len(self.departed) == self.size:
+                    reason = "all workers gone"
+                    break
+                if point is not None:
+                    points.append(point)
+                    self.log.write("eval", **point.__dict__)
+                    bar.update(point.t, point.iteration, point.mean_acc)
+                    if point.mean_acc >= cfg.train.target_acc and cfg.train.stop_at_target:
+                        reason = "target"
+                        break
+                if k * every >= horizon:
+                    break
+                k += 1
+            self.store.set(Keys.STOP, reason)
+            finals = self._wait_finals()
+            for record in self.departed.values():
+                record["detected_after_s"] = self._detection_delay(record)
+                self.log.write("departure", **record)
+            tta = time_to_accuracy(points, cfg.train.target_acc)
+            self.log.write("end", t=points[-1].t if points else 0.0, tta_s=tta, reason=reason)
+        return self._result(points, finals, reason)
+
+    def _wait_finals(self) -> dict[int, dict[str, Any]]:
+        deadline = time.time() + 5 * self.cfg.engine.heartbeat_s + 10
+        finals: dict[int, dict[str, Any]] = {}
+        while time.time() < deadline:
+            for r in range(self.size):
+                if r not in finals and store_has(self.store, Keys.final(r)):
+                    finals[r] = store_get_json(self.store, Keys.final(r))
+            waiting = [
+                r
+                for r in range(self.size)
+                if r not in finals and r not in self.departed and self._exited(r) is None
+            ]
+            if not waiting:
+                break
+            time.sleep(0.05)
+        return finals
+
+    def _detection_delay(self, record: dict[str, Any]) -> float | None:
+        """How long the slowest live peer took to drop this worker (None if nobody did)."""
+        seen = []
+        for by in range(self.size):
+            key = Keys.detected(record["rank"], by)
+            if by != record["rank"] and store_has(self.store, key):
+                seen.append(float(store_get_json(self.store, key)["t"]))
+        return round(max(seen) - record["t"], 6) if seen else None
+
+    def _result(
+        self, points: list[EvalPoint], finals: dict[int, dict[str, Any]], reason: str
+    ) -> RunResult:
+        cfg = self.cfg
+        last = points[-1] if points else EvalPoint(0.0, 0, 0.0, 0.0, float("nan"), 0)
+        failed = {r: f for r, f in finals.items() if f.get("status") == "failed"}
+        tta = time_to_accuracy(points, cfg.train.target_acc)
+        summary: dict[str, Any] = {
+            "scenario": cfg.name,
+            "strategy": self.label,
+            "seed": cfg.train.seed,
+            "engine": "dist",
+            "target_acc": cfg.train.target_acc,
+            "tta_s": tta,
+            "final_acc": last.mean_acc,
+            "final_loss": last.mean_loss,
+            "time_s": last.t,
+            "bytes_sent": int(sum(f.get("bytes_sent", 0) for f in finals.values()))
+            or last.bytes_sent,
+            "final_min_acc": last.min_acc,
+            "iterations": last.iteration,
+            "workers": self.size,
+            "rejected_messages": int(sum(f.get("rejected", 0) for f in finals.values())),
+            "time_scale": self.scale,
+            # Scenario seconds (wall / time_scale): what to compare with the sim's prediction.
+            "tta_scenario_s": None if tta is None else tta / self.scale,
+            "backend": resolve_backend(cfg.engine.backend),
+            "shaping": cfg.engine.shaping,
+            "compute_overruns": int(sum(f.get("overruns", 0) for f in finals.values())),
+            "membership": sorted(self.departed.values(), key=lambda d: (d["t"], d["rank"])),
+            "stop_reason": reason,
+            "wall_s": self.now(),
+            "eval_wall_s": self.eval_wall_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        if failed:
+            first = next(iter(failed.items()))
+            raise SimulationError(
+                f"dist: worker {first[0]} failed: {first[1].get('error')} "
+                f"(see {self.out_dir}/workers/rank-{first[0]}.log)"
+            )
+        return RunResult(summary, points, self.log.events, summary["wall_s"], 0.0)
+
+
+def host_store(cfg: ExperimentConfig) -> dist.TCPStore:
+    return dist.TCPStore(
+        cfg.engine.host,
+        cfg.engine.port,
+        None,
+        True,
+        timeout=datetime.timedelta(seconds=cfg.engine.startup_timeout),
+        wait_for_workers=False,
+    )
+
+
+def run_dist(
+    cfg: ExperimentConfig,
+    *,
+    out_dir: Path,
+    label: str | None = None,
+    progress: bool = True,
+    description: str | None = None,
+    faults: list[Fault] | None = None,
+) -> RunResult:
+    """Run one experiment as real processes on this host; write the same files as the sim."""
+    resolve_backend(cfg.engine.backend)  # fail before launching anything
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    server = host_store(cfg)
+    run_id = secrets.token_hex(6)
+    store = job_store(server, run_id)
+    logs = out_dir / "workers"
+    logs.mkdir(exist_ok=True)
+    size = Cluster.from_config(cfg.cluster).size
+    processes: dict[int, subprocess.Popen[bytes]] = {}
+    try:
+        for rank in range(size):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(size),
+                "DLION_STORE": f"{cfg.engine.host}:{server.port}",
+                "DLION_RUN_ID": run_id,
+                "OMP_NUM_THREADS": str(cfg.engine.threads),
+            }
+            with (logs / f"rank-{rank}.log").open("wb") as log_file:
+                processes[rank] = subprocess.Popen(
+                    [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)],
+                    env=env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+        coordinator = Coordinator(
+            cfg, store, out_dir=out_dir, label=label, processes=processes, faults=faults
+        )
+        coordinator.wait_ready()
+        coordinator.start()
+        return coordinator.run(progress=progress, description=description)
+    finally:
+        _reap(processes)
+
+
+def _reap(processes: dict[int, subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """Wait for workers to exit after the stop flag; kill any that do not."""
+    deadline = time.time() + grace_s
+    for proc in processes.values():
+        remaining = max(0.0, deadline - time.time())
+        try:
+            proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,157 @@
+"""Point-to-point frames between worker processes over torch.distributed.
+
+Every pair of workers gets its own two-rank process group (gloo on CPU, NCCL on GPU),
+rendezvoused through the job's store under the pair's own key prefix. A pair group
+fails alone: when a peer dies its groups report an error on the next (or pending)
+operation, and the other pairs carry on. A world-sized group could not do that, and it
+could not admit a worker that joins later. Each peer has a sender thread (a FIFO of
+frames, each released at its due time so shaped links keep their latency) and a
+receiver thread (length, then bytes); both hand results to the worker's event loop
+through callbacks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+FrameCallback = Callable[[int, bytes], None]
+FailureCallback = Callable[[int, str], None]
+
+
+@dataclass
+class _Outgoing:
+    due: float  # time.monotonic() at which the frame may go
+    frame: bytes
+    on_sent: Callable[[], None] | None
+
+
+class _PeerLink:
+    def __init__(self, transport: PairTransport, peer: int, group: dist.ProcessGroup) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.group = group
+        self.other = 0 if peer < transport.rank else 1  # the peer's rank inside the pair
+        self.outbox: queue.Queue[_Outgoing | None] = queue.Queue()
+        self.failed = False
+        self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"send-{peer}")
+        self.receiver = threading.Thread(target=self._recv_loop, daemon=True, name=f"recv-{peer}")
+        self.sender.start()
+        self.receiver.start()
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.transport.device)
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self.outbox.get()
+            if item is None or self.failed:
+                return
+            delay = item.due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            data = torch.frombuffer(bytearray(item.frame), dtype=torch.uint8)
+            try:
+                size = torch.tensor([data.numel()], dtype=torch.int64)
+                self.group.send([self._tensor(size)], self.other, 0).wait()
+                self.group.send([self._tensor(data)], self.other, 0).wait()
+            except Exception as err:  # any transport error means the link is gone
+                self._fail(f"send failed: {err}")
+                return
+            if item.on_sent is not None:
+                item.on_sent()
+
+    def _recv_loop(self) -> None:
+        limit = self.transport.max_frame_bytes
+        while not self.failed:
+            try:
+                size = self._tensor(torch.zeros(1, dtype=torch.int64))
+                self.group.recv([size], self.other, 0).wait()
+                n = int(size.item())
+                if n < 0 or n > limit:
+                    # We cannot skip the bytes without receiving them, so the stream from this
+                    # peer is unusable: drop the link rather than allocate what it asks.
+                    self._fail(f"announced a frame of {n} bytes (limit {limit})")
+                    return
+                buf = self._tensor(torch.empty(n, dtype=torch.uint8))
+                self.group.recv([buf], self.other, 0).wait()
+            except Exception as err:  # any transport error means the link is gone
+                self._fail(f"receive failed: {err}")
+                return
+            self.transport.on_frame(self.peer, buf.cpu().numpy().tobytes())
+
+    def _fail(self, why: str) -> None:
+        if not self.failed:
+            self.failed = True
+            self.transport.on_failure(self.peer, why)
+
+
+class PairTransport:
+    """This worker's links to its peers; `connect` one peer at a time, then `send` frames."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        *,
+        backend: str,
+        timeout_s: float,
+        max_frame_bytes: int,
+        on_frame: FrameCallback,
+        on_failure: FailureCallback,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.backend = backend
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.max_frame_bytes = max_frame_bytes
+        self.on_frame = on_frame
+        self.on_failure = on_failure
+        self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+        self._links: dict[int, _PeerLink] = {}
+        self._lock = threading.Lock()
+
+    def connect(self, peer: int, incarnation: str) -> None:
+        """Form the pair group with `peer` (blocks until the peer does the same).
+
+        `incarnation` names this meeting (both sides must agree): a worker that rejoins gets
+        a fresh prefix, so it never meets the keys of its previous life.
+        """
+        lo, hi = sorted((self.rank, peer))
+        prefix = dist.PrefixStore(f"pair/{lo}-{hi}/{incarnation}/", self.store)
+        me = 0 if self.rank == lo else 1
+        if self.backend == "nccl":
+            group: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, me, 2)
+        else:
+            group = dist.ProcessGroupGloo(prefix, me, 2, self.timeout)
+        with self._lock:
+            self._links[peer] = _PeerLink(self, peer, group)
+
+    def send(
+        self, peer: int, frame: bytes, *, due: float, on_sent: Callable[[], None] | None = None
+    ) -> bool:
+        """Queue `frame` for `peer`, to leave at `due` (time.monotonic()); False if the link
+        is gone."""
+        link = self._links.get(peer)
+        if link is None or link.failed:
+            return False
+        link.outbox.put(_Outgoing(due, frame, on_sent))
+        return True
+
+    def drop(self, peer: int) -> None:
+        """Stop using the link to `peer` (it left); its threads end on their next operation."""
+        link = self._links.pop(peer, None)
+        if link is not None:
+            link.failed = True
+            link.outbox.put(None)
+
+    def pending(self) -> int:
+        """Frames still queued to leave (used to drain before a clean exit)."""
+        return sum(link.outbox.qsize() for link in list(self._links.values()))

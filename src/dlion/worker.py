@@ -1,0 +1,111 @@
+"""One dist worker process: `python -m dlion.worker CONFIG [--out DIR] [--set KEY=VALUE ...]`.
+
+Started by `dlion train --engine dist` (which hosts the job's store and passes it in
+DLION_STORE), or by torchrun:
+
+    torchrun --nproc-per-node 6 -m dlion.worker microcloud-hetero --out runs/dist
+
+Under torchrun the worker reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, uses the
+store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE), and rank 0 also runs the
+coordinator that evaluates and writes metrics.jsonl and summary.json. One difference
+to know: torchrun's agent stops the whole local group when one of its processes dies
+(and restarts it if --max-restarts > 0), so in-job survival of a killed worker is a
+property of `dlion train --engine dist` (whose launcher leaves survivors running) and of
+multi-node runs, where only the failed node's group goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dlion.config import load_config
+from dlion.engines.dist import DistWorker, job_store
+from dlion.errors import BadInput
+
+
+def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[dist.Store, str, bool]:
+    """(store, run id, launched by torchrun)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "DLION_STORE" in os.environ:
+        host, _, port = os.environ["DLION_STORE"].rpartition(":")
+        store = dist.TCPStore(host, int(port), None, False, timeout=timeout)
+        return store, os.environ["DLION_RUN_ID"], False
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise BadInput(
+            "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
+        ) from None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, world, (not agent) and rank == 0, timeout=timeout)
+    return store, os.environ.get("TORCHELASTIC_RUN_ID", "torchrun"), True
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlion.worker")
+    parser.add_argument("config", help="YAML config path or shipped scenario name")
+    parser.add_argument("--out", type=Path, default=None, help="run directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, "engine.name=dist"])
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise BadInput(
+            "dlion.worker: RANK and WORLD_SIZE must be set (torchrun sets them)"
+        ) from None
+    out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
+    store, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
+    store = job_store(store, run_id)
+    worker = DistWorker(cfg, rank, store, run_id=run_id, out_dir=out_dir)
+    if world != worker.cluster.size:
+        raise BadInput(
+            f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "
+            "(cluster.workers)"
+        )
+    worker.register()
+    worker.connect_peers()
+    coordinator_thread = None
+    if torchrun and rank == 0:
+        from dlion.engines.launcher import Coordinator
+
+        coordinator = Coordinator(cfg, store, out_dir=out_dir)
+
+        def coordinate() -> None:
+            coordinator.wait_ready()
+            coordinator.start()
+            coordinator.run(progress=sys.stdout.isatty())
+
+        coordinator_thread = threading.Thread(target=coordinate, name="coordinator")
+        coordinator_thread.start()
+    worker.run()
+    if coordinator_thread is not None:
+        coordinator_thread.join()
+    return 0
+
+
+def main() -> None:
+    try:
+        code = run(sys.argv[1:])
+    except (BadInput, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:  # the traceback goes to this worker's log
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Receiver threads may still block inside the transport; they must not delay the exit.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
