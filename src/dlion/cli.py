@@ -37,7 +37,10 @@ def _split(value: str | None) -> list[str] | None:
 @app.command()
 def train(
     config: Annotated[str, typer.Argument(help="YAML config path or shipped scenario name.")],
-    engine: Annotated[str, typer.Option(help="Engine: sim.")] = "sim",
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Engine: sim (virtual clock) or dist (real processes); default: config."),
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help="Strategy name (overrides config).")] = None,
     set_: Annotated[
         list[str] | None,
@@ -51,15 +54,22 @@ def train(
     from dlion.engines.sim import run_sim
     from dlion.report import plot_accuracy_vs_time
 
-    if engine != "sim":
-        raise BadInput(f"--engine: unknown engine {engine!r} (available: sim)")
+    if engine not in (None, "sim", "dist"):
+        raise BadInput(f"--engine: unknown engine {engine!r} (available: sim, dist)")
     overrides = list(set_ or [])
+    if engine is not None:
+        overrides = [f"engine.name={engine}", *overrides]
     if strategy is not None and strategy != load_config(config).strategy.name:
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
     out_dir = out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
-    result = run_sim(cfg, out_dir=out_dir, progress=not quiet)
+    if cfg.engine.name == "dist":
+        from dlion.engines.launcher import run_dist
+
+        result = run_dist(cfg, out_dir=out_dir, progress=not quiet)
+    else:
+        result = run_sim(cfg, out_dir=out_dir, progress=not quiet)
     s = result.summary
     plot_accuracy_vs_time(
         {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
@@ -72,8 +82,11 @@ def train(
         f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: "
         f"time to {s['target_acc']:.1%} = {tta}, final accuracy {s['final_acc']:.2%} "
         f"(worst replica {s['final_min_acc']:.2%}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
-        f"{s['iterations']} iterations in {s['time_s']:.2f} simulated s"
+        f"{s['iterations']} iterations in {s['time_s']:.2f} "
+        + ("wall s" if s["engine"] == "dist" else "simulated s")
     )
+    for change in s.get("membership", []):
+        console.print(f"membership: {change}")
     console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, accuracy_vs_time.png")
 
 

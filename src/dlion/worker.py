@@ -21,7 +21,9 @@ import datetime
 import os
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -30,23 +32,37 @@ from dlion.config import load_config
 from dlion.engines.dist import DistWorker, job_store
 from dlion.errors import BadInput
 
+StoreFactory = Callable[[], dist.Store]
 
-def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[dist.Store, str, bool]:
-    """(store, run id, launched by torchrun)."""
+
+def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactory, str, bool]:
+    """(a factory of clients of the job's store, run id, launched by torchrun)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if "DLION_STORE" in os.environ:
-        host, _, port = os.environ["DLION_STORE"].rpartition(":")
-        store = dist.TCPStore(host, int(port), None, False, timeout=timeout)
-        return store, os.environ["DLION_RUN_ID"], False
-    try:
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    except (KeyError, ValueError):
-        raise BadInput(
-            "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
-        ) from None
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(host, port, world, (not agent) and rank == 0, timeout=timeout)
-    return store, os.environ.get("TORCHELASTIC_RUN_ID", "torchrun"), True
+        host, _, port_text = os.environ["DLION_STORE"].rpartition(":")
+        port = int(port_text)
+        run_id = os.environ["DLION_RUN_ID"]
+        torchrun = False
+    else:
+        try:
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        except (KeyError, ValueError):
+            raise BadInput(
+                "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
+            ) from None
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
+        torchrun = True
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        if not agent and rank == 0:
+            # Without torchrun's agent store, rank 0 hosts it (and must outlive the job).
+            master = dist.TCPStore(host, port, world, True, timeout=timeout)
+            port = master.port
+
+    def factory() -> dist.Store:
+        client = dist.TCPStore(host, port, None, False, timeout=timeout)
+        return job_store(client, run_id)
+
+    return factory, run_id, torchrun
 
 
 def run(argv: list[str]) -> int:
@@ -63,21 +79,22 @@ def run(argv: list[str]) -> int:
             "dlion.worker: RANK and WORLD_SIZE must be set (torchrun sets them)"
         ) from None
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
-    store, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
-    store = job_store(store, run_id)
-    worker = DistWorker(cfg, rank, store, run_id=run_id, out_dir=out_dir)
+    factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
+    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir)
     if world != worker.cluster.size:
         raise BadInput(
             f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "
             "(cluster.workers)"
         )
+    _say(f"rank {rank}/{world}: loaded config and data, registering")
     worker.register()
     worker.connect_peers()
+    _say(f"rank {rank}: connected to peers {sorted(worker.live)}")
     coordinator_thread = None
     if torchrun and rank == 0:
         from dlion.engines.launcher import Coordinator
 
-        coordinator = Coordinator(cfg, store, out_dir=out_dir)
+        coordinator = Coordinator(cfg, factory(), out_dir=out_dir)
 
         def coordinate() -> None:
             coordinator.wait_ready()
@@ -90,6 +107,11 @@ def run(argv: list[str]) -> int:
     if coordinator_thread is not None:
         coordinator_thread.join()
     return 0
+
+
+def _say(text: str) -> None:
+    """A timestamped line in this worker's log (stderr): where a slow start-up spends time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -197,7 +197,7 @@ class DistWorker:
         self,
         cfg: ExperimentConfig,
         rank: int,
-        store: dist.Store,
+        store_factory: Callable[[], dist.Store],
         *,
         run_id: str,
         out_dir: Path | None,
@@ -205,7 +205,10 @@ class DistWorker:
         torch.set_num_threads(cfg.engine.threads)
         self.cfg = cfg
         self.rank = rank
-        self.store = store
+        # One store client per thread that talks to the store: a client serializes its
+        # calls, and a rendezvous blocked in one must not hold up heartbeats or another.
+        self._store_factory = store_factory
+        self.store = store_factory()
         self.run_id = run_id
         self.scale = cfg.engine.time_scale
         self.cluster = Cluster.from_config(cfg.cluster)
@@ -227,7 +230,7 @@ class DistWorker:
             None if worker.nic_bytes_per_s is None else worker.nic_bytes_per_s / self.scale,
         )
         self.transport = PairTransport(
-            store,
+            store_factory,
             rank,
             backend=self.backend,
             timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
@@ -236,6 +239,8 @@ class DistWorker:
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
         )
         events = None if out_dir is None else out_dir / "workers" / f"rank-{rank}.jsonl"
+        if events is not None:
+            events.unlink(missing_ok=True)  # a new run in an old directory starts clean
         self.log = MetricsLog(events)
         self.ctx._on_record = lambda r, event, fields: self.log.write(
             event, t=self.ctx.now(), rank=r, **fields
@@ -442,16 +447,17 @@ class DistWorker:
         timeout = self.cfg.engine.peer_timeout
         next_snapshot = 0
         try:
+            store = self._store_factory()
             while not self._stopped.is_set():
                 now = time.time() - self.t0
-                self.store.set(Keys.heartbeat(self.rank), repr(time.time()))
-                if store_has(self.store, Keys.STOP):
+                store.set(Keys.heartbeat(self.rank), repr(time.time()))
+                if store_has(store, Keys.STOP):
                     self._from_thread(self.stop, "stop")
                 for peer in list(self.live):
-                    if store_has(self.store, Keys.left(peer)):
+                    if store_has(store, Keys.left(peer)):
                         self._from_thread(self._peer_gone, peer, "left")
-                    elif store_has(self.store, Keys.heartbeat(peer)):
-                        seen = float(self.store.get(Keys.heartbeat(peer)).decode())
+                    elif store_has(store, Keys.heartbeat(peer)):
+                        seen = float(store.get(Keys.heartbeat(peer)).decode())
                         if time.time() - seen > timeout:
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"

@@ -98,7 +98,7 @@ class PairTransport:
 
     def __init__(
         self,
-        store: dist.Store,
+        store_factory: Callable[[], dist.Store],
         rank: int,
         *,
         backend: str,
@@ -107,7 +107,7 @@ class PairTransport:
         on_frame: FrameCallback,
         on_failure: FailureCallback,
     ) -> None:
-        self.store = store
+        self.store_factory = store_factory
         self.rank = rank
         self.backend = backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -125,7 +125,9 @@ class PairTransport:
         a fresh prefix, so it never meets the keys of its previous life.
         """
         lo, hi = sorted((self.rank, peer))
-        prefix = dist.PrefixStore(f"pair/{lo}-{hi}/{incarnation}/", self.store)
+        # A client of its own: the rendezvous blocks in the store until the peer arrives,
+        # and connections to several peers proceed in parallel.
+        prefix = dist.PrefixStore(f"pair/{lo}-{hi}/{incarnation}/", self.store_factory())
         me = 0 if self.rank == lo else 1
         if self.backend == "nccl":
             group: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, me, 2)

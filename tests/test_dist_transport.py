@@ -1,0 +1,104 @@
+"""Shaping arithmetic and the pair transport, both in one process (no worker launch)."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from dlion.engines.shaping import LinkShaper, Pacer
+from dlion.engines.transport import PairTransport
+
+
+def test_pacer_serializes_messages_at_its_rate() -> None:
+    pacer = Pacer(rate=1000.0)
+    assert pacer.reserve(0.0, 500) == pytest.approx(0.5)
+    # A second message queued behind the first, not in parallel with it.
+    assert pacer.reserve(0.1, 500) == pytest.approx(1.0)
+    # After an idle spell the pacer starts from the send time.
+    assert pacer.reserve(5.0, 100) == pytest.approx(5.1)
+
+
+def test_nic_is_shared_by_links_to_different_peers() -> None:
+    shaper = LinkShaper({1: 1000.0, 2: 1000.0}, nic_rate=1000.0)
+    assert shaper.reserve(1, 0.0, 1000) == pytest.approx(1.0)
+    # The link to 2 is idle, but the NIC is busy until t=1.
+    assert shaper.reserve(2, 0.0, 1000) == pytest.approx(2.0)
+
+
+def test_without_a_nic_links_run_in_parallel() -> None:
+    shaper = LinkShaper({1: 1000.0, 2: 500.0}, nic_rate=None)
+    assert shaper.reserve(1, 0.0, 1000) == pytest.approx(1.0)
+    assert shaper.reserve(2, 0.0, 1000) == pytest.approx(2.0)
+
+
+class _Pair:
+    """Two transports (ranks 0 and 1) in this process, connected through a local store."""
+
+    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            None,
+            True,
+            timeout=datetime.timedelta(seconds=20),
+            wait_for_workers=False,
+        )
+        self.frames: dict[int, list[tuple[int, bytes]]] = {0: [], 1: []}
+        self.failures: dict[int, list[tuple[int, str]]] = {0: [], 1: []}
+        self.t = [
+            PairTransport(
+                self._client,
+                r,
+                backend="gloo",
+                timeout_s=20,
+                max_frame_bytes=max_frame_bytes,
+                on_frame=lambda peer, f, r=r: self.frames[r].append((peer, f)),
+                on_failure=lambda peer, why, r=r: self.failures[r].append((peer, why)),
+            )
+            for r in (0, 1)
+        ]
+        threads = [threading.Thread(target=self.t[r].connect, args=(1 - r, "0")) for r in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+
+    def _client(self) -> dist.Store:
+        # A client per caller, as in two processes: a client serializes its calls, and each
+        # side blocks in the rendezvous until the other has written its address.
+        return dist.TCPStore(
+            "127.0.0.1", self.store.port, None, False, timeout=datetime.timedelta(seconds=20)
+        )
+
+    def wait_for(self, cond: object, timeout: float = 10.0) -> None:
+        deadline = time.time() + timeout
+        while not cond():  # type: ignore[operator]
+            assert time.time() < deadline, "condition not met in time"
+            time.sleep(0.01)
+
+
+def test_frames_arrive_in_order_and_not_before_their_due_time() -> None:
+    pair = _Pair()
+    start = time.monotonic()
+    for i in range(5):
+        assert pair.t[0].send(1, bytes([i]) * 100, due=start + 0.2)
+    pair.wait_for(lambda: len(pair.frames[1]) == 5)
+    assert time.monotonic() - start >= 0.2
+    assert [f[0] for _, f in pair.frames[1]] == [0, 1, 2, 3, 4]
+    assert all(peer == 0 for peer, _ in pair.frames[1])
+    assert pair.failures == {0: [], 1: []}
+
+
+def test_an_oversized_announcement_drops_the_link_and_is_reported() -> None:
+    pair = _Pair(max_frame_bytes=1000)
+    pair.t[0].send(1, b"x" * 5000, due=0.0)
+    pair.wait_for(lambda: pair.failures[1])
+    peer, why = pair.failures[1][0]
+    assert peer == 0 and "5000 bytes (limit 1000)" in why
+    assert pair.frames[1] == []
+    # Nothing more is accepted on a failed link.
+    assert pair.t[1].send(0, b"y", due=0.0) is False
