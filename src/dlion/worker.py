@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import sys
 import threading
@@ -65,7 +66,18 @@ def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFacto
     return factory, run_id, torchrun
 
 
+def load_plugins() -> None:
+    """Import the modules named in DLION_PLUGINS (comma-separated), so strategies they
+    register exist in every worker process, as they do in the process that ran the sim."""
+    for name in filter(None, (n.strip() for n in os.environ.get("DLION_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise BadInput(f"DLION_PLUGINS: cannot import {name!r}: {err}") from None
+
+
 def run(argv: list[str]) -> int:
+    load_plugins()
     parser = argparse.ArgumentParser(prog="python -m dlion.worker")
     parser.add_argument("config", help="YAML config path or shipped scenario name")
     parser.add_argument("--out", type=Path, default=None, help="run directory")
@@ -86,15 +98,12 @@ def run(argv: list[str]) -> int:
             f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "
             "(cluster.workers)"
         )
-    _say(f"rank {rank}/{world}: loaded config and data, registering")
-    worker.register()
-    worker.connect_peers()
-    _say(f"rank {rank}: connected to peers {sorted(worker.live)}")
     coordinator_thread = None
     if torchrun and rank == 0:
+        # Under torchrun rank 0 also coordinates (admission, evaluation, the run's files).
         from dlion.engines.launcher import Coordinator
 
-        coordinator = Coordinator(cfg, factory(), out_dir=out_dir)
+        coordinator = Coordinator(cfg, factory(), out_dir=out_dir, run_id=run_id)
 
         def coordinate() -> None:
             coordinator.wait_ready()
@@ -103,6 +112,10 @@ def run(argv: list[str]) -> int:
 
         coordinator_thread = threading.Thread(target=coordinate, name="coordinator")
         coordinator_thread.start()
+    _say(f"rank {rank}/{world}: loaded config and data, registering")
+    worker.register()
+    worker.connect_peers()
+    _say(f"rank {rank}: connected to peers {sorted(worker.live)}")
     worker.run()
     if coordinator_thread is not None:
         coordinator_thread.join()

@@ -63,6 +63,10 @@ class Keys:
         return f"member/{rank}"
 
     @staticmethod
+    def admitted(rank: int) -> str:
+        return f"admitted/{rank}"
+
+    @staticmethod
     def refused(rank: int) -> str:
         return f"refused/{rank}"
 
@@ -237,6 +241,7 @@ class DistWorker:
             max_frame_bytes=int(cfg.engine.max_message_mb * 1e6),
             on_frame=self._on_frame,
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
+            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
         )
         events = None if out_dir is None else out_dir / "workers" / f"rank-{rank}.jsonl"
         if events is not None:
@@ -257,26 +262,32 @@ class DistWorker:
         }
         self.store.set(Keys.member(self.rank), json.dumps(record))
 
+    def _decision(self, rank: int, timeout: float) -> str:
+        """The coordinator's word on `rank`: "admitted", "refused" or "missing"."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if store_has(self.store, Keys.admitted(rank)):
+                return "admitted"
+            if store_has(self.store, Keys.refused(rank)):
+                return "refused"
+            time.sleep(0.02)
+        return "missing"
+
     def connect_peers(self) -> None:
-        """Verify and connect to every configured peer (in parallel); unreachable or refused
-        peers count as gone from the start."""
+        """Wait for the coordinator to admit this worker, then connect to every admitted
+        peer (in parallel); refused, missing or unreachable peers are gone from the start."""
         timeout = self.cfg.engine.startup_timeout
+        if self._decision(self.rank, timeout) != "admitted":
+            raise PermissionError("refused by the job: shared secret mismatch (DLION_SECRET)")
         verified: list[int] = []
         for peer in self.ctx.peers():
-            try:
-                self.store.wait([Keys.member(peer)], _seconds(timeout))
-            except Exception:  # a peer that never registered is simply absent
-                self.log.write("peer_missing", t=0.0, rank=self.rank, peer=peer)
-                continue
-            if check_membership(
-                self.secret, self.run_id, peer, store_get_json(self.store, Keys.member(peer))
-            ):
+            decision = self._decision(peer, timeout)
+            # The coordinator decides; checking the proof here too costs nothing.
+            record = store_get_json(self.store, Keys.member(peer)) if decision == "admitted" else {}
+            if decision == "admitted" and check_membership(self.secret, self.run_id, peer, record):
                 verified.append(peer)
             else:
-                self.store.set(Keys.refused(peer), "secret mismatch")
-                self.log.write("refused", t=0.0, rank=self.rank, peer=peer, why="secret mismatch")
-        if store_has(self.store, Keys.refused(self.rank)):
-            raise PermissionError("refused by the job: shared secret mismatch (DLION_SECRET)")
+                self.log.write("refused", t=0.0, rank=self.rank, peer=peer, why=decision)
         errors: dict[int, str] = {}
 
         def connect(peer: int) -> None:
@@ -290,8 +301,6 @@ class DistWorker:
             t.start()
         for t in threads:
             t.join()
-        if store_has(self.store, Keys.refused(self.rank)):
-            raise PermissionError("refused by the job: shared secret mismatch (DLION_SECRET)")
         self.live = {p for p in verified if p not in errors}
         for peer in set(self.ctx.peers()) - self.live:
             self.ctx.mailbox.peer_left(peer)

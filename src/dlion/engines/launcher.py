@@ -34,7 +34,15 @@ import yaml
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode
 from dlion.config import ExperimentConfig
-from dlion.engines.dist import Keys, job_store, resolve_backend, store_get_json, store_has
+from dlion.engines.dist import (
+    Keys,
+    check_membership,
+    job_secret,
+    job_store,
+    resolve_backend,
+    store_get_json,
+    store_has,
+)
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
 from dlion.experiment import make_replica, prepare
@@ -59,6 +67,7 @@ class Coordinator:
         store: dist.Store,
         *,
         out_dir: Path,
+        run_id: str,
         label: str | None = None,
         processes: dict[int, subprocess.Popen[bytes]] | None = None,
         faults: list[Fault] | None = None,
@@ -75,15 +84,39 @@ class Coordinator:
         self._eval_replica = make_replica(cfg, self.prep, 0)
         self.t0 = 0.0
         self.departed: dict[int, dict[str, Any]] = {}  # rank -> membership record
+        self._signalled: dict[int, float] = {}  # rank -> when a fault was injected
+        self._decided: set[int] = set()  # ranks admitted or refused
+        self.run_id = run_id
+        # Open now: admission and faults are logged before the first evaluation.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.log = MetricsLog(out_dir / "metrics.jsonl")
         self._last: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
         self.eval_wall_s = 0.0
 
     # ---------------------------------------------------------------- start-up
+    def admit(self) -> None:
+        """Decide on every registered worker: admitted if it proves the shared secret (or
+        none is set), refused otherwise. The coordinator is the only one that decides, so a
+        process with a wrong secret cannot refuse the others."""
+        secret = job_secret(self.cfg)
+        for r in range(self.size):
+            if r in self._decided or not store_has(self.store, Keys.member(r)):
+                continue
+            record = store_get_json(self.store, Keys.member(r))
+            if check_membership(secret, self.run_id, r, record):
+                self.store.set(Keys.admitted(r), "1")
+            else:
+                self.store.set(Keys.refused(r), "secret mismatch")
+                self.log.write("refused", t=0.0, rank=r, pid=record.get("pid"))
+            self._decided.add(r)
+
     def wait_ready(self) -> None:
         deadline = time.time() + self.cfg.engine.startup_timeout
         pending = set(range(self.size))
         while pending:
+            self.admit()
             pending = {r for r in pending if not store_has(self.store, Keys.ready(r))}
             for r in list(pending):
                 if self._exited(r) is not None or store_has(self.store, Keys.refused(r)):
@@ -124,7 +157,9 @@ class Coordinator:
                 left = store_get_json(self.store, Keys.left(r))
                 self.departed[r] = {"t": float(left["t"]), "rank": r, "event": "leave"}
             elif code is not None and not store_has(self.store, Keys.final(r)):
-                self.departed[r] = {"t": now, "rank": r, "event": "crash", "exit_code": code}
+                # The moment of an injected fault is known exactly; otherwise this poll's.
+                t = self._signalled.get(r, now)
+                self.departed[r] = {"t": t, "rank": r, "event": "crash", "exit_code": code}
             elif code is None and self.processes is None and self._heartbeat_stale(r):
                 self.departed[r] = {"t": now, "rank": r, "event": "crash"}
 
@@ -141,6 +176,7 @@ class Coordinator:
                 continue
             sig = signal.SIGKILL if fault.signal == "KILL" else signal.SIGTERM
             self.processes[fault.rank].send_signal(sig)
+            self._signalled[fault.rank] = self.now()
             self.log.write("fault", t=self.now(), rank=fault.rank, signal=fault.signal)
 
     # ---------------------------------------------------------------- evaluation
@@ -194,9 +230,6 @@ class Coordinator:
         # Snapshots are published on the grid; read each a little after it is due.
         grace = min(0.5 * every, 0.25 + 2 * cfg.engine.heartbeat_s)
         points: list[EvalPoint] = []
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         text = description or f"{cfg.name} {self.label} [dist]"
         with self.log, TrainProgress(text, horizon, enabled=progress) as bar:
             self.log.write(
@@ -237,7 +270,8 @@ class Coordinator:
             finals = self._wait_finals()
             for record in self.departed.values():
                 record["detected_after_s"] = self._detection_delay(record)
-                self.log.write("departure", **record)
+                fields = {k: v for k, v in record.items() if k != "event"}
+                self.log.write("departure", change=record["event"], **fields)
             tta = time_to_accuracy(points, cfg.train.target_acc)
             self.log.write("end", t=points[-1].t if points else 0.0, tta_s=tta, reason=reason)
         return self._result(points, finals, reason)
@@ -332,8 +366,12 @@ def run_dist(
     progress: bool = True,
     description: str | None = None,
     faults: list[Fault] | None = None,
+    rank_env: dict[int, dict[str, str]] | None = None,
 ) -> RunResult:
-    """Run one experiment as real processes on this host; write the same files as the sim."""
+    """Run one experiment as real processes on this host; write the same files as the sim.
+
+    `faults` are signals sent to workers at scenario times; `rank_env` adds environment
+    variables for single ranks (a GPU per rank, a different secret in a test)."""
     resolve_backend(cfg.engine.backend)  # fail before launching anything
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
@@ -355,6 +393,7 @@ def run_dist(
                 "DLION_STORE": f"{cfg.engine.host}:{server.port}",
                 "DLION_RUN_ID": run_id,
                 "OMP_NUM_THREADS": str(cfg.engine.threads),
+                **(rank_env or {}).get(rank, {}),
             }
             with (logs / f"rank-{rank}.log").open("wb") as log_file:
                 processes[rank] = subprocess.Popen(
@@ -364,7 +403,13 @@ def run_dist(
                     stderr=subprocess.STDOUT,
                 )
         coordinator = Coordinator(
-            cfg, store, out_dir=out_dir, label=label, processes=processes, faults=faults
+            cfg,
+            store,
+            out_dir=out_dir,
+            run_id=run_id,
+            label=label,
+            processes=processes,
+            faults=faults,
         )
         coordinator.wait_ready()
         coordinator.start()

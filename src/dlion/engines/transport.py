@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 FrameCallback = Callable[[int, bytes], None]
 FailureCallback = Callable[[int, str], None]
+RefusedCallback = Callable[[int, str], None]
 
 
 @dataclass
@@ -77,8 +78,11 @@ class _PeerLink:
                 n = int(size.item())
                 if n < 0 or n > limit:
                     # We cannot skip the bytes without receiving them, so the stream from this
-                    # peer is unusable: drop the link rather than allocate what it asks.
-                    self._fail(f"announced a frame of {n} bytes (limit {limit})")
+                    # peer is unusable: refuse the frame and drop the link rather than
+                    # allocate what it asks.
+                    why = f"announced a frame of {n} bytes (limit {limit})"
+                    self.transport.on_refused(self.peer, why)
+                    self._fail(why)
                     return
                 buf = self._tensor(torch.empty(n, dtype=torch.uint8))
                 self.group.recv([buf], self.other, 0).wait()
@@ -88,6 +92,8 @@ class _PeerLink:
             self.transport.on_frame(self.peer, buf.cpu().numpy().tobytes())
 
     def _fail(self, why: str) -> None:
+        # gloo appends advice meant for collective users; the first sentence is the news.
+        why = why.split(" This is typically")[0]
         if not self.failed:
             self.failed = True
             self.transport.on_failure(self.peer, why)
@@ -106,6 +112,7 @@ class PairTransport:
         max_frame_bytes: int,
         on_frame: FrameCallback,
         on_failure: FailureCallback,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         self.store_factory = store_factory
         self.rank = rank
@@ -114,6 +121,7 @@ class PairTransport:
         self.max_frame_bytes = max_frame_bytes
         self.on_frame = on_frame
         self.on_failure = on_failure
+        self.on_refused = on_refused or (lambda peer, why: None)
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
         self._links: dict[int, _PeerLink] = {}
         self._lock = threading.Lock()

@@ -1,0 +1,118 @@
+"""The dist engine end to end: real worker processes on this host, real faults.
+
+Each test launches a small job (3 workers, digits, a small MLP) and checks what a user
+relies on: it trains to the target and writes the sim's files, a SIGKILLed worker is
+dropped and the rest finish, SIGTERM is a clean leave noticed at once, processes without
+the shared secret are refused, and malformed tensors from a peer are counted, never applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dlion.config import ExperimentConfig
+from dlion.engines.launcher import Fault, run_dist
+from helpers import small_config
+
+TESTS = Path(__file__).parent
+
+
+def dist_config(strategy: str = "dlion", **engine: Any) -> ExperimentConfig:
+    return small_config(
+        workers=[{"site": "a", "capacity_gflops": 0.02, "count": 3}],
+        strategy=strategy,
+        train={"target_acc": 0.93, "max_time": 30.0},
+        evaluation={"every_s": 0.25},
+        engine={"name": "dist", "peer_timeout": 5.0, "heartbeat_s": 0.2, **engine},
+    )
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_allreduce_reaches_the_target_and_writes_the_sim_files(tmp_path: Path) -> None:
+    result = run_dist(dist_config("allreduce"), out_dir=tmp_path, progress=False)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s == result.summary
+    assert s["engine"] == "dist" and s["backend"] == "gloo" and s["workers"] == 3
+    assert s["tta_s"] is not None and s["final_acc"] >= 0.93
+    assert s["membership"] == [] and s["rejected_messages"] == 0
+    evals = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "eval"]
+    assert len(evals) >= 2 and [e["t"] for e in evals] == sorted(e["t"] for e in evals)
+    # All-reduce keeps replicas identical, so the worst replica is the mean.
+    assert evals[-1]["min_acc"] == pytest.approx(evals[-1]["mean_acc"])
+    assert s["bytes_sent"] > 0 and s["iterations"] > 0
+
+
+def test_a_killed_worker_is_dropped_and_the_others_reach_the_target(tmp_path: Path) -> None:
+    cfg = dist_config("dlion")
+    result = run_dist(cfg, out_dir=tmp_path, progress=False, faults=[Fault(2, at=0.3)])
+    s = result.summary
+    assert s["tta_s"] is not None
+    [change] = s["membership"]
+    assert change["rank"] == 2 and change["event"] == "crash" and change["exit_code"] == -9
+    assert change["detected_after_s"] is not None
+    assert change["detected_after_s"] < cfg.engine.peer_timeout
+    for rank in (0, 1):
+        gone = [
+            e
+            for e in read_events(tmp_path / "workers" / f"rank-{rank}.jsonl")
+            if e["event"] == "peer_gone"
+        ]
+        assert [e["peer"] for e in gone] == [2]
+
+
+def test_sigterm_is_a_clean_leave_noticed_without_waiting_for_the_timeout(
+    tmp_path: Path,
+) -> None:
+    cfg = dist_config("dlion", peer_timeout=20.0)
+    result = run_dist(cfg, out_dir=tmp_path, progress=False, faults=[Fault(1, 0.3, "TERM")])
+    [change] = result.summary["membership"]
+    assert change["event"] == "leave" and change["rank"] == 1
+    assert change["detected_after_s"] < 2.0  # far below the 20 s peer timeout
+    assert result.summary["tta_s"] is not None
+
+
+def test_a_process_without_the_secret_is_refused(tmp_path: Path) -> None:
+    cfg = dist_config("dlion", secret="right")
+    result = run_dist(
+        cfg, out_dir=tmp_path, progress=False, rank_env={2: {"DLION_SECRET": "wrong"}}
+    )
+    s = result.summary
+    assert s["membership"] == [
+        {"t": 0.0, "rank": 2, "event": "failed_to_start", "detected_after_s": None}
+    ]
+    assert s["tta_s"] is not None  # the two who know the secret train on
+    log = (tmp_path / "workers" / "rank-2.log").read_text()
+    assert "refused by the job: shared secret mismatch" in log
+    refused = [
+        e for e in read_events(tmp_path / "workers" / "rank-0.jsonl") if e["event"] == "refused"
+    ]
+    assert [e["peer"] for e in refused] == [2]
+
+
+def test_malformed_tensors_from_a_peer_are_counted_and_never_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    import dist_plugins  # noqa: F401  (registers t-liar here too, for config validation)
+
+    cfg = dist_config("t-liar", max_message_mb=0.5)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": 3.0})})
+    result = run_dist(cfg, out_dir=tmp_path, progress=False)
+    # NaN, wrong length, wrong dtype, and the 800 kB frame over the 0.5 MB limit.
+    assert result.summary["rejected_messages"] == 4
+    events = read_events(tmp_path / "workers" / "rank-0.jsonl")
+    assert [e["good"] for e in events if e["event"] == "took"] == [True]
+    whys = [e["why"] for e in events if e["event"] == "rejected"]
+    assert any("NaN" in w for w in whys) and any("expected" in w for w in whys)
+    assert any("limit" in w for w in whys)
