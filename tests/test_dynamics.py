@@ -244,9 +244,11 @@ def test_absolute_bandwidth_trace_on_a_worker_pair() -> None:
 # ----------------------------------------------------------------------------- membership
 
 
-def _three(strategy: str, events: list[MembershipEvent], **engine: Any) -> Any:
+def _three(
+    strategy: str, events: list[MembershipEvent], capacity: float = 1.0, **engine: Any
+) -> Any:
     cfg = small_config(
-        workers=[{"site": "a", "capacity_gflops": 1.0, "count": 3}],
+        workers=[{"site": "a", "capacity_gflops": capacity, "count": 3}],
         strategy=strategy,
         train={"max_time": 2.0},
         engine=engine,
@@ -295,7 +297,7 @@ def test_departed_worker_is_cancelled_and_evaluation_counts_the_live_ones() -> N
 
     events = [MembershipEvent(at_s=0.5, rank=1, event="crash")]
     with registered("t-cancel", worker):
-        result = run_sim(_three("t-cancel", events), progress=False)
+        result = run_sim(_three("t-cancel", events, capacity=0.05), progress=False)
     assert last[1] <= 0.5 < last[0]
     # Evaluation averages over the two running workers only.
     assert result.points[-1].iteration == round((counts[0] + counts[2]) / 2)
@@ -341,7 +343,11 @@ def test_joiner_starts_from_a_live_peers_current_model_and_optimizer_state() -> 
             joined["iteration"] = ctx.iteration
             await asyncio.sleep(10.0)
 
-    cfg = small_config(strategy="t-join", train={"max_time": 1.0})
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 0.1, "count": 2}],
+        strategy="t-join",
+        train={"max_time": 1.0},
+    )
     cfg = with_membership(cfg, [MembershipEvent(at_s=0.5, rank=1, event="join")])
     with registered("t-join", worker):
         result = run_sim(cfg, progress=False)

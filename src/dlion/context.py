@@ -293,10 +293,12 @@ class WorkerContext(ABC):
         self.mailbox.peer_joined(rank)
         self.mailbox.view_changed(epoch)
 
-    def _set_view(self, live: dict[int, int], epoch: int) -> None:
+    def _set_view(self, live: dict[int, int], epoch: int, own_since: int = 0) -> None:
         """Initial view of a worker that starts now: live peers with their `since`
-        iteration; every other rank of the world is gone until it joins."""
+        iteration; every other rank of the world is gone until it joins. `own_since`:
+        the iteration this worker is admitted from (0 for a worker present from the start)."""
         self.epoch = epoch
+        self._since[self.rank] = own_since
         for r in self._world:
             if r == self.rank:
                 continue

@@ -43,6 +43,7 @@ from dlion.experiment import Prepared, make_replica, prepare
 from dlion.replica import Replica
 from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
 from dlion.strategies import get_strategy, parse_options
+from dlion.transient.cost import Billing, run_cost
 
 
 @dataclass
@@ -254,7 +255,7 @@ class _SimEngine:
         self.epoch += 1
         for c in others:
             c._peer_joined(ctx.rank, since, self.epoch)
-        ctx._set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch)
+        ctx._set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
         ctx.iteration = since
         self.believed[ctx.rank] = since
         self._log_membership(ctx.rank, "join", donor=donor, since=since)
@@ -299,8 +300,10 @@ def run_sim(
     label: str | None = None,
     progress: bool = True,
     description: str | None = None,
+    billing: Billing | None = None,
 ) -> RunResult:
-    """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir."""
+    """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir.
+    `billing` prices each rank's instance for the summary's cost block (transient/cost.py)."""
     torch.set_num_threads(cfg.engine.threads)
     spec = get_strategy(cfg.strategy.name)
     options = parse_options(spec, cfg.strategy.options)
@@ -344,6 +347,7 @@ def run_sim(
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,
+        "cost": run_cost(cfg, engine.membership, last.t, billing),
         "wall_s": wall,
         "compute_wall_s": engine.compute_wall_s,
         "eval_wall_s": engine.eval_wall_s,
