@@ -197,3 +197,22 @@ def test_dlion_rebalances_over_the_survivors_and_the_joiner() -> None:
     late = [b for t, b in wdb if t > 1.5]
     assert middle and all(len(b) == 2 and sum(b) == 48 for b in middle)
     assert late and len(late[-1]) == 3 and sum(late[-1]) == 48
+
+
+def test_random_departures_with_returns_run_to_the_end() -> None:
+    cfg = _churn_config("dlion")
+    dyn = {
+        "random_departures": {
+            "mean_lifetime_s": 1.5,
+            "event": "crash",
+            "rejoin_after_s": 0.2,
+            "min_live": 2,
+            "seed": 1,
+        }
+    }
+    cfg = with_dynamics(cfg, DynamicsConfig.model_validate(dyn))
+    result = run_sim(cfg, progress=False)
+    events = [m["event"] for m in result.summary["membership"]]
+    assert events.count("crash") >= 2 and "join" in events
+    assert result.points[-1].iteration > result.points[len(result.points) // 2].iteration
+    assert result.summary["final_acc"] >= 0.8

@@ -70,6 +70,10 @@ class Cluster:
             return flops / self.workers[rank].capacity_flops
         return trace.duration_for(flops, start)
 
+    def capacity_change_times(self) -> list[float]:
+        """Every time (> 0) at which some worker's capacity changes, sorted."""
+        return sorted({t for tr in self._capacity_traces.values() for t in tr.times[1:]})
+
     def bandwidth_change_times(self) -> list[float]:
         """Every time (> 0) at which some link's bandwidth changes, sorted."""
         return sorted({t for tr in self._bandwidth_traces.values() for t in tr.times[1:]})

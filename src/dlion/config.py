@@ -190,7 +190,9 @@ class TraceSpec(_Strict):
     points: list[tuple[float, float]] | None = Field(
         None, description="[[t, value], ...] change points (the first value holds from t=0)."
     )
-    csv: str | None = Field(None, description="Path of a CSV file with `time,value` rows.")
+    csv: str | None = Field(
+        None, description="CSV file of `time,value` rows (relative to the working directory)."
+    )
     random_walk: RandomWalkTrace | None = None
     periodic: PeriodicTrace | None = None
     step: StepTrace | None = None
