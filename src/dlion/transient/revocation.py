@@ -70,7 +70,7 @@ def draw_timeline(
     transient instance is replaced (if `replace`): the replacement is requested at once and
     ready `startup_s` later, then draws its own lifetime. With `keep_one_live`, a
     revocation that would leave no instance working waits for the next replacement to be
-    ready (the provider's decision is moved, not dropped; counted in `deferred`)."""
+    ready, or past the horizon if none is due (counted in `deferred`)."""
     if n < 1:
         raise ConfigError(f"instance count must be >= 1, got {n}")
     rev = inst.revocation if tier == "transient" else Revocation(distribution="none")
@@ -90,14 +90,15 @@ def draw_timeline(
                 heapq.heappush(queue, (end, _REVOKE, rank))
             continue
         if keep_one_live and live == {rank}:
-            pending = [q for q, k, _ in queue if k == _READY]
-            if not pending:
+            if n == 1:
                 raise ConfigError(
-                    f"{n} transient {inst.name} instance(s): a revocation would leave no "
-                    "worker to hold the model; use at least 2 instances or replacements"
+                    f"1 transient {inst.name} instance: a revocation would leave no worker "
+                    "to hold the model; use at least 2 instances"
                 )
             deferred += 1
-            heapq.heappush(queue, (min(pending), _REVOKE, rank))
+            pending = [q for q, k, _ in queue if k == _READY]
+            if pending:  # wait for the next replacement; none before the horizon: keep it
+                heapq.heappush(queue, (min(pending), _REVOKE, rank))
             continue
         live.discard(rank)
         req, ready = open_lease.pop(rank)
