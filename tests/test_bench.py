@@ -39,6 +39,16 @@ def test_ideal_bound_is_one_worker_with_summed_compute_and_global_batch() -> Non
     assert ideal.strategy.name == "allreduce"
 
 
+def test_ideal_bound_follows_the_summed_capacity_trace() -> None:
+    """microcloud-dynamic: 1.4 GFLOP/s in all, rank 0 drops from 0.4 to 0.05 at 1 s."""
+    cfg = load_config("microcloud-dynamic")
+    ideal = ideal_config(cfg)
+    cluster = Cluster.from_config(ideal.cluster).with_dynamics(ideal.dynamics, 60.0)
+    assert cluster.capacity(0, 0.5) == pytest.approx(1.4e9)
+    assert cluster.capacity(0, 1.5) == pytest.approx(1.05e9)
+    assert not ideal.dynamics.bandwidth and not ideal.dynamics.membership
+
+
 def test_lr_search_runs_the_same_grid_for_every_strategy_and_uses_the_choice(
     tmp_path: Path,
 ) -> None:

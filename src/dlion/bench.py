@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dlion.cluster import Cluster
 from dlion.config import (
     ExperimentConfig,
     config_from_dict,
@@ -87,7 +88,11 @@ def load_suite(source: str) -> Suite:
 
 
 def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """One virtual worker with the cluster's summed compute, the global batch, no network."""
+    """One virtual worker with the cluster's summed compute, the global batch, no network.
+
+    With capacity traces the summed capacity follows them (a piecewise-constant sum of
+    the workers' traces); bandwidth traces and membership events do not apply to it
+    (no network; every worker's compute counts for the whole run)."""
     workers = cfg.cluster.workers
     total = sum(w.capacity_gflops * w.count for w in workers)
     count = sum(w.count for w in workers)
@@ -96,6 +101,12 @@ def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
     raw["cluster"]["links"] = []
     raw["train"]["batch_per_worker"] = cfg.train.batch_per_worker * count
     raw["strategy"] = {"name": "allreduce", "options": {}}
+    raw["dynamics"] = {}
+    if cfg.dynamics.capacity:
+        cluster = Cluster.from_config(cfg.cluster).with_dynamics(cfg.dynamics, cfg.train.max_time)
+        changes = sorted({0.0, *cluster.capacity_change_times()})
+        points = [[t, sum(cluster.capacity(r, t) for r in range(count)) / 1e9] for t in changes]
+        raw["dynamics"] = {"capacity": [{"worker": 0, "absolute": True, "points": points}]}
     return ExperimentConfig.model_validate(raw)
 
 

@@ -16,6 +16,8 @@ from dlion.errors import BadInput, DlionError
 from dlion.hybrid.cli import app as hybrid_app
 from dlion.thermal.cli import app as thermal_app
 from dlion.transfer.cli import app as transfer_app
+from dlion.transient.cli import app as transient_app
+from dlion.transient.cli import plan as transient_plan
 
 app = typer.Typer(
     add_completion=False,
@@ -149,6 +151,8 @@ def list_scenarios() -> None:
 app.add_typer(hybrid_app, name="hybrid")
 app.add_typer(thermal_app, name="thermal")
 app.add_typer(transfer_app, name="transfer")
+app.add_typer(transient_app, name="transient")
+app.command("plan")(transient_plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -146,7 +147,9 @@ class EngineConfig(_Strict):
     peer_timeout: float = Field(
         10.0,
         gt=0,
-        description="dist: wall seconds without a heartbeat after which a peer is declared dead.",
+        description="Seconds until peers notice a silent (crashed) worker is gone (virtual in "
+        "the sim; wall in dist, where a heartbeat older than this drops the peer); an "
+        "announced departure is noticed at once.",
     )
     heartbeat_s: float = Field(0.5, gt=0, description="dist: heartbeat period (wall seconds).")
     max_message_mb: float = Field(
@@ -171,6 +174,155 @@ class EvaluationConfig(_Strict):
     max_test_samples: int | None = Field(None, ge=1, description="Evaluate on a test subset.")
 
 
+# ----------------------------------------------------------------------------- dynamics
+
+
+class RandomWalkTrace(_Strict):
+    """A seeded multiplicative random walk, one step every `every_s` seconds."""
+
+    every_s: float = Field(gt=0, description="Seconds between two steps of the walk.")
+    step: float = Field(
+        0.2, gt=0, lt=1, description="Largest relative change per step: v *= 1 + U(-step, step)."
+    )
+    start: float = Field(1.0, gt=0, description="Value at time 0.")
+    low: float = Field(0.1, gt=0, description="The walk never goes below this value.")
+    high: float = Field(2.0, gt=0, description="The walk never goes above this value.")
+    seed: int = Field(0, description="This walk's own seed (same seed, same walk).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RandomWalkTrace:
+        if not self.low <= self.start <= self.high:
+            raise ValueError(
+                f"need low <= start <= high, got {self.low}, {self.start}, {self.high}"
+            )
+        return self
+
+
+class PeriodicTrace(_Strict):
+    """Periodic interference: `low` for the first `duty` share of every period, else `high`."""
+
+    period_s: float = Field(gt=0, description="Length of one period in seconds.")
+    duty: float = Field(gt=0, lt=1, description="Share of each period under interference.")
+    low: float = Field(gt=0, description="Value while interfered with.")
+    high: float = Field(1.0, gt=0, description="Value otherwise.")
+    phase_s: float = Field(0.0, ge=0, description="Start of the first interference.")
+
+
+class StepTrace(_Strict):
+    """One step change: `before` until `at_s`, then `to`."""
+
+    at_s: float = Field(ge=0, description="Time of the change in seconds.")
+    to: float = Field(gt=0, description="Value from `at_s` on.")
+    before: float = Field(1.0, gt=0, description="Value before `at_s`.")
+
+
+class TraceSpec(_Strict):
+    """A piecewise-constant trace; exactly one source. Values are factors of the configured
+    capacity or bandwidth (1.0 = as configured) unless `absolute` is set."""
+
+    points: list[tuple[float, float]] | None = Field(
+        None, description="[[t, value], ...] change points (the first value holds from t=0)."
+    )
+    csv: str | None = Field(
+        None, description="CSV file of `time,value` rows (relative to the working directory)."
+    )
+    random_walk: RandomWalkTrace | None = None
+    periodic: PeriodicTrace | None = None
+    step: StepTrace | None = None
+    absolute: bool = Field(
+        False, description="Values are GFLOP/s (capacity) or Mbit/s (bandwidth), not factors."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TraceSpec:
+        sources = [self.points, self.csv, self.random_walk, self.periodic, self.step]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError("give exactly one of points, csv, random_walk, periodic, step")
+        if self.points is not None:
+            if not self.points:
+                raise ValueError("points: give at least one [t, value] pair")
+            for t, v in self.points:
+                if not (math.isfinite(t) and t >= 0 and math.isfinite(v) and v > 0):
+                    raise ValueError(f"points: need t >= 0 and value > 0, got [{t}, {v}]")
+        return self
+
+
+class CapacityTrace(TraceSpec):
+    worker: int = Field(ge=0, description="Rank of the worker whose compute capacity varies.")
+
+
+class BandwidthTrace(TraceSpec):
+    """Varies the links between two sites (every worker pair, both directions; the same
+    site twice: the links inside it) or between two workers (both directions)."""
+
+    sites: tuple[str, str] | None = Field(None, description="The two sites the links join.")
+    workers: tuple[int, int] | None = Field(None, description="The two worker ranks.")
+
+    @model_validator(mode="after")
+    def _one_endpoint_kind(self) -> BandwidthTrace:
+        if (self.sites is None) == (self.workers is None):
+            raise ValueError("give exactly one of 'sites' or 'workers'")
+        return self
+
+
+MembershipKind = Literal["leave", "crash", "join"]
+
+
+class MembershipEvent(_Strict):
+    """A worker leaves (announced: peers learn at once), crashes (silent: peers learn after
+    `engine.peer_timeout`) or joins (a new or returning worker; it is ready after
+    `startup_s` and starts from the current model of a live peer). A rank whose first
+    event is a join is absent from the start (a new worker)."""
+
+    at_s: float = Field(ge=0, description="Time of the event in seconds.")
+    rank: int = Field(ge=0, description="The worker's rank in the cluster.")
+    event: MembershipKind = Field(description="leave, crash or join.")
+    startup_s: float = Field(
+        0.0, ge=0, description="join only: seconds from the event until the worker is ready."
+    )
+
+    @model_validator(mode="after")
+    def _startup_for_join(self) -> MembershipEvent:
+        if self.startup_s and self.event != "join":
+            raise ValueError("startup_s applies to join events only")
+        return self
+
+    @property
+    def ready_s(self) -> float:
+        """When the event takes effect: a join once its startup is over."""
+        return self.at_s + self.startup_s
+
+
+class RandomDepartures(_Strict):
+    """Seeded random departures: each worker's time to departure is exponential with mean
+    `mean_lifetime_s`; it may come back after `rejoin_after_s`. Ranks that have explicit
+    membership events are left alone."""
+
+    mean_lifetime_s: float = Field(gt=0, description="Mean time until a worker departs.")
+    event: Literal["leave", "crash"] = Field("crash", description="How workers depart.")
+    rejoin_after_s: float | None = Field(
+        None, ge=0, description="Startup time of the worker's return (None: never returns)."
+    )
+    min_live: int = Field(
+        1, ge=1, description="A departure that would leave fewer live workers is skipped."
+    )
+    seed: int = Field(0, description="Seed of the departure draws.")
+
+
+class DynamicsConfig(_Strict):
+    """Changing resources: capacity and bandwidth traces, workers leaving and joining.
+    Empty by default: a static cluster."""
+
+    capacity: list[CapacityTrace] = Field(default_factory=list)
+    bandwidth: list[BandwidthTrace] = Field(default_factory=list)
+    membership: list[MembershipEvent] = Field(default_factory=list)
+    random_departures: RandomDepartures | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.capacity or self.bandwidth or self.membership or self.random_departures)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     description: str = ""
@@ -181,6 +333,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
 
     @model_validator(mode="after")
     def _sites_exist(self) -> ExperimentConfig:
@@ -194,7 +347,75 @@ class ExperimentConfig(_Strict):
             for s in link.sites or ():
                 if s not in names:
                     raise ValueError(f"cluster.links.{i}.sites: unknown site {s!r}")
+        _check_dynamics(self.dynamics, names, sum(w.count for w in self.cluster.workers))
         return self
+
+
+def _check_dynamics(dyn: DynamicsConfig, sites: list[str], n: int) -> None:
+    """Ranks and sites exist, and every worker's membership story is possible."""
+    for i, cap in enumerate(dyn.capacity):
+        if cap.worker >= n:
+            raise ValueError(f"dynamics.capacity.{i}.worker: no rank {cap.worker} (0..{n - 1})")
+    for i, bw in enumerate(dyn.bandwidth):
+        for s in bw.sites or ():
+            if s not in sites:
+                raise ValueError(f"dynamics.bandwidth.{i}.sites: unknown site {s!r}")
+        if bw.workers is not None and (max(bw.workers) >= n or bw.workers[0] == bw.workers[1]):
+            raise ValueError(
+                f"dynamics.bandwidth.{i}.workers: need two different ranks in 0..{n - 1}"
+            )
+    for i, ev in enumerate(dyn.membership):
+        if ev.rank >= n:
+            raise ValueError(f"dynamics.membership.{i}.rank: no rank {ev.rank} (0..{n - 1})")
+    check_membership(dyn.membership, n)
+
+
+def initially_absent(events: list[MembershipEvent]) -> set[int]:
+    """Ranks whose first event is a join: new workers, absent until they join."""
+    first: dict[int, MembershipKind] = {}
+    for ev in sorted(events, key=lambda e: e.at_s):
+        first.setdefault(ev.rank, ev.event)
+    return {r for r, kind in first.items() if kind == "join"}
+
+
+def check_membership(events: list[MembershipEvent], n: int) -> None:
+    """Each rank alternates present/absent (leave or crash only while present, join only
+    while absent, no event before a join is complete) and one worker is always present."""
+    order = sorted(range(len(events)), key=lambda i: (events[i].at_s, i))
+    present = set(range(n)) - initially_absent(events)
+    busy_until: dict[int, float] = {}  # a joining worker is not present until it is ready
+    effects: list[tuple[float, int, int, MembershipKind]] = []
+    for i in order:
+        ev = events[i]
+        where = f"dynamics.membership.{i}"
+        if ev.at_s < busy_until.get(ev.rank, -1.0):
+            raise ValueError(
+                f"{where}: rank {ev.rank} is still starting up until {busy_until[ev.rank]} s"
+            )
+        if ev.event == "join":
+            if ev.rank in present:
+                raise ValueError(f"{where}: rank {ev.rank} joins at {ev.at_s} s but is present")
+            present.add(ev.rank)
+            busy_until[ev.rank] = ev.ready_s
+        else:
+            if ev.rank not in present:
+                raise ValueError(
+                    f"{where}: rank {ev.rank} cannot {ev.event} at {ev.at_s} s: it is absent"
+                )
+            present.discard(ev.rank)
+        effects.append((ev.ready_s, i, ev.rank, ev.event))
+    live = set(range(n)) - initially_absent(events)
+    if not live:
+        raise ValueError("dynamics.membership: no worker is present at time 0")
+    for t, i, rank, kind in sorted(effects):
+        if kind == "join":
+            live.add(rank)
+        else:
+            live.discard(rank)
+        if not live:
+            raise ValueError(
+                f"dynamics.membership.{i}: no worker left at {t} s (keep at least one)"
+            )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -356,3 +577,17 @@ def with_changes(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfi
     """A copy of a validated config with `a.b=v` overrides applied and re-validated."""
     raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
     return config_from_dict(raw, cfg.name)
+
+
+def with_dynamics(cfg: ExperimentConfig, dynamics: DynamicsConfig) -> ExperimentConfig:
+    """A copy of `cfg` with `dynamics` replacing its dynamics section, re-validated."""
+    raw = cfg.model_dump(mode="json")
+    raw["dynamics"] = dynamics.model_dump(mode="json")
+    return config_from_dict(raw, cfg.name)
+
+
+def with_membership(cfg: ExperimentConfig, events: list[MembershipEvent]) -> ExperimentConfig:
+    """A copy of `cfg` with `events` added to its membership events, re-validated (for
+    programs that draw departures, e.g. revocations of transient servers)."""
+    dyn = cfg.dynamics.model_copy(update={"membership": [*cfg.dynamics.membership, *events]})
+    return with_dynamics(cfg, dyn)

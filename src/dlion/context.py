@@ -16,8 +16,23 @@ from typing import Any
 
 import torch
 
-from dlion.comm.messages import Message, Payload, PeerGone, RecvResult, Timeout, tensor_problem
+from dlion.comm.messages import (
+    Control,
+    Dense,
+    Message,
+    Payload,
+    PeerGone,
+    RecvResult,
+    Timeout,
+    ViewChanged,
+    tensor_problem,
+)
 from dlion.replica import Replica
+
+# Reserved tags of the state transfer that lets a joining worker start from the current
+# model: a request (Control "state") and a reply (Dense params + optimizer state).
+STATE_REQUEST = "__state?"
+STATE_REPLY = "__state!"
 
 
 @dataclass(frozen=True)
@@ -33,13 +48,14 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._pending: list[Message] = []
-        self._waiters: list[tuple[int | None, str, asyncio.Future[RecvResult]]] = []
+        # (source, tag, future, guarded): a guarded waiter also wakes on a membership change.
+        self._waiters: list[tuple[int | None, str, asyncio.Future[RecvResult], bool]] = []
         self.gone: set[int] = set()
 
     def deliver(self, msg: Message) -> None:
         # Waiters whose receive timed out are done (cancelled); drop them first.
         self._waiters = [w for w in self._waiters if not w[2].done()]
-        for i, (src, tag, fut) in enumerate(self._waiters):
+        for i, (src, tag, fut, _) in enumerate(self._waiters):
             if tag == msg.tag and (src is None or src == msg.src):
                 del self._waiters[i]
                 fut.set_result(msg)
@@ -52,23 +68,39 @@ class Mailbox:
                 return self._pending.pop(i)
         return None
 
-    def wait(self, src: int | None, tag: str) -> asyncio.Future[RecvResult]:
+    def wait(self, src: int | None, tag: str, guarded: bool = False) -> asyncio.Future[RecvResult]:
         fut: asyncio.Future[RecvResult] = asyncio.get_running_loop().create_future()
         if src is not None and src in self.gone:
             fut.set_result(PeerGone(src))
         else:
-            self._waiters.append((src, tag, fut))
+            self._waiters.append((src, tag, fut, guarded))
         return fut
 
     def peer_left(self, rank: int) -> None:
         """Wake everyone waiting on `rank` with PeerGone; later receives from it fail at once."""
         self.gone.add(rank)
         keep = []
-        for src, tag, fut in self._waiters:
+        for src, tag, fut, guarded in self._waiters:
             if src == rank and not fut.done():
                 fut.set_result(PeerGone(rank))
             else:
-                keep.append((src, tag, fut))
+                keep.append((src, tag, fut, guarded))
+        self._waiters = keep
+
+    def peer_joined(self, rank: int) -> None:
+        """`rank` is back: receives from it wait again; what its previous incarnation sent
+        and nobody took is dropped (it belongs to a membership that no longer exists)."""
+        self.gone.discard(rank)
+        self._pending = [m for m in self._pending if m.src != rank]
+
+    def view_changed(self, epoch: int) -> None:
+        """Wake every guarded waiter with ViewChanged."""
+        keep = []
+        for src, tag, fut, guarded in self._waiters:
+            if guarded and not fut.done():
+                fut.set_result(ViewChanged(epoch))
+            else:
+                keep.append((src, tag, fut, guarded))
         self._waiters = keep
 
 
@@ -112,6 +144,14 @@ class WorkerContext(ABC):
         self.last_loss: float | None = None
         self._on_record: Callable[[int, str, dict[str, Any]], None] | None = None
         self._on_iteration: Callable[[int], None] | None = None
+        # Membership. `epoch` counts the changes this worker has learned of (the engine's
+        # membership authority numbers them, so all workers agree on an epoch's view);
+        # `_since[r]` is the first iteration in which peer r takes part (0: from the start).
+        self.epoch = 0
+        self._since: dict[int, int] = dict.fromkeys(world, 0)
+        self._incarnation: dict[int, int] = dict.fromkeys(world, 0)
+        self._state_seq = 0
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -121,6 +161,21 @@ class WorkerContext(ABC):
     def peers(self) -> list[int]:
         """Live peers, in rank order (never includes this worker)."""
         return [r for r in self._world if r != self.rank and r not in self.mailbox.gone]
+
+    def members(self, iteration: int) -> list[int]:
+        """Ranks taking part in `iteration` (this worker included), in rank order: the live
+        peers admitted at or before it. A joining worker is admitted from an iteration no
+        live worker has started yet, so bulk-synchronous strategies agree on who is in."""
+        return sorted([self.rank, *(p for p in self.peers() if self._since.get(p, 0) <= iteration)])
+
+    def peer_since(self, rank: int) -> int:
+        """First iteration in which `rank` takes part (0 for a worker present from the start)."""
+        return self._since.get(rank, 0)
+
+    def incarnation(self, rank: int) -> int:
+        """How many times `rank` has (re)joined as far as this worker knows: per-peer state
+        (residuals, queues) keyed by (rank, incarnation) is never mixed across a return."""
+        return self._incarnation.get(rank, 0)
 
     def site(self, rank: int) -> str:
         return self._sites[rank]
@@ -158,29 +213,47 @@ class WorkerContext(ABC):
         """Send a message; returns when its bytes have left, False if `dst` is gone."""
         if dst in self.mailbox.gone:
             return False
+        await self._send_message(dst, tag, payload, meta)
+        return True
+
+    async def _send_message(
+        self, dst: int, tag: str, payload: Payload, meta: dict[str, float] | None
+    ) -> None:
+        """Charge and transmit one message (no membership check: the state reply goes to
+        a joining worker that its peers do not count as live yet)."""
         msg = Message(self.rank, dst, tag, payload, self.now(), dict(meta or {}))
         wire_bytes = msg.nbytes + self.header_bytes
         seconds = await self._transmit(dst, msg, wire_bytes)
         self.bytes_sent += wire_bytes
         self.messages_sent += 1
         self._observe_transfer(dst, wire_bytes, seconds)
-        return True
 
     async def recv(
-        self, src: int | None, tag: str, timeout: float | None = None, *, numel: int | None = None
+        self,
+        src: int | None,
+        tag: str,
+        timeout: float | None = None,
+        *,
+        numel: int | None = None,
+        epoch: int | None = None,
     ) -> RecvResult:
         """Next message with `tag` from `src` (any source if None).
 
         Returns the Message, or Timeout after `timeout` (default: the engine's recv
-        timeout), or PeerGone. A tensor payload that is malformed (wrong length when
-        `numel` is given, wrong dtype, NaN/Inf) is rejected, counted, and waited past.
+        timeout), or PeerGone. With `epoch` (the membership epoch the caller planned for),
+        returns ViewChanged as soon as the membership differs from that epoch's, so a
+        collective never waits on a member that is busy re-forming. A tensor payload that
+        is malformed (wrong length when `numel` is given, wrong dtype, NaN/Inf) is
+        rejected, counted, and waited past.
         """
         wait_for = self.recv_timeout if timeout is None else timeout
         deadline = self.now() + wait_for
         while True:
+            if epoch is not None and epoch != self.epoch:
+                return ViewChanged(self.epoch)
             msg = self.mailbox.take(src, tag)
             if msg is None:
-                fut = self.mailbox.wait(src, tag)
+                fut = self.mailbox.wait(src, tag, guarded=epoch is not None)
                 remaining = max(0.0, deadline - self.now())
                 try:
                     msg_or_fail = await asyncio.wait_for(fut, remaining)
@@ -197,6 +270,87 @@ class WorkerContext(ABC):
     def poll(self, src: int | None, tag: str) -> Message | None:
         """A message already delivered with this tag, without waiting."""
         return self.mailbox.take(src, tag)
+
+    # ---------------------------------------------------------------- membership changes
+    # Called by the engine's membership authority (the sim's event schedule; a rendezvous
+    # or heartbeat layer in a distributed engine). Engine-agnostic: they only update this
+    # worker's view and wake whoever waits on it.
+
+    def _peer_left(self, rank: int, epoch: int) -> None:
+        """`rank` is gone (announced, or detected after the peer timeout): it leaves
+        `peers()`, receives waiting on it return PeerGone, guarded receives ViewChanged."""
+        self.epoch = epoch
+        self.mailbox.peer_left(rank)
+        self.mailbox.view_changed(epoch)
+
+    def _peer_joined(self, rank: int, since: int, epoch: int) -> None:
+        """`rank` (new or returning) is live and takes part from iteration `since` on."""
+        self.epoch = epoch
+        if rank not in self._world:
+            self._world = sorted([*self._world, rank])
+        self._since[rank] = since
+        self._incarnation[rank] = self._incarnation.get(rank, 0) + 1
+        self.mailbox.peer_joined(rank)
+        self.mailbox.view_changed(epoch)
+
+    def _set_view(self, live: dict[int, int], epoch: int, own_since: int = 0) -> None:
+        """Initial view of a worker that starts now: live peers with their `since`
+        iteration; every other rank of the world is gone until it joins. `own_since`:
+        the iteration this worker is admitted from (0 for a worker present from the start)."""
+        self.epoch = epoch
+        self._since[self.rank] = own_since
+        for r in self._world:
+            if r == self.rank:
+                continue
+            if r in live:
+                self._since[r] = live[r]
+                self.mailbox.gone.discard(r)
+            else:
+                self.mailbox.gone.add(r)
+
+    # ---------------------------------------------------------------- state transfer
+    async def serve_state(self) -> None:
+        """Answer state requests from joining peers with this replica's parameters,
+        optimizer state and iteration, for the whole life of this worker. The engine runs
+        it beside the strategy, so any live worker can be the donor."""
+        while True:
+            msg = await self.recv(None, STATE_REQUEST)
+            if not isinstance(msg, Message) or not isinstance(msg.payload, Control):
+                continue  # a quiet spell (Timeout): keep serving
+            # The snapshot is taken now, with no await before it: a consistent state.
+            state = Dense(self.replica.state_vector())
+            reply = f"{STATE_REPLY}{msg.payload.data.get('seq', 0)}"
+            meta = {"iteration": float(self.iteration)}
+            self._spawn(self._send_message(msg.src, reply, state, meta))
+
+    async def fetch_state(self, peer: int, timeout: float | None = None) -> bool:
+        """Adopt `peer`'s current parameters, optimizer state and iteration count.
+        False (and nothing changed) if the peer is gone or does not answer in time."""
+        self._state_seq += 1
+        if not await self.send(peer, STATE_REQUEST, Control("state", {"seq": self._state_seq})):
+            return False
+        numel = 2 * self.replica.numel
+        got = await self.recv(peer, f"{STATE_REPLY}{self._state_seq}", timeout, numel=numel)
+        if not isinstance(got, Message) or not isinstance(got.payload, Dense):
+            self.record("state_fetch_failed", peer=peer, why=repr(got))
+            return False
+        self.replica.load_state_vector(got.payload.values)
+        self.iteration = int(got.meta.get("iteration", self.iteration))
+        return True
+
+    async def join_from_live_peer(self) -> int | None:
+        """Start from the current model: fetch state from the live peers in rank order
+        until one answers; returns the donor (None if nobody answered)."""
+        for peer in self.peers():
+            if await self.fetch_state(peer):
+                return peer
+        return None
+
+    def _spawn(self, coro: Any) -> None:
+        # Keep a reference until done: the loop holds tasks only weakly.
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------- bookkeeping
     def record(self, event: str, **fields: Any) -> None:

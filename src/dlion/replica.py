@@ -80,6 +80,17 @@ class Replica:
     def set_params(self, flat: torch.Tensor) -> None:
         self.flat.copy_(flat)
 
+    def state_vector(self) -> torch.Tensor:
+        """Parameters and optimizer state (momentum) as one flat vector of 2 * numel."""
+        return torch.cat([self.flat, self._momentum_buf])
+
+    def load_state_vector(self, state: torch.Tensor) -> None:
+        """Adopt another replica's parameters and optimizer state (a `state_vector`)."""
+        if state.numel() != 2 * self.numel:
+            raise ValueError(f"state vector has {state.numel()} entries, expected {2 * self.numel}")
+        self.flat.copy_(state[: self.numel])
+        self._momentum_buf.copy_(state[self.numel :])
+
     def apply(self, grad: torch.Tensor) -> None:
         """One SGD step with momentum and weight decay (torch.optim.SGD semantics)."""
         if self.weight_decay:

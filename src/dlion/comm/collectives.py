@@ -15,24 +15,41 @@ class CollectiveFailed(RuntimeError):
 
 
 async def _exchange(
-    ctx: WorkerContext, right: int, left: int, tag: str, chunk: torch.Tensor, numel: int
+    ctx: WorkerContext,
+    right: int,
+    left: int,
+    tag: str,
+    chunk: torch.Tensor,
+    numel: int,
+    epoch: int | None,
 ) -> torch.Tensor:
     _, got = await asyncio.gather(
-        ctx.send(right, tag, Dense(chunk)), ctx.recv(left, tag, numel=numel)
+        ctx.send(right, tag, Dense(chunk)), ctx.recv(left, tag, numel=numel, epoch=epoch)
     )
     if not isinstance(got, Message):
         raise CollectiveFailed(f"ring all-reduce step {tag}: {got}")
     return got.payload.values  # type: ignore[union-attr]
 
 
-async def ring_allreduce(ctx: WorkerContext, vector: torch.Tensor, tag: str) -> torch.Tensor:
-    """Sum `vector` over this worker and its live peers with the ring algorithm.
+async def ring_allreduce(
+    ctx: WorkerContext,
+    vector: torch.Tensor,
+    tag: str,
+    *,
+    ranks: list[int] | None = None,
+    epoch: int | None = None,
+) -> torch.Tensor:
+    """Sum `vector` over `ranks` (default: this worker and its live peers) with the ring
+    algorithm.
 
     Reduce-scatter then all-gather, N-1 steps each, one chunk of size/N to the right
     neighbour per step: 2(N-1) latencies and 2(N-1)/N * size over the slowest ring link.
     Each chunk is reduced once and then copied, so every worker gets bit-identical sums.
+    With `epoch` (the membership epoch the ring was planned in), any membership change
+    during the collective raises CollectiveFailed at every member at once, so nobody
+    waits on a member that went to re-form (see `regroup`).
     """
-    ranks = sorted([ctx.rank, *ctx.peers()])
+    ranks = sorted(ranks) if ranks is not None else sorted([ctx.rank, *ctx.peers()])
     n = len(ranks)
     if n == 1:
         return vector.clone()
@@ -42,12 +59,36 @@ async def ring_allreduce(ctx: WorkerContext, vector: torch.Tensor, tag: str) -> 
     for step in range(n - 1):
         send_i, recv_i = (pos - step) % n, (pos - step - 1) % n
         got = await _exchange(
-            ctx, right, left, f"{tag}/rs{step}", chunks[send_i], chunks[recv_i].numel()
+            ctx, right, left, f"{tag}/rs{step}", chunks[send_i], chunks[recv_i].numel(), epoch
         )
         chunks[recv_i] = got + chunks[recv_i]
     for step in range(n - 1):
         send_i, recv_i = (pos - step + 1) % n, (pos - step) % n
         chunks[recv_i] = await _exchange(
-            ctx, right, left, f"{tag}/ag{step}", chunks[send_i], chunks[recv_i].numel()
+            ctx, right, left, f"{tag}/ag{step}", chunks[send_i], chunks[recv_i].numel(), epoch
         )
     return torch.cat(chunks)
+
+
+def longest_member(ctx: WorkerContext) -> int:
+    """The live worker that has been a member longest (lowest admission iteration, then
+    lowest rank): its state is the group's, never a joiner's copy of an older one."""
+    return min([ctx.rank, *ctx.peers()], key=lambda r: (ctx.peer_since(r), r))
+
+
+async def regroup(ctx: WorkerContext) -> tuple[int, list[int]]:
+    """Re-form a synchronous group after a membership change: every member adopts the
+    state (parameters, optimizer state, iteration count) of the longest-standing member,
+    so replicas are identical again and everyone continues at the same iteration.
+
+    Members that had finished the interrupted iteration and members that had not end up
+    alike (at most one iteration of progress is lost). The leader cannot move on before
+    the others fetched its state: its next collective needs them. Retries until a
+    fetch succeeds in an epoch that still holds. Returns (epoch, sorted members)."""
+    while True:
+        epoch = ctx.epoch
+        leader = longest_member(ctx)
+        synced = leader == ctx.rank or await ctx.fetch_state(leader)
+        if synced and epoch == ctx.epoch:
+            ctx.record("regroup", epoch=epoch, leader=leader, members=len(ctx.peers()) + 1)
+            return epoch, sorted([ctx.rank, *ctx.peers()])

@@ -99,7 +99,15 @@ class PeerGone:
     src: int
 
 
-RecvResult = Message | Timeout | PeerGone
+@dataclass(frozen=True)
+class ViewChanged:
+    """The membership changed (a peer left or joined) since the epoch the receive was
+    planned for: collectives abort and re-form."""
+
+    epoch: int
+
+
+RecvResult = Message | Timeout | PeerGone | ViewChanged
 
 
 def tensor_problem(payload: Payload, numel: int | None) -> str | None:

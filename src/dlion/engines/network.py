@@ -45,7 +45,7 @@ class Network:
     def _capacity(self, resource: tuple[str, int, int]) -> float:
         kind, a, b = resource
         if kind == "link":
-            return self._cluster.link(a, b).bandwidth
+            return self._cluster.bandwidth(a, b, self._loop.time())
         nic = self._cluster.workers[a].nic_bytes_per_s
         return math.inf if nic is None else nic
 
@@ -67,8 +67,21 @@ class Network:
         self._progress()
         self._flows.append(flow)
         self._schedule_update()
-        await flow.done
+        try:
+            await flow.done
+        except asyncio.CancelledError:
+            # The sender stopped (it left or crashed): its bytes stop flowing at once.
+            self._progress()
+            if flow in self._flows:
+                self._flows.remove(flow)
+                self._schedule_update()
+            raise
         return self._loop.time() - start
+
+    def rerate(self) -> None:
+        """A link's bandwidth changes now: move flows on at their old rates up to now,
+        then share the new capacities."""
+        self._update()
 
     def _schedule_update(self) -> None:
         # Flows started at the same instant share one rate recomputation.

@@ -5,12 +5,22 @@ latency + encoded size / bandwidth, with max-min fair sharing of links and NICs
 (engines/network.py). Everything runs as coroutines on one virtual-time asyncio loop,
 so a run is deterministic for a config and seed and independent of the host's speed.
 Evaluation of the replicas happens between events and costs no virtual time.
+
+Dynamics (config `dynamics`): capacities and link bandwidths follow piecewise-constant
+traces (compute time integrates the capacity; flows in flight are re-rated when a
+bandwidth changes), and workers leave, crash or join on a schedule. The engine is the
+membership authority: a departing worker's coroutines (and every task they started) are
+cancelled; peers learn of a `leave` at once and of a `crash` after `engine.peer_timeout`
+(WorkerContext._peer_left); a joining worker fetches the current model from a live peer
+(WorkerContext.join_from_live_peer) and is admitted from an iteration no live worker has
+started (WorkerContext._peer_joined). Evaluation averages over the running workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import resource
 import time
@@ -24,14 +34,16 @@ import yaml
 
 from dlion.cluster import Cluster
 from dlion.comm.messages import Message
-from dlion.config import ExperimentConfig
+from dlion.config import ExperimentConfig, MembershipEvent, initially_absent
 from dlion.context import ComputeResult, WorkerContext
+from dlion.dynamics import membership_schedule
 from dlion.engines.network import Network
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare
 from dlion.replica import Replica
 from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
 from dlion.strategies import get_strategy, parse_options
+from dlion.transient.cost import Billing, run_cost
 
 
 @dataclass
@@ -42,6 +54,11 @@ class RunResult:
     wall_s: float
     compute_wall_s: float  # wall time spent inside gradient computations
     replicas: list[Replica] = field(repr=False, default_factory=list)
+
+
+# The rank whose worker created a task: every task a worker starts (background sends,
+# server roles) inherits it, so a departure cancels exactly that worker's tasks.
+_OWNER: contextvars.ContextVar[int | None] = contextvars.ContextVar("dlion_owner", default=None)
 
 
 class SimContext(WorkerContext):
@@ -55,7 +72,7 @@ class SimContext(WorkerContext):
             replica=replica,
             global_batch=engine.global_batch,
             recv_timeout=engine.cfg.engine.recv_timeout,
-            bandwidth_seed={p: cluster.link(rank, p).bandwidth for p in peers},
+            bandwidth_seed={p: cluster.bandwidth(rank, p, 0.0) for p in peers},
             latency={p: cluster.link(rank, p).latency for p in peers},
             header_bytes=engine.cfg.engine.header_bytes,
             seed=engine.cfg.train.seed,
@@ -70,14 +87,15 @@ class SimContext(WorkerContext):
         grad, loss = self.replica.gradient(batch_size)
         self._engine.compute_wall_s += time.perf_counter() - start
         flops = self._engine.prep.flops_per_sample * batch_size
-        seconds = self._engine.cluster.compute_time(self.rank, flops)
+        seconds = self._engine.cluster.compute_time(self.rank, flops, self.now())
         await asyncio.sleep(seconds)
         return ComputeResult(grad, loss, batch_size, seconds)
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
-        seconds = await self._engine.network.transfer(self.rank, dst, wire_bytes)
-        latency = self._engine.cluster.link(self.rank, dst).latency
-        self._engine.loop.call_later(latency, self._engine.contexts[dst].mailbox.deliver, msg)
+        engine = self._engine
+        seconds = await engine.network.transfer(self.rank, dst, wire_bytes)
+        latency = engine.cluster.link(self.rank, dst).latency
+        engine.loop.call_later(latency, engine.deliver, dst, engine.incarnation[dst], msg)
         return seconds
 
 
@@ -85,7 +103,9 @@ class _SimEngine:
     def __init__(self, cfg: ExperimentConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.cluster = Cluster.from_config(cfg.cluster)
+        self.cluster = Cluster.from_config(cfg.cluster).with_dynamics(
+            cfg.dynamics, cfg.train.max_time
+        )
         self.global_batch = cfg.train.batch_per_worker * self.cluster.size
         self.prep: Prepared = prepare(cfg, self.cluster.size)
         self.network = Network(loop, self.cluster)
@@ -93,6 +113,27 @@ class _SimEngine:
         self.contexts = [
             SimContext(self, r, make_replica(cfg, self.prep, r)) for r in range(self.cluster.size)
         ]
+        # Membership: `running` workers execute; `believed` are those their peers count as
+        # live, with the iteration each takes part from (a crashed worker stays believed
+        # until the peer timeout). `incarnation` tells a returning worker's messages from
+        # its predecessor's. `epoch` numbers the membership changes peers are told of.
+        self.schedule: list[MembershipEvent] = membership_schedule(
+            cfg.dynamics, self.cluster.size, cfg.train.max_time
+        )
+        absent = initially_absent(self.schedule)
+        self.running: set[int] = set(range(self.cluster.size)) - absent
+        self.believed: dict[int, int] = dict.fromkeys(sorted(self.running), 0)
+        self.incarnation = [0] * self.cluster.size
+        self.epoch = 0
+        self.membership: list[dict[str, Any]] = []
+        self.tasks: dict[int, set[asyncio.Task[Any]]] = {r: set() for r in range(self.cluster.size)}
+        self.retired_bytes = 0  # bytes sent by incarnations that have left
+        self.retired_rejected = 0
+        self.worker: Any = None
+        self.options: Any = None
+        self.failures: list[BaseException] = []
+        for ctx in self.contexts:
+            ctx._set_view({r: 0 for r in self.running if r != ctx.rank}, 0)
         self.eval_wall_s = 0.0
         # Parameters already evaluated (this round or earlier) and their (acc, loss): identical
         # replicas (all-reduce, or no update since the last round) are evaluated once.
@@ -102,6 +143,122 @@ class _SimEngine:
         for ctx in self.contexts:
             ctx._on_record = self._record
             ctx._on_iteration = self._iteration_done
+
+    # ------------------------------------------------------------------ membership
+    def task_factory(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[Any]:
+        """Create a task and file it under the worker that started it."""
+        owner = context.get(_OWNER, None) if context is not None else _OWNER.get()
+        task = asyncio.Task(coro, loop=loop, context=context)
+        if owner is not None:
+            self.tasks[owner].add(task)
+            task.add_done_callback(self.tasks[owner].discard)
+        return task
+
+    def live_contexts(self) -> list[SimContext]:
+        return [self.contexts[r] for r in sorted(self.running)]
+
+    def deliver(self, dst: int, incarnation: int, msg: Message) -> None:
+        """A message reaches `dst` only if the worker it was sent to still runs."""
+        if dst in self.running and self.incarnation[dst] == incarnation:
+            self.contexts[dst].mailbox.deliver(msg)
+
+    def start_worker(self, rank: int, joining: bool) -> None:
+        context = contextvars.copy_context()
+        context.run(_OWNER.set, rank)
+        task = self.loop.create_task(
+            self._run_worker(self.contexts[rank], joining), context=context
+        )
+        task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failures.append(task.exception())  # type: ignore[arg-type]
+            self.stop.set()
+
+    async def _run_worker(self, ctx: SimContext, joining: bool) -> None:
+        if joining:
+            donor = await ctx.join_from_live_peer()
+            self._admit(ctx, donor)
+        await asyncio.gather(self.worker(ctx, self.options), ctx.serve_state())
+
+    def _log_membership(self, rank: int, event: str, **fields: Any) -> None:
+        t = self.loop.time()
+        self.membership.append({"t": t, "rank": rank, "event": event, **fields})
+        self.log.write("membership", t=t, rank=rank, change=event, **fields)
+
+    def guarded(self, action: Any, *args: Any) -> None:
+        """Run a scheduled membership action; an error in it fails the run (the loop would
+        only log an exception raised in a callback)."""
+        try:
+            action(*args)
+        except Exception as exc:  # re-raised by _main once the loop stops
+            self.failures.append(exc)
+            self.stop.set()
+
+    def _stop_worker(self, rank: int) -> None:
+        self.running.discard(rank)
+        for task in list(self.tasks[rank]):
+            task.cancel()
+        self.tasks[rank].clear()
+
+    def leave(self, rank: int) -> None:
+        """Announced departure: peers learn at once."""
+        self._stop_worker(rank)
+        self._log_membership(rank, "leave")
+        self._tell_left(rank)
+
+    def crash(self, rank: int) -> None:
+        """Silent departure: peers learn after the peer timeout."""
+        self._stop_worker(rank)
+        self._log_membership(rank, "crash")
+        incarnation = self.incarnation[rank]
+        self.loop.call_later(self.cfg.engine.peer_timeout, self._detect, rank, incarnation)
+
+    def _detect(self, rank: int, incarnation: int) -> None:
+        # A worker that came back before anyone noticed its crash has already been re-admitted.
+        if self.incarnation[rank] == incarnation and rank in self.believed:
+            self._log_membership(rank, "crash_detected")
+            self._tell_left(rank)
+
+    def _tell_left(self, rank: int) -> None:
+        self.believed.pop(rank, None)
+        self.epoch += 1
+        for ctx in self.live_contexts():
+            ctx._peer_left(rank, self.epoch)
+
+    def join(self, rank: int) -> None:
+        """A new or returning worker is ready: a fresh process with its data shard, which
+        fetches the current model from a live peer before it is admitted."""
+        old = self.contexts[rank]
+        self.retired_bytes += old.bytes_sent
+        self.retired_rejected += old.rejected
+        self.incarnation[rank] += 1
+        ctx = SimContext(self, rank, make_replica(self.cfg, self.prep, rank))
+        ctx._on_record = self._record
+        ctx._on_iteration = self._iteration_done
+        ctx._set_view({r: s for r, s in self.believed.items() if r != rank}, self.epoch)
+        self.contexts[rank] = ctx
+        self.running.add(rank)
+        self._log_membership(rank, "join_started")
+        self.start_worker(rank, joining=True)
+
+    def _admit(self, ctx: SimContext, donor: int | None) -> None:
+        """Admit a joiner from the first iteration no live worker has started, so every
+        bulk-synchronous group agrees on when it is in."""
+        others = [c for c in self.live_contexts() if c.rank != ctx.rank and c.rank in self.believed]
+        since = max((c.iteration for c in others), default=ctx.iteration) + 1
+        self.epoch += 1
+        for c in others:
+            c._peer_joined(ctx.rank, since, self.epoch)
+        ctx._set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
+        ctx.iteration = since
+        self.believed[ctx.rank] = since
+        self._log_membership(ctx.rank, "join", donor=donor, since=since)
 
     def _evaluate_replica(self, replica: Replica) -> tuple[float, float]:
         for params, result in self._eval_cache:
@@ -117,21 +274,22 @@ class _SimEngine:
 
     def _iteration_done(self, rank: int) -> None:
         cap = self.cfg.train.max_iterations
-        if cap is not None and min(c.iteration for c in self.contexts) >= cap:
+        if cap is not None and min(c.iteration for c in self.live_contexts()) >= cap:
             self.stop.set()
 
     def evaluate(self) -> EvalPoint:
         start = time.perf_counter()
-        results = [self._evaluate_replica(c.replica) for c in self.contexts]
+        live = self.live_contexts()  # departed workers' replicas no longer count
+        results = [self._evaluate_replica(c.replica) for c in live]
         self.eval_wall_s += time.perf_counter() - start
         accs = [a for a, _ in results]
         return EvalPoint(
             t=round(self.loop.time(), 9),  # the eval grid is k * every_s; drop float dust
-            iteration=round(sum(c.iteration for c in self.contexts) / len(self.contexts)),
+            iteration=round(sum(c.iteration for c in live) / len(live)),
             mean_acc=sum(accs) / len(accs),
             min_acc=min(accs),
             mean_loss=sum(loss for _, loss in results) / len(results),
-            bytes_sent=sum(c.bytes_sent for c in self.contexts),
+            bytes_sent=self.retired_bytes + sum(c.bytes_sent for c in self.contexts),
         )
 
 
@@ -142,8 +300,10 @@ def run_sim(
     label: str | None = None,
     progress: bool = True,
     description: str | None = None,
+    billing: Billing | None = None,
 ) -> RunResult:
-    """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir."""
+    """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir.
+    `billing` prices each rank's instance for the summary's cost block (transient/cost.py)."""
     torch.set_num_threads(cfg.engine.threads)
     spec = get_strategy(cfg.strategy.name)
     options = parse_options(spec, cfg.strategy.options)
@@ -151,6 +311,7 @@ def run_sim(
     try:
         asyncio.set_event_loop(loop)
         engine = _SimEngine(cfg, loop)
+        loop.set_task_factory(engine.task_factory)  # type: ignore[arg-type]
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(
@@ -163,7 +324,8 @@ def run_sim(
             # Wall time of the training loop alone (data loading and setup excluded).
             wall_start = time.perf_counter()
             with _quiet_gc():
-                points = loop.run_until_complete(_main(engine, spec.worker, options, bar))
+                engine.worker, engine.options = spec.worker, options
+                points = loop.run_until_complete(_main(engine, bar))
             wall = time.perf_counter() - wall_start
     finally:
         asyncio.set_event_loop(None)
@@ -183,7 +345,9 @@ def run_sim(
         "final_min_acc": last.min_acc,
         "iterations": last.iteration,
         "workers": engine.cluster.size,
-        "rejected_messages": sum(c.rejected for c in engine.contexts),
+        "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
+        "membership": engine.membership,
+        "cost": run_cost(cfg, engine.membership, last.t, billing),
         "wall_s": wall,
         "compute_wall_s": engine.compute_wall_s,
         "eval_wall_s": engine.eval_wall_s,
@@ -217,9 +381,7 @@ def _quiet_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _main(
-    engine: _SimEngine, worker: Any, options: Any, bar: TrainProgress
-) -> list[EvalPoint]:
+async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
     cfg = engine.cfg
     engine.log.write(
         "start",
@@ -231,16 +393,9 @@ async def _main(
         parameters=engine.contexts[0].replica.numel,
         flops_per_sample=engine.prep.flops_per_sample,
     )
-    tasks = [asyncio.ensure_future(worker(ctx, options)) for ctx in engine.contexts]
-    failures: list[BaseException] = []
-
-    def on_done(task: asyncio.Future[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            failures.append(task.exception())  # type: ignore[arg-type]
-            engine.stop.set()
-
-    for task in tasks:
-        task.add_done_callback(on_done)
+    for rank in sorted(engine.running):
+        engine.start_worker(rank, joining=False)
+    _schedule_dynamics(engine)
     points: list[EvalPoint] = []
     try:
         while True:
@@ -263,7 +418,19 @@ async def _main(
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
-    if failures:
-        raise failures[0]
+    if engine.failures:
+        raise engine.failures[0]
     engine.log.write("end", t=points[-1].t, tta_s=time_to_accuracy(points, cfg.train.target_acc))
     return points
+
+
+def _schedule_dynamics(engine: _SimEngine) -> None:
+    """Put bandwidth changes and membership events on the virtual clock."""
+    loop = engine.loop
+    for t in engine.cluster.bandwidth_change_times():
+        if t < engine.cfg.train.max_time:
+            loop.call_at(t, engine.network.rerate)
+    actions = {"leave": engine.leave, "crash": engine.crash, "join": engine.join}
+    for ev in engine.schedule:
+        if ev.ready_s < engine.cfg.train.max_time:
+            loop.call_at(ev.ready_s, engine.guarded, actions[ev.event], ev.rank)

@@ -24,6 +24,11 @@ Options: `topology` ("all": every live peer is a neighbour; "ring": the two adja
 ranks), `pairing` ("bipartite"), `max_attempts` (3, "any" only), `timeout_s` (None: the
 engine's recv timeout; a neighbour that does not answer in time, or left, is dropped from
 the graph and an `adpsgd_drop` event recorded).
+
+Membership: the graph, the active/passive halves and the batch are re-derived from the
+live ranks every iteration, so departures and joins (a joiner starts from a live peer's
+model) reshape them at once; `serve_now` keeps averaging deadlock-free whatever the roles.
+A neighbour dropped for a timeout stays dropped until it returns (a new incarnation).
 """
 
 from __future__ import annotations
@@ -107,30 +112,29 @@ class _State:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     initiating: bool = False  # True while this worker waits for its own averaging's reply
     seq: int = 0  # numbers this worker's requests, so each reply has a tag of its own
-    dropped: set[int] = field(default_factory=set)
+    dropped: set[tuple[int, int]] = field(default_factory=set)  # (rank, incarnation)
     tasks: set[asyncio.Task[bool]] = field(default_factory=set)
 
 
 async def worker(ctx: WorkerContext, opt: Options) -> None:
+    timeout = opt.timeout_s if opt.timeout_s is not None else ctx.recv_timeout
+    state = _State()
+    await asyncio.gather(_serve(ctx, state), _train(ctx, opt, state, timeout))
+
+
+def _plan(ctx: WorkerContext, opt: Options) -> tuple[int, list[int]]:
+    """(batch, whom to initiate averaging with) for the current live ranks."""
     ranks = sorted([ctx.rank, *ctx.peers()])
     batch = equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
     graph = neighbours(ctx.rank, ranks, opt.topology)
     if opt.pairing == "bipartite":
         graph = bipartite_targets(ctx.rank, ranks, graph)
-    timeout = opt.timeout_s if opt.timeout_s is not None else ctx.recv_timeout
-    state = _State()
-    await asyncio.gather(_serve(ctx, state), _train(ctx, opt, state, batch, graph, timeout))
+    return batch, graph
 
 
-async def _train(
-    ctx: WorkerContext,
-    opt: Options,
-    state: _State,
-    batch: int,
-    graph: list[int],
-    timeout: float,
-) -> None:
+async def _train(ctx: WorkerContext, opt: Options, state: _State, timeout: float) -> None:
     while True:
+        batch, graph = _plan(ctx, opt)
         # compute() takes the gradient of the current model before its (virtual) compute
         # time passes; the averaging runs during that time, as in the paper.
         result, _ = await asyncio.gather(
@@ -148,7 +152,9 @@ async def _average(
     numel = ctx.replica.numel
     for _ in range(opt.max_attempts):
         live = set(ctx.peers())
-        candidates = [p for p in graph if p in live and p not in state.dropped]
+        candidates = [
+            p for p in graph if p in live and (p, ctx.incarnation(p)) not in state.dropped
+        ]
         if not candidates:
             return False
         peer = ctx.rng.choice(candidates)
@@ -170,7 +176,7 @@ async def _average(
                 state.initiating = False
         if isinstance(got, Message):  # declined: the neighbour is busy averaging itself
             continue
-        state.dropped.add(peer)
+        state.dropped.add((peer, ctx.incarnation(peer)))
         ctx.record("adpsgd_drop", peer=peer, why="left" if got is None else repr(got))
     return False
 

@@ -38,6 +38,10 @@ Options (defaults in `Options`): `partitions` (null: derived), `rho` (1.0),
 `reprofile_every` (20), `per_link` (true), `count_latency` (false), `staleness` (null).
 On microcloud-hetero (seed 0) these defaults reach the target in 2.0 s; the paper's single
 P takes 4.0 s, charging latency 3.3 s, staleness 0 or 1 9.5 s and 7.0 s.
+
+Membership: a peer that leaves is forgotten (its accumulator too: nothing can reach it);
+a peer that joins (or returns) gets a fresh accumulator and a P of its own at once; the
+joiner starts at the iteration it was admitted from, with a live peer's model.
 """
 
 from __future__ import annotations
@@ -147,18 +151,27 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     G = ctx.global_batch
     me = ctx.rank
     owed = {p: PartitionedAccumulator(numel, offset=me) for p in ctx.peers()}
+    known = {p: ctx.incarnation(p) for p in owed}  # incarnation each accumulator belongs to
+    lost: set[tuple[int, int]] = set()  # (rank, incarnation) that timed out a staleness wait
     partitions: dict[int, int] = {}
     in_flight: dict[int, asyncio.Task[bool]] = {}
     latest: dict[int, int] = {}  # newest sender iteration received from each peer
-    t = 0
+    t = ctx.iteration  # a joiner starts at the iteration it was admitted from
+    first = t
     while True:
+        for p in ctx.peers():
+            if known.get(p) != ctx.incarnation(p) and (p, ctx.incarnation(p)) not in lost:
+                known[p] = ctx.incarnation(p)
+                owed[p] = PartitionedAccumulator(numel, offset=me)
+                latest.pop(p, None)
+                in_flight.pop(p, None)
         peers = [p for p in ctx.peers() if p in owed]
         ranks = sorted([me, *peers])
         batch = equal_batches(G, len(ranks))[ranks.index(me)]
         result = await ctx.compute(batch)
         weighted = result.grad * (batch / G)
 
-        if t % opt.reprofile_every == 0:
+        if (t - first) % opt.reprofile_every == 0 or any(p not in partitions for p in peers):
             partitions = _choose_partitions(ctx, opt, peers, result.seconds)
             ctx.record("ako", iteration=t, partitions=[partitions[p] for p in peers])
 
@@ -180,6 +193,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         # Waited the engine's receive timeout: stop waiting for (and sending
                         # to) this peer, as for one that left.
                         del owed[p]
+                        lost.add((p, ctx.incarnation(p)))
                         ctx.record("peer_lost", peer=p, phase="staleness wait", why=repr(msg))
                         break
                     _absorb(ctx, msg, total, latest)

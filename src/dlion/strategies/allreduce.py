@@ -1,10 +1,17 @@
-"""Synchronous data-parallel SGD with a dense ring all-reduce every iteration (the baseline)."""
+"""Synchronous data-parallel SGD with a dense ring all-reduce every iteration (the baseline).
+
+Membership changes: the ring is planned for the current membership epoch; when a worker
+leaves, crashes (once detected) or joins, every ring member's collective fails at once
+and the group re-forms over the live workers (`regroup`: everyone adopts the
+longest-standing member's state, so replicas stay identical), then training goes on with
+batches re-split over the new group.
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from dlion.comm.collectives import ring_allreduce
+from dlion.comm.collectives import CollectiveFailed, regroup, ring_allreduce
 from dlion.context import WorkerContext
 
 SUMMARY = "sync SGD: equal batches, dense ring all-reduce every iteration"
@@ -23,14 +30,23 @@ def equal_batches(global_batch: int, n: int) -> list[int]:
 
 
 async def worker(ctx: WorkerContext, options: Options) -> None:
-    iteration = 0
+    # Workers present from the start share the initial model: no need to re-form. A
+    # joiner re-forms first (its epoch is unknown), and so does everyone it joins.
+    epoch: int | None = ctx.epoch if ctx.peer_since(ctx.rank) == 0 else None
+    ranks = sorted([ctx.rank, *ctx.peers()])
     while True:
-        ranks = sorted([ctx.rank, *ctx.peers()])
+        if epoch != ctx.epoch:
+            epoch, ranks = await regroup(ctx)
         batch = equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
         result = await ctx.compute(batch)
         # Weight b_i / G so that the sum is the gradient of the global batch.
         weighted = result.grad * (batch / ctx.global_batch)
-        total = await ring_allreduce(ctx, weighted, f"ar{iteration}")
+        tag = f"ar{epoch}.{ctx.iteration}"
+        try:
+            total = await ring_allreduce(ctx, weighted, tag, ranks=ranks, epoch=epoch)
+        except CollectiveFailed as exc:
+            ctx.record("collective_failed", tag=tag, why=str(exc))
+            epoch = None  # re-form before the next iteration
+            continue
         ctx.replica.apply(total)
-        iteration += 1
         ctx.iteration_done(result.loss)

@@ -11,6 +11,15 @@ Three techniques, each switchable off for an ablation (see ../shared/PAPERS.md, 
 
 Speeds and loss EMAs ride along on the gradient messages (message meta), so every worker
 makes the same WDB and DKT decisions from the same numbers without extra round trips.
+
+Changing resources (PAPERS.md 1a re-profiling): speeds are measured (EMA of samples per
+second of pure compute), so a capacity change shows in the next iterations' speeds and
+batches are re-balanced at once when one drifts by more than `drift_threshold`; link
+budgets use the measured bandwidth (`ctx.bandwidth`, an EMA of observed throughput), so a
+slower link gets a smaller top-k. Membership: iteration t exchanges with `ctx.members(t)`
+(a joiner is admitted from an iteration nobody has started, starting from a live peer's
+model, with a fresh residual per link); a peer that leaves or fails a receive is dropped
+and its residual discarded; any change of the member set re-balances batches at once.
 """
 
 from __future__ import annotations
@@ -157,17 +166,27 @@ def dkt_plan(losses: dict[int, float], margin: float) -> tuple[int, list[int]]:
 async def worker(ctx: WorkerContext, opt: Options) -> None:
     numel = ctx.replica.numel
     G = ctx.global_batch
-    ranks = sorted([ctx.rank, *ctx.peers()])
-    links = {p: LinkResidual(numel) for p in ctx.peers()}
+    me = ctx.rank
+    t = ctx.iteration  # a joiner starts at the iteration it was admitted from
+    # Per-peer link state, with the incarnation it belongs to: a returning peer starts afresh.
+    links: dict[int, tuple[int, LinkResidual]] = {}
+    lost: set[tuple[int, int]] = set()  # (rank, incarnation) that failed a receive
+    ranks = ctx.members(t)
     batches = dict(zip(ranks, equal_batches(G, len(ranks)), strict=True))
     alloc_speeds: dict[int, float] | None = None
     speed: float | None = None
     loss_ema: float | None = None
     own_meta: dict[int, dict[str, float]] = {}
     in_flight: dict[int, list[asyncio.Task[bool]]] = {}
+    receivers: dict[int, list[int]] = {}  # peers each iteration's gradient went to
     awaiting_model: list[tuple[int, str]] = []  # DKT transfers to merge when they arrive
     background: set[asyncio.Task[bool]] = set()
-    t = 0
+
+    def exchange_peers(iteration: int) -> list[int]:
+        return [
+            p for p in ctx.members(iteration) if p != me and (p, ctx.incarnation(p)) not in lost
+        ]
+
     while True:
         for src, tag in list(awaiting_model):
             msg = ctx.poll(src, tag)
@@ -176,7 +195,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 ctx.replica.set_params(dkt_merge(ctx.replica.flat, best, opt.dkt_gamma))
                 awaiting_model.remove((src, tag))
 
-        batch = batches.get(ctx.rank, max(1, G // max(1, len(ranks))))
+        batch = batches.get(me, max(1, G // len(ranks)))
         result = await ctx.compute(batch)
         sample_speed = result.samples / result.seconds
         speed = sample_speed if speed is None else _ema(speed, sample_speed, opt.speed_ema)
@@ -186,9 +205,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         own_meta[t] = {"speed": speed, "loss": loss_ema}
         weighted = result.grad * (batch / G)
 
-        peers = [p for p in ctx.peers() if p in links]
+        peers = exchange_peers(t)
         sends = []
         for p in peers:
+            if p not in links or links[p][0] != ctx.incarnation(p):
+                links[p] = (ctx.incarnation(p), LinkResidual(numel))
             if opt.pge:
                 k = link_budget_entries(
                     ctx.bandwidth(p),
@@ -197,60 +218,69 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     ctx.header_bytes,
                     opt.min_link_fraction,
                 )
-                payload = links[p].step(weighted, k, opt.dense_fraction)
+                payload = links[p][1].step(weighted, k, opt.dense_fraction)
             else:
                 payload = Dense(weighted)
             sends.append(asyncio.ensure_future(ctx.send(p, f"g{t}", payload, own_meta[t])))
         in_flight[t] = sends
+        receivers[t] = peers
 
-        # Gather iteration t - s from every peer (t itself under bulk-synchronous s = 0).
+        # Gather iteration t - s from every peer (t itself under bulk-synchronous s = 0):
+        # the peers both sides exchanged with in that iteration.
         src_it = t - opt.staleness
         received: dict[int, torch.Tensor] = {}
         metas: dict[int, dict[str, float]] = {}
-        if src_it >= 0:
-            results = await asyncio.gather(*(ctx.recv(p, f"g{src_it}", numel=numel) for p in peers))
-            for p, got in zip(peers, results, strict=True):
+        if src_it in own_meta:
+            senders = [p for p in exchange_peers(src_it) if p in receivers[src_it]]
+            results = await asyncio.gather(
+                *(ctx.recv(p, f"g{src_it}", numel=numel) for p in senders)
+            )
+            for p, got in zip(senders, results, strict=True):
                 if isinstance(got, Message):
                     received[p] = got.payload.to_dense(numel)  # type: ignore[union-attr]
                     metas[p] = got.meta
                 else:
                     ctx.record("peer_lost", peer=p, phase=f"g{src_it}", why=repr(got))
+                    lost.add((p, ctx.incarnation(p)))
                     links.pop(p, None)
-            metas[ctx.rank] = own_meta.pop(src_it)
+            metas[me] = own_meta.pop(src_it)
+            receivers.pop(src_it)
             await asyncio.gather(*in_flight.pop(src_it))
 
         # Own contribution plus peers', summed in rank order so equal inputs give equal sums.
         total = torch.zeros(numel)
-        for r in sorted([ctx.rank, *received]):
-            total += weighted if r == ctx.rank else received[r]
+        for r in sorted([me, *received]):
+            total += weighted if r == me else received[r]
         ctx.replica.apply(total)
 
-        if src_it >= 0 and len(metas) > 1:
+        if len(metas) > 1:
             speeds = {r: m["speed"] for r, m in metas.items() if "speed" in m}
             if opt.wdb and _should_rebalance(src_it, speeds, alloc_speeds, opt):
                 order = sorted(speeds)
                 sizes = wdb_batch_sizes(G, [speeds[r] for r in order], opt.b_min, opt.b_max)
                 batches = dict(zip(order, sizes, strict=True))
                 alloc_speeds = speeds
-                if ctx.rank == order[0]:
+                if me == order[0]:
                     ctx.record("wdb", iteration=t, batches=sizes, speeds=[speeds[r] for r in order])
             elif not opt.wdb:
                 batches = dict(zip(sorted(metas), equal_batches(G, len(metas)), strict=True))
             if opt.dkt and src_it > 0 and src_it % opt.dkt_every == 0:
                 losses = {r: m["loss"] for r, m in metas.items()}
-                best, receivers = dkt_plan(losses, opt.dkt_margin)
+                best, targets = dkt_plan(losses, opt.dkt_margin)
                 tag = f"dkt{src_it}"
-                if ctx.rank == best:
+                if me == best:
                     params = Dense(ctx.replica.params())
-                    for r in receivers:
+                    for r in targets:
                         task = asyncio.ensure_future(ctx.send(r, tag, params))
                         background.add(task)
                         task.add_done_callback(background.discard)
-                    if receivers:
-                        ctx.record("dkt", iteration=t, best=best, receivers=receivers)
-                elif ctx.rank in receivers:
+                    if targets:
+                        ctx.record("dkt", iteration=t, best=best, receivers=targets)
+                elif me in targets:
                     awaiting_model.append((best, tag))
-        ranks = sorted([ctx.rank, *links])
+        elif len(metas) == 1 and set(batches) != {me}:
+            batches = {me: G}  # alone: the whole global batch (re-balanced when peers come)
+        ranks = sorted([me, *(p for p in exchange_peers(t + 1))])
         t += 1
         ctx.iteration_done(result.loss)
 

@@ -50,7 +50,10 @@ receive timeout in an exchange that waits for it), shards are recomputed from th
 members; a remote update that still arrives for indices this worker no longer serves is
 applied to its own replica only (recorded as `gaia_stray`). Under ASP a remote site
 never waits for a silent server, so it keeps routing that shard's updates to it until
-the engine reports it gone.
+the engine reports it gone. Joins: iteration t's layout is built from `ctx.members(t)`,
+so a joiner (admitted from an iteration nobody has started, with a live peer's model) is
+given a shard by every member of its site in the same iteration; a peer dropped in one
+incarnation is served again when it returns.
 """
 
 from __future__ import annotations
@@ -204,13 +207,14 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     lr0 = ctx.replica.lr
     me = ctx.rank
     my_site = ctx.site(me)
-    lost: set[int] = set()  # site peers that failed an exchange: excluded from then on
+    # (rank, incarnation) of peers that failed an exchange: excluded until they return.
+    lost: set[tuple[int, int]] = set()
     filters: dict[str, SignificanceFilter] = {}  # per remote site
     remote_sends: dict[int, asyncio.Task[bool]] = {}  # last send to each remote server
     latest: dict[int, int] = {}  # newest iteration received from each remote server
-    t = 0
+    t = ctx.iteration  # a joiner starts at the iteration it was admitted from
     while True:
-        ranks = sorted([me, *(p for p in ctx.peers() if p not in lost)])
+        ranks = [r for r in ctx.members(t) if r == me or (r, ctx.incarnation(r)) not in lost]
         layout = site_layout(ranks, ctx.site, numel)
         members = layout[my_site]
         a, b = next((s, e) for r, s, e in members if r == me)
@@ -233,7 +237,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if isinstance(msg, Message):
                 parts[r] = msg.payload.values  # type: ignore[union-attr]
             else:
-                lost.add(r)
+                lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))
         local = torch.zeros(b - a)
         for r in sorted(parts):  # rank order: the same inputs give the same sum
@@ -283,7 +287,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         msg = await ctx.recv(r, REMOTE_TAG, numel=numel)
                         if not isinstance(msg, Message):
                             # Waited the engine's receive timeout: treat the server as gone.
-                            lost.add(r)
+                            lost.add((r, ctx.incarnation(r)))
                             ctx.record("peer_lost", peer=r, phase="mirror clock", why=repr(msg))
                             break
                         _absorb(ctx, msg, (a, b), remote, stray, latest)
@@ -305,7 +309,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if isinstance(msg, Message):
                 total[s:e] += msg.payload.values  # type: ignore[union-attr]
             else:
-                lost.add(r)
+                lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))
         ctx.replica.apply(total)
         await asyncio.gather(*local_sends)

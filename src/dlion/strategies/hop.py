@@ -35,6 +35,11 @@ Options (defaults): graph "ring+site" (ring over ranks plus all pairs inside a s
 staleness 4, backup 1, skip_threshold 2 (None: never skip), coalesce true,
 wait_timeout None (the engine's receive timeout), trace false (one `hop` event per
 iteration with the updates used, for analysis and tests).
+
+Membership: a neighbour that leaves is dropped (its queue and outbox go). A graph
+neighbour that joins (or returns: a new incarnation) gets a fresh queue whose newest
+iteration counts as t - staleness, so it does not block before its first update; the
+joiner itself starts at the iteration it was admitted from, with a live peer's model.
 """
 
 from __future__ import annotations
@@ -190,6 +195,11 @@ class UpdateQueues:
         self.pending.pop(src, None)
         self.newest.pop(src, None)
 
+    def add(self, src: int, newest: int) -> None:
+        """A neighbour that joined: an empty queue, counted as current up to `newest`."""
+        self.pending[src] = []
+        self.newest[src] = newest
+
     def take(self, t: int, staleness: int) -> dict[int, tuple[int, torch.Tensor]]:
         """Per neighbour, its freshest update of iteration in [t - staleness, t]; everything
         at or below t is then gone (used, superseded or too stale); later ones stay."""
@@ -238,14 +248,21 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     neighbours = [j for j in graph[ctx.rank] if j in live]
     queues = UpdateQueues(neighbours)
     outboxes = {j: LinkOutbox(ctx, j, opt.coalesce) for j in neighbours}
+    known = {j: ctx.incarnation(j) for j in neighbours}  # incarnation each queue belongs to
     timeout = ctx.recv_timeout if opt.wait_timeout is None else opt.wait_timeout
-    t = 0
+    t = ctx.iteration  # a joiner starts at the iteration it was admitted from
     while True:
         ranks = sorted([ctx.rank, *ctx.peers()])
         batch = equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
 
         await _drain(ctx, queues, numel)
         _forget_departed(ctx, queues, outboxes, t)
+        for j in graph[ctx.rank]:
+            if j in ctx.peers() and known.get(j) != ctx.incarnation(j):
+                known[j] = ctx.incarnation(j)
+                queues.add(j, t - opt.staleness)
+                outboxes[j] = LinkOutbox(ctx, j, opt.coalesce)
+                ctx.record("peer_joined", peer=j, phase=f"hop{t}")
         target = skip_target(t, queues.newest, opt.skip_threshold, opt.staleness)
         skipped, t = target - t, target
 

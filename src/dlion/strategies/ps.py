@@ -17,6 +17,14 @@ last pulled, so evaluating them shows what each worker trains on.
   so a gradient of b_i samples takes a b_i / G share of a step, and N asynchronous updates
   move the model as far as one synchronous step.
 
+Membership changes (transient servers): the server role belongs to `server_rank` while it
+is live, else to the lowest live rank (`current_server`). When the server node leaves or
+its crash is detected, every worker switches to the new server, which continues from its
+own replica (the model it last pulled); if `server_rank` returns (it joins with the
+acting server's current model), the acting server finishes its round and hands the role
+back. A server serves every live worker that is not dropped, joiners included; batches
+are re-split over the live workers.
+
 Options (both modes): `server_rank` (0), `timeout_s` (None: the engine's recv timeout).
 A worker whose gradient does not arrive within `timeout_s` (BSP: of the round's start;
 ASP: of its last one), or that left, is dropped for good: the server records `ps_drop`
@@ -29,13 +37,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlion.comm.messages import Control, Dense, Message
+from dlion.comm.messages import Control, Dense, Message, RecvResult, ViewChanged
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
 
@@ -92,12 +99,17 @@ def asp_weight(samples: int, global_batch: int, lr_scale: float = 1.0) -> float:
 # ------------------------------------------------------------------ the worker
 
 
-@dataclass
-class _Local:
-    """Hand-off between the server node's worker role and its server role (no network)."""
+def current_server(ctx: WorkerContext, preferred: int) -> int:
+    """`preferred` while it is live, else the lowest live rank (every worker computes the
+    same from the same membership)."""
+    live = [ctx.rank, *ctx.peers()]
+    return preferred if preferred in live else min(live)
 
-    grads: asyncio.Queue[tuple[torch.Tensor, int]] = field(default_factory=asyncio.Queue)
-    rounds_done: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+
+def _my_batch(ctx: WorkerContext) -> int:
+    """Equal share of the global batch over the live workers."""
+    ranks = sorted([ctx.rank, *ctx.peers()])
+    return equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
 
 
 async def bsp_worker(ctx: WorkerContext, opt: Options) -> None:
@@ -114,86 +126,134 @@ async def _run(ctx: WorkerContext, opt: Options, mode: Mode, lr_scale: float = 1
             f"strategy.options.server_rank: {opt.server_rank}, but the cluster has "
             f"{ctx.world_size} workers (ranks 0..{ctx.world_size - 1})"
         )
-    ranks = sorted([ctx.rank, *ctx.peers()])
-    batch = equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
     timeout = opt.timeout_s if opt.timeout_s is not None else ctx.recv_timeout
-    if ctx.rank != opt.server_rank:
-        await _remote_worker(ctx, opt.server_rank, batch, timeout, mode)
-    elif mode == "bsp":
-        local = _Local()
-        await asyncio.gather(_bsp_server(ctx, local, timeout), _bsp_local_worker(ctx, local, batch))
-    else:
-        await asyncio.gather(
-            _asp_server(ctx, lr_scale, timeout), _asp_local_worker(ctx, lr_scale, batch)
-        )
+    while True:
+        server = current_server(ctx, opt.server_rank)
+        if server != ctx.rank:
+            if not await _remote_worker(ctx, opt.server_rank, server, timeout, mode):
+                return  # dropped, or the server went silent: stop
+        elif mode == "bsp":
+            await _bsp_server(ctx, opt.server_rank, timeout)
+        else:
+            await asyncio.gather(
+                _asp_server(ctx, opt.server_rank, lr_scale, timeout),
+                _asp_local_worker(ctx, opt.server_rank, lr_scale),
+            )
+        ctx.record("ps_role", server=current_server(ctx, opt.server_rank))
 
 
 async def _remote_worker(
-    ctx: WorkerContext, server: int, batch: int, timeout: float, mode: Mode
-) -> None:
-    """Compute, push the gradient, wait for the parameters, train on them; both modes."""
+    ctx: WorkerContext, preferred: int, server: int, timeout: float, mode: Mode
+) -> bool:
+    """Compute, push the gradient, wait for the parameters, train on them; both modes.
+    Returns True when the server role moved (go on with the new server), False to stop."""
     numel = ctx.replica.numel
     # Under BSP the server may itself wait `timeout` for a straggler before it replies.
     wait = 2 * timeout if mode == "bsp" else timeout
-    t = 0
     while True:
+        batch = _my_batch(ctx)
         result = await ctx.compute(batch)
-        tag = f"{t}" if mode == "bsp" else ""
-        if not await ctx.send(server, "g" + tag, Dense(result.grad), {"samples": batch}):
+        if current_server(ctx, preferred) != server:
+            return True
+        if not await ctx.send(server, "g", Dense(result.grad), {"samples": batch}):
             ctx.record("ps_server_lost", server=server, why="server left")
-            return
-        got = await ctx.recv(server, "p" + tag, timeout=wait, numel=numel)
+            return True
+        deadline = ctx.now() + wait
+        while True:
+            # Guarded: a membership change wakes us, in case the role moved meanwhile.
+            got = await ctx.recv(
+                server, "p", timeout=max(0.0, deadline - ctx.now()), numel=numel, epoch=ctx.epoch
+            )
+            if not isinstance(got, ViewChanged):
+                break
+            if current_server(ctx, preferred) != server:
+                ctx.record("ps_server_lost", server=server, why="role moved")
+                return True
         if not isinstance(got, Message):
             ctx.record("ps_server_lost", server=server, why=repr(got))
-            return
+            return server not in ctx.peers()  # gone: switch; silent but live: stop
         if isinstance(got.payload, Control):  # the server dropped us
             ctx.record("ps_dropped", server=server, why=got.payload.data.get("why", ""))
-            return
+            return False
         ctx.replica.set_params(got.payload.to_dense(numel))  # type: ignore[union-attr]
-        t += 1
         ctx.iteration_done(result.loss)
 
 
-async def _bsp_local_worker(ctx: WorkerContext, local: _Local, batch: int) -> None:
-    # The server node trains on the authoritative replica itself: no pull needed.
-    while True:
-        result = await ctx.compute(batch)
-        local.grads.put_nowait((result.grad, batch))
-        await local.rounds_done.get()
-        ctx.iteration_done(result.loss)
-
-
-async def _bsp_server(ctx: WorkerContext, local: _Local, timeout: float) -> None:
+async def _bsp_server(ctx: WorkerContext, preferred: int, timeout: float) -> None:
+    """Serve rounds while this node holds the role; the node trains too (its gradient is
+    computed while it waits for the others', as a worker beside the server would)."""
     numel = ctx.replica.numel
-    members = ctx.peers()
+    dropped: set[tuple[int, int]] = set()  # (rank, incarnation): a returning worker is served
     notices: set[asyncio.Task[bool]] = set()
-    t = 0
+    batch = _my_batch(ctx)
+    own = asyncio.ensure_future(ctx.compute(batch))
     while True:
-        members = [p for p in members if p in ctx.peers()]
-        # All receives start now, so `timeout` counts from the start of the round.
-        results = await asyncio.gather(
-            *(ctx.recv(p, f"g{t}", timeout=timeout, numel=numel) for p in members)
-        )
-        grads = {ctx.rank: await local.grads.get()}
+        members = [p for p in ctx.peers() if (p, ctx.incarnation(p)) not in dropped]
+        results = await _gather_round(ctx, preferred, members, timeout)
+        if results is None:  # the role moved during the round: hand it over
+            own.cancel()
+            return
+        mine = await own
+        grads = {ctx.rank: (mine.grad, batch)}
         for p, got in zip(members, results, strict=True):
             if isinstance(got, Message):
                 grads[p] = (got.payload.to_dense(numel), int(got.meta["samples"]))  # type: ignore[union-attr]
+            elif p in ctx.peers():
+                dropped.add((p, ctx.incarnation(p)))
+                _drop(ctx, p, repr(got), notices, tag="p")
             else:
-                _drop(ctx, p, repr(got), notices, tag=f"p{t}")
+                ctx.record("ps_drop", worker=p, why="left")
         members = [p for p in members if p in grads]
         ctx.replica.apply(bsp_aggregate(grads))
-        local.rounds_done.put_nowait(t)
+        ctx.iteration_done(mine.loss)
+        serving = current_server(ctx, preferred) == ctx.rank
+        if serving:
+            batch = _my_batch(ctx)
+            own = asyncio.ensure_future(ctx.compute(batch))
         params = Dense(ctx.replica.params())
-        sent = await asyncio.gather(*(ctx.send(p, f"p{t}", params) for p in members))
+        sent = await asyncio.gather(*(ctx.send(p, "p", params) for p in members))
         for p, ok in zip(members, sent, strict=True):
             if not ok:
                 ctx.record("ps_drop", worker=p, why="left")
-        members = [p for p, ok in zip(members, sent, strict=True) if ok]
-        t += 1
+        if not serving:
+            return
 
 
-async def _asp_local_worker(ctx: WorkerContext, lr_scale: float, batch: int) -> None:
+async def _gather_round(
+    ctx: WorkerContext, preferred: int, members: list[int], timeout: float
+) -> list[RecvResult] | None:
+    """Every member's gradient of this round (or why it is missing); None if the server
+    role moved meanwhile. All receives start now, so `timeout` counts from the start of
+    the round; a membership change wakes them (guarded) to check the role, then the
+    receives still missing go on until the same deadline."""
+    numel = ctx.replica.numel
+    deadline = ctx.now() + timeout
+    got: dict[int, RecvResult] = {}
     while True:
+        waiting = [p for p in members if p not in got]
+        results = await asyncio.gather(
+            *(
+                ctx.recv(
+                    p, "g", timeout=max(0.0, deadline - ctx.now()), numel=numel, epoch=ctx.epoch
+                )
+                for p in waiting
+            )
+        )
+        changed = False
+        for p, result in zip(waiting, results, strict=True):
+            if isinstance(result, ViewChanged):
+                changed = True
+            else:
+                got[p] = result
+        if not changed:
+            return [got[p] for p in members]
+        if current_server(ctx, preferred) != ctx.rank:
+            return None
+
+
+async def _asp_local_worker(ctx: WorkerContext, preferred: int, lr_scale: float) -> None:
+    while current_server(ctx, preferred) == ctx.rank:
+        batch = _my_batch(ctx)
         result = await ctx.compute(batch)
         # Same node as the server: apply directly. No await in between, so this cannot
         # interleave with the server role's updates.
@@ -201,30 +261,43 @@ async def _asp_local_worker(ctx: WorkerContext, lr_scale: float, batch: int) -> 
         ctx.iteration_done(result.loss)
 
 
-async def _asp_server(ctx: WorkerContext, lr_scale: float, timeout: float) -> None:
+async def _asp_server(ctx: WorkerContext, preferred: int, lr_scale: float, timeout: float) -> None:
     numel = ctx.replica.numel
     last_heard = {p: ctx.now() for p in ctx.peers()}
+    dropped: set[tuple[int, int]] = set()  # (rank, incarnation): a returning worker is served
     replies: set[asyncio.Task[bool]] = set()
-    while last_heard:
-        got = await ctx.recv(None, "g", timeout=timeout, numel=numel)
+    alone = False
+    while current_server(ctx, preferred) == ctx.rank:
+        # Guarded: a membership change wakes the server (a joiner to serve, a role to hand back).
+        got = await ctx.recv(None, "g", timeout=timeout, numel=numel, epoch=ctx.epoch)
         now = ctx.now()
-        if isinstance(got, Message) and got.src in last_heard:
-            last_heard[got.src] = now
+        if (
+            isinstance(got, Message)
+            and got.src in ctx.peers()
+            and (got.src, ctx.incarnation(got.src)) not in dropped
+        ):
+            last_heard[got.src] = now  # a joiner, or a worker whose server left, is served too
             grad = got.payload.to_dense(numel)  # type: ignore[union-attr]
             ctx.replica.apply(
                 grad * asp_weight(int(got.meta["samples"]), ctx.global_batch, lr_scale)
             )
             # Reply in the background: the server keeps serving while the bytes go out.
             _spawn(replies, ctx.send(got.src, "p", Dense(ctx.replica.params())))
-        # Otherwise a Timeout, or a gradient from a dropped worker that crossed our notice
-        # (the notice stops it): nothing to apply.
+        # Otherwise a Timeout, a membership change, or a gradient from a dropped worker that
+        # crossed our notice (the notice stops it): nothing to apply.
         live = set(ctx.peers())
         for p in sorted(last_heard):
             if p not in live or now - last_heard[p] > timeout:
                 why = "left" if p not in live else f"silent for {now - last_heard[p]:.3g} s"
                 del last_heard[p]
-                _drop(ctx, p, why, replies, tag="p")
-    ctx.record("ps_no_workers")  # every worker is gone; the server node trains on alone
+                if p in live:
+                    dropped.add((p, ctx.incarnation(p)))
+                    _drop(ctx, p, why, replies, tag="p")
+                else:
+                    ctx.record("ps_drop", worker=p, why=why)
+        if not last_heard and not alone:
+            ctx.record("ps_no_workers")  # every worker is gone; the server node trains on alone
+        alone = not last_heard
 
 
 def _drop(

@@ -1,0 +1,117 @@
+"""Profiles the planner needs, from sim runs without revocations: the iterations a cluster
+of n workers needs to reach the target, and step times to fit the performance model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dlion.config import ExperimentConfig, with_changes
+from dlion.engines.sim import run_sim
+from dlion.transient.catalog import InstanceType
+from dlion.transient.perf import StepModel, StepProfile, fit_step_model, profile_step, step_features
+from dlion.transient.planner import Workload
+from dlion.transient.runs import cluster_config
+from dlion.transient.spec import TransientSpec
+
+STEP_PROBE_ITERATIONS = 20  # long enough that the first iteration's pipeline fill averages out
+
+
+@contextmanager
+def progress_bar(total: int, what: str, enabled: bool) -> Iterator[Progress]:
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[now]}"),
+        disable=not enabled,
+    )
+    bar.add_task(what, total=total, now="")
+    with bar:
+        yield bar
+
+
+def iterations_to_target(
+    base: ExperimentConfig, inst: InstanceType, n: int, spec: TransientSpec, seed: int
+) -> float | None:
+    """Mean per-worker iterations at the first evaluation that reaches the target, on n
+    on-demand workers of `inst` (None: not within train.max_time)."""
+    cfg = with_changes(
+        cluster_config(base, inst, n, spec), ["train.stop_at_target=true", f"train.seed={seed}"]
+    )
+    result = run_sim(cfg, progress=False)
+    for p in result.points:
+        if p.mean_acc >= cfg.train.target_acc:
+            return float(p.iteration)
+    return None
+
+
+@dataclass(frozen=True)
+class Profiles:
+    iterations: dict[int, list[float | None]]  # per worker count, one per profiled seed
+    steps: list[StepProfile]
+    model: StepModel
+    reference: str  # instance type the iteration profiles ran on
+
+
+def profile_workload(
+    base: ExperimentConfig,
+    types: Sequence[InstanceType],
+    counts: Sequence[int],
+    spec: TransientSpec,
+    *,
+    seeds: int = 3,
+    progress: bool = True,
+) -> Profiles:
+    """Iterations to target per count over `seeds` training seeds (on the first type; a
+    homogeneous cluster's iterations hardly depend on its speed when compute dominates)
+    and step profiles for every distinct capacity x count, to fit the step model."""
+    distinct: dict[float, InstanceType] = {}
+    for inst in types:
+        distinct.setdefault(inst.capacity_gflops, inst)
+    counts = sorted(set(counts))
+    total = len(counts) * (seeds + len(distinct))
+    iterations: dict[int, list[float | None]] = {}
+    steps: list[StepProfile] = []
+    with progress_bar(total, "profiling", progress) as bar:
+        task = bar.task_ids[0]
+        for n in counts:
+            iterations[n] = []
+            for seed in range(seeds):
+                bar.update(task, now=f"{n} x {types[0].name} to target, seed {seed}")
+                iterations[n].append(iterations_to_target(base, types[0], n, spec, seed))
+                bar.advance(task)
+            for inst in distinct.values():
+                bar.update(task, now=f"{n} x {inst.name} step time")
+                cfg = cluster_config(base, inst, n, spec)
+                steps.append(profile_step(cfg, STEP_PROBE_ITERATIONS))
+                bar.advance(task)
+    if len(steps) < 2:
+        # One count and one capacity: nothing to fit beyond the measured step itself.
+        only = steps[0]
+        scale = only.step_s / max(1e-12, sum(only.features.vector()[:3]) or only.step_s)
+        model = StepModel((scale, scale, scale, 0.0))
+    else:
+        model = fit_step_model(steps)
+    return Profiles(iterations, steps, model, types[0].name)
+
+
+def workload(profiles: Profiles, base: ExperimentConfig, spec: TransientSpec) -> Workload:
+    """The planner's view: iterations to target by profiled count and the fitted model's
+    step time in real seconds."""
+    known = {n: it for n, it in profiles.iterations.items()}
+
+    def iterations(n: int) -> list[float | None]:
+        if n in known:
+            return known[n]
+        raise KeyError(f"no iteration profile for {n} workers")
+
+    def step_s(inst: InstanceType, n: int) -> float:
+        features = step_features(cluster_config(base, inst, n, spec))
+        return max(profiles.model.predict(features), 1e-9) * spec.time_scale
+
+    return Workload(iterations, step_s)

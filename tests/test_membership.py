@@ -1,0 +1,218 @@
+"""Every strategy keeps training when workers leave, crash and join; the re-forming and
+re-balancing rules of the synchronous strategies and of DLion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from dlion.config import (
+    DynamicsConfig,
+    ExperimentConfig,
+    MembershipEvent,
+    with_dynamics,
+    with_membership,
+)
+from dlion.engines.sim import run_sim
+from dlion.strategies import REGISTRY, get_strategy, parse_options
+from helpers import run_counting, small_config
+
+LEAVE, CRASH, JOIN = 0.5, 0.9, 1.4
+PEER_TIMEOUT = 0.3
+STARTUP = 0.1
+END = 2.5
+
+
+def _churn_config(strategy: str) -> ExperimentConfig:
+    """4 workers in 2 sites; rank 1 leaves, rank 3 crashes, rank 1 comes back."""
+    cfg = small_config(
+        workers=[
+            {"site": "a", "capacity_gflops": 0.1, "count": 2},
+            {"site": "b", "capacity_gflops": 0.1, "count": 2},
+        ],
+        sites=[{"name": "a"}, {"name": "b"}],
+        links=[{"sites": ["a", "b"], "bandwidth_mbps": 100, "latency_ms": 1}],
+        strategy=strategy,
+        train={"max_time": END, "stop_at_target": False},
+        engine={"peer_timeout": PEER_TIMEOUT, "recv_timeout": 5.0},
+    )
+    return with_membership(
+        cfg,
+        [
+            MembershipEvent(at_s=LEAVE, rank=1, event="leave"),
+            MembershipEvent(at_s=CRASH, rank=3, event="crash"),
+            MembershipEvent(at_s=JOIN, rank=1, event="join", startup_s=STARTUP),
+        ],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_strategy_survives_a_leave_a_crash_and_a_join(name: str) -> None:
+    cfg = _churn_config(name)
+    spec = get_strategy(name)
+    result, counts = run_counting(cfg, spec.worker, parse_options(spec, {}))
+    changes = [(m["t"], m["rank"], m["event"]) for m in result.summary["membership"]]
+    assert changes[:4] == [
+        (LEAVE, 1, "leave"),
+        (CRASH, 3, "crash"),
+        (CRASH + PEER_TIMEOUT, 3, "crash_detected"),
+        (JOIN + STARTUP, 1, "join_started"),
+    ]
+    join = result.summary["membership"][4]
+    assert join["event"] == "join" and join["rank"] == 1 and join["donor"] == 0
+    # No hang: the survivors kept iterating to the end, and the joiner trained after joining.
+    late = [p for p in result.points if p.t >= join["t"] + 0.3]
+    assert late and late[-1].iteration > late[0].iteration
+    assert counts[1] > join["since"]
+    # It converges, and the joiner started from the current model, not from scratch.
+    assert result.summary["final_acc"] >= 0.85
+    assert min(p.min_acc for p in late) >= 0.6
+
+
+def test_allreduce_regroups_and_keeps_replicas_identical() -> None:
+    result = run_sim(_churn_config("allreduce"), progress=False)
+    regroups = [e for e in result.events if e["event"] == "regroup"]
+    # Re-formed after each of the three changes the survivors were told of.
+    assert {e["epoch"] for e in regroups} == {1, 2, 3}
+    live = [result.replicas[r] for r in (0, 1, 2)]
+    assert all(torch.equal(r.flat, live[0].flat) for r in live)
+
+
+def test_ps_server_role_moves_when_the_server_leaves_and_comes_back() -> None:
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 0.1, "count": 3}],
+        strategy="ps-bsp",
+        train={"max_time": 2.0, "stop_at_target": False},
+        evaluation={"every_s": 0.1},
+    )
+    cfg = with_membership(
+        cfg,
+        [
+            MembershipEvent(at_s=0.5, rank=0, event="leave"),
+            MembershipEvent(at_s=1.0, rank=0, event="join", startup_s=0.1),
+        ],
+    )
+    result = run_sim(cfg, progress=False)
+    roles = [(e["rank"], e["server"]) for e in result.events if e["event"] == "ps_role"]
+    # Rank 1 takes over when 0 leaves; it hands the role back when 0 returns.
+    assert (2, 1) in roles and (1, 0) in roles
+    # Nobody waited on the departed server: training went on in every phase.
+    its = [p.iteration for p in result.points]
+    assert its[5] < its[10] < its[15] < its[-1]
+    assert result.summary["final_acc"] >= 0.85
+    final = [r.flat for r in result.replicas]
+    # BSP: after the last round every replica holds the server's model (or is one round
+    # behind it); the returning server trained on from the acting server's model.
+    assert torch.allclose(final[0], final[1], atol=0.05) and torch.allclose(
+        final[0], final[2], atol=0.05
+    )
+
+
+def test_ps_asp_survives_a_server_crash() -> None:
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 0.1, "count": 3}],
+        strategy="ps-asp",
+        train={"max_time": 2.0, "stop_at_target": False},
+        engine={"peer_timeout": 0.2},
+    )
+    cfg = with_membership(cfg, [MembershipEvent(at_s=0.5, rank=0, event="crash")])
+    result = run_sim(cfg, progress=False)
+    assert ("ps_role", 1, 1) in {
+        (e["event"], e.get("rank"), e.get("server")) for e in result.events
+    }
+    late = [p for p in result.points if p.t > 1.0]
+    assert late[-1].iteration > late[0].iteration and result.summary["final_acc"] >= 0.85
+
+
+def _dlion_two_sites(dynamics: dict[str, Any]) -> ExperimentConfig:
+    cfg = small_config(
+        workers=[
+            {"site": "a", "capacity_gflops": 0.4},
+            {"site": "a", "capacity_gflops": 0.1},
+            {"site": "b", "capacity_gflops": 0.1},
+        ],
+        sites=[{"name": "a"}, {"name": "b"}],
+        links=[{"sites": ["a", "b"], "bandwidth_mbps": 20, "latency_ms": 2}],
+        strategy="dlion",
+        train={"max_time": 2.0, "stop_at_target": False},
+    )
+    return with_dynamics(cfg, DynamicsConfig.model_validate(dynamics))
+
+
+def test_dlion_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
+    """Capacities 4:1:1, then rank 0 drops to 1/8 (0.05): WDB moves from about 4:1:1 to
+    about 1:2:2 of G = 48 from the measured speeds."""
+    cfg = _dlion_two_sites({"capacity": [{"worker": 0, "step": {"at_s": 1.0, "to": 0.125}}]})
+    result = run_sim(cfg, progress=False)
+    wdb = [e for e in result.events if e["event"] == "wdb"]
+    before = [e["batches"] for e in wdb if e["t"] < 1.0][-1]
+    after = [e["batches"] for e in wdb if e["t"] > 1.5][-1]
+    assert before == [32, 8, 8]
+    assert after[0] < after[1] and after[1] == after[2] and sum(after) == 48
+    assert after[0] == pytest.approx(48 * 0.05 / 0.25, abs=1)
+
+
+def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
+    """The inter-site links drop to a tenth at 1 s: DLion's measured bandwidth follows and
+    the bytes per iteration on those links shrink by about 10x; intra-site ones do not."""
+    cfg = _dlion_two_sites({"bandwidth": [{"sites": ["a", "b"], "step": {"at_s": 1.0, "to": 0.1}}]})
+    seen: dict[str, list[float]] = {"before": [], "after": []}
+    spec = get_strategy("dlion")
+    options = parse_options(spec, {})
+
+    async def watching(ctx: Any, opt: Any) -> None:
+        if ctx.rank == 0:
+            import asyncio
+
+            async def sample() -> None:
+                await asyncio.sleep(0.9)
+                seen["before"].append(ctx.bandwidth(2))
+                await asyncio.sleep(0.9)
+                seen["after"].append(ctx.bandwidth(2))
+
+            await asyncio.gather(spec.worker(ctx, opt), sample())
+        else:
+            await spec.worker(ctx, opt)
+
+    result, _ = run_counting(cfg, watching, options)
+    assert seen["before"][0] == pytest.approx(20e6 / 8, rel=0.05)
+    assert seen["after"][0] == pytest.approx(2e6 / 8, rel=0.1)
+    assert result.summary["final_acc"] > 0.8
+
+
+def test_dlion_rebalances_over_the_survivors_and_the_joiner() -> None:
+    cfg = _dlion_two_sites({})
+    cfg = with_membership(
+        cfg,
+        [
+            MembershipEvent(at_s=0.6, rank=2, event="leave"),
+            MembershipEvent(at_s=1.2, rank=2, event="join"),
+        ],
+    )
+    result = run_sim(cfg, progress=False)
+    wdb = [(e["t"], e["batches"]) for e in result.events if e["event"] == "wdb"]
+    middle = [b for t, b in wdb if 0.6 < t < 1.2]
+    late = [b for t, b in wdb if t > 1.5]
+    assert middle and all(len(b) == 2 and sum(b) == 48 for b in middle)
+    assert late and len(late[-1]) == 3 and sum(late[-1]) == 48
+
+
+def test_random_departures_with_returns_run_to_the_end() -> None:
+    cfg = _churn_config("dlion")
+    dyn = {
+        "random_departures": {
+            "mean_lifetime_s": 1.5,
+            "event": "crash",
+            "rejoin_after_s": 0.2,
+            "min_live": 2,
+            "seed": 1,
+        }
+    }
+    cfg = with_dynamics(cfg, DynamicsConfig.model_validate(dyn))
+    result = run_sim(cfg, progress=False)
+    events = [m["event"] for m in result.summary["membership"]]
+    assert events.count("crash") >= 2 and "join" in events
+    assert result.points[-1].iteration > result.points[len(result.points) // 2].iteration
+    assert result.summary["final_acc"] >= 0.8
