@@ -353,7 +353,11 @@ class DistWorker:
         spec = get_strategy(self.cfg.strategy.name)
         options = parse_options(spec, self.cfg.strategy.options)
         self._stop_event = asyncio.Event()
-        task = asyncio.ensure_future(spec.worker(self.ctx, options))
+        # Beside the strategy, this worker answers state requests (joiners, regrouping
+        # collectives), as in the sim.
+        task = asyncio.ensure_future(
+            asyncio.gather(spec.worker(self.ctx, options), self.ctx.serve_state())
+        )
         stopper = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
         leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -434,7 +438,9 @@ class DistWorker:
             return
         self.live.discard(peer)
         self.transport.drop(peer)
-        self.ctx.mailbox.peer_left(peer)
+        # Epochs count the membership changes this worker has learned of; every survivor
+        # learns of the same departures, so they agree on the number.
+        self.ctx._peer_left(peer, self.ctx.epoch + 1)
         for fut in self._inflight.pop(peer, set()):
             if not fut.done():
                 fut.set_result(None)
