@@ -73,8 +73,17 @@ def test_step_features_hand_computed() -> None:
     assert f.compute_s == pytest.approx(flops * 32 / (inst.capacity_gflops * 1e-3 * 1e9))
     nbytes = model_bytes(cfg) + cfg.engine.header_bytes
     bw = spec.bandwidth_mbps * 1e6 / 8
-    assert f.comm_s == pytest.approx(2 * (nbytes / bw + spec.latency_ms / 1e3))
-    assert f.server_s == pytest.approx(3 * 2 * nbytes / bw)
+    assert f.comm_s == pytest.approx(3 / 4 * 2 * (nbytes / bw + spec.latency_ms / 1e3))
+    # 3 remote workers' pushes and pulls at the server's NIC take less than one worker's
+    # own iteration here: the server is no bottleneck.
+    assert 3 * 2 * nbytes / bw < f.compute_s
+    assert f.server_excess_s == 0.0
+    slow = cluster_config(base, inst, 8, spec.model_copy(update={"bandwidth_mbps": 1.0}))
+    g = step_features(slow)
+    serve = 7 * 2 * (nbytes / (1e6 / 8))
+    assert g.server_excess_s == pytest.approx(serve - g.compute_s - 2 * nbytes / (1e6 / 8))
+    one = step_features(cluster_config(base, inst, 1, spec))
+    assert one.comm_s == 0.0 and one.server_excess_s == 0.0  # one worker talks to nobody
     assert cfg.train.lr == pytest.approx(base.train.lr * 4)  # linear scaling with the count
 
 

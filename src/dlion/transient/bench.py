@@ -27,6 +27,7 @@ from dlion.errors import DlionError
 from dlion.report import write_json_atomic
 from dlion.transient.catalog import Catalog
 from dlion.transient.perf import (
+    STEP_FEATURES,
     fit_checkpoint_model,
     fit_step_model,
     measure_checkpoint,
@@ -50,7 +51,9 @@ class BenchSpec:
     target_acc: float = 0.93  # strategies and planner parts
     max_time: float = 30.0  # sim seconds (x time_scale real)
     lr_grid: tuple[float, ...] = (0.05, 0.02, 0.01, 0.005)  # per-update learning rates
-    deadlines_h: tuple[float, ...] = (0.75, 2.25, 4.0)
+    deadlines_h: tuple[float, ...] = (0.5, 1.0, 3.0)
+    eval_every_s: float = 0.02  # sim s between evaluations: 1.2 real minutes at time_scale 3600
+    profile_seeds: int = 5  # training seeds per planner profile (its view of training noise)
     plan_counts: tuple[int, ...] = (2, 4, 8)  # a lone transient worker has no peer to hold
     # the model in the sim (the real system would restore from the checkpoint store)
     plan_draws: int = 300
@@ -67,7 +70,7 @@ def _base(b: BenchSpec, strategy: str, lr: float, extra: Sequence[str] = ()) -> 
             f"train.lr={lr}",
             f"train.target_acc={b.target_acc}",
             f"train.max_time={b.max_time}",
-            "evaluation.every_s=0.1",
+            f"evaluation.every_s={b.eval_every_s}",
             *b.overrides,
             *extra,
         ],
@@ -261,6 +264,7 @@ def planner_part(
             counts=b.plan_counts,
             draws=b.plan_draws,
             confidence=b.confidence,
+            profile_seeds=b.profile_seeds,
         )
         plan, _ = make_plan(base, catalog, spec, req, progress=False)
         plot_frontier(plan, out_dir / f"frontier-{deadline_h:g}h.png", f"deadline {deadline_h} h")
@@ -304,21 +308,25 @@ def run_bench(
     total = 0
     if "paper" in parts:
         total += 2 * grid + 2 * b.seeds
-    if "strategies" in parts or "planner" in parts:
+    if "strategies" in parts:
         total += 2 * grid + 2 * b.seeds
     if "planner" in parts:
-        total += len(b.deadlines_h) * b.seeds
+        total += (0 if "strategies" in parts else grid) + len(b.deadlines_h) * b.seeds
     runner = _Runner(total, progress)
     record: dict[str, Any] = {"spec": b.__dict__, "transient_spec": spec.model_dump()}
     try:
         if "paper" in parts:
             record["paper"] = paper_part(runner, b, catalog, spec)
             write_json_atomic(out_dir / "summary.json", record)
-        if "strategies" in parts or "planner" in parts:
+        if "strategies" in parts:
             record["strategies"] = strategies_part(runner, b, catalog, spec)
             write_json_atomic(out_dir / "summary.json", record)
         if "planner" in parts:
-            lr = record["strategies"]["strategies"]["ps-asp"]["lr"]
+            if "strategies" in parts:
+                lr = record["strategies"]["strategies"]["ps-asp"]["lr"]
+            else:  # the same search the strategies part runs for ps-asp
+                cand = Candidate(catalog.get(b.instance), b.workers, "transient")
+                lr, _ = _tune_lr(runner, b, "ps-asp", cand, spec, fixed_work=False)
             record["planner"] = planner_part(runner, b, catalog, spec, lr, out_dir, progress)
     finally:
         runner.close()
@@ -355,7 +363,7 @@ def perf_bench(
             }
         )
     profiles = []
-    sizes = [2**k * 250_000 for k in range(8)]  # 0.25 MB .. 32 MB
+    sizes = [2**k * 1_000_000 for k in range(9)]  # 1 MB .. 256 MB
     with progress_bar(configs + len(sizes), "perf profiles", progress) as bar:
         task = bar.task_ids[0]
         for i, smp in enumerate(samples):
@@ -391,13 +399,13 @@ def perf_bench(
     large = [i for i in range(configs) if samples[i]["workers"] == 8]
     extrap = fit_step_model([profiles[i] for i in small]) if len(small) >= 4 else None
     extrap_err = relative_errors(extrap, [profiles[i] for i in large]) if extrap and large else []
-    ck_fit = [0, 2, 4, 6, 7]
-    ck_test = [1, 3, 5]
+    ck_fit = [0, 2, 4, 6, 8]
+    ck_test = [1, 3, 5, 7]
     ck = fit_checkpoint_model([sizes[i] for i in ck_fit], [seconds[i] for i in ck_fit])
     ck_err = [abs(ck.predict(sizes[i]) - seconds[i]) / seconds[i] for i in ck_test]
     record = {
         "step_model": {
-            "features": ["compute_s", "comm_s", "server_s", "constant_s"],
+            "features": list(STEP_FEATURES),
             "coef": list(model.coef),
             "fit_error": _stats(train_err),
             "held_out_error": _stats(test_err),
