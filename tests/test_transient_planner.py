@@ -166,3 +166,18 @@ def test_evaluate_revocations_slow_and_cheapen() -> None:
     never = Workload(iterations=lambda n: [None], step_s=lambda i, n: 36.0)
     out = evaluate(Candidate(inst, 4, "transient"), never, spec, 5, 0)
     assert math.isinf(out.mean_time_s) and out.p_time(1e9) == 0.0
+
+
+def test_profile_of_one_cluster_reproduces_its_step() -> None:
+    from dlion.config import with_changes
+    from dlion.transient.profile import profile_workload, workload
+
+    base = with_changes(
+        load_config("homogeneous"), ["strategy.name=ps-asp", "train.target_acc=0.8"]
+    )
+    inst = load_catalog().get("aws-p2.xlarge")
+    spec = TransientSpec()
+    prof = profile_workload(base, [inst], [2], spec, seeds=1, progress=False)
+    assert prof.iterations[2][0] is not None and prof.iterations[2][0] > 0
+    work = workload(prof, base, spec)
+    assert work.step_s(inst, 2) == pytest.approx(prof.steps[0].step_s * spec.time_scale)
