@@ -124,6 +124,10 @@ def _row(summary: dict[str, Any], spec: TransientSpec) -> dict[str, Any]:
         "usd": summary["cost"]["usd"],
         "instance_hours": summary["cost"]["instance_hours"],
         "revocations": summary["cost"]["revocations"],
+        # Rank 0 holds the parameter server role: its revocation moves the role.
+        "server_revocations": sum(
+            m["rank"] == 0 and m["event"] in ("leave", "crash") for m in summary["membership"]
+        ),
         "iterations": summary["iterations"],
     }
 
@@ -220,6 +224,7 @@ def paper_part(
         "usd_one": _stats([p["one"]["usd"] for p in pairs]),
         "usd_many": _stats([p["many"]["usd"] for p in pairs]),
         "revocations": _stats([p["many"]["revocations"] for p in pairs]),
+        "server_revocations": sum(p["many"]["server_revocations"] for p in pairs),
         "published": {"speedup": 7.65, "cost_saving": 0.61, "acc_one": 0.931, "acc_many": 0.888},
     }
 

@@ -40,6 +40,8 @@ def bench_markdown(rec: dict[str, Any]) -> str:
             f"| cost, 1 on-demand ($) | {_ms(p['usd_one'])} | |",
             f"| cost, {p['workers']} transient ($) | {_ms(p['usd_many'])} | |",
             f"| revocations per run | {_ms(p['revocations'])} | |",
+            f"| revocations of the server node (rank 0) | "
+            f"{p.get('server_revocations', '—')} in {n} runs | |",
             "",
             f"Learning rate per update (same grid search for both): 1 worker {p['lr_one']}, "
             f"{p['workers']} workers {p['lr_many']}.",
