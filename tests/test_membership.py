@@ -155,8 +155,8 @@ def test_dlion_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
 
 
 def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
-    """The inter-site links drop to a tenth at 1 s: DLion's measured bandwidth follows and
-    the bytes per iteration on those links shrink by about 10x; intra-site ones do not."""
+    """The inter-site links drop to a tenth at 1 s: the bandwidth DLion measures on them
+    (ctx.bandwidth, which sets each link's top-k budget) follows the drop."""
     cfg = _dlion_two_sites({"bandwidth": [{"sites": ["a", "b"], "step": {"at_s": 1.0, "to": 0.1}}]})
     seen: dict[str, list[float]] = {"before": [], "after": []}
     spec = get_strategy("dlion")
