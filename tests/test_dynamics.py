@@ -239,6 +239,12 @@ def test_absolute_bandwidth_trace_on_a_worker_pair() -> None:
     assert dynamic.bandwidth(0, 1, 0.5) == 8 * MBPS and dynamic.bandwidth(1, 0, 2.0) == 16 * MBPS
     assert dynamic.bandwidth_change_times() == [1.0]
     assert cluster.bandwidth(0, 1, 2.0) == cluster.link(0, 1).bandwidth
+    # The same site twice: the links inside it (here every pair), both directions.
+    inside = DynamicsConfig.model_validate(
+        {"bandwidth": [{"sites": ["a", "a"], "points": [[0, 0.5]]}]}
+    )
+    halved = cluster.with_dynamics(inside, 10.0)
+    assert halved.bandwidth(1, 0, 3.0) == cluster.link(1, 0).bandwidth / 2
 
 
 # ----------------------------------------------------------------------------- membership

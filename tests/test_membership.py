@@ -155,8 +155,8 @@ def test_dlion_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
 
 
 def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
-    """The inter-site links drop to a tenth at 1 s: DLion's measured bandwidth follows and
-    the bytes per iteration on those links shrink by about 10x; intra-site ones do not."""
+    """The inter-site links drop to a tenth at 1 s: the bandwidth DLion measures on them
+    (ctx.bandwidth, which sets each link's top-k budget) follows the drop."""
     cfg = _dlion_two_sites({"bandwidth": [{"sites": ["a", "b"], "step": {"at_s": 1.0, "to": 0.1}}]})
     seen: dict[str, list[float]] = {"before": [], "after": []}
     spec = get_strategy("dlion")
@@ -216,3 +216,25 @@ def test_random_departures_with_returns_run_to_the_end() -> None:
     assert events.count("crash") >= 2 and "join" in events
     assert result.points[-1].iteration > result.points[len(result.points) // 2].iteration
     assert result.summary["final_acc"] >= 0.8
+
+
+@pytest.mark.parametrize("name", ["allreduce", "dlion", "ps-bsp"])
+def test_a_new_worker_absent_at_the_start_joins_and_takes_part(name: str) -> None:
+    """Rank 2's first event is a join: it is absent (not trained, not evaluated) until
+    then, starts from the current model and the synchronous group re-forms around it."""
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 0.1, "count": 3}],
+        strategy=name,
+        train={"max_time": 1.5, "stop_at_target": False},
+        evaluation={"every_s": 0.1},
+    )
+    cfg = with_membership(cfg, [MembershipEvent(at_s=0.6, rank=2, event="join", startup_s=0.2)])
+    spec = get_strategy(name)
+    result, counts = run_counting(cfg, spec.worker, parse_options(spec, {}))
+    join = next(m for m in result.summary["membership"] if m["event"] == "join")
+    assert join["t"] > 0.8 and join["since"] > 1
+    assert counts[2] > join["since"]
+    # Before the join the mean is over ranks 0 and 1 only; after it, the joiner's replica
+    # is as good as theirs (it started from a live peer's model, not from scratch).
+    assert all(p.min_acc >= 0.6 for p in result.points if p.t >= join["t"])
+    assert result.summary["final_acc"] >= 0.85

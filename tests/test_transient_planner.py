@@ -73,8 +73,17 @@ def test_step_features_hand_computed() -> None:
     assert f.compute_s == pytest.approx(flops * 32 / (inst.capacity_gflops * 1e-3 * 1e9))
     nbytes = model_bytes(cfg) + cfg.engine.header_bytes
     bw = spec.bandwidth_mbps * 1e6 / 8
-    assert f.comm_s == pytest.approx(2 * (nbytes / bw + spec.latency_ms / 1e3))
-    assert f.server_s == pytest.approx(3 * 2 * nbytes / bw)
+    assert f.comm_s == pytest.approx(3 / 4 * 2 * (nbytes / bw + spec.latency_ms / 1e3))
+    # 3 remote workers' pushes and pulls at the server's NIC take less than one worker's
+    # own iteration here: the server is no bottleneck.
+    assert 3 * 2 * nbytes / bw < f.compute_s
+    assert f.server_excess_s == 0.0
+    slow = cluster_config(base, inst, 8, spec.model_copy(update={"bandwidth_mbps": 1.0}))
+    g = step_features(slow)
+    serve = 7 * 2 * (nbytes / (1e6 / 8))
+    assert g.server_excess_s == pytest.approx(serve - g.compute_s - 2 * nbytes / (1e6 / 8))
+    one = step_features(cluster_config(base, inst, 1, spec))
+    assert one.comm_s == 0.0 and one.server_excess_s == 0.0  # one worker talks to nobody
     assert cfg.train.lr == pytest.approx(base.train.lr * 4)  # linear scaling with the count
 
 
@@ -157,3 +166,18 @@ def test_evaluate_revocations_slow_and_cheapen() -> None:
     never = Workload(iterations=lambda n: [None], step_s=lambda i, n: 36.0)
     out = evaluate(Candidate(inst, 4, "transient"), never, spec, 5, 0)
     assert math.isinf(out.mean_time_s) and out.p_time(1e9) == 0.0
+
+
+def test_profile_of_one_cluster_reproduces_its_step() -> None:
+    from dlion.config import with_changes
+    from dlion.transient.profile import profile_workload, workload
+
+    base = with_changes(
+        load_config("homogeneous"), ["strategy.name=ps-asp", "train.target_acc=0.8"]
+    )
+    inst = load_catalog().get("aws-p2.xlarge")
+    spec = TransientSpec()
+    prof = profile_workload(base, [inst], [2], spec, seeds=1, progress=False)
+    assert prof.iterations[2][0] is not None and prof.iterations[2][0] > 0
+    work = workload(prof, base, spec)
+    assert work.step_s(inst, 2) == pytest.approx(prof.steps[0].step_s * spec.time_scale)

@@ -128,6 +128,13 @@ class EngineConfig(_Strict):
         30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    bandwidth_ema: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Weight of the newest observed throughput in a worker's per-link "
+        "bandwidth estimate (ctx.bandwidth); 1.0 trusts the last transfer alone.",
+    )
     # ---- dist engine only
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="dist transport: auto picks nccl when CUDA is available, else gloo."

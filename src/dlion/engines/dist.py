@@ -167,6 +167,7 @@ class DistContext(WorkerContext):
             recv_timeout=cfg.engine.recv_timeout * scale,
             bandwidth_seed={p: cluster.link(rank, p).bandwidth / scale for p in peers},
             latency={p: cluster.link(rank, p).latency * scale for p in peers},
+            bandwidth_ema=cfg.engine.bandwidth_ema,
             header_bytes=cfg.engine.header_bytes,
             seed=cfg.train.seed,
         )

@@ -74,6 +74,7 @@ class SimContext(WorkerContext):
             recv_timeout=engine.cfg.engine.recv_timeout,
             bandwidth_seed={p: cluster.bandwidth(rank, p, 0.0) for p in peers},
             latency={p: cluster.link(rank, p).latency for p in peers},
+            bandwidth_ema=engine.cfg.engine.bandwidth_ema,
             header_bytes=engine.cfg.engine.header_bytes,
             seed=engine.cfg.train.seed,
         )

@@ -159,3 +159,83 @@ def show_catalog(catalog: CatalogOpt = "default") -> None:
             f"{law}{cap}, notice {r.warning_s:g} s",
         )
     console.print(table)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/transient-bench"),
+    catalog: CatalogOpt = "default",
+    parts: Annotated[
+        str, typer.Option(help="Comma-separated: paper, strategies, planner.")
+    ] = "paper,strategies,planner",
+    instance: Annotated[str, typer.Option(help="Instance type of the comparisons.")] = (
+        "gcp-n1-4-k80"
+    ),
+    workers: Annotated[int, typer.Option(min=2, help="Transient workers.")] = 8,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Work of the paper comparison.")] = 20,
+    deadlines: Annotated[str, typer.Option(help="Planner deadlines in hours.")] = "0.5,1,3",
+    time_scale: TimeScaleOpt = None,
+    capacity_scale: CapScaleOpt = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """The issue-6 numbers: paper comparison, DLion vs ps-asp, planner vs full sim runs."""
+    from dlion.transient.bench import BenchSpec, run_bench
+    from dlion.transient.catalog import load_catalog
+    from dlion.transient.summary import bench_markdown
+
+    chosen = _names(parts) or []
+    for p in chosen:
+        if p not in ("paper", "strategies", "planner"):
+            raise ConfigError(f"--parts: unknown part {p!r} (paper, strategies, planner)")
+    try:
+        hours = tuple(float(h) for h in deadlines.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--deadlines: expected hours like 0.75,2.25,4, got {deadlines!r}"
+        ) from None
+    if not hours or min(hours) <= 0:
+        raise ConfigError(f"--deadlines: must be positive hours, got {deadlines!r}")
+    cat = load_catalog(catalog)
+    cat.get(instance)
+    spec = BenchSpec(
+        instance=instance,
+        workers=workers,
+        seeds=seeds,
+        epochs=epochs,
+        deadlines_h=hours,
+        overrides=tuple(set_ or []),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    record = run_bench(
+        spec, cat, _spec(time_scale, capacity_scale), out, chosen, progress=not quiet
+    )
+    text = bench_markdown(record)
+    (out / "report.md").write_text(text)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"wrote {out}/summary.json, report.md")
+
+
+@app.command()
+def perf(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/transient-perf"),
+    configs: Annotated[int, typer.Option(min=6, help="Profiled configurations.")] = 24,
+    held_out: Annotated[int, typer.Option(min=1, help="Configurations kept out of the fit.")] = 8,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Fit the step-time and checkpoint-time models; report their held-out errors."""
+    from dlion.transient.bench import perf_bench
+    from dlion.transient.catalog import load_catalog
+    from dlion.transient.summary import perf_markdown
+
+    if held_out >= configs - 3:
+        raise ConfigError(f"--held-out: leave at least 4 configurations to fit, got {held_out}")
+    out.mkdir(parents=True, exist_ok=True)
+    record = perf_bench(load_catalog(), out, configs=configs, held_out=held_out, progress=not quiet)
+    text = perf_markdown(record)
+    (out / "perf.md").write_text(text)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"wrote {out}/perf.json, perf.md")

@@ -11,6 +11,7 @@ is unchanged. Checkpoint profiles are real: `measure_checkpoint` writes safetens
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -28,19 +29,24 @@ from dlion.engines.sim import run_sim
 from dlion.experiment import prepare
 from dlion.transient.runs import model_bytes
 
-STEP_FEATURES = ("compute_s", "comm_s", "server_s", "constant_s")
+STEP_FEATURES = ("compute_s", "comm_s", "server_excess_s", "constant_s")
 
 
 @dataclass(frozen=True)
 class StepFeatures:
-    """Physical estimates (seconds) for one worker iteration of a homogeneous cluster."""
+    """Physical estimates (seconds) for one worker iteration of a homogeneous cluster under
+    a parameter server whose role sits on one of the workers."""
 
     compute_s: float  # FLOPs per sample x batch / capacity
-    comm_s: float  # push a gradient and pull the parameters: 2 x (bytes / bandwidth + latency)
-    server_s: float  # the server's NIC carries every other worker's push and pull
+    # Push a gradient, pull the parameters: 2 x (bytes / bandwidth + latency), paid by the
+    # n - 1 remote workers (the server node's own worker applies locally): mean over workers.
+    comm_s: float
+    # The server's NIC carries every remote worker's push and pull; when that takes longer
+    # than a worker's own compute and transfers, the server is the bottleneck: the excess.
+    server_excess_s: float
 
     def vector(self) -> np.ndarray:
-        return np.array([self.compute_s, self.comm_s, self.server_s, 1.0])
+        return np.array([self.compute_s, self.comm_s, self.server_excess_s, 1.0])
 
 
 def step_features(cfg: ExperimentConfig) -> StepFeatures:
@@ -51,13 +57,12 @@ def step_features(cfg: ExperimentConfig) -> StepFeatures:
     flops = prepare(cfg, n).flops_per_sample
     nbytes = model_bytes(cfg) + cfg.engine.header_bytes
     bw = site.intra_bandwidth_mbps * MBPS
-    nic = (worker.nic_mbps or site.intra_bandwidth_mbps) * MBPS
+    nic = min(worker.nic_mbps or math.inf, site.intra_bandwidth_mbps) * MBPS
     latency = site.intra_latency_ms / 1e3
-    return StepFeatures(
-        compute_s=flops * cfg.train.batch_per_worker / (worker.capacity_gflops * 1e9),
-        comm_s=2 * (nbytes / bw + latency),
-        server_s=(n - 1) * 2 * nbytes / nic,
-    )
+    compute = flops * cfg.train.batch_per_worker / (worker.capacity_gflops * 1e9)
+    comm = (n - 1) / n * 2 * (nbytes / bw + latency)
+    server = (n - 1) * 2 * nbytes / nic
+    return StepFeatures(compute, comm, max(0.0, server - (compute + 2 * (nbytes / bw))))
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ class CheckpointModel:
 
 
 def measure_checkpoint(nbytes: int, folder: Path, repeats: int = 3) -> float:
-    """Median seconds to write a checkpoint of `nbytes` of float32 tensors atomically."""
+    """Seconds to write a checkpoint of `nbytes` of float32 tensors atomically: the fastest
+    of `repeats` writes, since other work on a shared machine only ever adds time."""
     tensors = {"params": torch.zeros(max(1, nbytes // 4), dtype=torch.float32)}
     times = []
     for _ in range(repeats):
@@ -131,14 +137,16 @@ def measure_checkpoint(nbytes: int, folder: Path, repeats: int = 3) -> float:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / "checkpoint.safetensors")
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return min(times)
 
 
 def fit_checkpoint_model(sizes: Sequence[int], seconds: Sequence[float]) -> CheckpointModel:
-    """t = overhead + bytes / bandwidth, least squares."""
+    """t = overhead + bytes / bandwidth, least squares on relative error (sizes span
+    orders of magnitude; absolute error would fit only the largest)."""
     if len(sizes) < 2:
         raise ValueError("fit_checkpoint_model needs at least 2 measurements")
-    x = np.array([[1.0, s] for s in sizes])
-    (overhead, per_byte), *_ = np.linalg.lstsq(x, np.array(seconds), rcond=None)
+    y = np.array(seconds)
+    x = np.array([[1.0, s] for s in sizes]) / y[:, None]
+    (overhead, per_byte), *_ = np.linalg.lstsq(x, np.ones_like(y), rcond=None)
     per_byte = max(float(per_byte), 1e-15)  # a flat profile: writes cost no per-byte time
     return CheckpointModel(max(0.0, float(overhead)), 1.0 / per_byte / 1e6)

@@ -91,10 +91,12 @@ def profile_workload(
                 steps.append(profile_step(cfg, STEP_PROBE_ITERATIONS))
                 bar.advance(task)
     if len(steps) < 2:
-        # One count and one capacity: nothing to fit beyond the measured step itself.
+        # One count and one capacity: no fit possible; scale the physical estimate so it
+        # reproduces the one measured step.
         only = steps[0]
-        scale = only.step_s / max(1e-12, sum(only.features.vector()[:3]) or only.step_s)
-        model = StepModel((scale, scale, scale, 0.0))
+        physical = float(sum(only.features.vector()[:3]))
+        ratio = only.step_s / physical if physical > 0 else 0.0
+        model = StepModel((ratio, ratio, ratio, 0.0 if physical > 0 else only.step_s))
     else:
         model = fit_step_model(steps)
     return Profiles(iterations, steps, model, types[0].name)

@@ -18,6 +18,9 @@ from dlion.errors import ConfigError
 from dlion.transient.catalog import InstanceType, Revocation, Tier
 
 _READY, _REVOKE = 0, 1  # at equal times a replacement is ready before a revocation happens
+# A deferred revocation waits this long (real seconds) after the replacement is ready, so
+# that the replacement has fetched the model from the leaving worker before it goes.
+DEFER_MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ def draw_timeline(
     All instances are ready at 0. On-demand instances are never revoked. A revoked
     transient instance is replaced (if `replace`): the replacement is requested at once and
     ready `startup_s` later, then draws its own lifetime. With `keep_one_live`, a
-    revocation that would leave no instance working waits for the next replacement to be
-    ready, or past the horizon if none is due (counted in `deferred`)."""
+    revocation that would leave no instance working waits until the next replacement is
+    ready (plus DEFER_MARGIN_S), or past the horizon if none is due (counted in `deferred`)."""
     if n < 1:
         raise ConfigError(f"instance count must be >= 1, got {n}")
     rev = inst.revocation if tier == "transient" else Revocation(distribution="none")
@@ -98,7 +101,7 @@ def draw_timeline(
             deferred += 1
             pending = [q for q, k, _ in queue if k == _READY]
             if pending:  # wait for the next replacement; none before the horizon: keep it
-                heapq.heappush(queue, (min(pending), _REVOKE, rank))
+                heapq.heappush(queue, (min(pending) + DEFER_MARGIN_S, _REVOKE, rank))
             continue
         live.discard(rank)
         req, ready = open_lease.pop(rank)

@@ -62,7 +62,7 @@ def cluster_config(
 
 
 @functools.lru_cache(maxsize=16)
-def _model_bytes(data_name: str, model_json: str, cfg_json: str) -> int:
+def _model_bytes(cfg_json: str) -> int:
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     prep = prepare(cfg, 1)
     return 4 * count_parameters(make_model(cfg, prep.dataset))  # float32 parameters
@@ -70,7 +70,9 @@ def _model_bytes(data_name: str, model_json: str, cfg_json: str) -> int:
 
 def model_bytes(cfg: ExperimentConfig) -> int:
     """Bytes of the model's float32 parameters (what a checkpoint holds, optimizer aside)."""
-    return _model_bytes(cfg.data.name, cfg.model.model_dump_json(), cfg.model_dump_json())
+    # Only data and model decide the size; key the cache on them so clusters share it.
+    key = cfg.model_copy(update={"dynamics": cfg.dynamics.__class__(), "name": "model"})
+    return _model_bytes(key.model_dump_json())
 
 
 def revocations_announced(inst: InstanceType, spec: TransientSpec, nbytes: int) -> bool:
