@@ -430,7 +430,8 @@ def check_membership(events: list[MembershipEvent], n: int) -> None:
 
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # A key typed with control characters (a stray newline) must not break the one-line error.
+    loc = ".".join(str(p) if str(p).isprintable() else repr(str(p)) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if "input" in first and first["type"] not in ("missing",) and not loc.endswith("]"):
