@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dlion.config import ExperimentConfig
+from dlion.config import ExperimentConfig, config_from_dict
 from dlion.engines.launcher import Fault, run_dist
 from helpers import small_config
 
@@ -86,9 +86,7 @@ def test_a_process_without_the_secret_is_refused(tmp_path: Path) -> None:
         cfg, out_dir=tmp_path, progress=False, rank_env={2: {"DLION_SECRET": "wrong"}}
     )
     s = result.summary
-    assert s["membership"] == [
-        {"t": 0.0, "rank": 2, "event": "failed_to_start", "detected_after_s": None}
-    ]
+    assert s["membership"] == [{"t": 0.0, "rank": 2, "event": "failed_to_start"}]
     assert s["tta_s"] is not None  # the two who know the secret train on
     log = (tmp_path / "workers" / "rank-2.log").read_text()
     assert "refused by the job: shared secret mismatch" in log
@@ -117,3 +115,32 @@ def test_malformed_tensors_from_a_peer_are_counted_and_never_applied(
     whys = [e["why"] for e in events if e["event"] == "rejected"]
     assert any("NaN" in w for w in whys) and any("expected" in w for w in whys)
     assert any("limit" in w for w in whys)
+
+
+def test_a_replacement_joins_from_a_live_peer_and_training_goes_on(tmp_path: Path) -> None:
+    base = dist_config("dlion")
+    raw = base.model_dump(mode="json")
+    raw["dynamics"]["membership"] = [
+        {"at_s": 0.3, "rank": 2, "event": "crash"},
+        {"at_s": 0.5, "rank": 2, "event": "join"},
+    ]
+    raw["train"].update(target_acc=0.999, max_time=20.0)  # run to the end, past the join
+    cfg = config_from_dict(raw)
+    result = run_dist(cfg, out_dir=tmp_path, progress=False)
+    crash, join = result.summary["membership"]
+    assert (crash["rank"], crash["event"], crash["incarnation"]) == (2, "crash", 0)
+    assert (join["rank"], join["event"], join["incarnation"]) == (2, "join", 1)
+    assert join["donor"] in (0, 1) and join["t"] > crash["t"]
+    # Both members admitted the joiner before reaching its first iteration, and the job
+    # kept making progress afterwards (a lost message here would stall everyone).
+    for rank in (0, 1):
+        [admit] = [
+            e
+            for e in read_events(tmp_path / "workers" / f"rank-{rank}.jsonl")
+            if e["event"] == "peer_joined"
+        ]
+        assert admit["peer"] == 2 and admit["late"] is False
+    evals = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "eval"]
+    after = [e["iteration"] for e in evals if e["t"] > join["t"] + 1.0]
+    assert len(after) >= 2 and after[-1] > join["since"]
+    assert result.summary["final_acc"] > 0.9

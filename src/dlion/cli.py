@@ -12,6 +12,7 @@ from rich.console import Console
 # typer 0.29 vendors click; its UsageError is the one place to catch CLI misuse.
 from typer._click.exceptions import UsageError
 
+from dlion.dist_cli import app as dist_app
 from dlion.errors import BadInput, DlionError
 from dlion.hybrid.cli import app as hybrid_app
 from dlion.thermal.cli import app as thermal_app
@@ -148,6 +149,7 @@ def list_scenarios() -> None:
 
 
 # Sub-command groups: each module package exposes its own typer app.
+app.add_typer(dist_app, name="dist")
 app.add_typer(hybrid_app, name="hybrid")
 app.add_typer(thermal_app, name="thermal")
 app.add_typer(transfer_app, name="transfer")

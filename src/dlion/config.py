@@ -159,6 +159,12 @@ class EngineConfig(_Strict):
         "announced departure is noticed at once.",
     )
     heartbeat_s: float = Field(0.5, gt=0, description="dist: heartbeat period (wall seconds).")
+    join_margin_s: float = Field(
+        2.0,
+        gt=0,
+        description="dist: a joiner takes part from the iteration the fastest member will "
+        "reach this many wall seconds later, so every member hears of it first.",
+    )
     max_message_mb: float = Field(
         64.0, gt=0, description="dist: frames larger than this are refused (and the link dropped)."
     )

@@ -77,6 +77,9 @@ def load_plugins() -> None:
 
 
 def run(argv: list[str]) -> int:
+    # Receiver and sender threads hand every message to the event loop: a short GIL switch
+    # interval keeps each handoff from waiting out the default 5 ms.
+    sys.setswitchinterval(0.0005)
     load_plugins()
     parser = argparse.ArgumentParser(prog="python -m dlion.worker")
     parser.add_argument("config", help="YAML config path or shipped scenario name")
@@ -92,14 +95,18 @@ def run(argv: list[str]) -> int:
         ) from None
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
     factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
-    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir)
+    try:
+        incarnation = int(os.environ.get("DLION_INCARNATION", "0"))
+    except ValueError:
+        raise BadInput("DLION_INCARNATION must be an integer") from None
+    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir, incarnation=incarnation)
     if world != worker.cluster.size:
         raise BadInput(
             f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "
             "(cluster.workers)"
         )
     coordinator_thread = None
-    if torchrun and rank == 0:
+    if torchrun and rank == 0 and incarnation == 0:
         # Under torchrun rank 0 also coordinates (admission, evaluation, the run's files).
         from dlion.engines.launcher import Coordinator
 

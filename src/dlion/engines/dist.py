@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ from dlion.strategies import get_strategy, parse_options
 
 
 class Keys:
-    """Store keys of one job (all under the job's prefix)."""
+    """Store keys of one job (all under the job's prefix). `inc` is a rank's incarnation:
+    0 for a worker present from the start, then 1, 2, ... for each (re)join."""
 
     T0 = "t0"  # wall-clock start (time.time()) shared by every process
     GO = "go"
@@ -63,12 +65,16 @@ class Keys:
         return f"member/{rank}"
 
     @staticmethod
-    def admitted(rank: int) -> str:
-        return f"admitted/{rank}"
+    def absent(rank: int) -> str:
+        return f"absent/{rank}"
 
     @staticmethod
-    def refused(rank: int) -> str:
-        return f"refused/{rank}"
+    def admitted(rank: int, inc: int) -> str:
+        return f"admitted/{rank}.{inc}"
+
+    @staticmethod
+    def refused(rank: int, inc: int) -> str:
+        return f"refused/{rank}.{inc}"
 
     @staticmethod
     def ready(rank: int) -> str:
@@ -79,20 +85,37 @@ class Keys:
         return f"hb/{rank}"
 
     @staticmethod
-    def left(rank: int) -> str:
-        return f"left/{rank}"
+    def left(rank: int, inc: int) -> str:
+        return f"left/{rank}.{inc}"
 
     @staticmethod
-    def detected(peer: int, by: int) -> str:
-        return f"detected/{peer}/{by}"
+    def join(rank: int) -> str:
+        return f"join/{rank}"
+
+    @staticmethod
+    def since(rank: int, inc: int) -> str:
+        return f"since/{rank}.{inc}"
+
+    @staticmethod
+    def acked(rank: int, inc: int, by: int) -> str:
+        return f"acked/{rank}.{inc}/{by}"
+
+    @staticmethod
+    def detected(peer: int, inc: int, by: int) -> str:
+        return f"detected/{peer}.{inc}/{by}"
 
     @staticmethod
     def snapshot(k: int, rank: int) -> str:
         return f"snap/{k}/{rank}"
 
     @staticmethod
-    def final(rank: int) -> str:
-        return f"final/{rank}"
+    def final(rank: int, inc: int) -> str:
+        return f"final/{rank}.{inc}"
+
+
+def pair_label(rank_a: int, inc_a: int, rank_b: int, inc_b: int) -> str:
+    """Both sides of a pair name its rendezvous the same way: incarnations in rank order."""
+    return f"{inc_a}-{inc_b}" if rank_a < rank_b else f"{inc_b}-{inc_a}"
 
 
 def resolve_backend(name: str) -> str:
@@ -206,6 +229,7 @@ class DistWorker:
         *,
         run_id: str,
         out_dir: Path | None,
+        incarnation: int = 0,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
         self.cfg = cfg
@@ -216,7 +240,12 @@ class DistWorker:
         self.store = store_factory()
         self.run_id = run_id
         self.scale = cfg.engine.time_scale
-        self.cluster = Cluster.from_config(cfg.cluster)
+        # The scenario's capacity and bandwidth traces apply here as in the sim (scaled).
+        self.cluster = Cluster.from_config(cfg.cluster).with_dynamics(
+            cfg.dynamics, cfg.train.max_time
+        )
+        self.incarnation = incarnation
+        self.joining = incarnation > 0
         prep = prepare(cfg, self.cluster.size)
         self.flops_per_sample = prep.flops_per_sample
         self.backend = resolve_backend(cfg.engine.backend)
@@ -224,7 +253,10 @@ class DistWorker:
         self.t0 = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ctx = DistContext(self, make_replica(cfg, prep, rank))
-        self.live: set[int] = set()
+        self.live: set[int] = set()  # members: peers in this worker's view
+        self.linked: set[int] = set()  # peers with a working link (members and joiners)
+        self.peer_inc: dict[int, int] = dict.fromkeys(range(self.cluster.size), 0)
+        self._joins_seen: set[tuple[int, int]] = set()
         self._inflight: dict[int, set[asyncio.Future[None]]] = {}
         self._stop_reason: str | None = None
         self._stopped = threading.Event()
@@ -244,7 +276,8 @@ class DistWorker:
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
             on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
         )
-        events = None if out_dir is None else out_dir / "workers" / f"rank-{rank}.jsonl"
+        name = f"rank-{rank}.jsonl" if incarnation == 0 else f"rank-{rank}.{incarnation}.jsonl"
+        events = None if out_dir is None else out_dir / "workers" / name
         if events is not None:
             events.unlink(missing_ok=True)  # a new run in an old directory starts clean
         self.log = MetricsLog(events)
@@ -260,17 +293,20 @@ class DistWorker:
             "host": os.uname().nodename,
             "nonce": nonce,
             "proof": membership_proof(self.secret, self.run_id, self.rank, nonce),
+            "incarnation": self.incarnation,
         }
         self.store.set(Keys.member(self.rank), json.dumps(record))
 
-    def _decision(self, rank: int, timeout: float) -> str:
-        """The coordinator's word on `rank`: "admitted", "refused" or "missing"."""
+    def _decision(self, rank: int, inc: int, timeout: float) -> str:
+        """The coordinator's word on `rank`: "admitted", "refused", "absent" or "missing"."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if store_has(self.store, Keys.admitted(rank)):
+            if store_has(self.store, Keys.admitted(rank, inc)):
                 return "admitted"
-            if store_has(self.store, Keys.refused(rank)):
+            if store_has(self.store, Keys.refused(rank, inc)):
                 return "refused"
+            if inc == 0 and store_has(self.store, Keys.absent(rank)):
+                return "absent"
             time.sleep(0.02)
         return "missing"
 
@@ -278,31 +314,23 @@ class DistWorker:
         """Wait for the coordinator to admit this worker, then connect to every admitted
         peer (in parallel); refused, missing or unreachable peers are gone from the start."""
         timeout = self.cfg.engine.startup_timeout
-        if self._decision(self.rank, timeout) != "admitted":
+        if self._decision(self.rank, self.incarnation, timeout) != "admitted":
             raise PermissionError("refused by the job: shared secret mismatch (DLION_SECRET)")
+        if self.joining:
+            self._connect_as_joiner(timeout)
+            return
         verified: list[int] = []
         for peer in self.ctx.peers():
-            decision = self._decision(peer, timeout)
+            decision = self._decision(peer, 0, timeout)
             # The coordinator decides; checking the proof here too costs nothing.
             record = store_get_json(self.store, Keys.member(peer)) if decision == "admitted" else {}
             if decision == "admitted" and check_membership(self.secret, self.run_id, peer, record):
                 verified.append(peer)
             else:
                 self.log.write("refused", t=0.0, rank=self.rank, peer=peer, why=decision)
-        errors: dict[int, str] = {}
-
-        def connect(peer: int) -> None:
-            try:
-                self.transport.connect(peer, incarnation="0")
-            except Exception as err:  # recorded; the peer counts as gone
-                errors[peer] = str(err).splitlines()[0] if str(err) else type(err).__name__
-
-        threads = [threading.Thread(target=connect, args=(p,), daemon=True) for p in verified]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = self._connect_all(verified)
         self.live = {p for p in verified if p not in errors}
+        self.linked = set(self.live)
         for peer in set(self.ctx.peers()) - self.live:
             self.ctx.mailbox.peer_left(peer)
             self.log.write(
@@ -314,6 +342,35 @@ class DistWorker:
             )
         self.store.set(Keys.ready(self.rank), "1")
 
+    def _connect_all(self, peers: list[int]) -> dict[int, str]:
+        """Form the pair groups with `peers` in parallel; returns {peer: error} for failures."""
+        errors: dict[int, str] = {}
+
+        def connect(peer: int) -> None:
+            label = pair_label(self.rank, self.incarnation, peer, self.peer_inc[peer])
+            try:
+                self.transport.connect(peer, incarnation=label)
+            except Exception as err:  # recorded; the peer counts as gone
+                errors[peer] = str(err).splitlines()[0] if str(err) else type(err).__name__
+
+        threads = [threading.Thread(target=connect, args=(p,), daemon=True) for p in peers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    def _connect_as_joiner(self, timeout: float) -> None:
+        """A (re)joining worker: the coordinator's join record names the live members and
+        their incarnations; they connect back when they see it."""
+        self.store.wait([Keys.join(self.rank)], _seconds(timeout))
+        record = store_get_json(self.store, Keys.join(self.rank))
+        members = [int(p) for p in record["live"]]
+        self.peer_inc.update({int(p): int(i) for p, i in record["incarnations"].items()})
+        errors = self._connect_all(members)
+        self.linked = {p for p in members if p not in errors}
+        self.log.write("joining", t=0.0, rank=self.rank, peers=sorted(self.linked), errors=errors)
+
     # ---------------------------------------------------------------- the run
     def run(self) -> WorkerCounters:
         self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
@@ -322,6 +379,8 @@ class DistWorker:
         self.loop = loop
         asyncio.set_event_loop(loop)
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        # `kill -USR1 PID` prints what every coroutine of this worker is waiting on.
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
         monitor.start()
         status, error = "stopped", None
@@ -345,7 +404,9 @@ class DistWorker:
                 error,
             )
             with contextlib.suppress(Exception):
-                self.store.set(Keys.final(self.rank), json.dumps(counters.__dict__))
+                self.store.set(
+                    Keys.final(self.rank, self.incarnation), json.dumps(counters.__dict__)
+                )
             self.log.close()
             loop.close()
         return counters
@@ -354,11 +415,16 @@ class DistWorker:
         spec = get_strategy(self.cfg.strategy.name)
         options = parse_options(spec, self.cfg.strategy.options)
         self._stop_event = asyncio.Event()
+        if self.joining:
+            await self._join()
+
         # Beside the strategy, this worker answers state requests (joiners, regrouping
-        # collectives), as in the sim.
-        task = asyncio.ensure_future(
-            asyncio.gather(spec.worker(self.ctx, options), self.ctx.serve_state())
-        )
+        # collectives), as in the sim. A task (not a bare gather) so cancelling it at the
+        # end cancels both and is not mistaken for a failure.
+        async def strategy_and_service() -> None:
+            await asyncio.gather(spec.worker(self.ctx, options), self.ctx.serve_state())
+
+        task = asyncio.ensure_future(strategy_and_service())
         stopper = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
         leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -379,7 +445,9 @@ class DistWorker:
         # heartbeat timeout, then stop like any other end of run.
         self._leaving = True
         with contextlib.suppress(Exception):
-            self.store.set(Keys.left(self.rank), json.dumps({"t": self.ctx.now()}))
+            self.store.set(
+                Keys.left(self.rank, self.incarnation), json.dumps({"t": self.ctx.now()})
+            )
         self.log.write("leave", t=self.ctx.now(), rank=self.rank)
         self.stop("sigterm")
 
@@ -412,7 +480,7 @@ class DistWorker:
             self._inflight[dst].discard(fut)
         return max(0.0, time.monotonic() - start - latency)
 
-    def _on_frame(self, peer: int, frame: bytes) -> None:
+    def _on_frame(self, peer: int, frame: memoryview) -> None:
         """Receiver thread: decode off the loop, then deliver (or reject) on it."""
         try:
             msg = decode(frame, self.transport.max_frame_bytes)
@@ -425,7 +493,9 @@ class DistWorker:
         self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
-        if msg.src in self.live:
+        # Joiners are linked before they are members: their state requests must get through.
+        # (The link itself is the test: the loop may not have recorded a new one yet.)
+        if self.transport.has_link(msg.src):
             self.ctx.mailbox.deliver(msg)
 
     def _reject(self, peer: int, why: str) -> None:
@@ -435,10 +505,14 @@ class DistWorker:
     # ---------------------------------------------------------------- membership
     def _peer_gone(self, peer: int, why: str) -> None:
         """On the loop: drop `peer` everywhere, once, and wake whoever waits on it."""
-        if peer not in self.live:
+        if peer not in self.linked:
+            return
+        self.linked.discard(peer)
+        self.transport.drop(peer)
+        if peer not in self.live:  # a joiner that never became a member: nothing to tell
+            self.log.write("joiner_lost", t=self.ctx.now(), rank=self.rank, peer=peer, why=why)
             return
         self.live.discard(peer)
-        self.transport.drop(peer)
         # Epochs count the membership changes this worker has learned of; every survivor
         # learns of the same departures, so they agree on the number.
         self.ctx._peer_left(peer, self.ctx.epoch + 1)
@@ -448,7 +522,8 @@ class DistWorker:
         now = self.ctx.now()
         self.log.write("peer_gone", t=now, rank=self.rank, peer=peer, why=why)
         with contextlib.suppress(Exception):
-            self.store.set(Keys.detected(peer, self.rank), json.dumps({"t": now, "why": why}))
+            key = Keys.detected(peer, self.peer_inc[peer], self.rank)
+            self.store.set(key, json.dumps({"t": now, "why": why}))
 
     def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
         loop = self.loop
@@ -466,14 +541,22 @@ class DistWorker:
             store = self._store_factory()
             while not self._stopped.is_set():
                 now = time.time() - self.t0
-                store.set(Keys.heartbeat(self.rank), repr(time.time()))
+                beat_record = {
+                    "wall": time.time(),
+                    "t": now,
+                    "iteration": self.ctx.iteration,
+                    "epoch": self.ctx.epoch,
+                    "incarnation": self.incarnation,
+                }
+                store.set(Keys.heartbeat(self.rank), json.dumps(beat_record))
                 if store_has(store, Keys.STOP):
                     self._from_thread(self.stop, "stop")
-                for peer in list(self.live):
-                    if store_has(store, Keys.left(peer)):
+                self._watch_joins(store)
+                for peer in list(self.linked):
+                    if store_has(store, Keys.left(peer, self.peer_inc[peer])):
                         self._from_thread(self._peer_gone, peer, "left")
                     elif store_has(store, Keys.heartbeat(peer)):
-                        seen = float(store.get(Keys.heartbeat(peer)).decode())
+                        seen = float(store_get_json(store, Keys.heartbeat(peer))["wall"])
                         if time.time() - seen > timeout:
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
@@ -487,6 +570,106 @@ class DistWorker:
             self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
             self._from_thread(self.stop, "store lost")
 
+    # ---------------------------------------------------------------- joins
+    def _watch_joins(self, store: dist.Store) -> None:
+        """Monitor thread: connect to joiners the coordinator announced, and admit them as
+        members once they have published the iteration they take part from."""
+        for r in range(self.cluster.size):
+            if r == self.rank or not store_has(store, Keys.join(r)):
+                continue
+            record = store_get_json(store, Keys.join(r))
+            inc = int(record["inc"])
+            if self.rank not in record["live"] or (r, inc) in self._joins_seen:
+                continue
+            if inc > self.peer_inc[r] or r not in self.linked:
+                self._joins_seen.add((r, inc))
+                threading.Thread(target=self._link_joiner, args=(r, inc), daemon=True).start()
+        for r in range(self.cluster.size):
+            inc = self.peer_inc[r]
+            if r in self.linked and r not in self.live and store_has(store, Keys.since(r, inc)):
+                admission = store_get_json(store, Keys.since(r, inc))
+                self._from_thread(self._admit, r, int(admission["since"]), int(admission["epoch"]))
+
+    def _link_joiner(self, peer: int, inc: int) -> None:
+        label = pair_label(self.rank, self.incarnation, peer, inc)
+        try:
+            self.transport.connect(peer, incarnation=label)
+        except Exception as err:  # the joiner died during its start-up: it never joins
+            self.log.write(
+                "joiner_unreachable",
+                t=self.ctx.now(),
+                rank=self.rank,
+                peer=peer,
+                why=str(err).splitlines()[0] if str(err) else type(err).__name__,
+            )
+            return
+        self._from_thread(self._linked, peer, inc)
+
+    def _linked(self, peer: int, inc: int) -> None:
+        self.peer_inc[peer] = inc
+        self.linked.add(peer)
+        self.log.write("joiner_linked", t=self.ctx.now(), rank=self.rank, peer=peer, inc=inc)
+
+    def _admit(self, peer: int, since: int, epoch: int) -> None:
+        """On the loop: `peer` takes part from iteration `since`, in membership `epoch`."""
+        if peer in self.live or peer not in self.linked:
+            return
+        self.live.add(peer)
+        self.ctx._peer_joined(peer, since, max(epoch, self.ctx.epoch + 1))
+        # The joiner starts sending only after every member has acknowledged: anything it
+        # sent before our _peer_joined would be dropped as its previous life's leftovers.
+        self.store.set(Keys.acked(peer, self.peer_inc[peer], self.rank), "1")
+        late = self.ctx.iteration >= since
+        self.log.write(
+            "peer_joined",
+            t=self.ctx.now(),
+            rank=self.rank,
+            peer=peer,
+            since=since,
+            at_iteration=self.ctx.iteration,
+            late=late,
+        )
+
+    async def _join(self) -> None:
+        """This worker is (re)joining: take the current model from a live member, then pick
+        the iteration it takes part from, far enough ahead that every member hears of it
+        first (engine.join_margin_s of the fastest member's progress), and publish it."""
+        self.ctx._set_view(dict.fromkeys(self.linked, 0), 0)
+        donor = await self.ctx.join_from_live_peer()
+        beats = [store_get_json(self.store, Keys.heartbeat(p)) for p in sorted(self.linked)]
+        margin_s = self.cfg.engine.join_margin_s
+        since = self.ctx.iteration + 1
+        epoch = 0
+        for beat in beats:
+            rate = beat["iteration"] / max(beat["t"], 1e-6)  # the member's iterations per second
+            ahead = rate * (time.time() - beat["wall"] + margin_s)
+            since = max(since, int(beat["iteration"] + ahead) + 1)
+            epoch = max(epoch, int(beat["epoch"]) + 1)
+        self.live = set(self.linked)
+        self.ctx._set_view(dict.fromkeys(self.live, 0), epoch, since)
+        self.ctx.iteration = since
+        self.store.set(
+            Keys.since(self.rank, self.incarnation),
+            json.dumps({"since": since, "epoch": epoch, "donor": donor, "t": self.ctx.now()}),
+        )
+        self.log.write(
+            "join", t=self.ctx.now(), rank=self.rank, donor=donor, since=since, epoch=epoch
+        )
+        deadline = time.time() + self.cfg.engine.peer_timeout
+        waiting = set(self.live)
+        while waiting and time.time() < deadline:
+            waiting = {
+                p
+                for p in waiting
+                if p in self.linked
+                and not store_has(self.store, Keys.acked(self.rank, self.incarnation, p))
+            }
+            await asyncio.sleep(0.01)
+        if waiting:
+            self.log.write(
+                "join_unacknowledged", t=self.ctx.now(), rank=self.rank, peers=sorted(waiting)
+            )
+
     def _publish_snapshot(self, k: int) -> None:
         """On the loop, between strategy steps: the replica and counters for eval point k."""
         ctx = self.ctx
@@ -499,6 +682,12 @@ class DistWorker:
         msg = Message(self.rank, -1, "snapshot", Dense(ctx.replica.params()), ctx.now(), meta)
         with contextlib.suppress(Exception):
             self.store.set(Keys.snapshot(k, self.rank), encode(msg))
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=6, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _seconds(value: float) -> datetime.timedelta:

@@ -16,6 +16,7 @@ no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import resource
 import secrets
@@ -23,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ import yaml
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode
 from dlion.config import ExperimentConfig
+from dlion.dynamics import membership_schedule
 from dlion.engines.dist import (
     Keys,
     check_membership,
@@ -51,11 +54,29 @@ from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy,
 
 @dataclass(frozen=True)
 class Fault:
-    """Send `signal` (KILL: crash; TERM: clean leave) to worker `rank` at scenario time `at`."""
+    """At scenario time `at`: KILL (a crash: SIGKILL), TERM (a clean leave: SIGTERM) or
+    JOIN (start a new incarnation of worker `rank`, which joins the running job)."""
 
     rank: int
     at: float
-    signal: str = "KILL"
+    signal: Literal["KILL", "TERM", "JOIN"] = "KILL"
+
+
+def schedule_from_config(cfg: ExperimentConfig, size: int) -> tuple[list[Fault], set[int]]:
+    """The scenario's membership events as real actions, and the ranks absent at the start
+    (their first event is a join). A join happens when its startup time is over; the new
+    process's own start-up time comes on top of that."""
+    events = membership_schedule(cfg.dynamics, size, cfg.train.max_time)
+    kinds: dict[str, Literal["KILL", "TERM", "JOIN"]] = {
+        "crash": "KILL",
+        "leave": "TERM",
+        "join": "JOIN",
+    }
+    faults = [Fault(e.rank, e.ready_s, kinds[e.event]) for e in events]
+    first: dict[int, str] = {}
+    for e in sorted(events, key=lambda e: e.at_s):
+        first.setdefault(e.rank, e.event)
+    return faults, {r for r, kind in first.items() if kind == "join"}
 
 
 class Coordinator:
@@ -71,6 +92,8 @@ class Coordinator:
         label: str | None = None,
         processes: dict[int, subprocess.Popen[bytes]] | None = None,
         faults: list[Fault] | None = None,
+        absent: set[int] | None = None,
+        spawn: Callable[[int, int], subprocess.Popen[bytes]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -83,10 +106,17 @@ class Coordinator:
         self.prep = prepare(cfg, self.size)
         self._eval_replica = make_replica(cfg, self.prep, 0)
         self.t0 = 0.0
-        self.departed: dict[int, dict[str, Any]] = {}  # rank -> membership record
+        self.spawn = spawn
+        self.absent = set(absent or ())
+        self.out: set[int] = set(self.absent)  # ranks not taking part right now
+        self.inc = dict.fromkeys(range(self.size), 0)  # each rank's current incarnation
+        self.changes: list[dict[str, Any]] = []  # membership changes, for the summary
         self._signalled: dict[int, float] = {}  # rank -> when a fault was injected
-        self._decided: set[int] = set()  # ranks admitted or refused
+        self._decided: set[tuple[int, int]] = set()  # (rank, incarnation) admitted or refused
+        self._finals_seen: set[tuple[int, int]] = {(r, 0) for r in range(self.size)}
         self.run_id = run_id
+        for r in self.absent:
+            store.set(Keys.absent(r), "1")
         # Open now: admission and faults are logged before the first evaluation.
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -102,26 +132,38 @@ class Coordinator:
         process with a wrong secret cannot refuse the others."""
         secret = job_secret(self.cfg)
         for r in range(self.size):
-            if r in self._decided or not store_has(self.store, Keys.member(r)):
+            if not store_has(self.store, Keys.member(r)):
                 continue
             record = store_get_json(self.store, Keys.member(r))
-            if check_membership(secret, self.run_id, r, record):
-                self.store.set(Keys.admitted(r), "1")
-            else:
-                self.store.set(Keys.refused(r), "secret mismatch")
-                self.log.write("refused", t=0.0, rank=r, pid=record.get("pid"))
-            self._decided.add(r)
+            inc = int(record.get("incarnation", 0))
+            if (r, inc) in self._decided:
+                continue
+            self._decided.add((r, inc))
+            if not check_membership(secret, self.run_id, r, record):
+                self.store.set(Keys.refused(r, inc), "secret mismatch")
+                self.log.write("refused", t=max(0.0, self.now()), rank=r, pid=record.get("pid"))
+                continue
+            self.store.set(Keys.admitted(r, inc), "1")
+            if inc > 0:
+                # A joiner: tell it (and the members) who is in, with their incarnations.
+                self.inc[r] = inc
+                self._finals_seen.add((r, inc))
+                live = [p for p in range(self.size) if p != r and p not in self.out]
+                join = {"inc": inc, "live": live, "incarnations": {p: self.inc[p] for p in live}}
+                self.store.set(Keys.join(r), json.dumps(join))
+                self.log.write("join_admitted", t=self.now(), rank=r, inc=inc, live=live)
 
     def wait_ready(self) -> None:
         deadline = time.time() + self.cfg.engine.startup_timeout
-        pending = set(range(self.size))
+        pending = set(range(self.size)) - self.absent
         while pending:
             self.admit()
             pending = {r for r in pending if not store_has(self.store, Keys.ready(r))}
             for r in list(pending):
-                if self._exited(r) is not None or store_has(self.store, Keys.refused(r)):
+                if self._exited(r) is not None or store_has(self.store, Keys.refused(r, 0)):
                     pending.discard(r)
-                    self.departed[r] = {"t": 0.0, "rank": r, "event": "failed_to_start"}
+                    self.out.add(r)
+                    self.changes.append({"t": 0.0, "rank": r, "event": "failed_to_start"})
             if not pending:
                 break
             if time.time() > deadline:
@@ -130,7 +172,7 @@ class Coordinator:
                     f"{self.cfg.engine.startup_timeout:g} s (engine.startup_timeout)"
                 )
             time.sleep(0.05)
-        if len(self.departed) == self.size:
+        if len(self.out) == self.size:
             raise SimulationError("dist: no worker started; see workers/rank-*.log")
 
     def start(self) -> None:
@@ -150,28 +192,51 @@ class Coordinator:
     def _update_membership(self) -> None:
         now = self.now()
         for r in range(self.size):
-            if r in self.departed:
+            inc = self.inc[r]
+            if r in self.out:
+                if inc > 0 and store_has(self.store, Keys.since(r, inc)):
+                    joined = store_get_json(self.store, Keys.since(r, inc))
+                    self.out.discard(r)
+                    self.changes.append(
+                        {
+                            "t": float(joined["t"]),
+                            "rank": r,
+                            "event": "join",
+                            "incarnation": inc,
+                            "since": joined["since"],
+                            "donor": joined["donor"],
+                        }
+                    )
                 continue
             code = self._exited(r)
-            if store_has(self.store, Keys.left(r)):
-                left = store_get_json(self.store, Keys.left(r))
-                self.departed[r] = {"t": float(left["t"]), "rank": r, "event": "leave"}
-            elif code is not None and not store_has(self.store, Keys.final(r)):
+            change: dict[str, Any] | None = None
+            if store_has(self.store, Keys.left(r, inc)):
+                left = store_get_json(self.store, Keys.left(r, inc))
+                change = {"t": float(left["t"]), "rank": r, "event": "leave"}
+            elif code is not None and not store_has(self.store, Keys.final(r, inc)):
                 # The moment of an injected fault is known exactly; otherwise this poll's.
                 t = self._signalled.get(r, now)
-                self.departed[r] = {"t": t, "rank": r, "event": "crash", "exit_code": code}
+                change = {"t": t, "rank": r, "event": "crash", "exit_code": code}
             elif code is None and self.processes is None and self._heartbeat_stale(r):
-                self.departed[r] = {"t": now, "rank": r, "event": "crash"}
+                change = {"t": now, "rank": r, "event": "crash"}
+            if change is not None:
+                change["incarnation"] = inc
+                self.out.add(r)
+                self._last.pop(r, None)  # a returning worker is evaluated on new snapshots
+                self.changes.append(change)
 
     def _heartbeat_stale(self, rank: int) -> bool:
         if not store_has(self.store, Keys.heartbeat(rank)):
             return False
-        seen = float(self.store.get(Keys.heartbeat(rank)).decode())
+        seen = float(store_get_json(self.store, Keys.heartbeat(rank))["wall"])
         return time.time() - seen > self.cfg.engine.peer_timeout
 
     def _inject_faults(self) -> None:
         while self.faults and self.faults[0].at * self.scale <= self.now():
             fault = self.faults.pop(0)
+            if fault.signal == "JOIN":
+                self._start_joiner(fault)
+                continue
             if self.processes is None or self._exited(fault.rank) is not None:
                 continue
             sig = signal.SIGKILL if fault.signal == "KILL" else signal.SIGTERM
@@ -179,10 +244,28 @@ class Coordinator:
             self._signalled[fault.rank] = self.now()
             self.log.write("fault", t=self.now(), rank=fault.rank, signal=fault.signal)
 
+    def _start_joiner(self, fault: Fault) -> None:
+        rank = fault.rank
+        if self.spawn is None or self.processes is None:
+            return  # under torchrun the launcher is torchrun's: it starts no extra process
+        self._update_membership()
+        if rank not in self.out:
+            # Its departure may not be visible yet (a crash is seen when the process is
+            # reaped): try again shortly, for up to the peer timeout.
+            if self.now() < fault.at * self.scale + self.cfg.engine.peer_timeout:
+                later = Fault(rank, fault.at + 0.05 / self.scale, "JOIN")
+                self.faults = sorted([*self.faults, later], key=lambda f: f.at)
+            else:
+                self.log.write("join_skipped", t=self.now(), rank=rank, why="still a member")
+            return
+        inc = 1 + max((i for r, i in self._decided if r == rank), default=0)
+        self.processes[rank] = self.spawn(rank, inc)
+        self.log.write("join_started", t=self.now(), rank=rank, inc=inc)
+
     # ---------------------------------------------------------------- evaluation
     def _collect(self, k: int) -> None:
         for r in range(self.size):
-            if r in self.departed:
+            if r in self.out:
                 continue
             key = Keys.snapshot(k, r)
             if not store_has(self.store, key):
@@ -206,7 +289,7 @@ class Coordinator:
     def evaluate(self, k: int) -> EvalPoint | None:
         start = time.perf_counter()
         self._collect(k)
-        live = [r for r in range(self.size) if r not in self.departed and r in self._last]
+        live = [r for r in range(self.size) if r not in self.out and r in self._last]
         if not live:
             return None
         results = [self._evaluate(self._last[r][0]) for r in live]
@@ -249,11 +332,12 @@ class Coordinator:
                 due = self.t0 + k * every + grace
                 while time.time() < due:
                     self._inject_faults()
+                    self.admit()  # joiners register while the job runs
                     self._update_membership()
                     time.sleep(min(0.05, max(0.0, due - time.time())))
                 self._update_membership()
                 point = self.evaluate(k)
-                if point is None and len(self.departed) == self.size:
+                if point is None and len(self.out) == self.size and not self.faults:
                     reason = "all workers gone"
                     break
                 if point is not None:
@@ -268,25 +352,27 @@ class Coordinator:
                 k += 1
             self.store.set(Keys.STOP, reason)
             finals = self._wait_finals()
-            for record in self.departed.values():
-                record["detected_after_s"] = self._detection_delay(record)
+            for record in self.changes:
+                if record["event"] in ("leave", "crash"):
+                    record["detected_after_s"] = self._detection_delay(record)
                 fields = {k: v for k, v in record.items() if k != "event"}
-                self.log.write("departure", change=record["event"], **fields)
+                self.log.write("membership", change=record["event"], **fields)
             tta = time_to_accuracy(points, cfg.train.target_acc)
             self.log.write("end", t=points[-1].t if points else 0.0, tta_s=tta, reason=reason)
         return self._result(points, finals, reason)
 
-    def _wait_finals(self) -> dict[int, dict[str, Any]]:
+    def _wait_finals(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Each incarnation's final counters, once every running worker has reported."""
         deadline = time.time() + 5 * self.cfg.engine.heartbeat_s + 10
-        finals: dict[int, dict[str, Any]] = {}
+        finals: dict[tuple[int, int], dict[str, Any]] = {}
         while time.time() < deadline:
-            for r in range(self.size):
-                if r not in finals and store_has(self.store, Keys.final(r)):
-                    finals[r] = store_get_json(self.store, Keys.final(r))
+            for r, inc in self._finals_seen:
+                if (r, inc) not in finals and store_has(self.store, Keys.final(r, inc)):
+                    finals[(r, inc)] = store_get_json(self.store, Keys.final(r, inc))
             waiting = [
                 r
                 for r in range(self.size)
-                if r not in finals and r not in self.departed and self._exited(r) is None
+                if (r, self.inc[r]) not in finals and r not in self.out and self._exited(r) is None
             ]
             if not waiting:
                 break
@@ -297,17 +383,20 @@ class Coordinator:
         """How long the slowest live peer took to drop this worker (None if nobody did)."""
         seen = []
         for by in range(self.size):
-            key = Keys.detected(record["rank"], by)
+            key = Keys.detected(record["rank"], record["incarnation"], by)
             if by != record["rank"] and store_has(self.store, key):
                 seen.append(float(store_get_json(self.store, key)["t"]))
         return round(max(seen) - record["t"], 6) if seen else None
 
     def _result(
-        self, points: list[EvalPoint], finals: dict[int, dict[str, Any]], reason: str
+        self,
+        points: list[EvalPoint],
+        finals: dict[tuple[int, int], dict[str, Any]],
+        reason: str,
     ) -> RunResult:
         cfg = self.cfg
         last = points[-1] if points else EvalPoint(0.0, 0, 0.0, 0.0, float("nan"), 0)
-        failed = {r: f for r, f in finals.items() if f.get("status") == "failed"}
+        failed = {r: f for (r, _), f in finals.items() if f.get("status") == "failed"}
         tta = time_to_accuracy(points, cfg.train.target_acc)
         summary: dict[str, Any] = {
             "scenario": cfg.name,
@@ -331,7 +420,7 @@ class Coordinator:
             "backend": resolve_backend(cfg.engine.backend),
             "shaping": cfg.engine.shaping,
             "compute_overruns": int(sum(f.get("overruns", 0) for f in finals.values())),
-            "membership": sorted(self.departed.values(), key=lambda d: (d["t"], d["rank"])),
+            "membership": sorted(self.changes, key=lambda d: (d["t"], d["rank"])),
             "stop_reason": reason,
             "wall_s": self.now(),
             "eval_wall_s": self.eval_wall_s,
@@ -383,25 +472,33 @@ def run_dist(
     logs.mkdir(exist_ok=True)
     size = Cluster.from_config(cfg.cluster).size
     processes: dict[int, subprocess.Popen[bytes]] = {}
+    scheduled, absent = schedule_from_config(cfg, size)
+
+    def spawn(rank: int, incarnation: int) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "DLION_STORE": f"{cfg.engine.host}:{server.port}",
+            "DLION_RUN_ID": run_id,
+            "DLION_INCARNATION": str(incarnation),
+            "OMP_NUM_THREADS": str(cfg.engine.threads),
+            **(rank_env or {}).get(rank, {}),
+        }
+        name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
+        with (logs / name).open("wb") as log_file:
+            return subprocess.Popen(
+                [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
     try:
         for rank in range(size):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(size),
-                "DLION_STORE": f"{cfg.engine.host}:{server.port}",
-                "DLION_RUN_ID": run_id,
-                "OMP_NUM_THREADS": str(cfg.engine.threads),
-                **(rank_env or {}).get(rank, {}),
-            }
-            with (logs / f"rank-{rank}.log").open("wb") as log_file:
-                processes[rank] = subprocess.Popen(
-                    [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)],
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
+            if rank not in absent:
+                processes[rank] = spawn(rank, 0)
         coordinator = Coordinator(
             cfg,
             store,
@@ -409,7 +506,9 @@ def run_dist(
             run_id=run_id,
             label=label,
             processes=processes,
-            faults=faults,
+            faults=[*scheduled, *(faults or [])],
+            absent=absent,
+            spawn=spawn,
         )
         coordinator.wait_ready()
         coordinator.start()
