@@ -207,7 +207,9 @@ class DistContext(WorkerContext):
         grad, loss = self.replica.gradient(batch_size)
         measured = time.perf_counter() - start
         w = self._worker
-        target = w.scale * w.cluster.compute_time(self.rank, w.flops_per_sample * batch_size)
+        # Capacity traces are in scenario time: the step starts at now / time_scale.
+        flops = w.flops_per_sample * batch_size
+        target = w.scale * w.cluster.compute_time(self.rank, flops, start=self.now() / w.scale)
         if target > measured:
             await asyncio.sleep(target - measured)
         else:
@@ -460,6 +462,9 @@ class DistWorker:
         mode = self.cfg.engine.shaping
         latency = self.ctx.latency(dst) if mode != "none" else 0.0
         if mode == "transport":
+            # Bandwidth traces are in scenario time, like the sim's.
+            rate = self.cluster.bandwidth(self.rank, dst, self.ctx.now() / self.scale)
+            self.shaper.set_rate(dst, rate / self.scale)
             done = self.shaper.reserve(dst, start, len(frame))
             if not self.transport.send(dst, frame, due=done + latency):
                 return 0.0

@@ -32,8 +32,9 @@ class LinkShaper:
         self._links = {peer: Pacer(rate) for peer, rate in link_rates.items()}
         self._nic = Pacer(nic_rate) if nic_rate is not None else None
 
-    def add_link(self, peer: int, rate: float) -> None:
-        self._links[peer] = Pacer(rate)
+    def set_rate(self, peer: int, rate: float) -> None:
+        """A link's bandwidth changed (a trace): later messages are paced at the new rate."""
+        self._links[peer].rate = rate
 
     def reserve(self, peer: int, now: float, nbytes: int) -> float:
         """When a message of `nbytes` sent to `peer` at `now` has fully left this host."""
