@@ -65,8 +65,14 @@ class _PeerLink:
                 data = torch.frombuffer(item.frame, dtype=torch.uint8)
             try:
                 size = torch.tensor([data.numel()], dtype=torch.int64)
-                self.group.send([self._tensor(size)], self.other, 0).wait()
-                self.group.send([self._tensor(data)], self.other, 0).wait()
+                # Both posted before waiting: the pair keeps them in order, and the length
+                # does not cost a round trip of its own.
+                works = [
+                    self.group.send([self._tensor(size)], self.other, 0),
+                    self.group.send([self._tensor(data)], self.other, 0),
+                ]
+                for work in works:
+                    work.wait()
             except Exception as err:  # any transport error means the link is gone
                 self._fail(f"send failed: {err}")
                 return
