@@ -67,7 +67,16 @@ class Network:
         self._progress()
         self._flows.append(flow)
         self._schedule_update()
-        await flow.done
+        try:
+            await flow.done
+        except asyncio.CancelledError:
+            # The sender gave up (it vanished mid-transfer): its flow stops using the
+            # links at once instead of holding bandwidth until its bytes would be through.
+            self._progress()
+            if flow in self._flows:
+                self._flows.remove(flow)
+                self._schedule_update()
+            raise
         return self._loop.time() - start
 
     def _schedule_update(self) -> None:
