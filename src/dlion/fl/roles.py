@@ -350,29 +350,38 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
     steps = max(1, math.ceil(local.epochs * n / batch))
     pull_at = algo.pull_step(task.meta, steps)
     pulled = 0.0
+    asked = False
     losses: list[float] = []
     for step in range(steps):
         if step == pull_at:
-            pulled = await _pull(ctx, algo, task.meta, version)
+            # Ask for the fresh global model and keep training while it downloads; it is
+            # merged at the first step boundary after it arrived.
+            await ctx.send(SERVER, TO_SERVER, Control("pull"), {"version": float(version)})
+            asked = True
+        if asked and pulled == 0.0:
+            reply = ctx.poll(SERVER, GLOBAL)
+            if reply is not None:
+                asked = False
+                pulled = _merge_fresh(ctx, algo, task.meta, version, reply)
         result = await ctx.compute(batch)
         ctx.replica.apply(result.grad)
         losses.append(result.loss)
         ctx.iteration_done(result.loss)
     delta = ctx.replica.flat - start
     # The model is freed before the upload: only the delta travels, and an idle client
-    # holds nothing.
+    # holds nothing. An answer to a pull that came too late is dropped with the next task.
     ctx.free_model()
     meta = {"version": float(version), "samples": float(n), "loss": sum(losses) / len(losses)}
     await ctx.send(SERVER, TO_SERVER, Dense(delta), {**meta, "pulled": pulled})
 
 
-async def _pull(ctx: ClientContext, algo: Algorithm, meta: dict[str, float], version: int) -> float:
-    """Ask for the fresh global model and merge it (FedASMU's adaptive local adjustment).
-    Returns the merge weight beta used (0 if nothing was merged)."""
-    await ctx.send(SERVER, TO_SERVER, Control("pull"), {"version": float(version)})
-    reply = await ctx.recv(SERVER, GLOBAL)
-    if not isinstance(reply, Message) or not isinstance(reply.payload, Dense):
-        return 0.0  # Control("none"), a timeout: carry on with the local model
+def _merge_fresh(
+    ctx: ClientContext, algo: Algorithm, meta: dict[str, float], version: int, reply: Message
+) -> float:
+    """Merge the fresh global model into the local one (FedASMU's adaptive local model
+    adjustment). Returns the weight beta used (0 if nothing was merged)."""
+    if not isinstance(reply.payload, Dense):
+        return 0.0  # Control("none"): the server has nothing new
     if tensor_problem(reply.payload, ctx.replica.numel) is not None:
         return 0.0
     b = algo.device_beta(meta, int(reply.meta.get("version", version)), version)
