@@ -118,9 +118,13 @@ class _Context(ClientContext):
         return ComputeResult(grad, loss, batch_size, seconds)
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
-        seconds = await self._engine.network.transfer(self.rank, dst, wire_bytes)
-        latency = self._engine.cluster.link(self.rank, dst).latency
-        self._engine.loop.call_later(latency, self._engine.contexts[dst].mailbox.deliver, msg)
+        engine = self._engine
+        # A message travels on one connection: if either end disconnects before it has
+        # arrived, it is lost (a device back online never receives its old session's task).
+        sessions = (engine.sessions[self.rank], engine.sessions[dst])
+        seconds = await engine.network.transfer(self.rank, dst, wire_bytes)
+        latency = engine.cluster.link(self.rank, dst).latency
+        engine.loop.call_later(latency, engine.deliver, self.rank, dst, sessions, msg)
         return seconds
 
     # ---------------------------------------------------------------- client parts
@@ -148,6 +152,7 @@ class _Context(ClientContext):
     def disconnect(self) -> None:
         self.free_model()
         self._engine.vanished += 1
+        self._engine.sessions[self.rank] += 1
         # The transport notices the dropped connection: the server hears "left" after the
         # link latency, at no bandwidth cost. The device itself sends nothing.
         left = Message(self.rank, SERVER, TO_SERVER, Control("left"), self.now())
@@ -196,12 +201,17 @@ class _Engine:
         self.models_held = 0
         self.peak_models_held = 0
         self.vanished = 0
+        self.sessions = [0] * self.cluster.size  # connection generation per rank
         self.log: MetricsLog
         for ctx in self.contexts:
             ctx._on_record = self._record
 
     def now(self) -> float:
         return self.t0 + self.loop.time()
+
+    def deliver(self, src: int, dst: int, sessions: tuple[int, int], msg: Message) -> None:
+        if (self.sessions[src], self.sessions[dst]) == sessions:
+            self.contexts[dst].mailbox.deliver(msg)
 
     def _build_model(self) -> torch.nn.Module:
         m = self.cfg.model

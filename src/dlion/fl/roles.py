@@ -68,6 +68,7 @@ class ClientContext(WorkerContext):
 
 @dataclass
 class _Task:
+    id: int  # echoed by the client, so an answer to an older task is never taken for this one
     version: int
     started: float
 
@@ -145,6 +146,7 @@ class Server:
         self.snapshots: dict[int, torch.Tensor] = {}
         self._round: list[Update] | None = None  # uploads of the open round (synchronous)
         self._sends: set[asyncio.Future[bool]] = set()
+        self.next_task_id = 0
 
     async def run(self) -> None:
         if self.algo.synchronous:
@@ -187,8 +189,10 @@ class Server:
         v = self.state.version
         if v not in self.snapshots:
             self.snapshots[v] = self.state.model.clone()
-        self.tasks[client] = _Task(v, self.ctx.now())
-        meta = {"version": float(v), **self.algo.task_meta(client)}
+        self.next_task_id += 1
+        task = _Task(self.next_task_id, v, self.ctx.now())
+        self.tasks[client] = task
+        meta = {"task": float(task.id), "version": float(v), **self.algo.task_meta(client)}
         self._send_later(client, TASK, Dense(self.snapshots[v]), meta)
 
     def _finish(self, client: int) -> _Task:
@@ -262,7 +266,7 @@ class Server:
         src = msg.src
         self.stats.uploads += 1
         task = self.tasks.get(src)
-        if task is None:
+        if task is None or msg.meta.get("task") != float(task.id):
             self.stats.reject("unsolicited upload")
             return
         base = self.snapshots[task.version]
@@ -371,7 +375,12 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
     # The model is freed before the upload: only the delta travels, and an idle client
     # holds nothing. An answer to a pull that came too late is dropped with the next task.
     ctx.free_model()
-    meta = {"version": float(version), "samples": float(n), "loss": sum(losses) / len(losses)}
+    meta = {
+        "task": task.meta.get("task", 0.0),
+        "version": float(version),
+        "samples": float(n),
+        "loss": sum(losses) / len(losses),
+    }
     await ctx.send(SERVER, TO_SERVER, Dense(delta), {**meta, "pulled": pulled})
 
 
