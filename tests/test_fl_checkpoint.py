@@ -14,11 +14,11 @@ from dlion.cli import main
 from dlion.fl.checkpoint import CheckpointError, load_checkpoint
 from dlion.fl.config import FLConfig, with_fl_changes
 from dlion.fl.engine import run_fl
-from tests.test_fl_engine import tiny
+from fl_helpers import tiny
 
 
 def _cfg(**changes: str) -> FLConfig:
-    cfg = tiny(checkpoint={"every_s": 4}, algorithm={"name": "fedbuff", "options": {"k": 2}})
+    cfg = tiny(checkpoint={"every_s": 2}, algorithm={"name": "fedbuff", "options": {"k": 2}})
     return with_fl_changes(cfg, [f"{k}={v}" for k, v in changes.items()])
 
 
@@ -32,25 +32,25 @@ def test_checkpoints_are_written_and_resume_continues(tmp_path: Path) -> None:
     cfg = _cfg()
     first = run_fl(cfg, out_dir=tmp_path, progress=False)
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    # Checkpoints at 4, 8, 12 s; the two newest are kept; no temp files left behind.
+    # Checkpoints at 2, 4, 6, 8 s; the two newest are kept; no temp files left behind.
     assert files == [
-        "ckpt-000001.json",
-        "ckpt-000001.safetensors",
         "ckpt-000002.json",
         "ckpt-000002.safetensors",
+        "ckpt-000003.json",
+        "ckpt-000003.safetensors",
     ]
-    meta = json.loads((tmp_path / "checkpoint" / "ckpt-000002.json").read_text())
-    assert meta["time"] == 12 and meta["version"] == first.summary["iterations"]
+    meta = json.loads((tmp_path / "checkpoint" / "ckpt-000003.json").read_text())
+    assert meta["time"] == 8 and meta["version"] == first.summary["iterations"]
     # The saved model is the final global model (the last eval happened at 12 s).
-    restored = load_checkpoint(tmp_path, with_fl_changes(cfg, ["train.max_time=20"]))
+    restored = load_checkpoint(tmp_path, with_fl_changes(cfg, ["train.max_time=14"]))
     assert torch.equal(restored.tensors["model"], first.model)
     assert "algo.buffer" in restored.tensors
 
-    longer = with_fl_changes(cfg, ["train.max_time=20"])
+    longer = with_fl_changes(cfg, ["train.max_time=14"])
     second = run_fl(longer, out_dir=tmp_path, progress=False, resume=tmp_path)
     s = second.summary
-    assert s["resumed_from_s"] == 12 and s["time_s"] == 20
-    assert second.points[0].t == 12 and second.points[0].iteration == meta["version"]
+    assert s["resumed_from_s"] == 8 and s["time_s"] == 14
+    assert second.points[0].t == 8 and second.points[0].iteration == meta["version"]
     assert second.points[0].mean_acc == first.points[-1].mean_acc
     assert s["iterations"] > meta["version"]
     events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -60,20 +60,20 @@ def test_checkpoints_are_written_and_resume_continues(tmp_path: Path) -> None:
 def test_refused_checkpoints_leave_everything_untouched(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_fl(_cfg(), out_dir=run, progress=False)
-    longer = _cfg(**{"train.max_time": "20"})
+    longer = _cfg(**{"train.max_time": "14"})
 
     # Another config (other algorithm options).
-    other = _cfg(**{"train.max_time": "20", "algorithm.options.k": "3"})
+    other = _cfg(**{"train.max_time": "14", "algorithm.options.k": "3"})
     before = _snapshot(run)
     with pytest.raises(CheckpointError, match="written for another config"):
         run_fl(other, out_dir=run, progress=False, resume=run)
     assert _snapshot(run) == before
 
     # Already past the time budget.
-    with pytest.raises(CheckpointError, match="raise train.max_time"):
+    with pytest.raises(CheckpointError, match=r"raise train\.max_time"):
         run_fl(_cfg(), out_dir=run, progress=False, resume=run)
 
-    tensors = run / "checkpoint" / "ckpt-000002.safetensors"
+    tensors = run / "checkpoint" / "ckpt-000003.safetensors"
     data = tensors.read_bytes()
     # Tampered: one byte of a weight flipped.
     tensors.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
@@ -87,7 +87,7 @@ def test_refused_checkpoints_leave_everything_untouched(tmp_path: Path) -> None:
         run_fl(longer, progress=False, resume=run)
     # Metadata garbage.
     tensors.write_bytes(data)
-    (run / "checkpoint" / "ckpt-000002.json").write_text("{not json")
+    (run / "checkpoint" / "ckpt-000003.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable JSON checkpoint"):
         load_checkpoint(run, longer)
     with pytest.raises(CheckpointError, match="no such run directory"):
@@ -103,12 +103,12 @@ def test_cli_resume_refusal_is_one_line_exit_2(
     cfg_path.write_text(yaml.safe_dump(_cfg().model_dump(mode="json")))
     run = tmp_path / "run"
     assert main(["train", str(cfg_path), "--out", str(run), "--quiet"]) == 0
-    tensors = run / "checkpoint" / "ckpt-000002.safetensors"
+    tensors = run / "checkpoint" / "ckpt-000003.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:100])
     before = _snapshot(run)
     capsys.readouterr()
     code = main(
-        ["train", str(cfg_path), "--resume", str(run), "--quiet", "--set", "train.max_time=20"]
+        ["train", str(cfg_path), "--resume", str(run), "--quiet", "--set", "train.max_time=14"]
     )
     err = capsys.readouterr().err.strip()
     assert code == 2
