@@ -86,8 +86,8 @@ class _Scripted(ClientProfile):
 
 def test_client_vanishing_mid_upload_leaves_the_model_unchanged(monkeypatch: Any) -> None:
     # One client on a 0.1 Mbit/s link (12.5 kB/s): the ~9.8 kB model downloads in ~0.78 s,
-    # its 45 local steps (half an epoch) take ~1 ms at 10 GFLOP/s, and the upload takes another ~0.78 s.
-    # It goes offline at 1.2 s, in the middle of the upload.
+    # its 45 local steps (half an epoch) take ~1 ms at 10 GFLOP/s, and the upload another
+    # ~0.78 s. It goes offline at 1.2 s, in the middle of the upload.
     cfg = tiny(
         clients={
             "count": 1,
