@@ -24,6 +24,9 @@ def _update(
 
 # ----------------------------------------------------------------------------- FedASMU
 
+# The hand computations below use these initial values (not the shipped defaults).
+OLD = {"lambda0": 1.0, "sigma0": 0.5, "iota0": 0.05, "gamma0": 4.0, "nu0": 0.5, "mu": 1.0}
+
 
 def test_xi_and_alpha_hand_computed() -> None:
     # lambda=1, sigma=0.5, iota=0.05, t=4, o=1: 1 / (sqrt(4) * 4 ** 0.5) + 0.05 = 0.25 + 0.05
@@ -46,7 +49,7 @@ def test_phi_and_beta_hand_computed() -> None:
 
 
 def test_fedasmu_merge_uses_alpha() -> None:
-    algo = build_algorithm("fedasmu", {"adapt": False, "mu": 2.0}, num_clients=3)
+    algo = build_algorithm("fedasmu", {**OLD, "adapt": False, "mu": 2.0}, num_clients=3)
     state = ServerState(torch.zeros(4), version=3)
     w = torch.ones(4)
     assert algo.merge(state, _update(1, 1, torch.zeros(4), w)) == "merged"
@@ -78,7 +81,7 @@ def test_fedasmu_ablations_switch_parts_off() -> None:
     nodevice = build_algorithm("fedasmu-nodevice", {}, 2)
     assert nodevice.pull_step({}, steps=10) is None
     assert nodevice.task_meta(1) == {}
-    full = build_algorithm("fedasmu", {"pull_fraction": 0.5}, 2)
+    full = build_algorithm("fedasmu", {**OLD, "pull_fraction": 0.5}, 2)
     assert full.pull_step({}, steps=10) == 5
     assert full.task_meta(1) == {"gamma": 4.0, "nu": 0.5}
     with pytest.raises(ConfigError, match="fedasmu-nodevice fixes it"):
@@ -86,14 +89,14 @@ def test_fedasmu_ablations_switch_parts_off() -> None:
 
 
 def test_device_beta_from_task_meta() -> None:
-    algo = build_algorithm("fedasmu", {}, 2)
+    algo = build_algorithm("fedasmu", {"mu": 1.0}, 2)
     meta = {"gamma": 4.0, "nu": 0.5}
     assert algo.device_beta(meta, 16, 13) == pytest.approx(0.75 / 1.75)
     assert algo.device_beta(meta, 13, 13) == 0.0  # nothing new: no merge
 
 
 def test_fedasmu_adaptation_follows_the_loss_change() -> None:
-    algo = build_algorithm("fedasmu", {"eta": 0.1}, num_clients=2)
+    algo = build_algorithm("fedasmu", {**OLD, "eta": 0.1}, num_clients=2)
     assert isinstance(algo, asmu.FedASMU)
     losses = iter([1.0, 0.5, 1.0, 1.5])  # merge 1 helps (client 1), merge 2 hurts (client 2)
     state = ServerState(torch.zeros(2), probe_loss=lambda: next(losses))

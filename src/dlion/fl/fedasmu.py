@@ -49,12 +49,19 @@ class Options(BaseModel):
 
     server: bool = Field(True, description="Dynamic staleness-aware aggregation (else static).")
     device: bool = Field(True, description="Adaptive local model adjustment (mid-task pull).")
-    mu: float = Field(1.0, gt=0, description="Scale inside alpha and beta.")
+    mu: float = Field(2.0, gt=0, description="Scale inside alpha and beta (pilot-tuned).")
     tau: int = Field(50, ge=1, description="Drop uploads with staleness t - o > tau.")
-    lambda0: float = Field(1.0, gt=0, description="Initial lambda_i.")
+    lambda0: float = Field(
+        10.0,
+        gt=0,
+        description="Initial lambda_i. Large because t counts every merge: with 1/sqrt(t) at "
+        "t ~ 1000, lambda ~ 1 would leave only iota in xi (pilot runs, seed 100).",
+    )
     sigma0: float = Field(0.5, ge=0, description="Initial sigma_i (staleness exponent).")
-    iota0: float = Field(0.05, gt=0, description="Initial iota_i (weight floor).")
-    gamma0: float = Field(4.0, gt=0, description="Initial gamma_i (pull strength).")
+    iota0: float = Field(0.1, gt=0, description="Initial iota_i (weight floor).")
+    gamma0: float = Field(
+        20.0, gt=0, description="Initial gamma_i (pull strength; / sqrt(t') as for lambda)."
+    )
     nu0: float = Field(0.5, gt=0, description="Initial nu_i.")
     adapt: bool = Field(True, description="Adapt the per-device parameters online.")
     eta: float = Field(0.05, ge=0, description="Adaptation step.")

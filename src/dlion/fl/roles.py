@@ -359,18 +359,19 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
     for step in range(steps):
         if step == pull_at:
             # Ask for the fresh global model and keep training while it downloads; it is
-            # merged at the first step boundary after it arrived.
+            # merged after the first local step that ends once it has arrived (the last
+            # step included; an answer later than that is dropped with the session).
             await ctx.send(SERVER, TO_SERVER, Control("pull"), {"version": float(version)})
             asked = True
-        if asked and pulled == 0.0:
-            reply = ctx.poll(SERVER, GLOBAL)
-            if reply is not None:
-                asked = False
-                pulled = _merge_fresh(ctx, algo, task.meta, version, reply)
         result = await ctx.compute(batch)
         ctx.replica.apply(result.grad)
         losses.append(result.loss)
         ctx.iteration_done(result.loss)
+        if asked:
+            reply = ctx.poll(SERVER, GLOBAL)
+            if reply is not None:
+                asked = False
+                pulled = _merge_fresh(ctx, algo, task.meta, version, reply)
     delta = ctx.replica.flat - start
     # The model is freed before the upload: only the delta travels, and an idle client
     # holds nothing. An answer to a pull that came too late is dropped with the next task.
