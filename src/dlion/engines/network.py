@@ -70,8 +70,7 @@ class Network:
         try:
             await flow.done
         except asyncio.CancelledError:
-            # The sender gave up (it vanished mid-transfer): its flow stops using the
-            # links at once instead of holding bandwidth until its bytes would be through.
+            # The sender stopped (it left or crashed): its bytes stop flowing at once.
             self._progress()
             if flow in self._flows:
                 self._flows.remove(flow)
