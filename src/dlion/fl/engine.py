@@ -204,6 +204,7 @@ class _Engine:
         self.peak_models_held = 0
         self.vanished = 0
         self.sessions = [0] * self.cluster.size  # connection generation per rank
+        self._probe_cache: tuple[int, float] | None = None  # (version, proxy-set loss)
         self.log: MetricsLog
         for ctx in self.contexts:
             ctx._on_record = self._record
@@ -246,10 +247,16 @@ class _Engine:
     def _record(self, rank: int, event: str, fields: dict[str, Any]) -> None:
         self.log.write(event, t=self.now(), rank=rank, **fields)
 
-    def probe_loss(self) -> float:
+    def probe_loss(self, state: ServerState) -> float:
+        """Loss of the global model on the server's proxy set. Every change of the global
+        model makes a new version, so one evaluation per version suffices: a merge's
+        "before" is the previous merge's "after"."""
+        if self._probe_cache is not None and self._probe_cache[0] == state.version:
+            return self._probe_cache[1]
         start = time.perf_counter()
         _, loss = self.server_replica.evaluate(self.server_replica.x, self.server_replica.y)
         self.eval_wall_s += time.perf_counter() - start
+        self._probe_cache = (state.version, loss)
         return loss
 
 
@@ -287,7 +294,8 @@ def run_fl(
     try:
         asyncio.set_event_loop(loop)
         engine = _Engine(cfg, loop, t0)
-        state = ServerState(engine.server_replica.flat, probe_loss=engine.probe_loss)
+        state = ServerState(engine.server_replica.flat)
+        state.probe_loss = lambda: engine.probe_loss(state)
         server = Server(
             engine.contexts[SERVER], algo, state, cfg, list(range(1, engine.cluster.size))
         )
