@@ -37,7 +37,7 @@ def scenarios() -> None:
 
 def train_fl(
     source: str,
-    engine: str,
+    engine: str | None,
     algorithm: str | None,
     overrides: list[str],
     out: Path | None,
@@ -49,7 +49,7 @@ def train_fl(
     from dlion.fl.engine import run_fl
     from dlion.report import plot_accuracy_vs_time
 
-    if engine != "sim":
+    if engine not in (None, "sim"):
         raise BadInput(f"--engine: FL jobs run on: sim (got {engine!r}); dist is not wired yet")
     if algorithm is not None and algorithm != load_fl_config(source).algorithm.name:
         # The file's options belong to the file's algorithm: start from defaults.
