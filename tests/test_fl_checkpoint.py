@@ -53,6 +53,11 @@ def test_checkpoints_are_written_and_resume_continues(tmp_path: Path) -> None:
     assert second.points[0].t == 8 and second.points[0].iteration == meta["version"]
     assert second.points[0].mean_acc == first.points[-1].mean_acc
     assert s["iterations"] > meta["version"]
+    # Run totals continue: bytes and departures count from the checkpoint's values on.
+    assert second.points[0].bytes_sent == first.summary["bytes_sent"] == meta["bytes_sent"]
+    assert s["bytes_sent"] > first.summary["bytes_sent"]
+    assert s["vanished"] >= first.summary["vanished"] == meta["vanished"]
+    assert s["server"]["merged"] > first.summary["server"]["merged"]
     events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events].count("resume") == 1  # appended to the history
 

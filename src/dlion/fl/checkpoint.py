@@ -6,7 +6,8 @@ a crash mid-write leaves the previous pair as the latest complete one. Loading r
 with one line and before anything is written, a checkpoint that is truncated or
 tampered with (hash, header, shapes), or that belongs to another config or algorithm.
 What is restored: the global model, its version, the virtual time, the algorithm's state
-(FedASMU's per-device parameters, FedBuff's buffer), the norm screen and the counters.
+(FedASMU's per-device parameters, FedBuff's buffer), the norm screen and the counters
+(server counters, bytes sent, departures).
 Tasks in flight at checkpoint time are lost, as they would be if the server restarted:
 their clients check in again.
 """
@@ -48,8 +49,16 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(
-    folder: Path, cfg: FLConfig, t: float, state: ServerState, algo: Algorithm, server: Server
+    folder: Path,
+    cfg: FLConfig,
+    t: float,
+    state: ServerState,
+    algo: Algorithm,
+    server: Server,
+    totals: dict[str, int] | None = None,
 ) -> Path:
+    """Write one checkpoint; `totals` are run counters (bytes sent, departures) that a
+    resumed run continues from."""
     folder.mkdir(parents=True, exist_ok=True)
     existing = sorted(folder.glob("ckpt-*.json"))
     seq = int(existing[-1].stem.removeprefix("ckpt-")) + 1 if existing else 0
@@ -78,6 +87,7 @@ def save_checkpoint(
         "tensors_sha256": _sha256(folder / f"{name}.safetensors"),
         "norm_history": list(server.norms.history),
         "stats": server.stats.as_dict(),
+        **(totals or {}),
     }
     write_json_atomic(folder / f"{name}.json", meta)
     for old in sorted(folder.glob("ckpt-*.json"))[:-_KEEP]:

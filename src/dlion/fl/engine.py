@@ -205,6 +205,7 @@ class _Engine:
         self.vanished = 0
         self.sessions = [0] * self.cluster.size  # connection generation per rank
         self._probe_cache: tuple[int, float] | None = None  # (version, proxy-set loss)
+        self.bytes_before = 0  # bytes sent before a resumed run's checkpoint
         self.log: MetricsLog
         for ctx in self.contexts:
             ctx._on_record = self._record
@@ -301,6 +302,9 @@ def run_fl(
         )
         if restored is not None:
             restored.apply(state, algo, server)
+            # Run totals continue across the restart.
+            engine.bytes_before = int(restored.meta.get("bytes_sent", 0))
+            engine.vanished = int(restored.meta.get("vanished", 0))
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(
@@ -436,13 +440,16 @@ async def _main(
                 acc,
                 acc,
                 loss,
-                sum(c.bytes_sent for c in engine.contexts),
+                engine.bytes_before + sum(c.bytes_sent for c in engine.contexts),
             )
             points.append(point)
             engine.log.write("eval", **point.__dict__, models_held=engine.models_held)
             bar.update(point.t, point.iteration, acc)
             if next_ckpt is not None and out_dir is not None and now >= next_ckpt - 1e-9:
-                save_checkpoint(out_dir / "checkpoint", cfg, now, server.state, algo, server)
+                totals = {"bytes_sent": point.bytes_sent, "vanished": engine.vanished}
+                save_checkpoint(
+                    out_dir / "checkpoint", cfg, now, server.state, algo, server, totals
+                )
                 engine.log.write("checkpoint", t=now, version=server.state.version)
                 next_ckpt += ckpt_every  # type: ignore[operator]
             if stop.is_set() or now >= cfg.train.max_time:
