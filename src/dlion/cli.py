@@ -14,6 +14,7 @@ from typer._click.exceptions import UsageError
 
 from dlion.dist_cli import app as dist_app
 from dlion.errors import BadInput, DlionError
+from dlion.fl.cli import app as fl_app
 from dlion.hybrid.cli import app as hybrid_app
 from dlion.thermal.cli import app as thermal_app
 from dlion.transfer.cli import app as transfer_app
@@ -51,12 +52,25 @@ def train(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="FL configs: resume the server from this run's latest checkpoint."),
+    ] = None,
 ) -> None:
-    """Run one training job; writes metrics.jsonl and summary.json."""
+    """Run one training job; writes metrics.jsonl and summary.json. A config with
+    `kind: fl` runs a federated job (server + clients) instead."""
     from dlion.config import load_config
     from dlion.engines.sim import run_sim
+    from dlion.fl.config import is_fl_source
     from dlion.report import plot_accuracy_vs_time
 
+    if is_fl_source(config):
+        from dlion.fl.cli import train_fl
+
+        train_fl(config, engine, strategy, list(set_ or []), out, quiet, resume, console)
+        return
+    if resume is not None:
+        raise BadInput("--resume: only FL configs (kind: fl) checkpoint and resume")
     if engine not in (None, "sim", "dist"):
         raise BadInput(f"--engine: unknown engine {engine!r} (available: sim, dist)")
     overrides = list(set_ or [])
@@ -111,7 +125,22 @@ def bench(
 ) -> None:
     """Run a benchmark suite side by side; writes summary.json, report.md and plots."""
     from dlion.bench import load_suite, report, run_suite
+    from dlion.fl.bench import is_fl_suite
 
+    if is_fl_suite(suite):
+        from dlion.fl.cli import bench_fl
+
+        bench_fl(
+            suite,
+            _split(strategies),
+            _split(scenarios),
+            seeds,
+            list(set_ or []),
+            out,
+            quiet,
+            console,
+        )
+        return
     spec = load_suite(suite)
     out_dir = out or Path("runs") / f"bench-{spec.name}"
     runs, plots, lr_search = run_suite(
@@ -150,6 +179,7 @@ def list_scenarios() -> None:
 
 # Sub-command groups: each module package exposes its own typer app.
 app.add_typer(dist_app, name="dist")
+app.add_typer(fl_app, name="fl")
 app.add_typer(hybrid_app, name="hybrid")
 app.add_typer(thermal_app, name="thermal")
 app.add_typer(transfer_app, name="transfer")

@@ -1,0 +1,107 @@
+"""`dlion fl ...` (list algorithms and FL configs) and the FL paths of `dlion train` and
+`dlion bench`, which dispatch here when the config or suite has `kind: fl`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from dlion.errors import BadInput
+
+app = typer.Typer(
+    help="Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command("algorithms")
+def algorithms() -> None:
+    """List the registered FL algorithms."""
+    from dlion.fl import ALGORITHMS
+
+    for spec in ALGORITHMS.values():
+        print(f"{spec.name:<18} {spec.summary}")
+
+
+@app.command("scenarios")
+def scenarios() -> None:
+    """List the shipped FL configs (use with `dlion train NAME`)."""
+    from dlion.fl.config import fl_presets, load_fl_config
+
+    for name in fl_presets():
+        print(f"{name:<14} {load_fl_config(name).description}")
+
+
+def train_fl(
+    source: str,
+    engine: str | None,
+    algorithm: str | None,
+    overrides: list[str],
+    out: Path | None,
+    quiet: bool,
+    resume: Path | None,
+    console: Console,
+) -> None:
+    from dlion.fl.config import load_fl_config
+    from dlion.fl.engine import run_fl
+    from dlion.report import plot_accuracy_vs_time
+
+    if engine not in (None, "sim"):
+        raise BadInput(f"--engine: FL jobs run on: sim (got {engine!r}); dist is not wired yet")
+    if algorithm is not None and algorithm != load_fl_config(source).algorithm.name:
+        # The file's options belong to the file's algorithm: start from defaults.
+        overrides = [f"algorithm.name={algorithm}", "algorithm.options={}", *overrides]
+    cfg = load_fl_config(source, overrides)
+    out_dir = (
+        out or resume or Path("runs") / f"{cfg.name}-{cfg.algorithm.name}-seed{cfg.train.seed}"
+    )
+    result = run_fl(cfg, out_dir=out_dir, progress=not quiet, resume=resume)
+    s = result.summary
+    plot_accuracy_vs_time(
+        {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
+        out_dir / "accuracy_vs_time.png",
+        title=f"{cfg.name}: {s['strategy']} (global model)",
+        target=cfg.train.target_acc,
+    )
+    tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.1f} s"
+    srv = s["server"]
+    console.print(
+        f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: time to "
+        f"{s['target_acc']:.1%} = {tta}, final accuracy {s['final_acc']:.2%} at "
+        f"{s['time_s']:.1f} simulated s; {srv['merged']} uploads merged, {srv['stale']} stale, "
+        f"{srv['rejected_total']} rejected, {srv['clipped']} clipped, {srv['abandoned']} "
+        f"abandoned; {s['vanished']} client departures; {s['bytes_sent'] / 1e6:.1f} MB sent"
+    )
+    console.print(
+        f"wrote {out_dir}/summary.json, metrics.jsonl, partition.json, accuracy_vs_time.png"
+    )
+
+
+def bench_fl(
+    source: str,
+    labels: list[str] | None,
+    scenario_names: list[str] | None,
+    seeds: int | None,
+    overrides: list[str],
+    out: Path | None,
+    quiet: bool,
+    console: Console,
+) -> None:
+    from dlion.fl.bench import load_fl_suite, run_fl_suite, write_fl_report
+
+    suite = load_fl_suite(source)
+    out_dir = out or Path("runs") / f"bench-{suite.name}"
+    runs, plots = run_fl_suite(
+        suite,
+        out_dir,
+        labels=labels,
+        scenarios=scenario_names,
+        seeds=seeds,
+        extra_set=overrides,
+        progress=not quiet,
+    )
+    console.print(write_fl_report(suite, runs, plots, out_dir), markup=False, highlight=False)
+    console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")

@@ -1,0 +1,160 @@
+"""`dlion train` on FL configs, `dlion bench` on FL suites, `dlion fl`, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlion.cli import main
+from dlion.fl.config import is_fl_source, load_fl_config
+from fl_helpers import tiny
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(tmp_path: Path, name: str = "fl.yaml", **changes: object) -> Path:
+    raw = tiny().model_dump(mode="json")
+    raw.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_train_runs_a_federated_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _write(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(cfg), "--out", str(out), "--quiet", "--strategy", "fedbuff"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "fedbuff" and summary["engine"] == "sim"
+    for key in ("tta_s", "final_acc", "time_s", "bytes_sent", "server", "vanished"):
+        assert key in summary
+    assert (out / "partition.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert (out / "accuracy_vs_time.png").read_bytes()[:8] == PNG_MAGIC
+    assert "fedbuff seed 0" in capsys.readouterr().out
+
+
+def test_fl_config_detection_follows_extends(tmp_path: Path) -> None:
+    base = _write(tmp_path, "base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nclients: {count: 6}\n")
+    assert is_fl_source(str(child)) and is_fl_source(str(base))
+    assert is_fl_source("fl-digits") and not is_fl_source("homogeneous")
+    assert load_fl_config(str(child)).clients.count == 6
+    shipped = tmp_path / "shipped.yaml"
+    shipped.write_text("extends: fl-mnist1d\nname: mine\n")
+    assert is_fl_source(str(shipped))
+    assert load_fl_config(str(shipped)).data.name == "mnist1d"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "clients.count=0"], "clients.count"),
+        (["--set", "clients.concurrency=99"], "clients.concurrency: 99 exceeds"),
+        (["--set", "algorithm.name=fedsgd"], "unknown FL algorithm 'fedsgd'"),
+        (["--set", "algorithm.options.k=0"], "algorithm.options"),
+        (["--set", "clients.compute_gflops.min=-1"], "clients.compute_gflops.min"),
+        (
+            ["--set", "clients.bandwidth_mbps.max=0.5", "--set", "clients.bandwidth_mbps.min=2"],
+            "max (0.5) must be >= min",
+        ),
+        (["--set", "security.norm_action=ignore"], "security.norm_action"),
+        (["--set", "bogus=1"], "bogus"),
+        (["--engine", "dist"], "--engine"),
+        (["--resume", "/nonexistent/run"], "no such run directory"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    cfg = _write(tmp_path)
+    assert main(["train", str(cfg), "--quiet", "--out", str(tmp_path / "o"), *args]) == 2
+    assert fragment in _one_error_line(capsys)
+
+
+def test_bad_yaml_and_kind_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: fl\nclients: [1, 2\n")
+    assert main(["train", str(bad), "--quiet"]) == 2
+    _one_error_line(capsys)
+    many = tmp_path / "shards.yaml"
+    raw = tiny().model_dump(mode="json")
+    raw["data"].update(partition="shards", shards_per_client=10_000)
+    many.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(many), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    assert "data.shards_per_client" in _one_error_line(capsys)
+
+
+def test_bench_runs_an_fl_suite_and_reuses_finished_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write(tmp_path)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "fl",
+                "name": "mini",
+                "scenarios": [str(cfg)],
+                "variants": {"a0.5": ["data.alpha=0.5"], "a1": ["data.alpha=1.0"]},
+                "algorithms": [
+                    {"label": "fedasync", "algorithm": "fedasync"},
+                    {"label": "fedasmu", "algorithm": "fedasmu"},
+                ],
+                "seeds": 1,
+                "set": ["train.max_time=3"],
+            }
+        )
+    )
+    out = tmp_path / "bench"
+    assert main(["bench", str(suite), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 2 * 2
+    assert {r["strategy"] for r in summary["runs"]} == {"fedasync", "fedasmu"}
+    report = (out / "report.md").read_text()
+    assert "| fedasync |" in report and "fedasmu vs each baseline" in report
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+    # A second bench finds every run finished and reruns nothing.
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json") if "runs" in p.parts}
+    assert main(["bench", str(suite), "--out", str(out), "--quiet"]) == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in stamp}
+    capsys.readouterr()
+    assert main(["bench", str(suite), "--out", str(out), "--quiet", "--strategies", "nope"]) == 2
+    assert "--strategies" in _one_error_line(capsys)
+
+
+def test_fl_listings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fl", "algorithms"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "fedavg",
+        "fedasync",
+        "fedbuff",
+        "fedasmu",
+        "fedasmu-noserver",
+        "fedasmu-nodevice",
+    ):
+        assert name in out
+    assert main(["fl", "scenarios"]) == 0
+    assert "fl-digits" in capsys.readouterr().out
+
+
+def test_shipped_fl_suite_loads() -> None:
+    from dlion.fl.bench import is_fl_suite, load_fl_suite
+
+    assert is_fl_suite("fl") and not is_fl_suite("quick")
+    suite = load_fl_suite("fl")
+    assert suite.seeds == 3 and len(suite.algorithms) == 6
+    assert suite.scenarios == ["fl-digits", "fl-mnist1d"]
