@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,33 @@ def test_a_replacement_joins_from_a_live_peer_and_training_goes_on(tmp_path: Pat
     after = [e["iteration"] for e in evals if e["t"] > join["t"] + 1.0]
     assert len(after) >= 2 and after[-1] > join["since"]
     assert result.summary["final_acc"] > 0.9
+
+
+def test_torchrun_launches_the_same_job(tmp_path: Path) -> None:
+    """`torchrun -m dlion.worker`: rank 0 coordinates; same run files as the launcher."""
+    config = tmp_path / "job.yaml"
+    raw = dist_config("allreduce").model_dump(mode="json")
+    raw["cluster"]["workers"] = [{"site": "a", "capacity_gflops": 0.02, "count": 2}]
+    config.write_text(json.dumps(raw))  # JSON is YAML
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "dlion.worker",
+            str(config),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["engine"] == "dist" and s["workers"] == 2 and s["tta_s"] is not None
+    assert (out / "workers" / "rank-1.jsonl").exists()
