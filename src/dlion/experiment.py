@@ -24,7 +24,7 @@ class Prepared:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_dataset(
+def cached_dataset(
     name: str,
     path: str | None,
     seed: int,
@@ -48,7 +48,7 @@ def _cached_dataset(
 def prepare(cfg: ExperimentConfig, num_workers: int) -> Prepared:
     d = cfg.data
     # The dataset split is fixed (seed 0) so seeds vary training, not the test set.
-    dataset = _cached_dataset(
+    dataset = cached_dataset(
         d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
     )
     shards = partition(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
 import json
 import resource
 import time
@@ -26,11 +25,11 @@ import yaml
 from dlion.cluster import MBPS, Cluster, Link, Worker
 from dlion.comm.messages import Control, Message
 from dlion.context import ComputeResult
-from dlion.data import Dataset, load_dataset
 from dlion.engines.network import Network
 from dlion.engines.sim import _quiet_gc
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.errors import SimulationError
+from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import Algorithm, ServerState
 from dlion.fl.checkpoint import load_checkpoint, save_checkpoint
@@ -52,27 +51,6 @@ class FLRunResult:
     points: list[EvalPoint]
     events: list[dict[str, Any]]
     model: torch.Tensor  # final global model
-
-
-@functools.lru_cache(maxsize=4)
-def _dataset(
-    name: str,
-    path: str | None,
-    test_fraction: float,
-    num_samples: int | None,
-    num_features: int,
-    num_classes: int,
-) -> Dataset:
-    # A bench runs many (algorithm, seed) pairs on one dataset; load it once per process.
-    return load_dataset(
-        name,
-        path=path,
-        seed=0,
-        test_fraction=test_fraction,
-        num_samples=num_samples,
-        num_features=num_features,
-        num_classes=num_classes,
-    )
 
 
 class _Context(ClientContext):
@@ -167,8 +145,9 @@ class _Engine:
         self.loop = loop
         self.t0 = t0  # virtual time at which this (possibly resumed) run starts
         d = cfg.data
-        self.dataset = _dataset(
-            d.name, d.path, d.test_fraction, d.num_samples, d.num_features, d.num_classes
+        # The same per-process cache as the other engines (fixed split seed 0).
+        self.dataset = cached_dataset(
+            d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
         )
         self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
         self.profiles: list[ClientProfile] = make_population(cfg)
