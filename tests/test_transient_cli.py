@@ -56,7 +56,11 @@ def test_plan_deadline_writes_table_json_and_frontier(
         if c["probability"] >= 0.9 and c["mean_cost_usd"] < rec["mean_cost_usd"]
     ]
     assert not cheaper_sure  # nothing cheaper meets the deadline as surely
-    assert set(plan["profiles"]["iterations_to_target"]) == {"2", "4"}
+    profiled = plan["profiles"]["iterations_to_target"]
+    assert {t: set(v) for t, v in profiled.items()} == {
+        "aws-p2.xlarge": {"2", "4"},
+        "aws-p2.8xlarge": {"2", "4"},
+    }
     assert (tmp_path / "frontier.png").read_bytes()[:8] == PNG
 
 

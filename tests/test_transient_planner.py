@@ -153,7 +153,7 @@ def test_evaluate_revocations_slow_and_cheapen() -> None:
         startup_s=1800,
         revocation=Revocation(distribution="exponential", mean_lifetime_h=1.0),
     )
-    work = Workload(iterations=lambda n: [1000.0, 1200.0], step_s=lambda i, n: 36.0)
+    work = Workload(iterations=lambda i, n: [1000.0, 1200.0], step_s=lambda i, n: 36.0)
     spec = TransientSpec()
     od = evaluate(Candidate(inst, 4, "on-demand"), work, spec, 300, 0)
     tr = evaluate(Candidate(inst, 4, "transient"), work, spec, 300, 0)
@@ -163,7 +163,7 @@ def test_evaluate_revocations_slow_and_cheapen() -> None:
     assert tr.mean_time_s > od.mean_time_s  # revocations and startups slow it down
     assert tr.mean_cost < od.mean_cost  # but at 30% of the price it is cheaper
     assert tr.revocations.mean() > 10
-    never = Workload(iterations=lambda n: [None], step_s=lambda i, n: 36.0)
+    never = Workload(iterations=lambda i, n: [None], step_s=lambda i, n: 36.0)
     out = evaluate(Candidate(inst, 4, "transient"), never, spec, 5, 0)
     assert math.isinf(out.mean_time_s) and out.p_time(1e9) == 0.0
 
@@ -178,6 +178,7 @@ def test_profile_of_one_cluster_reproduces_its_step() -> None:
     inst = load_catalog().get("aws-p2.xlarge")
     spec = TransientSpec()
     prof = profile_workload(base, [inst], [2], spec, seeds=1, progress=False)
-    assert prof.iterations[2][0] is not None and prof.iterations[2][0] > 0
+    its = prof.iterations["aws-p2.xlarge"][2]
+    assert its[0] is not None and its[0] > 0
     work = workload(prof, base, spec)
     assert work.step_s(inst, 2) == pytest.approx(prof.steps[0].step_s * spec.time_scale)

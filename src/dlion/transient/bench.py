@@ -262,6 +262,7 @@ def planner_part(
 ) -> dict[str, Any]:
     base = _base(b, "ps-asp", lr)
     results = []
+    profiles = None  # one profile of the workload serves every deadline
     for deadline_h in b.deadlines_h:
         req = PlanRequest(
             goal="deadline",
@@ -271,7 +272,7 @@ def planner_part(
             confidence=b.confidence,
             profile_seeds=b.profile_seeds,
         )
-        plan, _ = make_plan(base, catalog, spec, req, progress=False)
+        plan, profiles = make_plan(base, catalog, spec, req, progress=False, profiles=profiles)
         plot_frontier(plan, out_dir / f"frontier-{deadline_h:g}h.png", f"deadline {deadline_h} h")
         rec = plan.recommended
         entry: dict[str, Any] = {"deadline_h": deadline_h, "plan": plan_record(plan)}

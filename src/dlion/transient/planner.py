@@ -2,7 +2,7 @@
 
 Each candidate cluster (type x count x tier) is evaluated by Monte Carlo over revocation
 draws, without running the sim per draw: the performance model predicts the cluster's step
-time, profile runs give the iterations to the target accuracy per worker count, and a
+time, profile runs give the iterations to the target accuracy per type and count, and a
 draw's membership timeline says how much of the cluster works when (progress runs at
 live/n of the full rate; a replacement works after its startup). Cost per draw bills
 every instance from its request until its revocation or the end of training.
@@ -63,9 +63,10 @@ def parse_budget(text: str) -> float:
 class Workload:
     """What the planner knows of the job, in real seconds."""
 
-    # Per-worker iterations to target by count, one value per profiled training seed (None:
-    # that seed never reached the target); each draw picks one, so training noise counts.
-    iterations: Callable[[int], Sequence[float | None]]
+    # Per-worker iterations to target by type and count, one value per profiled training
+    # seed (None: that seed never reached the target); each draw picks one, so training
+    # noise counts.
+    iterations: Callable[[InstanceType, int], Sequence[float | None]]
     step_s: Callable[[InstanceType, int], float]  # real seconds per iteration, by type, count
 
 
@@ -128,7 +129,7 @@ def billed_cost(leases: Sequence[Lease], end_s: float, price_per_h: float) -> fl
 def evaluate(
     cand: Candidate, work: Workload, spec: TransientSpec, draws: int, seed: int
 ) -> Outcome:
-    profiled = list(work.iterations(cand.count))
+    profiled = list(work.iterations(cand.instance, cand.count))
     if not profiled:
         raise ValueError(f"no iteration profile for {cand.count} workers")
     step = work.step_s(cand.instance, cand.count)
