@@ -17,7 +17,7 @@ SMALL = [
     "--counts",
     "2,4",
     "--profile-seeds",
-    "1",
+    "2",
     "--draws",
     "30",
     "--quiet",

@@ -76,7 +76,7 @@ def plan(
     confidence: Annotated[
         float, typer.Option(help="Probability the recommendation must reach.")
     ] = 0.9,
-    profile_seeds: Annotated[int, typer.Option(help="Training seeds per profile.", min=1)] = 3,
+    profile_seeds: Annotated[int, typer.Option(help="Training seeds per profile.", min=2)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the revocation draws.")] = 0,
     time_scale: TimeScaleOpt = None,
     capacity_scale: CapScaleOpt = None,

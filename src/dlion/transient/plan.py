@@ -26,7 +26,7 @@ class PlanRequest:
     draws: int = 200
     confidence: float = 0.9
     seed: int = 0
-    profile_seeds: int = 3
+    profile_seeds: int = 5
 
 
 def make_plan(
