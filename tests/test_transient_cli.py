@@ -45,6 +45,7 @@ def test_plan_deadline_writes_table_json_and_frontier(
     out = capsys.readouterr().out
     assert rc == 0
     assert "recommended:" in out and "P(meet deadline 3.00 h)" in out
+    assert "E[time] (h)" in out and "E[cost] ($)" in out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["goal"] == "deadline" and plan["limit"] == 3 * 3600
     assert len(plan["candidates"]) == 2 * 2 * 2  # types x counts x tiers
