@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dlion.errors import BadInput, ConfigError
+
+if TYPE_CHECKING:
+    from dlion.transient.spec import TransientSpec
 
 app = typer.Typer(
     help="Training on transient (preemptible) servers: catalog, performance model, benchmarks.",
@@ -37,10 +40,10 @@ def _names(value: str | None) -> list[str] | None:
     return out or None
 
 
-def _spec(time_scale: float | None, capacity_scale: float | None):  # type: ignore[no-untyped-def]
+def _spec(time_scale: float | None, capacity_scale: float | None) -> TransientSpec:
     from dlion.transient.spec import TransientSpec
 
-    fields = {}
+    fields: dict[str, float] = {}
     for name, value in (("time_scale", time_scale), ("capacity_scale", capacity_scale)):
         if value is not None:
             if not value > 0:
