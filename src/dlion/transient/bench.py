@@ -51,7 +51,7 @@ class BenchSpec:
     target_acc: float = 0.93  # strategies and planner parts
     max_time: float = 30.0  # sim seconds (x time_scale real)
     lr_grid: tuple[float, ...] = (0.05, 0.02, 0.01, 0.005)  # per-update learning rates
-    deadlines_h: tuple[float, ...] = (0.5, 1.0, 3.0)
+    deadlines_h: tuple[float, ...] = (0.45, 0.7, 3.0)  # RESULTS.md 7c
     eval_every_s: float = 0.02  # sim s between evaluations: 1.2 real minutes at time_scale 3600
     profile_seeds: int = 5  # training seeds per planner profile (its view of training noise)
     plan_counts: tuple[int, ...] = (2, 4, 8)  # a lone transient worker has no peer to hold

@@ -177,7 +177,7 @@ def bench(
     workers: Annotated[int, typer.Option(min=2, help="Transient workers.")] = 8,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 10,
     epochs: Annotated[int, typer.Option(min=1, help="Work of the paper comparison.")] = 20,
-    deadlines: Annotated[str, typer.Option(help="Planner deadlines in hours.")] = "0.5,1,3",
+    deadlines: Annotated[str, typer.Option(help="Planner deadlines in hours.")] = "0.45,0.7,3",
     time_scale: TimeScaleOpt = None,
     capacity_scale: CapScaleOpt = None,
     set_: Annotated[
