@@ -13,6 +13,7 @@ from rich.table import Table
 from dlion.errors import BadInput, ConfigError
 
 if TYPE_CHECKING:
+    from dlion.transient.planner import Goal
     from dlion.transient.spec import TransientSpec
 
 app = typer.Typer(
@@ -98,16 +99,16 @@ def plan(
 
     if (deadline is None) == (budget is None):
         raise BadInput("give exactly one of --deadline or --budget")
-    goal, limit = (
-        ("deadline", parse_duration(deadline))
-        if deadline is not None
-        else ("budget", parse_budget(budget))  # type: ignore[arg-type]
-    )
+    goal: Goal
+    if deadline is not None:
+        goal, limit = "deadline", parse_duration(deadline)
+    else:
+        goal, limit = "budget", parse_budget(budget or "")
     cat = load_catalog(catalog)
     cfg = load_config(config, list(set_ or []))
     spec = _spec(time_scale, capacity_scale)
     req = PlanRequest(
-        goal=goal,  # type: ignore[arg-type]
+        goal=goal,
         limit=limit,
         types=_names(types),
         counts=_ints(counts, "--counts"),
