@@ -17,7 +17,7 @@ SMALL = [
     "--counts",
     "2,4",
     "--profile-seeds",
-    "1",
+    "2",
     "--draws",
     "30",
     "--quiet",
@@ -45,6 +45,7 @@ def test_plan_deadline_writes_table_json_and_frontier(
     out = capsys.readouterr().out
     assert rc == 0
     assert "recommended:" in out and "P(meet deadline 3.00 h)" in out
+    assert "E[time] (h)" in out and "E[cost] ($)" in out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["goal"] == "deadline" and plan["limit"] == 3 * 3600
     assert len(plan["candidates"]) == 2 * 2 * 2  # types x counts x tiers
@@ -56,7 +57,11 @@ def test_plan_deadline_writes_table_json_and_frontier(
         if c["probability"] >= 0.9 and c["mean_cost_usd"] < rec["mean_cost_usd"]
     ]
     assert not cheaper_sure  # nothing cheaper meets the deadline as surely
-    assert set(plan["profiles"]["iterations_to_target"]) == {"2", "4"}
+    profiled = plan["profiles"]["iterations_to_target"]
+    assert {t: set(v) for t, v in profiled.items()} == {
+        "aws-p2.xlarge": {"2", "4"},
+        "aws-p2.8xlarge": {"2", "4"},
+    }
     assert (tmp_path / "frontier.png").read_bytes()[:8] == PNG
 
 

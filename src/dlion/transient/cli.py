@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dlion.errors import BadInput, ConfigError
+
+if TYPE_CHECKING:
+    from dlion.transient.planner import Goal
+    from dlion.transient.spec import TransientSpec
 
 app = typer.Typer(
     help="Training on transient (preemptible) servers: catalog, performance model, benchmarks.",
@@ -37,10 +41,10 @@ def _names(value: str | None) -> list[str] | None:
     return out or None
 
 
-def _spec(time_scale: float | None, capacity_scale: float | None):  # type: ignore[no-untyped-def]
+def _spec(time_scale: float | None, capacity_scale: float | None) -> TransientSpec:
     from dlion.transient.spec import TransientSpec
 
-    fields = {}
+    fields: dict[str, float] = {}
     for name, value in (("time_scale", time_scale), ("capacity_scale", capacity_scale)):
         if value is not None:
             if not value > 0:
@@ -76,7 +80,7 @@ def plan(
     confidence: Annotated[
         float, typer.Option(help="Probability the recommendation must reach.")
     ] = 0.9,
-    profile_seeds: Annotated[int, typer.Option(help="Training seeds per profile.", min=1)] = 3,
+    profile_seeds: Annotated[int, typer.Option(help="Training seeds per profile.", min=2)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the revocation draws.")] = 0,
     time_scale: TimeScaleOpt = None,
     capacity_scale: CapScaleOpt = None,
@@ -95,16 +99,16 @@ def plan(
 
     if (deadline is None) == (budget is None):
         raise BadInput("give exactly one of --deadline or --budget")
-    goal, limit = (
-        ("deadline", parse_duration(deadline))
-        if deadline is not None
-        else ("budget", parse_budget(budget))  # type: ignore[arg-type]
-    )
+    goal: Goal
+    if deadline is not None:
+        goal, limit = "deadline", parse_duration(deadline)
+    else:
+        goal, limit = "budget", parse_budget(budget or "")
     cat = load_catalog(catalog)
     cfg = load_config(config, list(set_ or []))
     spec = _spec(time_scale, capacity_scale)
     req = PlanRequest(
-        goal=goal,  # type: ignore[arg-type]
+        goal=goal,
         limit=limit,
         types=_names(types),
         counts=_ints(counts, "--counts"),
@@ -174,7 +178,7 @@ def bench(
     workers: Annotated[int, typer.Option(min=2, help="Transient workers.")] = 8,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per configuration.")] = 10,
     epochs: Annotated[int, typer.Option(min=1, help="Work of the paper comparison.")] = 20,
-    deadlines: Annotated[str, typer.Option(help="Planner deadlines in hours.")] = "0.5,1,3",
+    deadlines: Annotated[str, typer.Option(help="Planner deadlines in hours.")] = "0.45,0.7,3",
     time_scale: TimeScaleOpt = None,
     capacity_scale: CapScaleOpt = None,
     set_: Annotated[

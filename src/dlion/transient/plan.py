@@ -26,7 +26,7 @@ class PlanRequest:
     draws: int = 200
     confidence: float = 0.9
     seed: int = 0
-    profile_seeds: int = 3
+    profile_seeds: int = 5
 
 
 def make_plan(
@@ -36,14 +36,17 @@ def make_plan(
     req: PlanRequest,
     *,
     progress: bool = True,
+    profiles: Profiles | None = None,
 ) -> tuple[Plan, Profiles]:
+    """Profile the workload (unless `profiles` from an earlier plan of the same workload,
+    types and counts are given), evaluate every candidate, recommend one."""
     if req.draws < 1:
         raise ConfigError(f"--draws: must be >= 1, got {req.draws}")
     if not 0 < req.confidence <= 1:
         raise ConfigError(f"--confidence: must be in (0, 1], got {req.confidence}")
     cands = candidates(catalog, req.types, req.counts, req.tiers)
     types = list(dict.fromkeys(c.instance.name for c in cands))
-    profiles = profile_workload(
+    profiles = profiles or profile_workload(
         cfg,
         [catalog.get(t) for t in types],
         req.counts,
@@ -65,8 +68,10 @@ def make_plan(
 def write_plan(plan: Plan, profiles: Profiles, out_dir: Path, title: str) -> list[Path]:
     record = plan_record(plan)
     record["profiles"] = {
-        "reference_type": profiles.reference,
-        "iterations_to_target": {str(n): v for n, v in profiles.iterations.items()},
+        "iterations_to_target": {
+            name: {str(n): v for n, v in by_count.items()}
+            for name, by_count in profiles.iterations.items()
+        },
         "step_model_coef": list(profiles.model.coef),
         "step_profiles": [
             {"label": p.label, "step_s": p.step_s, **p.features.__dict__} for p in profiles.steps

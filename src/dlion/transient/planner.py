@@ -2,7 +2,7 @@
 
 Each candidate cluster (type x count x tier) is evaluated by Monte Carlo over revocation
 draws, without running the sim per draw: the performance model predicts the cluster's step
-time, profile runs give the iterations to the target accuracy per worker count, and a
+time, profile runs give the iterations to the target accuracy per type and count, and a
 draw's membership timeline says how much of the cluster works when (progress runs at
 live/n of the full rate; a replacement works after its startup). Cost per draw bills
 every instance from its request until its revocation or the end of training.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -63,9 +64,10 @@ def parse_budget(text: str) -> float:
 class Workload:
     """What the planner knows of the job, in real seconds."""
 
-    # Per-worker iterations to target by count, one value per profiled training seed (None:
-    # that seed never reached the target); each draw picks one, so training noise counts.
-    iterations: Callable[[int], Sequence[float | None]]
+    # Per-worker iterations to target by type and count, one value per profiled training
+    # seed (None: that seed never reached the target); each draw picks one, so training
+    # noise counts.
+    iterations: Callable[[InstanceType, int], Sequence[float | None]]
     step_s: Callable[[InstanceType, int], float]  # real seconds per iteration, by type, count
 
 
@@ -125,29 +127,54 @@ def billed_cost(leases: Sequence[Lease], end_s: float, price_per_h: float) -> fl
     return hours * price_per_h
 
 
+class IterationDraws:
+    """Iterations to target for one draw. The profiled seeds are few (3-5), and their
+    empirical spread understates the true one (RESULTS.md 8c: 5 seeds spanned 266..332
+    iterations, 10 fresh ones 275..360), so a draw comes from the Student-t predictive
+    distribution of a normal fitted to them: mean + s * sqrt(1 + 1/k) * t_(k-1). A seed
+    that never reached the target makes that share of draws never finish."""
+
+    def __init__(self, profiled: Sequence[float | None]) -> None:
+        if not profiled:
+            raise ValueError("no iteration profile")
+        self.finite = [float(x) for x in profiled if x is not None]
+        self.never = 1.0 - len(self.finite) / len(profiled)
+        k = len(self.finite)
+        self.mean = statistics.fmean(self.finite) if k else math.inf
+        self.scale = statistics.stdev(self.finite) * math.sqrt(1 + 1 / k) if k >= 2 else 0.0
+        self.df = k - 1
+
+    def draw(self, rng: random.Random) -> float:
+        if not self.finite or rng.random() < self.never:
+            return math.inf
+        if self.scale == 0.0:
+            return self.mean
+        t = rng.gauss(0.0, 1.0) / math.sqrt(rng.gammavariate(self.df / 2, 2.0) / self.df)
+        return max(1.0, self.mean + self.scale * t)
+
+
 def evaluate(
     cand: Candidate, work: Workload, spec: TransientSpec, draws: int, seed: int
 ) -> Outcome:
-    profiled = list(work.iterations(cand.count))
-    if not profiled:
-        raise ValueError(f"no iteration profile for {cand.count} workers")
+    its = IterationDraws(list(work.iterations(cand.instance, cand.count)))
     step = work.step_s(cand.instance, cand.count)
-    nominals = [math.inf if it is None else it * step for it in profiled]
+    nominal = its.mean * step if its.never == 0 else math.inf
     price = cand.instance.price_per_h(cand.tier)
-    finite = [x for x in nominals if math.isfinite(x)]
-    nominal = float(np.mean(finite)) if len(finite) == len(nominals) else math.inf
     # Long enough that a job slowed by many revocations still finishes inside it.
-    horizon = 20 * max(finite, default=0.0) + 24 * 3600
+    horizon = 20 * (its.mean * step if its.finite else 0.0) + 24 * 3600
     rng = random.Random(f"plan/{seed}/{cand.label}")
     times, costs, revs = [], [], []
     for _ in range(draws):
-        work_s = nominals[rng.randrange(len(nominals))]
+        work_s = its.draw(rng) * step
         if math.isinf(work_s):
             times.append(math.inf)
             costs.append(math.inf)
             revs.append(0)
             continue
-        tl = draw_timeline(cand.instance, cand.tier, cand.count, horizon, rng, replace=spec.replace)
+        horizon_i = max(horizon, 20 * work_s)
+        tl = draw_timeline(
+            cand.instance, cand.tier, cand.count, horizon_i, rng, replace=spec.replace
+        )
         end = finish_time(tl.leases, cand.count, work_s)
         times.append(end)
         costs.append(billed_cost(tl.leases, end, price) if math.isfinite(end) else math.inf)

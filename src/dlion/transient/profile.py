@@ -1,5 +1,6 @@
 """Profiles the planner needs, from sim runs without revocations: the iterations a cluster
-of n workers needs to reach the target, and step times to fit the performance model."""
+of n workers of a type needs to reach the target, and step times to fit the performance
+model."""
 
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ def iterations_to_target(
 
 @dataclass(frozen=True)
 class Profiles:
-    iterations: dict[int, list[float | None]]  # per worker count, one per profiled seed
+    # Per instance type with a distinct capacity, per worker count: iterations to target,
+    # one per profiled training seed. Faster compute against the same links changes
+    # staleness, so the iterations differ between types (validated in RESULTS.md 8c).
+    iterations: dict[str, dict[int, list[float | None]]]
     steps: list[StepProfile]
     model: StepModel
-    reference: str  # instance type the iteration profiles ran on
+    by_capacity: dict[float, str]  # capacity (GFLOP/s) -> the type profiled for it
 
 
 def profile_workload(
@@ -67,28 +71,29 @@ def profile_workload(
     seeds: int = 3,
     progress: bool = True,
 ) -> Profiles:
-    """Iterations to target per count over `seeds` training seeds (on the first type; a
-    homogeneous cluster's iterations hardly depend on its speed when compute dominates)
-    and step profiles for every distinct capacity x count, to fit the step model."""
+    """For every distinct capacity among `types` and every count: iterations to target
+    over `seeds` training seeds, and a step-time profile to fit the step model."""
     distinct: dict[float, InstanceType] = {}
     for inst in types:
         distinct.setdefault(inst.capacity_gflops, inst)
     counts = sorted(set(counts))
-    total = len(counts) * (seeds + len(distinct))
-    iterations: dict[int, list[float | None]] = {}
+    total = len(counts) * len(distinct) * (seeds + 1)
+    iterations: dict[str, dict[int, list[float | None]]] = {}
     steps: list[StepProfile] = []
     with progress_bar(total, "profiling", progress) as bar:
         task = bar.task_ids[0]
-        for n in counts:
-            iterations[n] = []
-            for seed in range(seeds):
-                bar.update(task, now=f"{n} x {types[0].name} to target, seed {seed}")
-                iterations[n].append(iterations_to_target(base, types[0], n, spec, seed))
-                bar.advance(task)
-            for inst in distinct.values():
+        for inst in distinct.values():
+            iterations[inst.name] = {}
+            for n in counts:
+                runs = iterations[inst.name].setdefault(n, [])
+                for seed in range(seeds):
+                    bar.update(task, now=f"{n} x {inst.name} to target, seed {seed}")
+                    runs.append(iterations_to_target(base, inst, n, spec, seed))
+                    bar.advance(task)
                 bar.update(task, now=f"{n} x {inst.name} step time")
-                cfg = cluster_config(base, inst, n, spec)
-                steps.append(profile_step(cfg, STEP_PROBE_ITERATIONS))
+                steps.append(
+                    profile_step(cluster_config(base, inst, n, spec), STEP_PROBE_ITERATIONS)
+                )
                 bar.advance(task)
     if len(steps) < 2:
         # One count and one capacity: no fit possible; scale the physical estimate so it
@@ -99,18 +104,19 @@ def profile_workload(
         model = StepModel((ratio, ratio, ratio, 0.0 if physical > 0 else only.step_s))
     else:
         model = fit_step_model(steps)
-    return Profiles(iterations, steps, model, types[0].name)
+    names = {cap: inst.name for cap, inst in distinct.items()}
+    return Profiles(iterations, steps, model, names)
 
 
 def workload(profiles: Profiles, base: ExperimentConfig, spec: TransientSpec) -> Workload:
-    """The planner's view: iterations to target by profiled count and the fitted model's
-    step time in real seconds."""
-    known = {n: it for n, it in profiles.iterations.items()}
+    """The planner's view: iterations to target by type (capacity) and profiled count, and
+    the fitted model's step time in real seconds."""
 
-    def iterations(n: int) -> list[float | None]:
-        if n in known:
-            return known[n]
-        raise KeyError(f"no iteration profile for {n} workers")
+    def iterations(inst: InstanceType, n: int) -> list[float | None]:
+        name = profiles.by_capacity.get(inst.capacity_gflops)
+        if name is None or n not in profiles.iterations[name]:
+            raise KeyError(f"no iteration profile for {n} x {inst.name}")
+        return profiles.iterations[name][n]
 
     def step_s(inst: InstanceType, n: int) -> float:
         features = step_features(cluster_config(base, inst, n, spec))

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless machines; must precede pyplot
 import matplotlib.pyplot as plt
+from rich.markup import escape
 from rich.table import Table
 
 from dlion.transient.planner import Outcome, Plan, pareto_front
@@ -30,11 +31,12 @@ def goal_text(plan: Plan) -> str:
 
 
 def plan_table(plan: Plan, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(title))
+    # escape(): rich would read "[time]" in a header as a style tag and drop it.
     for col in ("cluster", "step (s)", "E[time] (h)", "p90 time (h)", "E[cost] ($)"):
-        table.add_column(col, justify="left" if col == "cluster" else "right")
-    table.add_column(f"P(meet {goal_text(plan)})", justify="right")
-    table.add_column("E[revocations]", justify="right")
+        table.add_column(escape(col), justify="left" if col == "cluster" else "right")
+    table.add_column(escape(f"P(meet {goal_text(plan)})"), justify="right")
+    table.add_column(escape("E[revocations]"), justify="right")
     table.add_column("", justify="left")
     for o in sorted(plan.outcomes, key=lambda o: (o.mean_cost, o.mean_time_s)):
         mark = "[bold green]recommended[/]" if o is plan.recommended else ""

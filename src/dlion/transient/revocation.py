@@ -46,10 +46,11 @@ class Timeline:
 
 def draw_lifetime_s(rev: Revocation, rng: random.Random) -> float:
     """Seconds an instance lives from the moment it is ready (inf: never revoked)."""
-    if rev.distribution == "exponential":
-        life_h = rng.expovariate(1.0 / rev.mean_lifetime_h)  # type: ignore[operator]
-    elif rev.distribution == "weibull":
-        life_h = rng.weibullvariate(rev.scale_h, rev.shape)  # type: ignore[arg-type]
+    # The catalog's validator guarantees each law's parameters are set.
+    if rev.distribution == "exponential" and rev.mean_lifetime_h is not None:
+        life_h = rng.expovariate(1.0 / rev.mean_lifetime_h)
+    elif rev.distribution == "weibull" and rev.scale_h is not None and rev.shape is not None:
+        life_h = rng.weibullvariate(rev.scale_h, rev.shape)
     else:
         life_h = math.inf
     if rev.max_lifetime_h is not None:
