@@ -42,7 +42,10 @@ class WorkerConfig(_Strict):
         description="NIC capacity shared by all of this worker's transfers; "
         "None means the NIC is never the bottleneck.",
     )
-    count: int = Field(1, ge=1, description="Replicate this worker entry this many times.")
+    # Bounded so that a typo (count: 1e9) is an error, not an out-of-memory crash.
+    count: int = Field(
+        1, ge=1, le=10_000, description="Replicate this worker entry this many times."
+    )
 
 
 class LinkConfig(_Strict):
@@ -394,6 +397,8 @@ def initially_absent(events: list[MembershipEvent]) -> set[int]:
 def check_membership(events: list[MembershipEvent], n: int) -> None:
     """Each rank alternates present/absent (leave or crash only while present, join only
     while absent, no event before a join is complete) and one worker is always present."""
+    if not events:
+        return
     order = sorted(range(len(events)), key=lambda i: (events[i].at_s, i))
     present = set(range(n)) - initially_absent(events)
     busy_until: dict[int, float] = {}  # a joining worker is not present until it is ready
