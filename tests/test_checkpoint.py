@@ -20,9 +20,13 @@ from dlion.checkpoint import (
     save_checkpoint,
 )
 from dlion.cli import main
+from dlion.comm.messages import Message
 from dlion.config import ExperimentConfig, config_from_dict
+from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.engines.sim_checkpoint import checkpoint_root, experiment_hash
+from dlion.replica import Replica
+from dlion.strategies.dlion import LinkResidual
 from helpers import small_config
 
 H = "0" * 64
@@ -237,6 +241,9 @@ def test_resumed_sim_run_equals_uninterrupted(
     assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
     assert _summary(part) == _summary(full)
     assert resumed.points[-1].t == pytest.approx(0.4)
+    kept = load_latest(checkpoint_root(part), experiment_hash(cfg)).tensors
+    if strategy == "dlion":  # strategy state kept with ctx.keep_state travels along
+        assert kept["rank0.strategy.residual.1"].shape == kept["rank0.params"].shape
     if dynamics:
         changes = [m["event"] for m in resumed.summary["membership"]]
         assert changes == ["crash", "crash_detected", "join_started", "join"]
@@ -317,3 +324,65 @@ def test_cli_stop_resume_and_tampered_exit_codes(
     assert main([*common, "--resume", str(tmp_path / "missing")]) == 2
     assert main([*common, "--resume", out]) == 0
     assert json.loads((Path(out) / "summary.json").read_text())["time_s"] == pytest.approx(0.4)
+
+
+# ----------------------------------------------------------------------------- strategy state
+
+
+class _Ctx(WorkerContext):
+    """A context with no engine: only the bookkeeping under test is used."""
+
+    def now(self) -> float:
+        return 0.0
+
+    async def compute(self, batch_size: int) -> ComputeResult:
+        raise NotImplementedError
+
+    async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
+        raise NotImplementedError
+
+
+def _ctx() -> _Ctx:
+    replica = Replica(
+        torch.nn.Linear(2, 2),
+        torch.zeros(4, 2),
+        torch.zeros(4, dtype=torch.int64),
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.0,
+        seed=0,
+    )
+    return _Ctx(
+        rank=0,
+        world=[0, 1],
+        sites=["a", "a"],
+        replica=replica,
+        global_batch=2,
+        recv_timeout=1.0,
+        bandwidth_seed={1: 1e6},
+        latency={1: 0.0},
+    )
+
+
+def test_kept_strategy_state_is_read_at_checkpoint_time_and_restored_once() -> None:
+    ctx = _ctx()
+    ctx._restored = {"residual.1": torch.ones(3)}  # as a resumed dist worker has it
+    link = LinkResidual(3, ctx.restored_state("residual.1"))
+    assert torch.equal(link.residual, torch.ones(3))
+    assert ctx.restored_state("residual.1") is None  # handed out once
+    ctx.keep_state("residual.1", lambda: link.residual)
+    link.residual = torch.full((3,), 2.0)  # the strategy rebinds it: the getter sees that
+    assert torch.equal(ctx.strategy_state()["residual.1"], torch.full((3,), 2.0))
+    ctx.drop_state("residual.1")
+    assert ctx.strategy_state() == {}
+    assert torch.equal(LinkResidual(3, torch.ones(4)).residual, torch.zeros(3))  # misfit: fresh
+
+
+def test_replica_snapshot_restores_the_batch_order() -> None:
+    a, b = _ctx().replica, _ctx().replica
+    a.gradient(3)
+    tensors, cursor = a.snapshot()
+    b.restore(tensors, cursor)
+    assert torch.equal(a._next_indices(6), b._next_indices(6))  # same batches from here on
+    with pytest.raises(ValueError, match="params"):
+        b.restore({**tensors, "params": torch.zeros(1)}, cursor)

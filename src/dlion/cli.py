@@ -89,15 +89,15 @@ def train(
     out_dir = resume or out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
     if stop_at is not None and not stop_at > 0:
         raise BadInput(f"--stop-at: must be > 0, got {stop_at:g}")
+    if resume is not None and not resume.is_dir():
+        raise BadInput(f"--resume {resume}: no such run directory")
     if cfg.engine.name == "dist":
         if stop_at is not None:
             raise BadInput("--stop-at: sim only (stop a dist run with a signal)")
         from dlion.engines.launcher import run_dist
 
-        result = run_dist(cfg, out_dir=out_dir, progress=not quiet)
+        result = run_dist(cfg, out_dir=out_dir, progress=not quiet, resume=resume is not None)
     else:
-        if resume is not None and not resume.is_dir():
-            raise BadInput(f"--resume {resume}: no such run directory")
         result = run_sim(
             cfg,
             out_dir=out_dir,

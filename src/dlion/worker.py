@@ -82,6 +82,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML config path or shipped scenario name")
     parser.add_argument("--out", type=Path, default=None, help="run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--resume", action="store_true", help="start from this rank's latest checkpoint in --out"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, "engine.name=dist"])
     try:
@@ -92,7 +95,7 @@ def run(argv: list[str]) -> int:
         ) from None
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
     factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
-    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir)
+    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir, resume=args.resume)
     if world != worker.cluster.size:
         raise BadInput(
             f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "

@@ -44,6 +44,7 @@ from dlion.comm.codec import BadFrame, decode, encode
 from dlion.comm.messages import Dense, Message
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
+from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.shaping import LinkShaper
 from dlion.engines.transport import PairTransport
 from dlion.experiment import make_replica, prepare
@@ -206,6 +207,7 @@ class DistWorker:
         *,
         run_id: str,
         out_dir: Path | None,
+        resume: bool = False,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
         self.cfg = cfg
@@ -224,6 +226,10 @@ class DistWorker:
         self.t0 = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ctx = DistContext(self, make_replica(cfg, prep, rank))
+        # Periodic checkpoints of this worker's state; `resume`: start from the latest.
+        self.checkpointer = WorkerCheckpointer(cfg, rank, out_dir)
+        if resume and out_dir is not None:
+            self.checkpointer.restore(self.ctx, out_dir, self.cluster.size)
         self.live: set[int] = set()
         self._inflight: dict[int, set[asyncio.Future[None]]] = {}
         self._stop_reason: str | None = None
@@ -478,6 +484,8 @@ class DistWorker:
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
                             )
+                if self.checkpointer.due():
+                    self._from_thread(self._checkpoint)
                 while next_snapshot * every <= now:
                     self._from_thread(self._publish_snapshot, next_snapshot)
                     next_snapshot += 1
@@ -486,6 +494,11 @@ class DistWorker:
         except Exception as err:  # the store is gone: the job is over
             self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
             self._from_thread(self.stop, "store lost")
+
+    def _checkpoint(self) -> None:
+        """On the loop, between strategy steps: this worker's state to disk."""
+        path = self.checkpointer.save(self.ctx)
+        self.log.write("checkpoint", t=self.ctx.now(), rank=self.rank, path=str(path))
 
     def _publish_snapshot(self, k: int) -> None:
         """On the loop, between strategy steps: the replica and counters for eval point k."""

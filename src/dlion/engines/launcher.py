@@ -43,6 +43,7 @@ from dlion.engines.dist import (
     store_get_json,
     store_has,
 )
+from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
 from dlion.experiment import make_replica, prepare
@@ -367,12 +368,18 @@ def run_dist(
     description: str | None = None,
     faults: list[Fault] | None = None,
     rank_env: dict[int, dict[str, str]] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run one experiment as real processes on this host; write the same files as the sim.
 
     `faults` are signals sent to workers at scenario times; `rank_env` adds environment
-    variables for single ranks (a GPU per rank, a different secret in a test)."""
+    variables for single ranks (a GPU per rank, a different secret in a test). `resume`:
+    an elastic restart of every worker from its latest checkpoint (engines/dist_checkpoint.py)."""
     resolve_backend(cfg.engine.backend)  # fail before launching anything
+    size = Cluster.from_config(cfg.cluster).size
+    if resume:
+        verify_resume(cfg, out_dir, size)  # CheckpointError before anything is written
+        keep_previous_metrics(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -381,7 +388,7 @@ def run_dist(
     store = job_store(server, run_id)
     logs = out_dir / "workers"
     logs.mkdir(exist_ok=True)
-    size = Cluster.from_config(cfg.cluster).size
+    extra = ["--resume"] if resume else []
     processes: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for rank in range(size):
@@ -397,7 +404,15 @@ def run_dist(
             }
             with (logs / f"rank-{rank}.log").open("wb") as log_file:
                 processes[rank] = subprocess.Popen(
-                    [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "dlion.worker",
+                        str(config_path),
+                        "--out",
+                        str(out_dir),
+                        *extra,
+                    ],
                     env=env,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

@@ -6,8 +6,9 @@ network; none of it can be serialized without rewriting every strategy. The sim 
 bit-deterministic for a config and seed, so resume instead *replays*: it re-runs the
 configured experiment from the start, and at the checkpoint's evaluation point checks
 that the replay's state equals the checkpoint bit for bit (every replica's parameters,
-momentum, batch generator and permutation, every worker's `ctx.rng` state and counters,
-membership, and the metrics history). Then it cuts metrics.jsonl back to that point and
+momentum, batch generator and permutation, the strategy state kept with `ctx.keep_state`
+such as DLion's residuals, every worker's `ctx.rng` state and counters, membership, and the
+metrics history). Then it cuts metrics.jsonl back to that point and
 continues, so the resumed run's metrics.jsonl and summary.json equal an uninterrupted
 run's. If the replay diverges (another torch build, another machine, an edited history)
 the resume is refused and nothing is written. Replay re-spends the compute up to the
@@ -77,6 +78,8 @@ def snapshot(
         rep_tensors, cursor = ctx.replica.snapshot()
         for key, value in rep_tensors.items():
             tensors[f"rank{ctx.rank}.{key}"] = value
+        for key, value in ctx.strategy_state().items():
+            tensors[f"rank{ctx.rank}.strategy.{key}"] = value
         workers.append(
             {
                 "rank": ctx.rank,
