@@ -4,6 +4,9 @@ resume of sim runs (the resumed run's metrics equal the uninterrupted run's)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -386,3 +389,30 @@ def test_replica_snapshot_restores_the_batch_order() -> None:
     assert torch.equal(a._next_indices(6), b._next_indices(6))  # same batches from here on
     with pytest.raises(ValueError, match="params"):
         b.restore({**tensors, "params": torch.zeros(1)}, cursor)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
+    """RELIABILITY 12: a sim run killed mid-way (events past its last checkpoint in
+    metrics.jsonl, maybe a half-written checkpoint) resumes to the uninterrupted metrics."""
+    cfg = _cfg(max_time=0.6)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dlion.cli", "train", str(path), "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "latest").exists() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint within 120 s")
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "summary.json").exists(), "the run ended before it could be killed"
+    run_sim(cfg, out_dir=out, progress=False, resume=True)
+    run_sim(cfg, out_dir=tmp_path / "full", progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == (tmp_path / "full/metrics.jsonl").read_bytes()
+    assert _summary(out) == _summary(tmp_path / "full")

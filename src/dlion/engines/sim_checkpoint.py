@@ -148,8 +148,11 @@ class SimCheckpointer:
         self.pending: Checkpoint | None = None  # the checkpoint a replay must reach
         self.halted_at: float | None = None
         self.written: list[Path] = []
-        if (stop_at is not None or self.every_s is not None or resume) and out_dir is None:
-            raise ValueError("checkpoints need an output directory")
+        if (stop_at is not None or resume) and out_dir is None:
+            raise ValueError("stop_at and resume need an output directory")
+        if out_dir is None:  # nowhere to write checkpoints (e.g. an in-memory probe run)
+            self.every_s = None
+            self.next_due = math.inf
         if resume and out_dir is not None:
             self.pending = self._load(out_dir)
 
