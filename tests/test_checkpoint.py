@@ -24,7 +24,7 @@ from dlion.checkpoint import (
 )
 from dlion.cli import main
 from dlion.comm.messages import Message
-from dlion.config import ExperimentConfig, config_from_dict
+from dlion.config import CheckpointConfig, ExperimentConfig, config_from_dict
 from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.engines.sim_checkpoint import checkpoint_root, experiment_hash
@@ -416,3 +416,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
     run_sim(cfg, out_dir=tmp_path / "full", progress=False)
     assert (out / "metrics.jsonl").read_bytes() == (tmp_path / "full/metrics.jsonl").read_bytes()
     assert _summary(out) == _summary(tmp_path / "full")
+
+
+def test_a_new_run_in_an_old_directory_drops_its_checkpoints(tmp_path: Path) -> None:
+    _interrupted(_cfg(), tmp_path)
+    run_sim(
+        _cfg(max_time=0.1).model_copy(update={"checkpoint": CheckpointConfig()}),
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert not checkpoint_root(tmp_path).exists()

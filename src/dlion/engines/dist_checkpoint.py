@@ -87,16 +87,19 @@ class WorkerCheckpointer:
         self._last = time.monotonic()
 
     def due(self) -> bool:
-        """Time for a checkpoint (called from the monitor thread)."""
+        """Time for a checkpoint (called from the monitor thread). Claims the slot, so a
+        loop busy with a long step is not handed several saves at once."""
         if self.every_s is None or self.root is None:
             return False
-        return time.monotonic() - self._last >= self.every_s
+        if time.monotonic() - self._last < self.every_s:
+            return False
+        self._last = time.monotonic()
+        return True
 
     def save(self, ctx: WorkerContext) -> Path | None:
         """Write this worker's state; on the event loop, with no strategy step running."""
         if self.root is None:
             return None
-        self._last = time.monotonic()
         tensors, cursor = ctx.replica.snapshot()
         tensors.update({f"strategy.{k}": v for k, v in ctx.strategy_state().items()})
         state: dict[str, Any] = {

@@ -19,6 +19,7 @@ import datetime
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,6 +381,8 @@ def run_dist(
     if resume:
         verify_resume(cfg, out_dir, size)  # CheckpointError before anything is written
         keep_previous_metrics(out_dir)
+    else:  # a new run in an old directory starts clean: old checkpoints are not its own
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import gc
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from dlion.config import ExperimentConfig, MembershipEvent, initially_absent
 from dlion.context import ComputeResult, WorkerContext
 from dlion.dynamics import membership_schedule
 from dlion.engines.network import Network
-from dlion.engines.sim_checkpoint import SimCheckpointer
+from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare
 from dlion.replica import Replica
@@ -328,7 +329,9 @@ def run_sim(
         if out_dir is not None and not resume:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_config(out_dir, cfg)
+            # A new run in an old directory starts clean: old checkpoints are not its own.
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
         # A replay logs to memory until it has matched its checkpoint (then the file is
         # cut back to the checkpoint's history and appended to).
         logged = out_dir is not None and not resume
