@@ -54,7 +54,18 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     resume: Annotated[
         Path | None,
-        typer.Option(help="FL configs: resume the server from this run's latest checkpoint."),
+        typer.Option(
+            help="Continue the run in this directory from its latest checkpoint (same config; "
+            "train.max_time may grow). FL configs resume their server."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float | None,
+        typer.Option(help="Checkpoint every this many seconds (sets checkpoint.every_s)."),
+    ] = None,
+    stop_at: Annotated[
+        float | None,
+        typer.Option(help="sim: halt at this virtual time after a checkpoint (resume later)."),
     ] = None,
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
@@ -69,25 +80,47 @@ def train(
 
         train_fl(config, engine, strategy, list(set_ or []), out, quiet, resume, console)
         return
-    if resume is not None:
-        raise BadInput("--resume: only FL configs (kind: fl) checkpoint and resume")
     if engine not in (None, "sim", "dist"):
         raise BadInput(f"--engine: unknown engine {engine!r} (available: sim, dist)")
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise BadInput(f"--out {out}: a resumed run continues in its own directory ({resume})")
+    if checkpoint_every is not None and not checkpoint_every > 0:
+        raise BadInput(f"--checkpoint-every: must be > 0, got {checkpoint_every:g}")
     overrides = list(set_ or [])
+    if checkpoint_every is not None:
+        overrides = [f"checkpoint.every_s={checkpoint_every!r}", *overrides]
     if engine is not None:
         overrides = [f"engine.name={engine}", *overrides]
     if strategy is not None and strategy != load_config(config).strategy.name:
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
-    out_dir = out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
+    out_dir = resume or out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
+    if stop_at is not None and not stop_at > 0:
+        raise BadInput(f"--stop-at: must be > 0, got {stop_at:g}")
+    if resume is not None and not resume.is_dir():
+        raise BadInput(f"--resume {resume}: no such run directory")
     if cfg.engine.name == "dist":
+        if stop_at is not None:
+            raise BadInput("--stop-at: sim only (stop a dist run with a signal)")
         from dlion.engines.launcher import run_dist
 
-        result = run_dist(cfg, out_dir=out_dir, progress=not quiet)
+        result = run_dist(cfg, out_dir=out_dir, progress=not quiet, resume=resume is not None)
     else:
-        result = run_sim(cfg, out_dir=out_dir, progress=not quiet)
+        result = run_sim(
+            cfg,
+            out_dir=out_dir,
+            progress=not quiet,
+            resume=resume is not None,
+            stop_at=stop_at,
+        )
     s = result.summary
+    if "stopped_at" in s:
+        console.print(
+            f"stopped at t={s['stopped_at']:g} s after a checkpoint in {out_dir}/checkpoints; "
+            f"continue with: dlion train {config} --resume {out_dir}"
+        )
+        return
     plot_accuracy_vs_time(
         {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
         out_dir / "accuracy_vs_time.png",

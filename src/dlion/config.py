@@ -190,6 +190,18 @@ class EvaluationConfig(_Strict):
     max_test_samples: int | None = Field(None, ge=1, description="Evaluate on a test subset.")
 
 
+class CheckpointConfig(_Strict):
+    every_s: float | None = Field(
+        None,
+        gt=0,
+        description="Write a checkpoint every this many seconds (virtual in the sim, taken at "
+        "the first evaluation point at or after each multiple; wall in dist); None: never.",
+    )
+    keep: int = Field(
+        2, ge=1, description="Checkpoints kept: the newest and, by default, the one before it."
+    )
+
+
 # ----------------------------------------------------------------------------- dynamics
 
 
@@ -349,6 +361,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
 
     @model_validator(mode="after")

@@ -152,6 +152,11 @@ class WorkerContext(ABC):
         self._incarnation: dict[int, int] = dict.fromkeys(world, 0)
         self._state_seq = 0
         self._background: set[asyncio.Task[Any]] = set()
+        # Strategy state that checkpoints carry (residuals...): named tensors read through
+        # a getter when a checkpoint is taken; `_restored`: tensors a resumed worker hands
+        # back to its strategy, once each.
+        self._kept: dict[str, Callable[[], torch.Tensor]] = {}
+        self._restored: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -351,6 +356,24 @@ class WorkerContext(ABC):
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # ---------------------------------------------------------------- strategy state
+    def keep_state(self, name: str, get: Callable[[], torch.Tensor]) -> None:
+        """Put strategy state (e.g. a link's residual) into this worker's checkpoints; `get`
+        is called when one is taken. A later call with the same name replaces it."""
+        self._kept[name] = get
+
+    def drop_state(self, name: str) -> None:
+        self._kept.pop(name, None)
+
+    def strategy_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the kept state tensors, by name."""
+        return {name: get().detach().clone() for name, get in sorted(self._kept.items())}
+
+    def restored_state(self, name: str) -> torch.Tensor | None:
+        """State named `name` from the checkpoint this worker resumed from (None if there is
+        none); each name is handed out once, so a later re-creation starts fresh."""
+        return self._restored.pop(name, None)
 
     # ---------------------------------------------------------------- bookkeeping
     def record(self, event: str, **fields: Any) -> None:

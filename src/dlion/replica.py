@@ -91,6 +91,34 @@ class Replica:
         self.flat.copy_(state[: self.numel])
         self._momentum_buf.copy_(state[self.numel :])
 
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Everything that decides this replica's future, for a checkpoint: copies of the
+        parameters, momentum, batch generator state and epoch permutation, plus the cursor."""
+        tensors = {
+            "params": self.flat.clone(),
+            "momentum": self._momentum_buf.clone(),
+            "generator": self._gen.get_state(),
+            "order": self._order.clone(),
+        }
+        return tensors, self._cursor
+
+    def restore(self, tensors: dict[str, torch.Tensor], cursor: int) -> None:
+        """Adopt a `snapshot`; ValueError (nothing changed) if it does not fit this replica."""
+        for key, like in (("params", self.flat), ("momentum", self._momentum_buf)):
+            got = tensors.get(key)
+            if got is None or got.shape != like.shape or got.dtype != like.dtype:
+                raise ValueError(f"{key}: expected {like.dtype} of shape {tuple(like.shape)}")
+        order, gen = tensors.get("order"), tensors.get("generator")
+        if order is None or order.dtype != torch.int64 or order.numel() != len(self.x):
+            raise ValueError(f"order: expected a permutation of {len(self.x)} indices")
+        if gen is None or gen.dtype != torch.uint8 or not 0 <= cursor <= len(order):
+            raise ValueError("generator state or cursor out of range")
+        self._gen.set_state(gen.clone())
+        self.flat.copy_(tensors["params"])
+        self._momentum_buf.copy_(tensors["momentum"])
+        self._order = order.clone()
+        self._cursor = cursor
+
     def apply(self, grad: torch.Tensor) -> None:
         """One SGD step with momentum and weight decay (torch.optim.SGD semantics)."""
         if self.weight_decay:

@@ -85,6 +85,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML config path or shipped scenario name")
     parser.add_argument("--out", type=Path, default=None, help="run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--resume", action="store_true", help="start from this rank's latest checkpoint in --out"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, "engine.name=dist"])
     try:
@@ -99,7 +102,15 @@ def run(argv: list[str]) -> int:
         incarnation = int(os.environ.get("DLION_INCARNATION", "0"))
     except ValueError:
         raise BadInput("DLION_INCARNATION must be an integer") from None
-    worker = DistWorker(cfg, rank, factory, run_id=run_id, out_dir=out_dir, incarnation=incarnation)
+    worker = DistWorker(
+        cfg,
+        rank,
+        factory,
+        run_id=run_id,
+        out_dir=out_dir,
+        incarnation=incarnation,
+        resume=args.resume and incarnation == 0,
+    )
     if world != worker.cluster.size:
         raise BadInput(
             f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "

@@ -45,6 +45,7 @@ from dlion.comm.codec import BadFrame, decode, encode
 from dlion.comm.messages import Dense, Message
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
+from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.shaping import LinkShaper
 from dlion.engines.transport import PairTransport
 from dlion.experiment import make_replica, prepare
@@ -232,6 +233,7 @@ class DistWorker:
         run_id: str,
         out_dir: Path | None,
         incarnation: int = 0,
+        resume: bool = False,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
         self.cfg = cfg
@@ -255,6 +257,10 @@ class DistWorker:
         self.t0 = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ctx = DistContext(self, make_replica(cfg, prep, rank))
+        # Periodic checkpoints of this worker's state; `resume`: start from the latest.
+        self.checkpointer = WorkerCheckpointer(cfg, rank, out_dir)
+        if resume and out_dir is not None:
+            self.checkpointer.restore(self.ctx, out_dir, self.cluster.size)
         self.live: set[int] = set()  # members: peers in this worker's view
         self.linked: set[int] = set()  # peers with a working link (members and joiners)
         self.peer_inc: dict[int, int] = dict.fromkeys(range(self.cluster.size), 0)
@@ -566,6 +572,8 @@ class DistWorker:
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
                             )
+                if self.checkpointer.due():
+                    self._from_thread(self._checkpoint)
                 while next_snapshot * every <= now:
                     self._from_thread(self._publish_snapshot, next_snapshot)
                     next_snapshot += 1
@@ -674,6 +682,11 @@ class DistWorker:
             self.log.write(
                 "join_unacknowledged", t=self.ctx.now(), rank=self.rank, peers=sorted(waiting)
             )
+
+    def _checkpoint(self) -> None:
+        """On the loop, between strategy steps: this worker's state to disk."""
+        path = self.checkpointer.save(self.ctx)
+        self.log.write("checkpoint", t=self.ctx.now(), rank=self.rank, path=str(path))
 
     def _publish_snapshot(self, k: int) -> None:
         """On the loop, between strategy steps: the replica and counters for eval point k."""

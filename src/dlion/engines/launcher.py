@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from dlion.engines.dist import (
     store_get_json,
     store_has,
 )
+from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
 from dlion.experiment import make_replica, prepare
@@ -456,12 +458,20 @@ def run_dist(
     description: str | None = None,
     faults: list[Fault] | None = None,
     rank_env: dict[int, dict[str, str]] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run one experiment as real processes on this host; write the same files as the sim.
 
     `faults` are signals sent to workers at scenario times; `rank_env` adds environment
-    variables for single ranks (a GPU per rank, a different secret in a test)."""
+    variables for single ranks (a GPU per rank, a different secret in a test). `resume`:
+    an elastic restart of every worker from its latest checkpoint (engines/dist_checkpoint.py)."""
     resolve_backend(cfg.engine.backend)  # fail before launching anything
+    size = Cluster.from_config(cfg.cluster).size
+    if resume:
+        verify_resume(cfg, out_dir, size)  # CheckpointError before anything is written
+        keep_previous_metrics(out_dir)
+    else:  # a new run in an old directory starts clean: old checkpoints are not its own
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -470,7 +480,7 @@ def run_dist(
     store = job_store(server, run_id)
     logs = out_dir / "workers"
     logs.mkdir(exist_ok=True)
-    size = Cluster.from_config(cfg.cluster).size
+    extra = ["--resume"] if resume else []
     processes: dict[int, subprocess.Popen[bytes]] = {}
     scheduled, absent = schedule_from_config(cfg, size)
 
@@ -488,8 +498,11 @@ def run_dist(
         }
         name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
         with (logs / name).open("wb") as log_file:
+            # A resumed job's first incarnations restore their checkpoints; joiners always
+            # start from a live peer.
+            argv = [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)]
             return subprocess.Popen(
-                [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)],
+                argv + (extra if incarnation == 0 else []),
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

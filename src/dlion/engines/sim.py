@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import gc
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from dlion.config import ExperimentConfig, MembershipEvent, initially_absent
 from dlion.context import ComputeResult, WorkerContext
 from dlion.dynamics import membership_schedule
 from dlion.engines.network import Network
+from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare
 from dlion.replica import Replica
@@ -141,6 +143,7 @@ class _SimEngine:
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
         self.stop = asyncio.Event()
         self.log: MetricsLog
+        self.checkpointer: SimCheckpointer | None = None
         for ctx in self.contexts:
             ctx._on_record = self._record
             ctx._on_iteration = self._iteration_done
@@ -302,24 +305,37 @@ def run_sim(
     progress: bool = True,
     description: str | None = None,
     billing: Billing | None = None,
+    resume: bool = False,
+    stop_at: float | None = None,
 ) -> RunResult:
     """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir.
-    `billing` prices each rank's instance for the summary's cost block (transient/cost.py)."""
+    `billing` prices each rank's instance for the summary's cost block (transient/cost.py).
+    Checkpoints (config `checkpoint`) go to out_dir/checkpoints. `resume`: continue the run
+    in out_dir from its latest checkpoint, by verified replay (engines/sim_checkpoint.py);
+    CheckpointError, with out_dir untouched, if it cannot. `stop_at`: halt at the first
+    evaluation point at or after this virtual time, after writing a checkpoint there (an
+    interruption on purpose: no summary.json; the summary returned has `stopped_at`)."""
     torch.set_num_threads(cfg.engine.threads)
     spec = get_strategy(cfg.strategy.name)
     options = parse_options(spec, cfg.strategy.options)
+    # Before anything is written: a resume verifies its checkpoint here.
+    checkpointer = SimCheckpointer(cfg, out_dir, resume=resume, stop_at=stop_at)
     loop = VirtualTimeLoop()
     try:
         asyncio.set_event_loop(loop)
         engine = _SimEngine(cfg, loop)
+        engine.checkpointer = checkpointer
         loop.set_task_factory(engine.task_factory)  # type: ignore[arg-type]
-        if out_dir is not None:
+        if out_dir is not None and not resume:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(
-                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            )
+            write_config(out_dir, cfg)
+            # A new run in an old directory starts clean: old checkpoints are not its own.
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        engine.log = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None else None)
+            shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+        # A replay logs to memory until it has matched its checkpoint (then the file is
+        # cut back to the checkpoint's history and appended to).
+        logged = out_dir is not None and not resume
+        engine.log = MetricsLog(out_dir / "metrics.jsonl" if logged else None)
         text = description or f"{cfg.name} {label or spec.name}"
         with engine.log, TrainProgress(text, cfg.train.max_time, enabled=progress) as bar:
             # Wall time of the training loop alone (data loading and setup excluded).
@@ -355,7 +371,9 @@ def run_sim(
         # Peak resident memory of this process so far (KiB on Linux), for scale-out reports.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if out_dir is not None:
+    if checkpointer.halted_at is not None:
+        summary["stopped_at"] = checkpointer.halted_at
+    elif out_dir is not None:
         write_json_atomic(out_dir / "summary.json", summary)
     return RunResult(
         summary,
@@ -364,6 +382,13 @@ def run_sim(
         wall,
         engine.compute_wall_s,
         [c.replica for c in engine.contexts],
+    )
+
+
+def write_config(out_dir: Path, cfg: ExperimentConfig) -> None:
+    """The run's resolved config, beside its metrics."""
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     )
 
 
@@ -404,6 +429,8 @@ async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
             points.append(point)
             engine.log.write("eval", **point.__dict__)
             bar.update(point.t, point.iteration, point.mean_acc)
+            if engine.checkpointer is not None and engine.checkpointer.after_eval(engine, points):
+                break  # stop_at: halted here, after a checkpoint
             reached = point.mean_acc >= cfg.train.target_acc
             if engine.stop.is_set() or point.t >= cfg.train.max_time:
                 break
@@ -421,6 +448,10 @@ async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
         await asyncio.gather(*leftovers, return_exceptions=True)
     if engine.failures:
         raise engine.failures[0]
+    if engine.checkpointer is not None:
+        engine.checkpointer.finished(points)
+        if engine.checkpointer.halted_at is not None:
+            return points  # interrupted on purpose: the run has not ended
     engine.log.write("end", t=points[-1].t, tta_s=time_to_accuracy(points, cfg.train.target_acc))
     return points
 

@@ -49,6 +49,15 @@ class MetricsLog:
             # Flush every line so a crashed or still-running run can be inspected from outside.
             self._file.flush()
 
+    def continue_file(self, path: Path, offset: int) -> None:
+        """Resume: cut `path` back to its first `offset` bytes (the history up to a
+        checkpoint, which the caller has verified) and append further events to it."""
+        self.close()
+        with path.open("r+b") as f:
+            f.truncate(offset)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
     def close(self) -> None:
         """Close the file; further writes only go to memory."""
         if self._file is not None:

@@ -128,8 +128,11 @@ def link_budget_entries(
 class LinkResidual:
     """What one worker still owes one peer: c = weighted grad + residual; send top-k of c."""
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, restored: torch.Tensor | None = None) -> None:
+        # A resumed worker continues with the residual its checkpoint carried.
         self.residual = torch.zeros(numel)
+        if restored is not None and restored.shape == (numel,) and restored.is_floating_point():
+            self.residual = restored.to(torch.float32).clone()
 
     def step(self, weighted_grad: torch.Tensor, k: int, dense_fraction: float = 0.5) -> Payload:
         candidate = weighted_grad + self.residual
@@ -209,7 +212,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         sends = []
         for p in peers:
             if p not in links or links[p][0] != ctx.incarnation(p):
-                links[p] = (ctx.incarnation(p), LinkResidual(numel))
+                link = LinkResidual(numel, ctx.restored_state(f"residual.{p}"))
+                links[p] = (ctx.incarnation(p), link)
+                ctx.keep_state(f"residual.{p}", lambda link=link: link.residual)
             if opt.pge:
                 k = link_budget_entries(
                     ctx.bandwidth(p),
@@ -243,6 +248,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     ctx.record("peer_lost", peer=p, phase=f"g{src_it}", why=repr(got))
                     lost.add((p, ctx.incarnation(p)))
                     links.pop(p, None)
+                    ctx.drop_state(f"residual.{p}")
             metas[me] = own_meta.pop(src_it)
             receivers.pop(src_it)
             await asyncio.gather(*in_flight.pop(src_it))
