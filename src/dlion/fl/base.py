@@ -44,6 +44,11 @@ class Update:
     meta: dict[str, float]  # what the client reported (loss, whether it pulled mid-training)
 
 
+class AggregationModeError(RuntimeError):
+    """The server called the aggregation hook of the other mode (round-based vs one upload
+    at a time): a bug in the server loop, never a user error."""
+
+
 class Algorithm:
     """Server-side rule plus the device-side hooks. Defaults: no mid-training pull."""
 
@@ -58,11 +63,11 @@ class Algorithm:
     def merge(self, state: ServerState, update: Update) -> str:
         """Fold one upload into the global model (asynchronous algorithms). Returns what
         happened: "merged", "buffered" or "stale" (dropped)."""
-        raise NotImplementedError(f"{self.name} aggregates whole rounds, not single uploads")
+        raise AggregationModeError(f"{self.name} aggregates whole rounds, not single uploads")
 
     def aggregate_round(self, state: ServerState, updates: list[Update]) -> None:
         """Combine one round's uploads (synchronous algorithms)."""
-        raise NotImplementedError(f"{self.name} merges uploads one by one")
+        raise AggregationModeError(f"{self.name} merges uploads one by one")
 
     def task_meta(self, client: int) -> dict[str, float]:
         """Numbers sent with a task to client `client` (rank), e.g. its device parameters."""
