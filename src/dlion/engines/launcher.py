@@ -51,7 +51,14 @@ from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
 from dlion.experiment import make_replica, prepare
-from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
+from dlion.report import (
+    EvalPoint,
+    MetricsLog,
+    TrainProgress,
+    run_summary,
+    time_to_accuracy,
+    write_json_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -397,23 +404,22 @@ class Coordinator:
         reason: str,
     ) -> RunResult:
         cfg = self.cfg
-        last = points[-1] if points else EvalPoint(0.0, 0, 0.0, 0.0, float("nan"), 0)
+        # A job whose workers all died before the first evaluation still gets a summary.
+        shown = points or [EvalPoint(0.0, 0, 0.0, 0.0, float("nan"), 0)]
         failed = {r: f for (r, _), f in finals.items() if f.get("status") == "failed"}
         tta = time_to_accuracy(points, cfg.train.target_acc)
         summary: dict[str, Any] = {
-            "scenario": cfg.name,
-            "strategy": self.label,
-            "seed": cfg.train.seed,
-            "engine": "dist",
-            "target_acc": cfg.train.target_acc,
-            "tta_s": tta,
-            "final_acc": last.mean_acc,
-            "final_loss": last.mean_loss,
-            "time_s": last.t,
+            **run_summary(
+                shown,
+                scenario=cfg.name,
+                strategy=self.label,
+                seed=cfg.train.seed,
+                engine="dist",
+                target_acc=cfg.train.target_acc,
+            ),
+            # Every incarnation's final count (the last snapshot misses the final moments).
             "bytes_sent": int(sum(f.get("bytes_sent", 0) for f in finals.values()))
-            or last.bytes_sent,
-            "final_min_acc": last.min_acc,
-            "iterations": last.iteration,
+            or shown[-1].bytes_sent,
             "workers": self.size,
             "rejected_messages": int(sum(f.get("rejected", 0) for f in finals.values())),
             "time_scale": self.scale,

@@ -43,7 +43,14 @@ from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare
 from dlion.replica import Replica
-from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
+from dlion.report import (
+    EvalPoint,
+    MetricsLog,
+    TrainProgress,
+    run_summary,
+    time_to_accuracy,
+    write_json_atomic,
+)
 from dlion.strategies import get_strategy, parse_options
 from dlion.transient.cost import Billing, run_cost
 
@@ -349,18 +356,14 @@ def run_sim(
         loop.close()
     last = points[-1]
     summary: dict[str, Any] = {
-        "scenario": cfg.name,
-        "strategy": label or cfg.strategy.name,
-        "seed": cfg.train.seed,
-        "engine": "sim",
-        "target_acc": cfg.train.target_acc,
-        "tta_s": time_to_accuracy(points, cfg.train.target_acc),
-        "final_acc": last.mean_acc,
-        "final_loss": last.mean_loss,
-        "time_s": last.t,
-        "bytes_sent": last.bytes_sent,
-        "final_min_acc": last.min_acc,
-        "iterations": last.iteration,
+        **run_summary(
+            points,
+            scenario=cfg.name,
+            strategy=label or cfg.strategy.name,
+            seed=cfg.train.seed,
+            engine="sim",
+            target_acc=cfg.train.target_acc,
+        ),
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,

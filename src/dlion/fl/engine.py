@@ -38,7 +38,14 @@ from dlion.fl.population import ClientProfile, make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.models import build_model, train_flops_per_sample
 from dlion.replica import Replica
-from dlion.report import EvalPoint, MetricsLog, TrainProgress, time_to_accuracy, write_json_atomic
+from dlion.report import (
+    EvalPoint,
+    MetricsLog,
+    TrainProgress,
+    run_summary,
+    time_to_accuracy,
+    write_json_atomic,
+)
 
 # An idle client's receive wakes up this often (virtual s) just to wait again; large so
 # that idle clients cost almost no events.
@@ -304,20 +311,15 @@ def run_fl(
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    last = points[-1]
     summary: dict[str, Any] = {
-        "scenario": cfg.name,
-        "strategy": label or cfg.algorithm.name,
-        "seed": cfg.train.seed,
-        "engine": "sim",
-        "target_acc": cfg.train.target_acc,
-        "tta_s": time_to_accuracy(points, cfg.train.target_acc),
-        "final_acc": last.mean_acc,
-        "final_loss": last.mean_loss,
-        "time_s": last.t,
-        "bytes_sent": last.bytes_sent,
-        "final_min_acc": last.min_acc,
-        "iterations": last.iteration,
+        **run_summary(
+            points,
+            scenario=cfg.name,
+            strategy=label or cfg.algorithm.name,
+            seed=cfg.train.seed,
+            engine="sim",
+            target_acc=cfg.train.target_acc,
+        ),
         "clients": cfg.clients.count,
         "concurrency": cfg.clients.concurrency,
         "resumed_from_s": t0 if restored is not None else None,

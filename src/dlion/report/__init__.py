@@ -4,6 +4,7 @@ from dlion.report.metrics import (
     EvalPoint,
     MetricsLog,
     read_metrics,
+    run_summary,
     time_to_accuracy,
     write_json_atomic,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "mean_curve",
     "plot_accuracy_vs_time",
     "read_metrics",
+    "run_summary",
     "time_to_accuracy",
     "write_json_atomic",
     "write_report",

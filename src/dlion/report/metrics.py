@@ -83,6 +83,34 @@ def time_to_accuracy(points: Sequence[EvalPoint], target: float) -> float | None
     return min(reached) if reached else None
 
 
+def run_summary(
+    points: Sequence[EvalPoint],
+    *,
+    scenario: str,
+    strategy: str,
+    seed: int,
+    engine: str,
+    target_acc: float,
+) -> dict[str, object]:
+    """The fields every run's summary.json has (DESIGN.md's contract), from its eval points;
+    engines add their own after these."""
+    last = points[-1]
+    return {
+        "scenario": scenario,
+        "strategy": strategy,
+        "seed": seed,
+        "engine": engine,
+        "target_acc": target_acc,
+        "tta_s": time_to_accuracy(points, target_acc),
+        "final_acc": last.mean_acc,
+        "final_loss": last.mean_loss,
+        "time_s": last.t,
+        "bytes_sent": last.bytes_sent,
+        "final_min_acc": last.min_acc,
+        "iterations": last.iteration,
+    }
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write `obj` as indented JSON; readers see the old file or the new one, never half of one."""
     # Serialize first: an unserializable object then fails before anything touches the disk.
