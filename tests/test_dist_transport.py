@@ -102,3 +102,18 @@ def test_an_oversized_announcement_drops_the_link_and_is_reported() -> None:
     assert pair.frames[1] == []
     # Nothing more is accepted on a failed link.
     assert pair.t[1].send(0, b"y", due=0.0) is False
+
+
+def test_backend_choice_and_a_clear_error_for_nccl_without_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from dlion.engines.dist import resolve_backend
+    from dlion.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto") == "gloo"
+    assert resolve_backend("gloo") == "gloo"
+    with pytest.raises(ConfigError, match=r"engine\.backend: nccl needs CUDA"):
+        resolve_backend("nccl")

@@ -48,6 +48,7 @@ from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.shaping import LinkShaper
 from dlion.engines.transport import PairTransport
+from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.report import MetricsLog
 from dlion.strategies import get_strategy, parse_options
@@ -123,7 +124,7 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if name == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("engine.backend=nccl needs CUDA, and none is available here")
+        raise ConfigError("engine.backend: nccl needs CUDA, and none is available here")
     return name
 
 
