@@ -13,6 +13,7 @@ from rich.console import Console
 from typer._click.exceptions import UsageError
 
 from dlion.dist_cli import app as dist_app
+from dlion.engines.netns_cli import app as netns_app
 from dlion.errors import BadInput, DlionError
 from dlion.fl.cli import app as fl_app
 from dlion.hybrid.cli import app as hybrid_app
@@ -67,6 +68,13 @@ def train(
         float | None,
         typer.Option(help="sim: halt at this virtual time after a checkpoint (resume later)."),
     ] = None,
+    netns: Annotated[
+        str | None,
+        typer.Option(
+            help="dist: run each worker in the namespaces of `dlion netns up` (this prefix); "
+            "use with engine.shaping=kernel."
+        ),
+    ] = None,
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
     `kind: fl` runs a federated job (server + clients) instead."""
@@ -78,6 +86,8 @@ def train(
     if is_fl_source(config):
         from dlion.fl.cli import train_fl
 
+        if netns is not None:
+            raise BadInput("--netns: only for the dist engine, not for FL configs (kind: fl)")
         train_fl(config, engine, strategy, list(set_ or []), out, quiet, resume, console)
         return
     if engine not in (None, "sim", "dist"):
@@ -95,6 +105,8 @@ def train(
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
+    if netns is not None and cfg.engine.name != "dist":
+        raise BadInput("--netns: only for the dist engine (--engine dist)")
     out_dir = resume or out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
     if stop_at is not None and not stop_at > 0:
         raise BadInput(f"--stop-at: must be > 0, got {stop_at:g}")
@@ -105,7 +117,9 @@ def train(
             raise BadInput("--stop-at: sim only (stop a dist run with a signal)")
         from dlion.engines.launcher import run_dist
 
-        result = run_dist(cfg, out_dir=out_dir, progress=not quiet, resume=resume is not None)
+        result = run_dist(
+            cfg, out_dir=out_dir, progress=not quiet, resume=resume is not None, netns=netns
+        )
     else:
         result = run_sim(
             cfg,
@@ -214,6 +228,7 @@ def list_scenarios() -> None:
 app.add_typer(dist_app, name="dist")
 app.add_typer(fl_app, name="fl")
 app.add_typer(hybrid_app, name="hybrid")
+app.add_typer(netns_app, name="netns")
 app.add_typer(thermal_app, name="thermal")
 app.add_typer(transfer_app, name="transfer")
 app.add_typer(transient_app, name="transient")

@@ -65,3 +65,32 @@ def fault(
 
     fault_run(scenario, strategy, time_scale, rank, at, out, set_ or [])
     console.print((out / "fault.md").read_text())
+
+
+@app.command()
+def kernel(
+    scenario: Annotated[str, typer.Option(help="Scenario name or YAML.")] = "microcloud-hetero",
+    strategy: Annotated[str, typer.Option(help="Strategy.")] = "dlion",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per seed and shaping.")] = 3,
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per scenario second.")] = 4.0,
+    prefix: Annotated[str, typer.Option(help="Namespace prefix used (and removed) here.")] = (
+        "dlbench"
+    ),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = OUT,
+) -> None:
+    """TTA with kernel-shaped links (netns + tc htb; root) vs transport-shaped links."""
+    from dlion.distbench import kernel_vs_transport
+
+    kernel_vs_transport(
+        scenario,
+        strategy,
+        [int(s) for s in _list(seeds)],
+        repeats,
+        time_scale,
+        out,
+        set_ or [],
+        prefix,
+    )
+    console.print((out / "kernel.md").read_text())

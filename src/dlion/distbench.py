@@ -8,6 +8,8 @@ Each compares side by side in one command and writes JSON plus a markdown table:
   the ratio of per-iteration wall times.
 - fault: one worker SIGKILLed at a fraction of the fault-free run's TTA; detection time,
   time lost, final accuracy against the fault-free run.
+- kernel: links paced in the transport against links shaped by tc in one network
+  namespace per worker (root only); the ratio of TTAs.
 """
 
 from __future__ import annotations
@@ -262,3 +264,100 @@ def fault_run(
     )
     _write(out_dir, "fault", [row], table)
     return row
+
+
+# ----------------------------------------------------------------------------- kernel shaping
+
+
+def kernel_vs_transport(
+    scenario: str,
+    strategy: str,
+    seeds: list[int],
+    repeats: int,
+    time_scale: float,
+    out_dir: Path,
+    overrides: list[str],
+    prefix: str,
+) -> list[dict[str, Any]]:
+    """The same dist run with links paced in the transport and shaped by tc in namespaces
+    (engines/netns.py, set up and torn down here; root only). Runs alternate, transport
+    then kernel, so a change in the host's load hits both alike."""
+    from dlion.engines import netns
+
+    sets = [
+        f"strategy.name={strategy}",
+        "engine.name=dist",
+        f"engine.time_scale={time_scale}",
+        *overrides,
+    ]
+    base = load_config(scenario, sets)
+    sim_tta = run_sim(base, progress=False).summary["tta_s"]
+    rows: list[dict[str, Any]] = []
+    plan = netns.up(netns.plan_for(base, prefix))
+    try:
+        for seed in seeds:
+            for rep in range(repeats):
+                for mode in ("transport", "kernel"):
+                    cfg = load_config(
+                        scenario, [*sets, f"train.seed={seed}", f"engine.shaping={mode}"]
+                    )
+                    run_dir = out_dir / "runs" / f"kernel-{mode}-seed{seed}-{rep}"
+                    s = run_dist(
+                        cfg,
+                        out_dir=run_dir,
+                        netns=plan.prefix if mode == "kernel" else None,
+                        description=f"{scenario} {strategy} {mode} seed {seed} #{rep}",
+                    ).summary
+                    rows.append(
+                        {
+                            "scenario": scenario,
+                            "strategy": strategy,
+                            "shaping": mode,
+                            "seed": seed,
+                            "repeat": rep,
+                            "time_scale": time_scale,
+                            "tta_wall_s": s["tta_s"],
+                            "tta_scenario_s": s["tta_scenario_s"],
+                            "sim_tta_s": sim_tta,
+                            "final_acc": s["final_acc"],
+                            "iterations": s["iterations"],
+                            "bytes_sent": s["bytes_sent"],
+                            "compute_overruns": s["compute_overruns"],
+                        }
+                    )
+    finally:
+        netns.down(plan.prefix)
+
+    def tta(mode: str) -> list[float]:
+        done = [r["tta_scenario_s"] for r in rows if r["shaping"] == mode]
+        return sorted(t for t in done if t is not None)
+
+    lines = [
+        "| shaping | seed | run | TTA (scenario s) | TTA (wall s) | final acc | iterations | "
+        "MB sent | overruns |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['shaping']} | {r['seed']} | {r['repeat']} | {_fmt(r['tta_scenario_s'])} | "
+            f"{_fmt(r['tta_wall_s'])} | {r['final_acc']:.3f} | {r['iterations']} | "
+            f"{r['bytes_sent'] / 1e6:.1f} | {r['compute_overruns']} |"
+            for r in rows
+        ),
+    ]
+    kernel, transport = tta("kernel"), tta("transport")
+    if kernel and transport:
+        k, t = _median(kernel), _median(transport)
+        lines += [
+            "",
+            f"median TTA (scenario s): kernel {k:.2f} (range {kernel[0]:.2f}-{kernel[-1]:.2f}, "
+            f"{len(kernel)} runs), transport {t:.2f} (range {transport[0]:.2f}-"
+            f"{transport[-1]:.2f}, {len(transport)} runs); kernel / transport = {k / t:.2f}; "
+            f"sim {_fmt(sim_tta)}",
+        ]
+    _write(out_dir, "kernel", rows, "\n".join(lines))
+    return rows
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2

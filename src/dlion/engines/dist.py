@@ -489,7 +489,8 @@ class DistWorker:
         try:
             await fut
         finally:
-            self._inflight[dst].discard(fut)
+            # _peer_gone may have dropped dst's whole set (waking this future) meanwhile.
+            self._inflight.get(dst, set()).discard(fut)
         return max(0.0, time.monotonic() - start - latency)
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:

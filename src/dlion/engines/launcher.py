@@ -133,6 +133,7 @@ class Coordinator:
         self._last: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
         self.eval_wall_s = 0.0
+        self.netns: str | None = None  # the `dlion netns` prefix the workers run in, if any
 
     # ---------------------------------------------------------------- start-up
     def admit(self) -> None:
@@ -334,6 +335,7 @@ class Coordinator:
                 time_scale=self.scale,
                 backend=resolve_backend(cfg.engine.backend),
                 shaping=cfg.engine.shaping,
+                netns=self.netns,
             )
             k = 0
             reason = "max_time"
@@ -427,6 +429,7 @@ class Coordinator:
             "tta_scenario_s": None if tta is None else tta / self.scale,
             "backend": resolve_backend(cfg.engine.backend),
             "shaping": cfg.engine.shaping,
+            "netns": self.netns,
             "compute_overruns": int(sum(f.get("overruns", 0) for f in finals.values())),
             "membership": sorted(self.changes, key=lambda d: (d["t"], d["rank"])),
             "stop_reason": reason,
@@ -444,9 +447,9 @@ class Coordinator:
         return RunResult(summary, points, self.log.events, summary["wall_s"], 0.0)
 
 
-def host_store(cfg: ExperimentConfig) -> dist.TCPStore:
+def host_store(cfg: ExperimentConfig, host: str | None = None) -> dist.TCPStore:
     return dist.TCPStore(
-        cfg.engine.host,
+        host or cfg.engine.host,
         cfg.engine.port,
         None,
         True,
@@ -465,13 +468,22 @@ def run_dist(
     faults: list[Fault] | None = None,
     rank_env: dict[int, dict[str, str]] | None = None,
     resume: bool = False,
+    netns: str | None = None,
 ) -> RunResult:
     """Run one experiment as real processes on this host; write the same files as the sim.
 
     `faults` are signals sent to workers at scenario times; `rank_env` adds environment
     variables for single ranks (a GPU per rank, a different secret in a test). `resume`:
-    an elastic restart of every worker from its latest checkpoint (engines/dist_checkpoint.py)."""
+    an elastic restart of every worker from its latest checkpoint (engines/dist_checkpoint.py).
+    `netns` names a prefix set up by `dlion netns up` (engines/netns.py): each rank then
+    runs in its own namespace (`ip netns exec PREFIX-RANK`), its traffic to peers shaped by
+    tc, and the store listens on the bridge's address instead of `engine.host`."""
     resolve_backend(cfg.engine.backend)  # fail before launching anything
+    attachment = None
+    if netns is not None:
+        from dlion.engines.netns import attach
+
+        attachment = attach(cfg, netns)
     size = Cluster.from_config(cfg.cluster).size
     if resume:
         verify_resume(cfg, out_dir, size)  # CheckpointError before anything is written
@@ -481,7 +493,8 @@ def run_dist(
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    server = host_store(cfg)
+    store_host = cfg.engine.host if attachment is None else attachment.store_host
+    server = host_store(cfg, store_host)
     run_id = secrets.token_hex(6)
     store = job_store(server, run_id)
     logs = out_dir / "workers"
@@ -496,19 +509,23 @@ def run_dist(
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(size),
-            "DLION_STORE": f"{cfg.engine.host}:{server.port}",
+            "DLION_STORE": f"{store_host}:{server.port}",
             "DLION_RUN_ID": run_id,
             "DLION_INCARNATION": str(incarnation),
             "OMP_NUM_THREADS": str(cfg.engine.threads),
+            **({} if attachment is None else attachment.env(rank)),
             **(rank_env or {}).get(rank, {}),
         }
+        # A resumed job's first incarnations restore their checkpoints; joiners always
+        # start from a live peer.
+        argv = [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)]
+        argv += extra if incarnation == 0 else []
+        if attachment is not None:
+            argv = attachment.command(rank, argv)  # `ip netns exec` execs: same pid
         name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
         with (logs / name).open("wb") as log_file:
-            # A resumed job's first incarnations restore their checkpoints; joiners always
-            # start from a live peer.
-            argv = [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)]
             return subprocess.Popen(
-                argv + (extra if incarnation == 0 else []),
+                argv,
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -529,6 +546,7 @@ def run_dist(
             absent=absent,
             spawn=spawn,
         )
+        coordinator.netns = netns
         coordinator.wait_ready()
         coordinator.start()
         return coordinator.run(progress=progress, description=description)

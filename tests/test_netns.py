@@ -1,0 +1,409 @@
+"""`dlion netns`: the address plan and tc commands (pure, everywhere), and, as root with
+`ip` and `tc`, real namespaces: shaped throughput per destination, a dist job over
+kernel-shaped links, and a teardown that leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dlion.cli import main
+from dlion.cluster import MBPS, Cluster
+from dlion.config import ExperimentConfig
+from dlion.engines import netns
+from dlion.engines.launcher import run_dist
+from helpers import small_config
+
+
+def three_workers(time_scale: float = 1.0, nic_mbps: float | None = None) -> ExperimentConfig:
+    """Two workers in site a (40 Mbit/s between them), one in site b (16 Mbit/s to a)."""
+    nic = {} if nic_mbps is None else {"nic_mbps": nic_mbps}
+    return small_config(
+        sites=[{"name": "a", "intra_bandwidth_mbps": 40}, {"name": "b"}],
+        workers=[
+            {"site": "a", "capacity_gflops": 0.02, "count": 2, **nic},
+            {"site": "b", "capacity_gflops": 0.02, "count": 1, **nic},
+        ],
+        links=[{"sites": ["a", "b"], "bandwidth_mbps": 16, "latency_ms": 2}],
+        train={"target_acc": 0.93, "max_time": 30.0},
+        evaluation={"every_s": 0.25},
+        engine={
+            "name": "dist",
+            "shaping": "kernel",
+            "time_scale": time_scale,
+            "peer_timeout": 5.0,
+            "heartbeat_s": 0.2,
+        },
+    )
+
+
+def plan_of(cfg: ExperimentConfig, prefix: str = "tp", subnet: str = "10.77.0.0/24") -> netns.Plan:
+    return netns.plan_for(cfg, prefix, subnet)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_address_plan_names_every_worker_and_puts_the_store_on_the_hub() -> None:
+    plan = plan_of(three_workers(), "tp", "10.77.5.0/24")
+    assert [w.netns for w in plan.workers] == ["tp-0", "tp-1", "tp-2"]
+    assert [w.host_ifname for w in plan.workers] == ["tp-h0", "tp-h1", "tp-h2"]
+    assert [w.address for w in plan.workers] == ["10.77.5.1", "10.77.5.2", "10.77.5.3"]
+    assert plan.bridge == "tp-br" and plan.hub == "10.77.5.254" and plan.prefixlen == 24
+    # Every interface name fits the kernel's 15 characters, even with the longest prefix.
+    long = plan_of(three_workers(), "abcdefgh")
+    assert all(len(n) <= 15 for w in long.workers for n in (w.host_ifname, w.netns))
+
+
+def test_rates_are_per_destination_and_scaled_by_the_time_scale() -> None:
+    plan = plan_of(three_workers(time_scale=2.0))
+    w0 = plan.workers[0]
+    rates = {c.peer: (c.rate_bps, c.ceil_bps, c.dst, c.parent) for c in w0.classes}
+    # 40 Mbit/s inside site a and 16 Mbit/s to site b, both halved by time_scale 2.
+    assert rates == {
+        1: (20_000_000, 20_000_000, "10.77.0.2", "1:"),
+        2: (8_000_000, 8_000_000, "10.77.0.3", "1:"),
+    }
+    cluster = Cluster.from_config(three_workers().cluster)
+    assert rates[2][0] == round(cluster.link(0, 2).bandwidth * 8 / 2.0)
+    assert cluster.link(0, 2).bandwidth == 16 * MBPS
+    assert {c.peer: c.rate_bps for c in plan.workers[2].classes} == {0: 8_000_000, 1: 8_000_000}
+
+
+def test_a_nic_is_a_parent_class_shared_by_the_peer_classes() -> None:
+    plan = plan_of(three_workers(nic_mbps=30))
+    w0 = plan.workers[0]
+    assert w0.nic_bps == 30_000_000
+    by_peer = {c.peer: c for c in w0.classes}
+    assert all(c.parent == "1:1" for c in w0.classes)
+    # Guaranteed shares add up to the NIC; each may borrow up to min(link, NIC).
+    assert by_peer[1].rate_bps == 15_000_000 and by_peer[1].ceil_bps == 30_000_000
+    assert by_peer[2].rate_bps == 15_000_000 and by_peer[2].ceil_bps == 16_000_000
+    assert sum(c.rate_bps for c in w0.classes) <= w0.nic_bps
+
+
+def test_tc_commands_shape_each_peer_by_destination_address() -> None:
+    plan = plan_of(three_workers(nic_mbps=30))
+    cmds = netns.tc_commands(plan, plan.workers[0])
+    assert all(c[:3] == ["tc", "-n", "tp-0"] for c in cmds)
+    root = cmds[0]
+    assert root[3:] == [
+        "qdisc",
+        "add",
+        "dev",
+        "eth0",
+        "root",
+        "handle",
+        "1:",
+        "htb",
+        "default",
+        "2",
+    ]
+    classes = {c[c.index("classid") + 1]: c for c in cmds if c[3] == "class"}
+    assert set(classes) == {"1:2", "1:1", "1:101", "1:102"}
+    assert classes["1:1"][classes["1:1"].index("rate") + 1] == "30000000bit"
+    slow = classes["1:102"]
+    assert slow[slow.index("parent") + 1] == "1:1"
+    assert slow[slow.index("ceil") + 1] == "16000000bit"
+    filters = [c for c in cmds if c[3] == "filter"]
+    assert [(f[f.index("dst") + 1], f[f.index("flowid") + 1]) for f in filters] == [
+        ("10.77.0.2/32", "1:101"),
+        ("10.77.0.3/32", "1:102"),
+    ]
+    # Without NICs the peer classes hang from the root and there is no 1:1.
+    flat = plan_of(three_workers())
+    assert not any("1:1" in c for c in netns.tc_commands(flat, flat.workers[0]))
+
+
+def test_plan_round_trips_through_json_and_matches_only_the_same_config() -> None:
+    plan = plan_of(three_workers())
+    again = netns.Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again == plan
+    assert plan_of(three_workers(), "other", "10.9.9.0/24").links() == plan.links()
+    assert plan_of(three_workers(time_scale=2.0)).links() != plan.links()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "subnet", "needle"),
+    [
+        ("Bad!", "10.77.0.0/24", "--prefix"),
+        ("waytoolongname", "10.77.0.0/24", "--prefix"),
+        ("tp", "10.77.0.0/30", "has 2 host addresses"),
+        ("tp", "fd00::/64", "not IPv4"),
+        ("tp", "10.77.0.0/33", "--subnet"),
+    ],
+)
+def test_bad_prefix_or_subnet_is_a_clear_error(prefix: str, subnet: str, needle: str) -> None:
+    with pytest.raises(netns.NetnsError, match="^.*" + needle.replace("-", "\\-")):
+        plan_of(three_workers(), prefix, subnet)
+
+
+def test_parse_class_bytes_reads_tc_statistics() -> None:
+    text = (
+        "class htb 1:101 parent 1:1 prio 0 rate 50Mbit ceil 250Mbit burst 1600b cburst 1562b \n"
+        " Sent 2930000 bytes 2000 pkt (dropped 0, overlimits 0 requeues 0) \n"
+        " backlog 0b 0p requeues 0\n\n"
+        "class htb 1:2 root prio 0 rate 10Gbit ceil 10Gbit burst 202500b cburst 202500b \n"
+        " Sent 516 bytes 6 pkt (dropped 0, overlimits 0 requeues 0) \n"
+    )
+    assert netns.parse_class_bytes(text) == {0x101: 2_930_000, 2: 516}
+
+
+def test_attach_refuses_double_shaping_and_a_prefix_that_is_not_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(netns.STATE_DIR_ENV, str(tmp_path))
+    cfg = three_workers()
+    transport = cfg.model_copy(
+        update={"engine": cfg.engine.model_copy(update={"shaping": "transport"})}
+    )
+    with pytest.raises(netns.NetnsError, match="shape every link twice"):
+        netns.attach(transport, "tp")
+    monkeypatch.setattr(netns, "check_host", lambda: None)
+    with pytest.raises(netns.NetnsError, match="'tp' is not up"):
+        netns.attach(cfg, "tp")
+    # A state recorded for another time scale does not fit this config.
+    other = plan_of(three_workers(time_scale=4.0))
+    state = {"version": 1, "status": "up", "plan": other.to_json(), "created": []}
+    (tmp_path / "tp.json").write_text(json.dumps(state))
+    with pytest.raises(netns.NetnsError, match="another cluster or time scale"):
+        netns.attach(cfg, "tp")
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: {"tp-0", "tp-1"})
+    (tmp_path / "tp.json").write_text(json.dumps({**state, "plan": plan_of(cfg).to_json()}))
+    with pytest.raises(netns.NetnsError, match="tp-2 is gone"):
+        netns.attach(cfg, "tp")
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: {"tp-0", "tp-1", "tp-2"})
+    att = netns.attach(cfg, "tp")
+    assert att.store_host == "10.77.0.254"
+    assert att.command(2, ["python"]) == ["ip", "netns", "exec", "tp-2", "python"]
+    assert att.env(1) == {"GLOO_SOCKET_IFNAME": "eth0"}
+
+
+def test_down_of_a_prefix_that_is_not_up_is_a_no_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(netns.STATE_DIR_ENV, str(tmp_path))
+    assert netns.down("tp") == []
+    assert netns.down("tp") == []
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_cli_status_down_and_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(netns.STATE_DIR_ENV, str(tmp_path))
+    assert main(["netns", "status"]) == 0
+    assert "no dlion namespaces are up" in capsys.readouterr().out
+    assert main(["netns", "down", "--prefix", "tp"]) == 0
+    assert "tp: nothing to remove" in capsys.readouterr().out
+    assert main(["netns", "up", "homogeneous", "--prefix", "Bad!"]) == 2
+    assert "--prefix" in _one_error_line(capsys)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["netns", "up", "homogeneous", "--prefix", "tp"]) == 2
+    assert "needs root" in _one_error_line(capsys)
+    assert main(["train", "homogeneous", "--engine", "sim", "--netns", "tp"]) == 2
+    assert "only for the dist engine" in _one_error_line(capsys)
+    assert not list(tmp_path.iterdir())  # nothing recorded by the refused `up`
+
+
+# ----------------------------------------------------------------------------- as root
+
+
+def _netns_unavailable() -> str | None:
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found (iproute2)"
+    probe = f"dlionprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    try:
+        htb = subprocess.run(
+            ["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb"],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if htb.returncode != 0:
+        return f"tc htb unavailable: {htb.stderr.strip()}"
+    return None
+
+
+SKIP = _netns_unavailable()
+needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
+
+
+def _free_subnet() -> str:
+    """A /24 in 10.77.0.0/16 that no address on this host overlaps."""
+    used = netns._root_networks()
+    for i in range(1, 255):
+        net = ipaddress.ip_network(f"10.77.{i}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free /24 in 10.77.0.0/16")
+
+
+def _leftovers(prefix: str) -> list[str]:
+    names = netns.existing_namespaces()
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    found = [n for n in names if n.startswith(f"{prefix}-")]
+    found += [line.split("@")[0].split()[0] for line in links.splitlines()]
+    return [n for n in found if n.startswith(f"{prefix}-")]
+
+
+@pytest.fixture(scope="module")
+def shaped() -> Iterator[tuple[netns.Plan, ExperimentConfig]]:
+    """The three-worker cluster up in namespaces; always torn down, and checked to be gone."""
+    prefix = f"dt{os.getpid() % 1_000_000}"
+    old = os.environ.get(netns.STATE_DIR_ENV)
+    state = Path(f"/tmp/dlion-netns-test-{os.getpid()}")
+    os.environ[netns.STATE_DIR_ENV] = str(state)
+    cfg = three_workers()
+    try:
+        plan = netns.up(plan_of(cfg, prefix, _free_subnet()))
+        yield plan, cfg
+    finally:
+        netns.down(prefix)
+        left = _leftovers(prefix)
+        shutil.rmtree(state, ignore_errors=True)
+        if old is None:
+            os.environ.pop(netns.STATE_DIR_ENV, None)
+        else:
+            os.environ[netns.STATE_DIR_ENV] = old
+        assert left == [], f"left behind: {left}"
+
+
+_SERVER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+n, t0, t1 = 0, None, None
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    t1 = time.perf_counter()
+    t0 = t0 or t1
+    n += len(b)
+print(n, t1 - t0, flush=True)
+"""
+
+_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+c.sendall(b"x" * int(sys.argv[3]))
+c.close()
+"""
+
+
+def _goodput_bps(plan: netns.Plan, src: int, dst: int, nbytes: int, port: int) -> float:
+    """Payload bits per second from worker src to worker dst, measured by the receiver."""
+    addr = plan.workers[dst].address
+    exe = ["ip", "netns", "exec"]
+    client = [sys.executable, "-c", _CLIENT, addr, str(port), str(nbytes)]
+    server = subprocess.Popen(
+        [*exe, plan.workers[dst].netns, sys.executable, "-c", _SERVER, addr, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        subprocess.run(
+            [*exe, plan.workers[src].netns, *client],
+            check=True,
+            timeout=60,
+        )
+        out, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    got, seconds = out.split()
+    assert int(got) == nbytes
+    return nbytes * 8 / float(seconds)
+
+
+@needs_netns
+def test_throughput_between_namespaces_follows_each_link(
+    shaped: tuple[netns.Plan, ExperimentConfig],
+) -> None:
+    plan, _ = shaped
+    # From worker 0: 40 Mbit/s to its site-mate, 16 Mbit/s to the other site (~2 s each).
+    fast = _goodput_bps(plan, 0, 1, 10_000_000, 7301)
+    slow = _goodput_bps(plan, 0, 2, 4_000_000, 7302)
+    back = _goodput_bps(plan, 2, 0, 4_000_000, 7303)
+    assert fast == pytest.approx(40e6, rel=0.25), fast
+    assert slow == pytest.approx(16e6, rel=0.25), slow
+    assert back == pytest.approx(16e6, rel=0.25), back
+    sent = netns.peer_bytes(plan, 0)
+    assert sent[1] >= 10_000_000 and sent[2] >= 4_000_000  # through the shaped classes
+
+
+@needs_netns
+def test_dist_job_trains_over_kernel_shaped_links(
+    shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path
+) -> None:
+    plan, cfg = shaped
+    before = {r: netns.peer_bytes(plan, r) for r in range(3)}
+    started = time.time()
+    result = run_dist(cfg, out_dir=tmp_path, progress=False, netns=plan.prefix)
+    s: dict[str, Any] = result.summary
+    assert s["netns"] == plan.prefix and s["shaping"] == "kernel"
+    assert s["tta_s"] is not None and s["final_acc"] >= cfg.train.target_acc
+    assert s["membership"] == []
+    # The training traffic crossed the veths through the per-peer classes, both ways.
+    after = {r: netns.peer_bytes(plan, r) for r in range(3)}
+    for r in range(3):
+        for peer in after[r]:
+            assert after[r][peer] > before[r][peer], (r, peer)
+    assert time.time() - started < 120
+
+
+@needs_netns
+def test_up_refuses_names_taken_and_down_is_exact_and_idempotent(
+    shaped: tuple[netns.Plan, ExperimentConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan, cfg = shaped
+    with pytest.raises(netns.NetnsError, match="already up"):
+        netns.up(plan)
+    # Another prefix over the same subnet is refused before anything is made.
+    other = f"do{os.getpid() % 1_000_000}"
+    with pytest.raises(netns.NetnsError, match="overlaps"):
+        netns.up(plan_of(cfg, other, plan.subnet))
+    assert _leftovers(other) == [] and netns.read_state(other) is None
+    # A second, separate prefix via the CLI: up, status, down twice.
+    assert main(["netns", "up", "homogeneous", "--prefix", other, "--subnet", _free_subnet()]) == 0
+    assert netns.read_state(other) is not None and len(_leftovers(other)) == 2 * 6 + 1
+    assert main(["netns", "status", "--prefix", other]) == 0
+    assert f"{other}-5" in capsys.readouterr().out
+    assert main(["netns", "down", "--prefix", other]) == 0
+    assert main(["netns", "down", "--prefix", other]) == 0
+    assert "nothing to remove" in capsys.readouterr().out.splitlines()[-1]
+    assert _leftovers(other) == [] and netns.read_state(other) is None
