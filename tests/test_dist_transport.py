@@ -38,7 +38,7 @@ def test_without_a_nic_links_run_in_parallel() -> None:
 class _Pair:
     """Two transports (ranks 0 and 1) in this process, connected through a local store."""
 
-    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
+    def __init__(self, max_frame_bytes: int = 1 << 20, timeout_s: float = 20) -> None:
         self.store = dist.TCPStore(
             "127.0.0.1",
             0,
@@ -54,7 +54,7 @@ class _Pair:
                 self._client,
                 r,
                 backend="gloo",
-                timeout_s=20,
+                timeout_s=timeout_s,
                 max_frame_bytes=max_frame_bytes,
                 on_frame=lambda peer, f, r=r: self.frames[r].append((peer, f)),
                 on_failure=lambda peer, why, r=r: self.failures[r].append((peer, why)),
@@ -117,3 +117,14 @@ def test_backend_choice_and_a_clear_error_for_nccl_without_cuda(
     assert resolve_backend("gloo") == "gloo"
     with pytest.raises(ConfigError, match=r"engine\.backend: nccl needs CUDA"):
         resolve_backend("nccl")
+
+
+def test_a_quiet_pair_stays_connected_past_the_startup_timeout() -> None:
+    # gloo closes a pair whose receive times out; pairs that exchange nothing for a while
+    # (ps workers never talk to each other) must survive that.
+    pair = _Pair(timeout_s=1.0)
+    time.sleep(2.5)
+    assert pair.t[0].send(1, b"still there", due=0.0)
+    pair.wait_for(lambda: len(pair.frames[1]) == 1)
+    assert bytes(pair.frames[1][0][1]) == b"still there"
+    assert pair.failures == {0: [], 1: []}

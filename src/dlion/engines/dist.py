@@ -362,11 +362,14 @@ class DistWorker:
             except Exception as err:  # recorded; the peer counts as gone
                 errors[peer] = str(err).splitlines()[0] if str(err) else type(err).__name__
 
-        threads = [threading.Thread(target=connect, args=(p,), daemon=True) for p in peers]
-        for t in threads:
+        threads = {p: threading.Thread(target=connect, args=(p,), daemon=True) for p in peers}
+        for t in threads.values():
             t.start()
-        for t in threads:
-            t.join()
+        deadline = time.time() + self.cfg.engine.startup_timeout
+        for p, t in threads.items():
+            t.join(max(0.0, deadline - time.time()))
+            if t.is_alive():  # the peer died before its side of the rendezvous
+                errors[p] = f"no rendezvous within {self.cfg.engine.startup_timeout:g} s"
         return errors
 
     def _connect_as_joiner(self, timeout: float) -> None:
@@ -491,7 +494,10 @@ class DistWorker:
         finally:
             # _peer_gone may have dropped dst's whole set (waking this future) meanwhile.
             self._inflight.get(dst, set()).discard(fut)
-        return max(0.0, time.monotonic() - start - latency)
+        # gloo reports a send done once the socket took it (up to megabytes of buffer), not
+        # once it arrived: that time would inflate the bandwidth estimate far above the
+        # link's. Report none, so estimates stay at the configured link speeds.
+        return 0.0
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:
         """Receiver thread: decode off the loop, then deliver (or reject) on it."""

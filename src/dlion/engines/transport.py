@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 FrameCallback = Callable[[int, memoryview], None]
+PAIR_OP_TIMEOUT = datetime.timedelta(days=30)
 FailureCallback = Callable[[int, str], None]
 RefusedCallback = Callable[[int, str], None]
 
@@ -127,7 +128,13 @@ class PairTransport:
         self.store_factory = store_factory
         self.rank = rank
         self.backend = backend
-        self.timeout = datetime.timedelta(seconds=timeout_s)
+        # The pair's operations never time out: gloo closes a pair whose receive times out,
+        # and a pair may legitimately stay quiet for minutes (ps workers never talk to each
+        # other). Dead peers are found by connection errors and heartbeats instead, and
+        # the rendezvous itself is bounded by the caller (`connect` runs in a thread it
+        # waits on for at most the start-up timeout).
+        self.timeout = PAIR_OP_TIMEOUT
+        self.connect_timeout_s = timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.on_frame = on_frame
         self.on_failure = on_failure
