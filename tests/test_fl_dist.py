@@ -39,7 +39,7 @@ def test_a_killed_client_is_abandoned_and_the_others_reach_the_target(tmp_path: 
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s == result.summary
     assert s["engine"] == "dist" and s["clients"] == 3
-    assert s["signals"] == [{"rank": 2, "t": pytest.approx(0.5, abs=0.2), "signal": "KILL"}]
+    assert s["signals"] == [{"rank": 2, "t": pytest.approx(0.5, abs=0.5), "signal": "KILL"}]
     # The server saw the kill through the broken link, long before the heartbeat timeout.
     [gone] = s["departures"]
     assert gone["rank"] == 2 and gone["t"] - 0.5 < cfg.engine.peer_timeout
