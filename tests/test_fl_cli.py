@@ -71,7 +71,9 @@ def test_fl_config_detection_follows_extends(tmp_path: Path) -> None:
         ),
         (["--set", "security.norm_action=ignore"], "security.norm_action"),
         (["--set", "bogus=1"], "bogus"),
-        (["--engine", "dist"], "--engine"),
+        (["--engine", "mpi"], "--engine"),
+        (["--engine", "dist", "--set", "clients.count=17"], "at most 16"),
+        (["--engine", "dist", "--resume", "/nonexistent/run"], "sim engine only"),
         (["--resume", "/nonexistent/run"], "no such run directory"),
     ],
 )

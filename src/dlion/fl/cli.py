@@ -49,8 +49,10 @@ def train_fl(
     from dlion.fl.engine import run_fl
     from dlion.report import plot_accuracy_vs_time
 
-    if engine not in (None, "sim"):
-        raise BadInput(f"--engine: FL jobs run on: sim (got {engine!r}); dist is not wired yet")
+    if engine not in (None, "sim", "dist"):
+        raise BadInput(f"--engine: FL jobs run on: sim, dist (got {engine!r})")
+    if engine is not None:
+        overrides = [f"engine.name={engine}", *overrides]
     if algorithm is not None and algorithm != load_fl_config(source).algorithm.name:
         # The file's options belong to the file's algorithm: start from defaults.
         overrides = [f"algorithm.name={algorithm}", "algorithm.options={}", *overrides]
@@ -58,7 +60,14 @@ def train_fl(
     out_dir = (
         out or resume or Path("runs") / f"{cfg.name}-{cfg.algorithm.name}-seed{cfg.train.seed}"
     )
-    result = run_fl(cfg, out_dir=out_dir, progress=not quiet, resume=resume)
+    if cfg.engine.name == "dist":
+        from dlion.fl.dist import run_fl_dist
+
+        if resume is not None:
+            raise BadInput("--resume: FL jobs resume on the sim engine only")
+        result = run_fl_dist(cfg, out_dir=out_dir)
+    else:
+        result = run_fl(cfg, out_dir=out_dir, progress=not quiet, resume=resume)
     s = result.summary
     plot_accuracy_vs_time(
         {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
@@ -68,12 +77,14 @@ def train_fl(
     )
     tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.1f} s"
     srv = s["server"]
+    clock = "wall" if s["engine"] == "dist" else "simulated"
+    departures = s["vanished"] + len(s.get("departures", []))
     console.print(
         f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: time to "
         f"{s['target_acc']:.1%} = {tta}, final accuracy {s['final_acc']:.2%} at "
-        f"{s['time_s']:.1f} simulated s; {srv['merged']} uploads merged, {srv['stale']} stale, "
+        f"{s['time_s']:.1f} {clock} s; {srv['merged']} uploads merged, {srv['stale']} stale, "
         f"{srv['rejected_total']} rejected, {srv['clipped']} clipped, {srv['abandoned']} "
-        f"abandoned; {s['vanished']} client departures; {s['bytes_sent'] / 1e6:.1f} MB sent"
+        f"abandoned; {departures} client departures; {s['bytes_sent'] / 1e6:.1f} MB sent"
     )
     console.print(
         f"wrote {out_dir}/summary.json, metrics.jsonl, partition.json, accuracy_vs_time.png"

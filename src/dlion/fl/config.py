@@ -149,9 +149,33 @@ class FLEvaluationConfig(_Strict):
 
 
 class FLEngineConfig(_Strict):
-    name: Literal["sim"] = "sim"
+    name: Literal["sim", "dist"] = Field(
+        "sim", description="sim: virtual time; dist: real processes (fl/dist.py)."
+    )
     header_bytes: int = Field(64, ge=0, description="Envelope charged on every message.")
     threads: int = Field(1, ge=1, description="torch intra-op threads.")
+    # ---- dist only (fl/dist.py: one server process, one process per client, gloo on CPU)
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="dist: wall seconds per config second. Compute throttling, link shaping, "
+        "latencies, availability periods, task timeouts and the eval grid stretch by it.",
+    )
+    heartbeat_s: float = Field(0.2, gt=0, description="dist: heartbeat period (wall s).")
+    peer_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="dist: a client whose heartbeat is older than this (wall s) is gone; a "
+        "killed process is usually noticed sooner, by its broken link.",
+    )
+    startup_timeout: float = Field(
+        120.0, gt=0, description="dist: wall seconds to wait for every process to connect."
+    )
+    max_message_mb: float = Field(
+        64.0, gt=0, description="dist: frames larger than this are refused (link dropped)."
+    )
+    host: str = Field("127.0.0.1", description="dist: address the job's store binds to.")
+    port: int = Field(0, ge=0, le=65535, description="dist: store port (0: any free).")
 
 
 class CheckpointConfig(_Strict):

@@ -25,10 +25,11 @@ import yaml
 from dlion.cluster import MBPS, Cluster, Link, Worker
 from dlion.comm.messages import Control, Message
 from dlion.context import ComputeResult
+from dlion.data import Dataset
 from dlion.engines.network import Network
 from dlion.engines.sim import _quiet_gc
 from dlion.engines.virtual_loop import VirtualTimeLoop
-from dlion.errors import SimulationError
+from dlion.errors import BadInput, SimulationError
 from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import Algorithm, ServerState
@@ -273,6 +274,11 @@ def run_fl(
     """Run one federated job in the sim; write metrics.jsonl, summary.json, partition.json
     (and checkpoints if configured) to out_dir. `resume`: a run directory whose latest
     checkpoint (checked against this config) the server starts from."""
+    if cfg.engine.name != "sim":
+        raise BadInput(
+            f"engine.name={cfg.engine.name}: this runs the FL sim; dist jobs run through "
+            "`dlion train --engine dist` (fl/dist.py)"
+        )
     torch.set_num_threads(cfg.engine.threads)
     algo = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count)
     restored = load_checkpoint(resume, cfg) if resume is not None else None
@@ -340,9 +346,13 @@ def run_fl(
 
 
 def _write_partition(path: Path, engine: _Engine) -> None:
+    write_partition(path, engine.cfg, engine.dataset, engine.shards)
+
+
+def write_partition(path: Path, cfg: FLConfig, dataset: Dataset, shards: list[np.ndarray]) -> None:
     """client -> training-set indices, with sizes and label counts, saved with the run."""
-    labels = engine.dataset.y_train.numpy()
-    k = engine.dataset.num_classes
+    labels = dataset.y_train.numpy()
+    k = dataset.num_classes
     clients = [
         {
             "client": i,
@@ -351,16 +361,16 @@ def _write_partition(path: Path, engine: _Engine) -> None:
             "label_counts": np.bincount(labels[idx], minlength=k).tolist(),
             "indices": idx.tolist(),
         }
-        for i, idx in enumerate(engine.shards)
+        for i, idx in enumerate(shards)
     ]
-    d = engine.cfg.data
+    d = cfg.data
     write_json_atomic(
         path,
         {
             "dataset": d.name,
             "scheme": d.partition,
             "alpha": d.alpha,
-            "seed": engine.cfg.train.seed,
+            "seed": cfg.train.seed,
             "clients": clients,
         },
     )
