@@ -130,34 +130,40 @@ def run(argv: list[str]) -> int:
 
         coordinator_thread = threading.Thread(target=coordinate, name="coordinator")
         coordinator_thread.start()
-    _say(f"rank {rank}/{world}: loaded config and data, registering")
+    say(f"rank {rank}/{world}: loaded config and data, registering")
     worker.register()
     worker.connect_peers()
-    _say(f"rank {rank}: connected to peers {sorted(worker.live)}")
+    say(f"rank {rank}: connected to peers {sorted(worker.live)}")
     worker.run()
     if coordinator_thread is not None:
         coordinator_thread.join()
     return 0
 
 
-def _say(text: str) -> None:
-    """A timestamped line in this worker's log (stderr): where a slow start-up spends time."""
+def say(text: str) -> None:
+    """A timestamped line in this process's log (stderr): where a slow start-up spends time."""
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def process_main(run_process: Callable[[list[str]], int]) -> None:
+    """Run a dist process's body with the CLI's exit codes (2 bad input or refused, 1
+    failure, traceback to the log), then leave at once: receiver threads may still block
+    inside the transport and must not delay the exit."""
     try:
-        code = run(sys.argv[1:])
+        code = run_process(sys.argv[1:])
     except (BadInput, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
-    except Exception:  # the traceback goes to this worker's log
+    except Exception:  # the traceback goes to this process's log
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    # Receiver threads may still block inside the transport; they must not delay the exit.
     os._exit(code)
+
+
+def main() -> None:
+    process_main(run)
 
 
 if __name__ == "__main__":

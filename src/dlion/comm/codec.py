@@ -121,3 +121,14 @@ def _payload(body: dict[str, Any], tensors: list[torch.Tensor]) -> Payload:
     except (KeyError, TypeError, ValueError) as err:
         raise BadFrame(f"malformed {kind} payload: {err}") from None
     raise BadFrame(f"payload kind {kind!r} with {len(tensors)} tensors is not a message")
+
+
+def decode_from(
+    frame: bytes | bytearray | memoryview, *, peer: int, me: int, max_bytes: int
+) -> Message:
+    """`decode`, and refuse a frame that names another sender or receiver than the link it
+    came over (a peer must not speak for another)."""
+    msg = decode(frame, max_bytes)
+    if msg.src != peer or msg.dst != me:
+        raise BadFrame(f"frame claims {msg.src}->{msg.dst}")
+    return msg

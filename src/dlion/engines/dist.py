@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from dlion.cluster import Cluster
-from dlion.comm.codec import BadFrame, decode, encode
+from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.messages import Dense, Message
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
@@ -501,15 +501,13 @@ class DistWorker:
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:
         """Receiver thread: decode off the loop, then deliver (or reject) on it."""
+        limit = self.transport.max_frame_bytes
         try:
-            msg = decode(frame, self.transport.max_frame_bytes)
+            msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
         except BadFrame as err:
             self._from_thread(self._reject, peer, str(err))
-            return
-        if msg.src != peer or msg.dst != self.rank:
-            self._from_thread(self._reject, peer, f"frame claims {msg.src}->{msg.dst}")
-            return
-        self._from_thread(self._deliver, msg)
+        else:
+            self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
         # Joiners are linked before they are members: their state requests must get through.

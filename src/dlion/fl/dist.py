@@ -36,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from dlion.cluster import MBPS
-from dlion.comm.codec import BadFrame, decode, encode
+from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.messages import Control, Message
 from dlion.context import ComputeResult
 from dlion.engines.dist import Keys, job_store, pair_label, store_get_json, store_has
@@ -59,12 +58,13 @@ from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.config import FLConfig, load_fl_config
-from dlion.fl.engine import FLRunResult, write_partition
+from dlion.fl.engine import FLRunResult, build_fl_model, write_partition
 from dlion.fl.population import make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.models import build_model, train_flops_per_sample
+from dlion.models import train_flops_per_sample
 from dlion.replica import Replica
 from dlion.report import EvalPoint, MetricsLog, time_to_accuracy, write_json_atomic
+from dlion.worker import process_main, say
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
@@ -226,15 +226,7 @@ class FLProcess:
         )
 
     def _build_model(self) -> torch.nn.Module:
-        m = self.cfg.model
-        return build_model(
-            m.name,
-            self.dataset.input_shape,
-            self.dataset.num_classes,
-            hidden=m.hidden,
-            channels=m.channels,
-            seed=self.cfg.train.seed,
-        )
+        return build_fl_model(self.cfg, self.dataset)
 
     def link_rate(self, peer: int) -> float:
         """Bytes per wall second of the link to `peer` (the client's side of the star)."""
@@ -305,15 +297,13 @@ class FLProcess:
         return done - start
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:
+        limit = self.transport.max_frame_bytes
         try:
-            msg = decode(frame, self.transport.max_frame_bytes)
+            msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
         except BadFrame as err:
             self._from_thread(self._reject, peer, str(err))
-            return
-        if msg.src != peer or msg.dst != self.rank:
-            self._from_thread(self._reject, peer, f"frame claims {msg.src}->{msg.dst}")
-            return
-        self._from_thread(self._deliver, msg)
+        else:
+            self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
         if msg.src in self.live:
@@ -674,34 +664,18 @@ def _run(argv: list[str]) -> int:
     def factory() -> dist.Store:
         return job_store(dist.TCPStore(host, int(port), None, False, timeout=timeout), run_id)
 
-    _say(f"rank {rank}: config loaded")
+    say(f"rank {rank}: config loaded")
     proc = FLProcess(cfg, rank, factory, args.out)
-    _say(f"rank {rank}: data and model built, connecting")
+    say(f"rank {rank}: data and model built, connecting")
     proc.connect()
-    _say(f"rank {rank}: connected to {sorted(proc.live)}")
+    say(f"rank {rank}: connected to {sorted(proc.live)}")
     proc.run()
-    _say(f"rank {rank}: done")
+    say(f"rank {rank}: done")
     return 0
 
 
-def _say(text: str) -> None:
-    """A timestamped line in this process's log (stderr): where a slow start-up spends time."""
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 def main() -> None:
-    try:
-        code = _run(sys.argv[1:])
-    except BadInput as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = 2
-    except Exception:  # the traceback goes to this process's log
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Receiver threads may still block inside the transport; they must not delay the exit.
-    os._exit(code)
+    process_main(_run)
 
 
 if __name__ == "__main__":

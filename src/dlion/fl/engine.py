@@ -61,6 +61,19 @@ class FLRunResult:
     model: torch.Tensor  # final global model
 
 
+def build_fl_model(cfg: FLConfig, dataset: Dataset) -> torch.nn.Module:
+    """The FL job's model, seeded: every process and every replica builds the same one."""
+    m = cfg.model
+    return build_model(
+        m.name,
+        dataset.input_shape,
+        dataset.num_classes,
+        hidden=m.hidden,
+        channels=m.channels,
+        seed=cfg.train.seed,
+    )
+
+
 class _Context(ClientContext):
     """The server (rank 0) and every client use this context; only clients use the
     model-lifecycle and availability parts."""
@@ -205,15 +218,7 @@ class _Engine:
             self.contexts[dst].mailbox.deliver(msg)
 
     def _build_model(self) -> torch.nn.Module:
-        m = self.cfg.model
-        return build_model(
-            m.name,
-            self.dataset.input_shape,
-            self.dataset.num_classes,
-            hidden=m.hidden,
-            channels=m.channels,
-            seed=self.cfg.train.seed,
-        )
+        return build_fl_model(self.cfg, self.dataset)
 
     def make_client_replica(self, rank: int) -> Replica:
         idx = torch.from_numpy(np.asarray(self.shards[rank - 1], dtype=np.int64))
