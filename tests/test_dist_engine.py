@@ -53,8 +53,12 @@ def test_allreduce_reaches_the_target_and_writes_the_sim_files(tmp_path: Path) -
     assert s["bytes_sent"] > 0 and s["iterations"] > 0
 
 
-def test_a_killed_worker_is_dropped_and_the_others_reach_the_target(tmp_path: Path) -> None:
-    cfg = dist_config("dlion")
+@pytest.mark.parametrize("strategy", ["dlion", "allreduce"])
+def test_a_killed_worker_is_dropped_and_the_others_reach_the_target(
+    tmp_path: Path, strategy: str
+) -> None:
+    # All-reduce must re-form its ring over the survivors (regroup), DLion re-balance.
+    cfg = dist_config(strategy)
     result = run_dist(cfg, out_dir=tmp_path, progress=False, faults=[Fault(2, at=0.3)])
     s = result.summary
     assert s["tta_s"] is not None
