@@ -97,16 +97,6 @@ class _DistFLContext(ClientContext):
         self.vanished = 0
         self.compute_wall_s = 0.0
 
-    @property
-    def replica(self) -> Replica:
-        if self._replica is None:
-            raise SimulationError(f"client {self.rank} has no model outside a task")
-        return self._replica
-
-    @replica.setter
-    def replica(self, value: Replica | None) -> None:
-        self._replica = value
-
     def now(self) -> float:
         return time.time() - self._proc.t0
 

@@ -29,7 +29,7 @@ from dlion.data import Dataset
 from dlion.engines.network import Network
 from dlion.engines.sim import _quiet_gc
 from dlion.engines.virtual_loop import VirtualTimeLoop
-from dlion.errors import BadInput, SimulationError
+from dlion.errors import BadInput
 from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import Algorithm, ServerState
@@ -94,17 +94,6 @@ class _Context(ClientContext):
             seed=engine.cfg.train.seed,
         )
         self._engine = engine
-
-    # The replica exists only while a client trains.
-    @property
-    def replica(self) -> Replica:
-        if self._replica is None:
-            raise SimulationError(f"client {self.rank} has no model outside a task")
-        return self._replica
-
-    @replica.setter
-    def replica(self, value: Replica | None) -> None:
-        self._replica = value
 
     def now(self) -> float:
         return self._engine.now()

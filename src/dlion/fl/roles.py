@@ -28,8 +28,10 @@ import torch
 
 from dlion.comm.messages import Control, Dense, Message, Timeout, tensor_problem
 from dlion.context import WorkerContext
+from dlion.errors import SimulationError
 from dlion.fl.base import Algorithm, ServerState, Update
 from dlion.fl.config import FLConfig, LocalConfig, SecurityConfig
+from dlion.replica import Replica
 
 TO_SERVER = "fl"
 TASK = "task"
@@ -40,6 +42,17 @@ SERVER = 0  # the server's rank; clients are 1..N
 class ClientContext(WorkerContext):
     """What a client behaviour needs beyond the worker API: its availability and a model
     that exists only while it trains."""
+
+    # The replica exists only while a client trains (the server's is always there).
+    @property
+    def replica(self) -> Replica:
+        if self._replica is None:
+            raise SimulationError(f"client {self.rank} has no model outside a task")
+        return self._replica
+
+    @replica.setter
+    def replica(self, value: Replica | None) -> None:
+        self._replica = value
 
     @abstractmethod
     def online_span(self, t: float) -> tuple[float, float]:
