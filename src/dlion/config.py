@@ -78,13 +78,18 @@ class ClusterConfig(_Strict):
 # ----------------------------------------------------------------------------- data/model
 
 
-class DataConfig(_Strict):
+class DatasetSource(_Strict):
+    """Which dataset and how it is split into train and test (shared by every config kind)."""
+
     name: Literal["digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz"] = "digits"
     path: str | None = Field(None, description="File or directory for user data formats.")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     num_samples: int | None = Field(None, ge=20, description="Generated datasets: sample count.")
     num_features: int = Field(32, ge=2, description="synthetic: feature count.")
     num_classes: int = Field(10, ge=2, description="synthetic: class count.")
+
+
+class DataConfig(DatasetSource):
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID skew).")
     shards_per_worker: int = Field(2, ge=1)

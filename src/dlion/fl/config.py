@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from dlion.config import (
+    DatasetSource,
     ModelConfig,
     _Strict,
     apply_overrides,
@@ -96,13 +97,7 @@ class LocalConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class FLDataConfig(_Strict):
-    name: Literal["digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz"] = "digits"
-    path: str | None = Field(None, description="File or directory for user data formats.")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    num_samples: int | None = Field(None, ge=20, description="Generated datasets: sample count.")
-    num_features: int = Field(32, ge=2, description="synthetic: feature count.")
-    num_classes: int = Field(10, ge=2, description="synthetic: class count.")
+class FLDataConfig(DatasetSource):
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label skew).")
     shards_per_client: int = Field(
