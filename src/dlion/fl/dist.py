@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -40,7 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -58,7 +56,7 @@ from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.config import FLConfig, load_fl_config
-from dlion.fl.engine import FLRunResult, build_fl_model, write_partition
+from dlion.fl.engine import FLRunResult, build_fl_model, client_replica, write_partition
 from dlion.fl.population import make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.models import train_flops_per_sample
@@ -224,16 +222,9 @@ class FLProcess:
         return self.profiles[c - 1].bandwidth_mbps * MBPS / self.scale
 
     def make_client_replica(self) -> Replica:
-        idx = torch.from_numpy(np.asarray(self.shards[self.rank - 1], dtype=np.int64))
-        loc = self.cfg.local
-        return Replica(
-            copy.deepcopy(self._template),
-            self.dataset.x_train[idx],
-            self.dataset.y_train[idx],
-            lr=loc.lr,
-            momentum=loc.momentum,
-            weight_decay=loc.weight_decay,
-            seed=self.cfg.train.seed * 1_000_003 + self.rank * 7919 + int(self.ctx.now() * 1000),
+        shard = self.shards[self.rank - 1]
+        return client_replica(
+            self.cfg, self._template, self.dataset, shard, self.rank, self.ctx.now()
         )
 
     # ---------------------------------------------------------------- start-up

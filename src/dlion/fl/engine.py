@@ -74,6 +74,32 @@ def build_fl_model(cfg: FLConfig, dataset: Dataset) -> torch.nn.Module:
     )
 
 
+def client_replica(
+    cfg: FLConfig,
+    template: torch.nn.Module,
+    dataset: Dataset,
+    shard: np.ndarray,
+    rank: int,
+    now: float,
+) -> Replica:
+    """A client's model for one task, on its own shard (sim and dist engines alike)."""
+    idx = torch.from_numpy(np.asarray(shard, dtype=np.int64))
+    loc = cfg.local
+    return Replica(
+        # A copy of the template, not a fresh seeded build: the weights are overwritten
+        # by the task's model at once, and seeding torch per task cost a quarter of
+        # a 50-client run's wall time.
+        copy.deepcopy(template),
+        dataset.x_train[idx],
+        dataset.y_train[idx],
+        lr=loc.lr,
+        momentum=loc.momentum,
+        weight_decay=loc.weight_decay,
+        # A fresh batch order per task: the seed mixes rank and start time.
+        seed=cfg.train.seed * 1_000_003 + rank * 7919 + int(now * 1000),
+    )
+
+
 class _Context(ClientContext):
     """The server (rank 0) and every client use this context; only clients use the
     model-lifecycle and availability parts."""
@@ -210,20 +236,8 @@ class _Engine:
         return build_fl_model(self.cfg, self.dataset)
 
     def make_client_replica(self, rank: int) -> Replica:
-        idx = torch.from_numpy(np.asarray(self.shards[rank - 1], dtype=np.int64))
-        loc = self.cfg.local
-        return Replica(
-            # A copy of the template, not a fresh seeded build: the weights are overwritten
-            # by the task's model at once, and seeding torch per task cost a quarter of
-            # a 50-client run's wall time.
-            copy.deepcopy(self._template),
-            self.dataset.x_train[idx],
-            self.dataset.y_train[idx],
-            lr=loc.lr,
-            momentum=loc.momentum,
-            weight_decay=loc.weight_decay,
-            # A fresh batch order per task: the seed mixes rank and start time.
-            seed=self.cfg.train.seed * 1_000_003 + rank * 7919 + int(self.now() * 1000),
+        return client_replica(
+            self.cfg, self._template, self.dataset, self.shards[rank - 1], rank, self.now()
         )
 
     def _record(self, rank: int, event: str, fields: dict[str, Any]) -> None:
