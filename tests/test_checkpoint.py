@@ -292,12 +292,12 @@ def test_replay_that_diverges_from_the_checkpoint_is_refused(tmp_path: Path) -> 
     _interrupted(cfg, out)
     got = load_latest(checkpoint_root(out), experiment_hash(cfg))
     tensors = dict(got.tensors)
-    tensors["rank1.momentum"] = tensors["rank1.momentum"] + 1e-6
+    tensors["rank1.optim.0.momentum_buffer"] = tensors["rank1.optim.0.momentum_buffer"] + 1e-6
     save_checkpoint(
         checkpoint_root(out), got.step, tensors, got.state, config_hash=experiment_hash(cfg)
     )
     before = _tree(out)
-    with pytest.raises(CheckpointError, match=r"rank1\.momentum differs"):
+    with pytest.raises(CheckpointError, match=r"rank1\.optim\.0\.momentum_buffer differs"):
         run_sim(cfg, out_dir=out, progress=False, resume=True)
     assert _tree(out) == before
 
@@ -346,7 +346,7 @@ class _Ctx(WorkerContext):
 
 
 def _ctx() -> _Ctx:
-    replica = Replica(
+    replica = Replica.from_tensors(
         torch.nn.Linear(2, 2),
         torch.zeros(4, 2),
         torch.zeros(4, dtype=torch.int64),

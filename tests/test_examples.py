@@ -33,3 +33,34 @@ def test_switching_strategy_on_the_cli_drops_the_files_strategy_options(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"] == "allreduce"
     assert "two-labs allreduce" in capsys.readouterr().out
+
+
+def test_the_custom_example_trains_its_own_resnet_on_its_own_image_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README "Train your own model": the example's files, run from a copy of its folder."""
+    import shutil
+    import sys
+
+    folder = tmp_path / "custom"
+    shutil.copytree(
+        ROOT / "examples" / "custom", folder, ignore=shutil.ignore_patterns("data", "runs")
+    )
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("make_data", "images", "model"):
+        sys.modules.pop(name, None)
+    import make_data
+
+    make_data.write_folders(folder / "data", size=16, limit=200)
+    out = folder / "runs" / "sim"
+    args = ["train", "config.yaml", "--quiet", "--out", str(out)]
+    assert main([*args, "--set", "train.max_time=20", "--set", "train.target_acc=0.5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_acc"] > 0.3  # 10 classes: well above chance after a few steps
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert "matches summary.json" in capsys.readouterr().out
+    for name in ("make_data", "images", "model"):
+        sys.modules.pop(name, None)

@@ -13,7 +13,7 @@ def _replica(seed: int = 0, n: int = 50) -> Replica:
     x = torch.randn(n, 6, generator=gen)
     y = torch.randint(0, 3, (n,), generator=gen)
     model = build_model("mlp", (6,), 3, hidden=[8], seed=seed)
-    return Replica(model, x, y, lr=0.1, momentum=0.9, weight_decay=0.01, seed=seed)
+    return Replica.from_tensors(model, x, y, lr=0.1, momentum=0.9, weight_decay=0.01, seed=seed)
 
 
 def test_parameters_are_views_of_the_flat_vector() -> None:

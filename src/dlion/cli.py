@@ -142,16 +142,62 @@ def train(
         target=cfg.train.target_acc,
     )
     tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.2f} s"
+    metric = s.get("metric", "accuracy")
+    shown = _metric_text(metric)
     console.print(
         f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: "
-        f"time to {s['target_acc']:.1%} = {tta}, final accuracy {s['final_acc']:.2%} "
-        f"(worst replica {s['final_min_acc']:.2%}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
+        f"time to {shown(s['target_acc'])} = {tta}, final {metric} {shown(s['final_acc'])} "
+        f"(worst replica {shown(s['final_min_acc'])}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
         f"{s['iterations']} iterations in {s['time_s']:.2f} "
         + ("wall s" if s["engine"] == "dist" else "simulated s")
     )
     for change in s.get("membership", []):
         console.print(f"membership: {change}")
+    saved = s.get("saved_model")
+    if saved is not None:
+        console.print(
+            f"model: {out_dir}/{saved['file']} ({saved['replica']}, {metric} "
+            f"{shown(saved['metric'])}); reload with dlion.load_model({str(out_dir)!r})"
+        )
     console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, accuracy_vs_time.png")
+
+
+def _metric_text(metric: str):  # type: ignore[no-untyped-def]
+    """How a metric value is printed: accuracy as a percentage, anything else as a number."""
+    if metric == "accuracy":
+        return lambda v: f"{v:.2%}"
+    return lambda v: f"{v:.4g}"
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (with model.safetensors).")],
+) -> None:
+    """Re-evaluate a run's saved model on its test set (the run's config.yaml says which)
+    and compare with the value in its summary.json."""
+    import json
+
+    from dlion.config import load_config
+    from dlion.experiment import evaluate_saved_model
+
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise BadInput(f"{run_dir}: no config.yaml (not a dlion run directory)")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    metric, loss = evaluate_saved_model(cfg, run_dir)
+    shown = _metric_text(cfg.evaluation.metric)
+    line = f"{run_dir}: {cfg.evaluation.metric} {shown(metric)}, loss {loss:.4f}"
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        try:
+            recorded = json.loads(summary_file.read_text()).get("saved_model") or {}
+        except ValueError:
+            recorded = {}
+        if "metric" in recorded:
+            same = "matches" if recorded["metric"] == metric else "differs from"
+            line += f" ({same} summary.json: {shown(recorded['metric'])}, {recorded['replica']})"
+    console.print(line, highlight=False)
 
 
 @app.command()
@@ -207,10 +253,12 @@ def bench(
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies."""
-    from dlion.strategies import REGISTRY
+    from dlion.strategies import _BUILTIN, REGISTRY, load_plugins
 
+    load_plugins()
     for spec in REGISTRY.values():
-        print(f"{spec.name:<12} {spec.summary}")
+        origin = "" if spec.name in _BUILTIN else " (plugin)"
+        print(f"{spec.name:<12} {spec.summary}{origin}")
 
 
 @app.command("scenarios")

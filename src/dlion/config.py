@@ -6,10 +6,17 @@ import copy
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from dlion.errors import ConfigError
 
@@ -89,16 +96,122 @@ class DatasetSource(_Strict):
     num_classes: int = Field(10, ge=2, description="synthetic: class count.")
 
 
+BUILTIN_DATASETS = ("digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz")
+BUILTIN_MODELS = ("mlp", "cnn")
+BUILTIN_LOSSES = ("cross_entropy", "mse")
+BUILTIN_METRICS = ("accuracy", "loss")
+BUILTIN_OPTIMIZERS = ("sgd", "adamw")
+
+
+def _builtin_or_reference(value: str, builtins: tuple[str, ...], what: str) -> str:
+    """A built-in name, or "pkg.module:attr" naming the user's own code."""
+    if value in builtins or (":" in value and all(value.partition(":")[::2])):
+        return value
+    raise ValueError(
+        f"unknown {what} {value!r}: choose from {', '.join(builtins)}, "
+        "or name your own as 'package.module:function'"
+    )
+
+
+def _named(builtins: tuple[str, ...], what: str) -> AfterValidator:
+    return AfterValidator(lambda value: _builtin_or_reference(value, builtins, what))
+
+
 class DataConfig(DatasetSource):
+    name: Annotated[str, _named(BUILTIN_DATASETS, "dataset")] = Field(  # type: ignore[assignment]
+        "digits",
+        description="A built-in dataset, or 'pkg.module:builder' returning (train, test) "
+        "map-style torch Datasets whose items are (input, target).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for a user's dataset builder."
+    )
+    labels: Annotated[str, _named((), "labels function")] | None = Field(
+        None,
+        description="'pkg.module:fn' returning the train set's labels (for the partitioners); "
+        "default: the dataset's `targets` attribute, else item[1] of every sample.",
+    )
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID skew).")
     shards_per_worker: int = Field(2, ge=1)
 
+    @model_validator(mode="after")
+    def _options_for_builders(self) -> DataConfig:
+        if self.options and self.name in BUILTIN_DATASETS:
+            raise ValueError(
+                "options: only a user's dataset builder ('pkg.module:fn') takes options"
+            )
+        return self
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name in BUILTIN_DATASETS
+
 
 class ModelConfig(_Strict):
-    name: Literal["mlp", "cnn"] = "mlp"
+    name: Annotated[str, _named(BUILTIN_MODELS, "model")] = Field(
+        "mlp",
+        description="mlp, cnn, or 'pkg.module:builder' returning a torch.nn.Module (called with "
+        "`options` as keywords, plus input_shape and num_classes when it accepts them).",
+    )
     hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for a user's model builder."
+    )
+
+    @model_validator(mode="after")
+    def _options_for_builders(self) -> ModelConfig:
+        if self.options and self.name in BUILTIN_MODELS:
+            raise ValueError(
+                "options: built-in models take `hidden` and `channels`; options are for "
+                "a user's builder ('pkg.module:fn')"
+            )
+        return self
+
+
+class OptimizerConfig(_Strict):
+    """The optimizer a replica applies its aggregated update with (torch.optim semantics).
+    `train.lr`, `train.momentum` (sgd) and `train.weight_decay` fill its hyperparameters
+    unless `options` sets them."""
+
+    name: Annotated[str, _named(BUILTIN_OPTIMIZERS, "optimizer")] = Field(
+        "sgd",
+        description="sgd (momentum, torch.optim.SGD's rule on the flat vector), adamw "
+        "(torch.optim.AdamW), or 'pkg.module:fn' called as fn(params, lr=..., **options) "
+        "returning a torch.optim.Optimizer (e.g. 'torch.optim:RAdam').",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Further keyword arguments (betas, eps, ...)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `train.optimizer: adamw` (or --set train.optimizer=adamw) means {name: adamw}.
+        return {"name": data} if isinstance(data, str) else data
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule over a replica's own update count, as a factor of `train.lr`:
+    linear warmup from 0 over `warmup_steps`, then constant, step (x gamma every
+    `step_size` updates) or cosine (to `min_factor` at `total_steps`)."""
+
+    name: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="Updates of linear warmup from lr 0.")
+    step_size: int = Field(100, ge=1, description="step: updates between two decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
+    total_steps: int | None = Field(
+        None,
+        ge=1,
+        description="cosine: updates to the end of the cosine (default: train.max_iterations).",
+    )
+    min_factor: float = Field(0.0, ge=0, le=1, description="cosine: final lr / train.lr.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
 
 
 # ----------------------------------------------------------------------------- strategy
@@ -113,7 +226,12 @@ class StrategyConfig(_Strict):
 
 class TrainConfig(_Strict):
     seed: int = 0
-    target_acc: float = Field(0.95, gt=0, le=1, description="Mean replica accuracy to reach.")
+    target_acc: float = Field(
+        0.95,
+        allow_inf_nan=False,
+        description="Mean replica value of `evaluation.metric` to reach (for accuracy, in "
+        "(0, 1]; for a lower-is-better metric, reached when the mean falls to it).",
+    )
     max_time: float = Field(60.0, gt=0, description="Stop after this many (virtual) seconds.")
     stop_at_target: bool = True
     batch_per_worker: int = Field(
@@ -123,6 +241,13 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_iterations: int | None = Field(None, ge=1, description="Optional cap on iterations.")
+    loss: Annotated[str, _named(BUILTIN_LOSSES, "loss")] = Field(
+        "cross_entropy",
+        description="cross_entropy, mse, or 'pkg.module:fn' called as fn(outputs, targets) "
+        "returning a scalar tensor.",
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
 class EngineConfig(_Strict):
@@ -193,6 +318,34 @@ class EvaluationConfig(_Strict):
         0.5, gt=0, description="Evaluate every replica every this many (virtual) seconds."
     )
     max_test_samples: int | None = Field(None, ge=1, description="Evaluate on a test subset.")
+    batch_size: int = Field(
+        1024, ge=1, description="Evaluation reads the test set in minibatches of this size."
+    )
+    metric: Annotated[str, _named(BUILTIN_METRICS, "metric")] = Field(
+        "accuracy",
+        description="accuracy (classification), loss (the training loss on the test set), or "
+        "'pkg.module:fn' called as fn(outputs, targets) returning a float (the batch mean).",
+    )
+    higher_is_better: bool | None = Field(
+        None,
+        description="Direction of the metric: None takes it from the metric (accuracy higher, "
+        "loss lower; a user's metric higher unless set).",
+    )
+
+    @property
+    def higher_better(self) -> bool:
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        return self.metric != "loss"
+
+
+class OutputConfig(_Strict):
+    save_model: Literal["best", "rank0", "average", "none"] = Field(
+        "best",
+        description="Which replica DIR/model.safetensors holds at the end: the one with the "
+        "best final metric, rank 0 (the lowest live rank), the average of the live replicas "
+        "(parameters and float buffers), or none.",
+    )
 
 
 class CheckpointConfig(_Strict):
@@ -368,6 +521,21 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _target_in_range(self) -> ExperimentConfig:
+        if self.evaluation.metric == "accuracy" and not 0 < self.train.target_acc <= 1:
+            raise ValueError(
+                f"train.target_acc: an accuracy target must be in (0, 1], got "
+                f"{self.train.target_acc}"
+            )
+        if self.evaluation.metric == "accuracy" and self.train.loss == "mse":
+            raise ValueError(
+                "evaluation.metric: accuracy needs a classification loss; with train.loss mse "
+                "use metric loss or your own"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sites_exist(self) -> ExperimentConfig:

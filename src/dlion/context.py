@@ -334,7 +334,7 @@ class WorkerContext(ABC):
         self._state_seq += 1
         if not await self.send(peer, STATE_REQUEST, Control("state", {"seq": self._state_seq})):
             return False
-        numel = 2 * self.replica.numel
+        numel = self.replica.state_numel
         got = await self.recv(peer, f"{STATE_REPLY}{self._state_seq}", timeout, numel=numel)
         if not isinstance(got, Message) or not isinstance(got.payload, Dense):
             self.record("state_fetch_failed", peer=peer, why=repr(got))

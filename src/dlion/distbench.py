@@ -136,9 +136,9 @@ def _ddp_worker(
         if i == warmup:
             dist.barrier()
             start = time.perf_counter()
-        idx = replica._next_indices(batch)
+        x, y = replica.next_batch(batch)
         opt.zero_grad()
-        loss = F.cross_entropy(model(replica.x[idx]), replica.y[idx])
+        loss = F.cross_entropy(model(x), y)
         loss.backward()  # DDP all-reduces gradient buckets during backward
         opt.step()
     dist.barrier()

@@ -1,15 +1,18 @@
-"""Model zoo (mlp, cnn), deterministic construction, and per-sample training FLOP counts."""
+"""Model zoo (mlp, cnn) and the user's own builders ("pkg.module:fn"), deterministic
+construction, and per-sample training FLOP counts."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dlion.errors import ConfigError
+from dlion.usercode import accepts, call_user, is_reference, load_callable
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
 
@@ -106,12 +109,17 @@ def build_model(
     hidden: Sequence[int] = (128, 64),
     channels: Sequence[int] = (16, 32),
     seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build model `name` for inputs of `input_shape` (no batch axis), initialised from `seed`.
 
-    The global torch RNG state is left untouched, and equal arguments give bit-identical
-    parameters.
+    `name` is a built-in (MODEL_NAMES) or "pkg.module:fn", the user's builder, called with
+    `options` as keywords plus `input_shape` and `num_classes` when it accepts them and
+    `options` does not give them. The global torch RNG state is left untouched, and equal
+    arguments give bit-identical parameters (for a builder that draws from torch's RNG).
     """
+    if is_reference(name):
+        return _build_user_model(name, input_shape, num_classes, seed, options or {})
     if name not in MODEL_NAMES:
         raise ConfigError(
             f"model.name: unknown model {name!r} (choose from {', '.join(MODEL_NAMES)})"
@@ -135,11 +143,41 @@ def build_model(
     return model
 
 
-def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward + backward pass of cross-entropy loss, per sample.
+def _build_user_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    options: dict[str, Any],
+) -> nn.Module:
+    builder = load_callable(name, "model.name")
+    kwargs = dict(options)
+    if "input_shape" not in kwargs and accepts(builder, "input_shape"):
+        kwargs["input_shape"] = tuple(input_shape)
+    if "num_classes" not in kwargs and accepts(builder, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = call_user(builder, "model", **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.name: {name!r} returned {type(model).__name__}, expected a torch.nn.Module"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.name: {name!r} returned a model with no trainable parameters")
+    return model
+
+
+def train_flops_per_sample(
+    model: nn.Module, input_shape: tuple[int, ...], sample: torch.Tensor | None = None
+) -> int:
+    """FLOPs of one forward + backward pass, per sample.
 
     Counted by torch's FlopCounterMode on a copy of `model`, so the caller's parameters,
-    gradients and buffers are never touched.
+    gradients and buffers are never touched. `sample`: a few real inputs (batch axis first)
+    to count on; by default random inputs of `input_shape`. The loss's own FLOPs are not
+    counted (FlopCounterMode counts matrix products and convolutions), so backward runs
+    from the sum of the outputs, whatever the loss.
     """
     shape = _check_positive_ints("model.input_shape", input_shape, allow_empty=False)
     # A private copy: backward would otherwise write .grad on the caller's parameters.
@@ -152,15 +190,21 @@ def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> in
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
 
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn((_FLOP_BATCH, *shape), generator=generator).to(device=device, dtype=dtype)
+    if sample is None:
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn((_FLOP_BATCH, *shape), generator=generator)
+        inputs = inputs.to(device=device, dtype=dtype)
+    else:
+        inputs = sample.to(device=device)
+    probe.train()
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        logits = probe(inputs)
-        targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        loss = nn.functional.cross_entropy(logits, targets)
+        outputs = probe(inputs)
+        if not isinstance(outputs, torch.Tensor):
+            raise ConfigError("model: the model must return a tensor")
+        loss = outputs.float().sum()
         if loss.requires_grad:
             loss.backward()
-    return int(counter.get_total_flops()) // _FLOP_BATCH
+    return int(counter.get_total_flops()) // len(inputs)
 
 
 def count_parameters(model: nn.Module) -> int:

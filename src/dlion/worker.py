@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import os
 import sys
 import threading
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from dlion.config import load_config
 from dlion.engines.dist import DistWorker, job_store
 from dlion.errors import BadInput
+from dlion.strategies import load_plugins
 
 StoreFactory = Callable[[], dist.Store]
 
@@ -64,16 +64,6 @@ def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFacto
         return job_store(client, run_id)
 
     return factory, run_id, torchrun
-
-
-def load_plugins() -> None:
-    """Import the modules named in DLION_PLUGINS (comma-separated), so strategies they
-    register exist in every worker process, as they do in the process that ran the sim."""
-    for name in filter(None, (n.strip() for n in os.environ.get("DLION_PLUGINS", "").split(","))):
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise BadInput(f"DLION_PLUGINS: cannot import {name!r}: {err}") from None
 
 
 def run(argv: list[str]) -> int:

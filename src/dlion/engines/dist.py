@@ -703,7 +703,7 @@ class DistWorker:
             "bytes_sent": float(ctx.bytes_sent),
             "rejected": float(ctx.rejected),
         }
-        msg = Message(self.rank, -1, "snapshot", Dense(ctx.replica.params()), ctx.now(), meta)
+        msg = Message(self.rank, -1, "snapshot", Dense(ctx.replica.model_state()), ctx.now(), meta)
         with contextlib.suppress(Exception):
             self.store.set(Keys.snapshot(k, self.rank), encode(msg))
 

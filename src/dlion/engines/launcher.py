@@ -50,13 +50,15 @@ from dlion.engines.dist import (
 from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
-from dlion.experiment import make_replica, prepare
+from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
 from dlion.report import (
     EvalPoint,
     MetricsLog,
     TrainProgress,
+    reached_target,
     run_summary,
     time_to_accuracy,
+    worst,
     write_json_atomic,
 )
 
@@ -103,6 +105,7 @@ class Coordinator:
         faults: list[Fault] | None = None,
         absent: set[int] | None = None,
         spawn: Callable[[int, int], subprocess.Popen[bytes]] | None = None,
+        prep: Prepared | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -112,7 +115,7 @@ class Coordinator:
         self.faults = sorted(faults or [], key=lambda f: f.at)
         self.scale = cfg.engine.time_scale
         self.size = Cluster.from_config(cfg.cluster).size
-        self.prep = prepare(cfg, self.size)
+        self.prep = prep if prep is not None else prepare(cfg, self.size)
         self._eval_replica = make_replica(cfg, self.prep, 0)
         self.t0 = 0.0
         self.spawn = spawn
@@ -291,8 +294,10 @@ class Coordinator:
         for cached, result in self._eval_cache:
             if torch.equal(cached, params):
                 return result
-        self._eval_replica.set_params(params)
-        result = self._eval_replica.evaluate(self.prep.x_eval, self.prep.y_eval)
+        self._eval_replica.set_model_state(params)  # parameters and buffers
+        result = self._eval_replica.evaluate(
+            self.prep.test, batch_size=self.cfg.evaluation.batch_size
+        )
         self._eval_cache = [*self._eval_cache[-self.size :], (params, result)]
         return result
 
@@ -310,7 +315,7 @@ class Coordinator:
             t=round(k * self.cfg.evaluation.every_s * self.scale, 9),
             iteration=round(sum(self._last[r][1]["iteration"] for r in live) / len(live)),
             mean_acc=sum(accs) / len(accs),
-            min_acc=min(accs),
+            min_acc=worst(accs, self.cfg.evaluation.higher_better),
             mean_loss=sum(loss for _, loss in results) / len(results),
             bytes_sent=int(sum(m["bytes_sent"] for m in metas)),
         )
@@ -355,7 +360,9 @@ class Coordinator:
                     points.append(point)
                     self.log.write("eval", **point.__dict__)
                     bar.update(point.t, point.iteration, point.mean_acc)
-                    if point.mean_acc >= cfg.train.target_acc and cfg.train.stop_at_target:
+                    higher = cfg.evaluation.higher_better
+                    reached = reached_target(point.mean_acc, cfg.train.target_acc, higher)
+                    if reached and cfg.train.stop_at_target:
                         reason = "target"
                         break
                 if k * every >= horizon:
@@ -368,7 +375,7 @@ class Coordinator:
                     record["detected_after_s"] = self._detection_delay(record)
                 fields = {k: v for k, v in record.items() if k != "event"}
                 self.log.write("membership", change=record["event"], **fields)
-            tta = time_to_accuracy(points, cfg.train.target_acc)
+            tta = time_to_accuracy(points, cfg.train.target_acc, cfg.evaluation.higher_better)
             self.log.write("end", t=points[-1].t if points else 0.0, tta_s=tta, reason=reason)
         return self._result(points, finals, reason)
 
@@ -409,7 +416,7 @@ class Coordinator:
         # A job whose workers all died before the first evaluation still gets a summary.
         shown = points or [EvalPoint(0.0, 0, 0.0, 0.0, float("nan"), 0)]
         failed = {r: f for (r, _), f in finals.items() if f.get("status") == "failed"}
-        tta = time_to_accuracy(points, cfg.train.target_acc)
+        tta = time_to_accuracy(points, cfg.train.target_acc, cfg.evaluation.higher_better)
         summary: dict[str, Any] = {
             **run_summary(
                 shown,
@@ -418,6 +425,8 @@ class Coordinator:
                 seed=cfg.train.seed,
                 engine="dist",
                 target_acc=cfg.train.target_acc,
+                metric=cfg.evaluation.metric,
+                higher_is_better=cfg.evaluation.higher_better,
             ),
             # Every incarnation's final count (the last snapshot misses the final moments).
             "bytes_sent": int(sum(f.get("bytes_sent", 0) for f in finals.values()))
@@ -437,6 +446,16 @@ class Coordinator:
             "eval_wall_s": self.eval_wall_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+        live = [r for r in range(self.size) if r not in self.out and r in self._last]
+        saved = save_trained_model(
+            self.out_dir,
+            cfg,
+            self.prep,
+            [(r, self._last[r][0]) for r in live],
+            [self._evaluate(self._last[r][0]) for r in live],
+        )
+        if saved is not None:
+            summary["saved_model"] = saved.summary()
         write_json_atomic(self.out_dir / "summary.json", summary)
         if failed:
             first = next(iter(failed.items()))
@@ -485,6 +504,10 @@ def run_dist(
 
         attachment = attach(cfg, netns)
     size = Cluster.from_config(cfg.cluster).size
+    # The data, model, loss and optimizer (the user's code included) are checked here,
+    # before anything is written or any worker starts: a bad builder is one line, exit 2.
+    prep = prepare(cfg, size)
+    make_replica(cfg, prep, 0)
     if resume:
         verify_resume(cfg, out_dir, size)  # CheckpointError before anything is written
         keep_previous_metrics(out_dir)
@@ -545,6 +568,7 @@ def run_dist(
             faults=[*scheduled, *(faults or [])],
             absent=absent,
             spawn=spawn,
+            prep=prep,
         )
         coordinator.netns = netns
         coordinator.wait_ready()

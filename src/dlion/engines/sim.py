@@ -41,14 +41,16 @@ from dlion.dynamics import membership_schedule
 from dlion.engines.network import Network
 from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
-from dlion.experiment import Prepared, make_replica, prepare
+from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
 from dlion.replica import Replica
 from dlion.report import (
     EvalPoint,
     MetricsLog,
     TrainProgress,
+    reached_target,
     run_summary,
     time_to_accuracy,
+    worst,
     write_json_atomic,
 )
 from dlion.strategies import get_strategy, parse_options
@@ -272,11 +274,12 @@ class _SimEngine:
         self._log_membership(ctx.rank, "join", donor=donor, since=since)
 
     def _evaluate_replica(self, replica: Replica) -> tuple[float, float]:
-        for params, result in self._eval_cache:
-            if torch.equal(params, replica.flat):
+        state = replica.model_state()  # buffers too: BatchNorm statistics change results
+        for known, result in self._eval_cache:
+            if torch.equal(known, state):
                 return result
-        result = replica.evaluate(self.prep.x_eval, self.prep.y_eval)
-        self._eval_cache.append((replica.params(), result))
+        result = replica.evaluate(self.prep.test, batch_size=self.cfg.evaluation.batch_size)
+        self._eval_cache.append((state, result))
         del self._eval_cache[: -len(self.contexts)]  # remember one round's worth
         return result
 
@@ -298,7 +301,7 @@ class _SimEngine:
             t=round(self.loop.time(), 9),  # the eval grid is k * every_s; drop float dust
             iteration=round(sum(c.iteration for c in live) / len(live)),
             mean_acc=sum(accs) / len(accs),
-            min_acc=min(accs),
+            min_acc=worst(accs, self.cfg.evaluation.higher_better),
             mean_loss=sum(loss for _, loss in results) / len(results),
             bytes_sent=self.retired_bytes + sum(c.bytes_sent for c in self.contexts),
         )
@@ -363,6 +366,8 @@ def run_sim(
             seed=cfg.train.seed,
             engine="sim",
             target_acc=cfg.train.target_acc,
+            metric=cfg.evaluation.metric,
+            higher_is_better=cfg.evaluation.higher_better,
         ),
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
@@ -377,6 +382,17 @@ def run_sim(
     if checkpointer.halted_at is not None:
         summary["stopped_at"] = checkpointer.halted_at
     elif out_dir is not None:
+        live = engine.live_contexts()
+        saved = save_trained_model(
+            out_dir,
+            cfg,
+            engine.prep,
+            [(c.rank, c.replica.model_state()) for c in live],
+            [engine._evaluate_replica(c.replica) for c in live],
+            counters_from=live[0].replica.model if live else None,
+        )
+        if saved is not None:
+            summary["saved_model"] = saved.summary()
         write_json_atomic(out_dir / "summary.json", summary)
     return RunResult(
         summary,
@@ -434,7 +450,8 @@ async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
             bar.update(point.t, point.iteration, point.mean_acc)
             if engine.checkpointer is not None and engine.checkpointer.after_eval(engine, points):
                 break  # stop_at: halted here, after a checkpoint
-            reached = point.mean_acc >= cfg.train.target_acc
+            higher = cfg.evaluation.higher_better
+            reached = reached_target(point.mean_acc, cfg.train.target_acc, higher)
             if engine.stop.is_set() or point.t >= cfg.train.max_time:
                 break
             if reached and cfg.train.stop_at_target:
@@ -455,7 +472,11 @@ async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
         engine.checkpointer.finished(points)
         if engine.checkpointer.halted_at is not None:
             return points  # interrupted on purpose: the run has not ended
-    engine.log.write("end", t=points[-1].t, tta_s=time_to_accuracy(points, cfg.train.target_acc))
+    engine.log.write(
+        "end",
+        t=points[-1].t,
+        tta_s=time_to_accuracy(points, cfg.train.target_acc, cfg.evaluation.higher_better),
+    )
     return points
 
 

@@ -180,7 +180,7 @@ class FLProcess:
             g = torch.Generator().manual_seed(cfg.train.seed)
             n_train = len(self.dataset.y_train)
             probe = torch.randperm(n_train, generator=g)[: min(cfg.server.probe_samples, n_train)]
-            replica = Replica(
+            replica = Replica.from_tensors(
                 model,
                 self.dataset.x_train[probe],
                 self.dataset.y_train[probe],

@@ -85,7 +85,7 @@ def client_replica(
     """A client's model for one task, on its own shard (sim and dist engines alike)."""
     idx = torch.from_numpy(np.asarray(shard, dtype=np.int64))
     loc = cfg.local
-    return Replica(
+    return Replica.from_tensors(
         # A copy of the template, not a fresh seeded build: the weights are overwritten
         # by the task's model at once, and seeding torch per task cost a quarter of
         # a 50-client run's wall time.
@@ -202,7 +202,7 @@ class _Engine:
         g = torch.Generator().manual_seed(cfg.train.seed)
         n_train = len(self.dataset.y_train)
         probe = torch.randperm(n_train, generator=g)[: min(cfg.server.probe_samples, n_train)]
-        self.server_replica = Replica(
+        self.server_replica = Replica.from_tensors(
             self.server_model,
             self.dataset.x_train[probe],
             self.dataset.y_train[probe],

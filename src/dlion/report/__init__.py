@@ -3,9 +3,11 @@
 from dlion.report.metrics import (
     EvalPoint,
     MetricsLog,
+    reached_target,
     read_metrics,
     run_summary,
     time_to_accuracy,
+    worst,
     write_json_atomic,
 )
 from dlion.report.plots import mean_curve, plot_accuracy_vs_time
@@ -28,9 +30,11 @@ __all__ = [
     "markdown_table",
     "mean_curve",
     "plot_accuracy_vs_time",
+    "reached_target",
     "read_metrics",
     "run_summary",
     "time_to_accuracy",
+    "worst",
     "write_json_atomic",
     "write_report",
 ]

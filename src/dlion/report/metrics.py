@@ -76,9 +76,22 @@ class MetricsLog:
         self.close()
 
 
-def time_to_accuracy(points: Sequence[EvalPoint], target: float) -> float | None:
-    """First eval time at which mean_acc >= target, or None if it never gets there."""
-    reached = [p.t for p in points if p.mean_acc >= target]
+def reached_target(value: float, target: float, higher_is_better: bool = True) -> bool:
+    """Whether a metric value has reached the target in the metric's direction."""
+    return value >= target if higher_is_better else value <= target
+
+
+def worst(values: Sequence[float], higher_is_better: bool = True) -> float:
+    """The worst replica's value: the lowest accuracy, or the highest loss."""
+    return min(values) if higher_is_better else max(values)
+
+
+def time_to_accuracy(
+    points: Sequence[EvalPoint], target: float, higher_is_better: bool = True
+) -> float | None:
+    """First eval time at which the mean metric reaches target (>= for a higher-is-better
+    metric such as accuracy, <= for a loss), or None if it never gets there."""
+    reached = [p.t for p in points if reached_target(p.mean_acc, target, higher_is_better)]
     # min() rather than the first element, so unsorted input still gives the earliest crossing.
     return min(reached) if reached else None
 
@@ -91,6 +104,8 @@ def run_summary(
     seed: int,
     engine: str,
     target_acc: float,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> dict[str, object]:
     """The fields every run's summary.json has (DESIGN.md's contract), from its eval points;
     engines add their own after these."""
@@ -101,13 +116,16 @@ def run_summary(
         "seed": seed,
         "engine": engine,
         "target_acc": target_acc,
-        "tta_s": time_to_accuracy(points, target_acc),
+        "tta_s": time_to_accuracy(points, target_acc, higher_is_better),
         "final_acc": last.mean_acc,
         "final_loss": last.mean_loss,
         "time_s": last.t,
         "bytes_sent": last.bytes_sent,
         "final_min_acc": last.min_acc,
         "iterations": last.iteration,
+        # `*_acc` fields hold the value of this metric (accuracy unless configured).
+        "metric": metric,
+        "higher_is_better": higher_is_better,
     }
 
 

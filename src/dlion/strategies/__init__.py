@@ -1,7 +1,17 @@
-"""The registry of training strategies: one file per algorithm, registered here by name."""
+"""The registry of training strategies: one file per algorithm, registered here by name.
+
+Plugins: `register_strategy` adds a strategy from the user's code; modules named in the
+`DLION_PLUGINS` environment variable (comma-separated, importable from the current
+directory or PYTHONPATH) are imported before the registry is first read, in the CLI, the
+sim and every dist worker or torchrun rank (they inherit the environment), so a plugin
+module only has to call `register_strategy` at import.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +46,57 @@ REGISTRY: dict[str, StrategySpec] = {
 }
 
 
+_BUILTIN = frozenset(REGISTRY)
+_plugins_loaded: set[str] = set()
+
+
+def register_strategy(
+    name: str,
+    worker: Callable[[WorkerContext, Any], Awaitable[None]],
+    options_model: type[BaseModel] | None = None,
+    summary: str = "",
+) -> StrategySpec:
+    """Register a strategy (an `async def worker(ctx, options)` on the context API) under
+    `name`; `options_model` validates `strategy.options` (default: no options). A plugin
+    may re-register its own name; built-in names are refused."""
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"register_strategy: a strategy needs a non-empty name, got {name!r}")
+    if name in _BUILTIN:
+        raise ConfigError(f"register_strategy: {name!r} is a built-in strategy")
+    if not callable(worker):
+        raise ConfigError(f"register_strategy: worker of {name!r} is not callable")
+    model = options_model or _NoOptions
+    spec = StrategySpec(
+        name, summary or (worker.__doc__ or "").strip().split("\n")[0], model, worker
+    )
+    REGISTRY[name] = spec
+    return spec
+
+
+class _NoOptions(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+def load_plugins() -> None:
+    """Import the modules named in DLION_PLUGINS (once each)."""
+    names = [n.strip() for n in os.environ.get("DLION_PLUGINS", "").split(",") if n.strip()]
+    cwd = os.getcwd()
+    if names and cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in names:
+        if module in _plugins_loaded:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigError(
+                f"DLION_PLUGINS: importing {module!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        _plugins_loaded.add(module)
+
+
 def get_strategy(name: str) -> StrategySpec:
+    load_plugins()
     if name not in REGISTRY:
         known = ", ".join(REGISTRY)
         raise ConfigError(f"strategy.name: unknown strategy {name!r} (choose from {known})")

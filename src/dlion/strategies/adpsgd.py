@@ -29,6 +29,9 @@ Membership: the graph, the active/passive halves and the batch are re-derived fr
 live ranks every iteration, so departures and joins (a joiner starts from a live peer's
 model) reshape them at once; `serve_now` keeps averaging deadlock-free whatever the roles.
 A neighbour dropped for a timeout stays dropped until it returns (a new incarnation).
+
+Buffers (BatchNorm running statistics and other float buffers): the averaged model is
+parameters and buffers, so both become (x_i + x_j) / 2.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ async def _average(
     ctx: WorkerContext, opt: Options, state: _State, graph: list[int], timeout: float
 ) -> bool:
     """One atomic pairwise averaging with a random live neighbour; False if none took part."""
-    numel = ctx.replica.numel
+    numel = ctx.replica.model_numel
     for _ in range(opt.max_attempts):
         live = set(ctx.peers())
         candidates = [
@@ -164,13 +167,13 @@ async def _average(
                 state.seq += 1
                 reply_tag = f"avg-rep{state.seq}"
                 sent = await ctx.send(
-                    peer, REQUEST, Dense(ctx.replica.params()), {"seq": state.seq}
+                    peer, REQUEST, Dense(ctx.replica.model_state()), {"seq": state.seq}
                 )
                 got = (
                     await ctx.recv(peer, reply_tag, timeout=timeout, numel=numel) if sent else None
                 )
                 if isinstance(got, Message) and isinstance(got.payload, Dense):
-                    ctx.replica.set_params(got.payload.values)
+                    ctx.replica.set_model_state(got.payload.values)
                     return True
             finally:
                 state.initiating = False
@@ -183,7 +186,7 @@ async def _average(
 
 async def _serve(ctx: WorkerContext, state: _State) -> None:
     """The passive side: answer other workers' averaging requests, concurrently with training."""
-    numel = ctx.replica.numel
+    numel = ctx.replica.model_numel
     while True:
         msg = await ctx.recv(None, REQUEST, numel=numel)
         if not isinstance(msg, Message):
@@ -207,8 +210,8 @@ async def _serve_after_own(ctx: WorkerContext, state: _State, msg: Message) -> b
 
 def _reply_average(ctx: WorkerContext, msg: Message) -> Coroutine[object, object, bool]:
     """Average with the requester now (no await: atomic), then send the result back."""
-    average = pairwise_average(ctx.replica.flat, msg.payload.values)  # type: ignore[union-attr]
-    ctx.replica.set_params(average)
+    average = pairwise_average(ctx.replica.model_state(), msg.payload.values)  # type: ignore[union-attr]
+    ctx.replica.set_model_state(average)
     return ctx.send(msg.src, f"avg-rep{int(msg.meta['seq'])}", Dense(average))
 
 

@@ -42,6 +42,9 @@ P takes 4.0 s, charging latency 3.3 s, staleness 0 or 1 9.5 s and 7.0 s.
 Membership: a peer that leaves is forgotten (its accumulator too: nothing can reach it);
 a peer that joins (or returns) gets a fresh accumulator and a P of its own at once; the
 joiner starts at the iteration it was admitted from, with a live peer's model.
+
+Buffers (BatchNorm running statistics and other float buffers): Ako exchanges gradient
+partitions only, so each replica's buffers follow its own batches (never synchronised).
 """
 
 from __future__ import annotations

@@ -5,10 +5,15 @@ leaves, crashes (once detected) or joins, every ring member's collective fails a
 and the group re-forms over the live workers (`regroup`: everyone adopts the
 longest-standing member's state, so replicas stay identical), then training goes on with
 batches re-split over the new group.
+
+Buffers (BatchNorm running statistics and other float buffers): all-reduced with the
+gradient every iteration, weighted b_i / G like it, so every replica holds the same
+buffers as well as the same parameters (the global batch's statistics).
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from dlion.comm.collectives import CollectiveFailed, regroup, ring_allreduce
@@ -41,6 +46,9 @@ async def worker(ctx: WorkerContext, options: Options) -> None:
         result = await ctx.compute(batch)
         # Weight b_i / G so that the sum is the gradient of the global batch.
         weighted = result.grad * (batch / ctx.global_batch)
+        buffers = ctx.replica.buffers
+        if buffers.numel():
+            weighted = torch.cat([weighted, buffers * (batch / ctx.global_batch)])
         tag = f"ar{epoch}.{ctx.iteration}"
         try:
             total = await ring_allreduce(ctx, weighted, tag, ranks=ranks, epoch=epoch)
@@ -48,5 +56,8 @@ async def worker(ctx: WorkerContext, options: Options) -> None:
             ctx.record("collective_failed", tag=tag, why=str(exc))
             epoch = None  # re-form before the next iteration
             continue
+        if buffers.numel():
+            buffers.copy_(total[ctx.replica.numel :])
+            total = total[: ctx.replica.numel]
         ctx.replica.apply(total)
         ctx.iteration_done(result.loss)

@@ -20,6 +20,10 @@ slower link gets a smaller top-k. Membership: iteration t exchanges with `ctx.me
 (a joiner is admitted from an iteration nobody has started, starting from a live peer's
 model, with a fresh residual per link); a peer that leaves or fails a receive is dropped
 and its residual discarded; any change of the member set re-balances batches at once.
+
+Buffers (BatchNorm running statistics and other float buffers): PGE exchanges gradients
+only, so each replica's buffers follow its own batches; DKT sends the best replica's
+parameters and buffers together and merges both with the same gamma.
 """
 
 from __future__ import annotations
@@ -194,8 +198,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         for src, tag in list(awaiting_model):
             msg = ctx.poll(src, tag)
             if msg is not None:
-                best = msg.payload.to_dense(numel)  # type: ignore[union-attr]
-                ctx.replica.set_params(dkt_merge(ctx.replica.flat, best, opt.dkt_gamma))
+                best = msg.payload.to_dense(ctx.replica.model_numel)  # type: ignore[union-attr]
+                merged = dkt_merge(ctx.replica.model_state(), best, opt.dkt_gamma)
+                ctx.replica.set_model_state(merged)
                 awaiting_model.remove((src, tag))
 
         batch = batches.get(me, max(1, G // len(ranks)))
@@ -263,7 +268,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             speeds = {r: m["speed"] for r, m in metas.items() if "speed" in m}
             if opt.wdb and _should_rebalance(src_it, speeds, alloc_speeds, opt):
                 order = sorted(speeds)
-                sizes = wdb_batch_sizes(G, [speeds[r] for r in order], opt.b_min, opt.b_max)
+                b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
+                sizes = wdb_batch_sizes(G, [speeds[r] for r in order], b_min, opt.b_max)
                 batches = dict(zip(order, sizes, strict=True))
                 alloc_speeds = speeds
                 if me == order[0]:
@@ -275,7 +281,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 best, targets = dkt_plan(losses, opt.dkt_margin)
                 tag = f"dkt{src_it}"
                 if me == best:
-                    params = Dense(ctx.replica.params())
+                    params = Dense(ctx.replica.model_state())
                     for r in targets:
                         task = asyncio.ensure_future(ctx.send(r, tag, params))
                         background.add(task)

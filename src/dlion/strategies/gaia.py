@@ -54,6 +54,9 @@ the engine reports it gone. Joins: iteration t's layout is built from `ctx.membe
 so a joiner (admitted from an iteration nobody has started, with a live peer's model) is
 given a shard by every member of its site in the same iteration; a peer dropped in one
 incarnation is served again when it returns.
+
+Buffers (BatchNorm running statistics and other float buffers): Gaia exchanges
+updates only, so each replica's buffers follow its own batches (never synchronised).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ Membership: a neighbour that leaves is dropped (its queue and outbox go). A grap
 neighbour that joins (or returns: a new incarnation) gets a fresh queue whose newest
 iteration counts as t - staleness, so it does not block before its first update; the
 joiner itself starts at the iteration it was admitted from, with a live peer's model.
+
+Buffers (BatchNorm running statistics and other float buffers): neighbours' models carry
+their buffers, and buffers are averaged with the parameters by the same rule.
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ class LinkOutbox:
 
 
 async def worker(ctx: WorkerContext, opt: Options) -> None:
-    numel = ctx.replica.numel
+    numel = ctx.replica.model_numel  # neighbours' models carry their buffers
     graph = neighbour_graph([ctx.site(r) for r in range(ctx.world_size)], opt.graph)
     live = set(ctx.peers())
     neighbours = [j for j in graph[ctx.rank] if j in live]
@@ -267,7 +270,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         skipped, t = target - t, target
 
         # Send before computing: the transfer overlaps the gradient computation.
-        model = Dense(ctx.replica.params())
+        model = Dense(ctx.replica.model_state())
         for j in sorted(outboxes):
             outboxes[j].post(t, model)
         result = await ctx.compute(batch)
@@ -276,8 +279,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         await _wait_for_neighbours(ctx, queues, outboxes, t, opt, timeout, numel)
         newest = dict(queues.newest)
         used = queues.take(t, opt.staleness)
-        mixed = average_models(ctx.replica.flat, [used[j][1] for j in sorted(used)])
-        ctx.replica.set_params(mixed)
+        mixed = average_models(ctx.replica.model_state(), [used[j][1] for j in sorted(used)])
+        ctx.replica.set_model_state(mixed)
         ctx.replica.apply(result.grad)
         if opt.trace:
             ctx.record(

@@ -31,6 +31,10 @@ ASP: of its last one), or that left, is dropped for good: the server records `ps
 and tells it (Control "dropped"); the worker records `ps_dropped` and stops instead of
 waiting. A worker that loses the server records `ps_server_lost` and stops. ASP only:
 `lr_scale` (1.0).
+
+Buffers (BatchNorm running statistics and other float buffers): workers pull the server
+replica's parameters and buffers together, so a worker evaluates with the server's
+statistics; the server's own buffers follow its own batches.
 """
 
 from __future__ import annotations
@@ -147,7 +151,7 @@ async def _remote_worker(
 ) -> bool:
     """Compute, push the gradient, wait for the parameters, train on them; both modes.
     Returns True when the server role moved (go on with the new server), False to stop."""
-    numel = ctx.replica.numel
+    numel = ctx.replica.model_numel  # pulled models carry the server's buffers too
     # Under BSP the server may itself wait `timeout` for a straggler before it replies.
     wait = 2 * timeout if mode == "bsp" else timeout
     while True:
@@ -175,7 +179,7 @@ async def _remote_worker(
         if isinstance(got.payload, Control):  # the server dropped us
             ctx.record("ps_dropped", server=server, why=got.payload.data.get("why", ""))
             return False
-        ctx.replica.set_params(got.payload.to_dense(numel))  # type: ignore[union-attr]
+        ctx.replica.set_model_state(got.payload.to_dense(numel))  # type: ignore[union-attr]
         ctx.iteration_done(result.loss)
 
 
@@ -210,7 +214,7 @@ async def _bsp_server(ctx: WorkerContext, preferred: int, timeout: float) -> Non
         if serving:
             batch = _my_batch(ctx)
             own = asyncio.ensure_future(ctx.compute(batch))
-        params = Dense(ctx.replica.params())
+        params = Dense(ctx.replica.model_state())
         sent = await asyncio.gather(*(ctx.send(p, "p", params) for p in members))
         for p, ok in zip(members, sent, strict=True):
             if not ok:
@@ -282,7 +286,7 @@ async def _asp_server(ctx: WorkerContext, preferred: int, lr_scale: float, timeo
                 grad * asp_weight(int(got.meta["samples"]), ctx.global_batch, lr_scale)
             )
             # Reply in the background: the server keeps serving while the bytes go out.
-            _spawn(replies, ctx.send(got.src, "p", Dense(ctx.replica.params())))
+            _spawn(replies, ctx.send(got.src, "p", Dense(ctx.replica.model_state())))
         # Otherwise a Timeout, a membership change, or a gradient from a dropped worker that
         # crossed our notice (the notice stops it): nothing to apply.
         live = set(ctx.peers())

@@ -96,7 +96,7 @@ def _check_done(summary: dict[str, Any], max_time: float) -> dict[str, Any]:
 def _train_size(cfg: ExperimentConfig) -> int:
     from dlion.experiment import prepare
 
-    return len(prepare(cfg, 1).dataset.y_train)
+    return prepare(cfg, 1).num_train()
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:

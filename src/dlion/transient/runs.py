@@ -65,7 +65,9 @@ def cluster_config(
 def _model_bytes(cfg_json: str) -> int:
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     prep = prepare(cfg, 1)
-    return 4 * count_parameters(make_model(cfg, prep.dataset))  # float32 parameters
+    return 4 * count_parameters(
+        make_model(cfg, prep.input_shape, prep.num_classes)
+    )  # float32 parameters
 
 
 def model_bytes(cfg: ExperimentConfig) -> int:
