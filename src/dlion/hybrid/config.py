@@ -84,19 +84,19 @@ def _cloud_default() -> ModelSpec:
 
 
 class RouterConfig(_Strict):
-    design: Literal["gain", "paper"] = Field(
-        "gain",
-        description="'gain' (dlion.hybrid.gain): two heads estimate P(edge right) and "
-        "P(cloud right) from the input and the edge's softmax, trained on out-of-fold "
-        "predictions (cross-fitted models); it sends the largest estimated gain. 'paper': the "
-        "ICLR '23 router on penultimate features, proxy BCE and the coverage penalty, trained "
-        "on the models' own training data (it trailed entropy thresholding on mnist1d).",
+    design: Literal["paper", "gain"] = Field(
+        "paper",
+        description="'paper': the ICLR '23 router on penultimate features, proxy BCE and the "
+        "coverage penalty, trained on the models' own training data. 'gain' "
+        "(dlion.hybrid.gain; needs train.rounds=0): two heads estimate P(edge right) and "
+        "P(cloud right) from the input and the edge's softmax, trained on cross-fitted "
+        "labels; it trailed entropy more than 'paper' did (RESULTS.md section 4).",
     )
     folds: int = Field(
         3,
         ge=2,
-        description="gain: cross-fitting folds; each trains an extra edge and cloud on the "
-        "other folds to label its own honestly (3: training costs 3x as much again).",
+        description="Cross-fitting folds for the kNN (and gain) router's labels; each trains "
+        "an extra edge and cloud on the other folds (3: training costs 3x as much again).",
     )
     knn_ks: list[int] = Field(
         default_factory=lambda: [5, 10, 20, 50, 100],
@@ -142,12 +142,11 @@ class TrainConfig(_Strict):
         10, ge=1, description="Cloud epochs; 10 already puts the CNN well above the edge."
     )
     rounds: int = Field(
-        0,
+        1,
         ge=0,
         description="Alternating rounds (router.design=paper only): each re-trains the router "
         "on the current edge, then fine-tunes the edge on the inputs the router keeps; a final "
-        "router follows. 0: with 1 round the edge's test accuracy moved by under a point and "
-        "the router did worse at coverage 0.9 on digits (RESULTS.md section 4).",
+        "router follows.",
     )
     round_edge_epochs: int = Field(3, ge=1, description="Edge fine-tune epochs per round.")
     edge_focus: float = Field(

@@ -270,12 +270,12 @@ def router_data(cfg: HybridConfig, splits: Splits, models: HybridModels, bar: _B
     """Router inputs with honest correctness labels. With a held-out router split the final
     models label it; otherwise (router_fraction 0, the router split is the models' own
     training data) each of `router.folds` folds is labelled by an edge and a cloud trained
-    on the other folds (cross-fitting, gain.py). The gain router needs them; the paper
-    design keeps its in-sample labels and uses these only for the kNN baseline."""
+    on the other folds (cross-fitting, gain.py). The gain router and the kNN baseline learn
+    from these; the paper design's router keeps its in-sample proxy labels."""
     x, y = splits.router
     folds = fold_ids(len(y), cfg.router.folds, cfg.seed + _FOLDS)
     top_k = cfg.router.top_k
-    if cfg.data.router_fraction > 0 or cfg.router.design == "paper":
+    if cfg.data.router_fraction > 0:
         _, logits = edge_outputs(models.edge, x)
         edge_correct = logits.argmax(dim=1) == y
         cloud_correct = predict(models.cloud, x) == y
@@ -336,7 +336,7 @@ def train_hybrid(
     t, r = cfg.train, cfg.router
     total = t.cloud_epochs + t.edge_epochs + t.rounds * (r.epochs + t.round_edge_epochs)
     total += r.epochs
-    if r.design == "gain" and cfg.data.router_fraction == 0:
+    if cfg.data.router_fraction == 0:
         total += r.folds * (t.cloud_epochs + t.edge_epochs)
     history: list[dict[str, float]] = []
     with torch_threads(t.threads), _Bar(cfg.name, total, progress, console) as bar:
