@@ -111,6 +111,12 @@ def test_generate_then_train_on_the_file(
     assert "audio → imu" in captured.out
     assert captured.err == ""
     summary = json.loads((out / "summary.json").read_text())
+    # The CLI says, per k, which model the keep-the-better rule kept and on what evidence.
+    for choice in summary["few_label_kept"]:
+        kept = "few-label head" if choice["kept"] == "few-label" else "zero-label model"
+        assert f"k={choice['k']}: kept the {kept}: fine-tuned head " in captured.out
+    assert "on 10 held-out labels (5-fold CV)" in captured.out
+    assert "on 50 held-out labels (5-fold CV)" in captured.out
     assert (summary["source"], summary["target"], summary["ks"]) == ("audio", "imu", [10, 50])
     meta = json.loads((out / "meta.json").read_text())
     assert meta["config"]["data"]["path"] == str(data)

@@ -6,36 +6,67 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from dlion.errors import BadInput
 from dlion.hybrid.calibrate import check_coverage
 from dlion.hybrid.config import config_hash, load_hybrid_config
-from dlion.hybrid.evaluate import CLOUD_ONLY, EDGE_ONLY, ORACLE, Evaluation, evaluate
+from dlion.hybrid.evaluate import (
+    CLOUD_ONLY,
+    EDGE_ONLY,
+    ORACLE,
+    Evaluation,
+    evaluate,
+    gap_closed,
+    random_accuracy,
+)
 from dlion.hybrid.inference import METHODS
 from dlion.hybrid.report import LABELS, markdown, plot_accuracy_vs_latency, rich_table
 from dlion.hybrid.store import RUN_FILE, HybridRun, load_run, save_run
-from dlion.hybrid.train import load_splits, train_hybrid
+from dlion.hybrid.timing import (
+    EndToEnd,
+    MeasuredComponents,
+    measure_components,
+    measure_end_to_end,
+)
+from dlion.hybrid.train import load_splits, torch_threads, train_hybrid
 from dlion.report import write_json_atomic
 
 COVERAGE_COLUMNS = (
     "dataset",
     "coverage",
     "router acc (%)",
+    "kNN acc (%)",
     "entropy acc (%)",
-    "max-softmax acc (%)",
     "oracle acc (%)",
     "router − entropy (pts)",
     "same, exact coverage (pts)",
-    "gap closed",
+    "gap closed: router / kNN / entropy",
     "router coverage",
     "router latency (ms)",
-    "entropy latency (ms)",
+)
+GAP_COLUMNS = ("dataset", "method", "mean gap closed (0.5-0.9)", "per coverage")
+MEASURED_COLUMNS = (
+    "dataset",
+    "part",
+    "measured, this CPU (ms)",
+    "modelled (ms)",
+)
+END_TO_END_COLUMNS = (
+    "dataset",
+    "method",
+    "coverage",
+    "accuracy (%)",
+    "measured hybrid (ms)",
+    "measured cloud-only (ms)",
+    "reduction, compute only",
+    "reduction with modelled uplink",
 )
 BASELINE_COLUMNS = ("dataset", "method", "accuracy (%)", "latency (ms)")
 NO_LOSS_COLUMNS = (
@@ -55,6 +86,25 @@ class BenchRun:
     run: HybridRun
     evaluation: Evaluation
     reused: bool
+    measured: MeasuredComponents
+    end_to_end: list[EndToEnd]  # per method of MEASURED_METHODS, at its no-loss coverage
+
+
+MEASURED_METHODS = ("router", "knn", "entropy")
+
+
+def measure(
+    run: HybridRun, evaluation: Evaluation, x: torch.Tensor, y: torch.Tensor
+) -> list[EndToEnd]:
+    """Each method's routed pipeline timed on the test inputs at its no-excess-loss coverage
+    (the threshold calibrated on validation for that coverage)."""
+    out = []
+    for method in MEASURED_METHODS:
+        point = next(p for p in evaluation.no_loss if p.method == method)
+        coverage = max(point.coverage, 1e-6)  # coverage 0: send everything
+        threshold = run.calibration.threshold(method, min(coverage, 1.0))
+        out.append(measure_end_to_end(run.models, x, y, method, threshold))
+    return out
 
 
 def _mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -105,7 +155,10 @@ def run_bench(
             )
             x_test, y_test = load_splits(cfg).test
             evaluation = evaluate(run, x_test, y_test, targets)
-            results.append(BenchRun(dataset, seed, run, evaluation, reused))
+            with torch_threads(1):
+                measured = measure_components(run.models, x_test)
+                end_to_end = measure(run, evaluation, x_test, y_test)
+            results.append(BenchRun(dataset, seed, run, evaluation, reused, measured, end_to_end))
     return results
 
 
@@ -132,13 +185,43 @@ def _sweep_acc(group: Sequence[BenchRun], method: str, target: float) -> list[fl
     return out
 
 
+def _gap(group: Sequence[BenchRun], method: str, target: float) -> float | None:
+    """Gap closed at exactly `target` coverage (test sweep), from the means over seeds."""
+    acc = statistics.fmean(_sweep_acc(group, method, target))
+    oracle = statistics.fmean(_sweep_acc(group, ORACLE, target))
+    rand = statistics.fmean(
+        random_accuracy(
+            r.evaluation.point(EDGE_ONLY, None).accuracy,
+            r.evaluation.point(CLOUD_ONLY, None).accuracy,
+            target,
+        )
+        for r in group
+    )
+    return gap_closed(acc, rand, oracle)
+
+
+def _fmt_gap(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def gap_rows(results: Sequence[BenchRun], targets: Sequence[float]) -> list[list[str]]:
+    """Per method, the gap closed at each target coverage and its mean (APGR-like)."""
+    rows = []
+    for dataset, group in _by_dataset(results).items():
+        for method in ("router", "knn", "entropy", "max_softmax"):
+            gaps = [_gap(group, method, t) for t in targets]
+            known = [g for g in gaps if g is not None]
+            mean = f"{statistics.fmean(known):.2f}" if known else "—"
+            rows.append([dataset, LABELS[method], mean, " / ".join(_fmt_gap(g) for g in gaps)])
+    return rows
+
+
 def coverage_rows(results: Sequence[BenchRun], targets: Sequence[float]) -> list[list[str]]:
     rows = []
     for dataset, group in _by_dataset(results).items():
         for t in targets:
             router, entropy, oracle = (_acc(group, m, t) for m in ("router", "entropy", ORACLE))
-            r_mean, e_mean, o_mean = (statistics.fmean(v) for v in (router, entropy, oracle))
-            gap = "—" if o_mean - e_mean <= 0 else f"{(r_mean - e_mean) / (o_mean - e_mean):.2f}"
+            gap = " / ".join(_fmt_gap(_gap(group, m, t)) for m in ("router", "knn", "entropy"))
             diff = [a - b for a, b in zip(router, entropy, strict=True)]
             sweep = [
                 a - b
@@ -148,21 +231,79 @@ def coverage_rows(results: Sequence[BenchRun], targets: Sequence[float]) -> list
             ]
             cov = [r.evaluation.point("router", t).coverage for r in group]
             lat = [r.evaluation.point("router", t).latency_s for r in group]
-            lat_e = [r.evaluation.point("entropy", t).latency_s for r in group]
             rows.append(
                 [
                     dataset,
                     f"{t:.2f}",
                     _mean_std(router),
+                    _mean_std(_acc(group, "knn", t)),
                     _mean_std(entropy),
-                    _mean_std(_acc(group, "max_softmax", t)),
                     _mean_std(oracle),
                     f"{100 * statistics.fmean(diff):+.2f}",
                     f"{100 * statistics.fmean(sweep):+.2f}",
                     gap,
                     _mean_std(cov, 1.0, 3),
                     _mean_std(lat, 1e3, 2),
-                    _mean_std(lat_e, 1e3, 2),
+                ]
+            )
+    return rows
+
+
+def measured_rows(results: Sequence[BenchRun]) -> list[list[str]]:
+    """Per part, the median time of one input on this CPU beside the FLOP-based model."""
+    rows = []
+    for dataset, group in _by_dataset(results).items():
+        model = {
+            "edge model": [r.run.latency.edge_model_s for r in group],
+            "router": [r.run.latency.edge_s - r.run.latency.edge_model_s for r in group],
+            "kNN router": [r.run.latency.knn_s for r in group],
+            "entropy": [0.0 for _ in group],
+            "cloud model (+ serving overhead, modelled)": [r.run.latency.cloud_s for r in group],
+            "uplink (modelled only)": [r.run.latency.uplink_s for r in group],
+        }
+        measured = {
+            "edge model": [r.measured.edge_s for r in group],
+            "router": [r.measured.router_s for r in group],
+            "kNN router": [r.measured.knn_s for r in group],
+            "entropy": [r.measured.entropy_s for r in group],
+            "cloud model (+ serving overhead, modelled)": [r.measured.cloud_s for r in group],
+        }
+        for part, modelled in model.items():
+            got = measured.get(part)
+            rows.append(
+                [
+                    dataset,
+                    part,
+                    "—" if got is None else _mean_std(got, 1e3, 3),
+                    _mean_std(modelled, 1e3, 3),
+                ]
+            )
+    return rows
+
+
+def end_to_end_rows(results: Sequence[BenchRun]) -> list[list[str]]:
+    """Each method's pipeline timed input by input at its no-excess-loss coverage."""
+    rows = []
+    for dataset, group in _by_dataset(results).items():
+        for i, method in enumerate(MEASURED_METHODS):
+            runs = [(r, r.end_to_end[i]) for r in group]
+            compute = [1 - e.hybrid_s / e.cloud_only_s for _, e in runs]
+            uplink = [
+                1
+                - (e.hybrid_s + (1 - e.coverage) * r.run.latency.uplink_s)
+                / (e.cloud_only_s + r.run.latency.uplink_s)
+                for r, e in runs
+            ]
+            rows.append(
+                [
+                    dataset,
+                    LABELS[method],
+                    _mean_std([e.coverage for _, e in runs], 1.0, 2),
+                    _mean_std([e.accuracy for _, e in runs]),
+                    _mean_std([e.hybrid_s for _, e in runs], 1e3, 3),
+                    _mean_std([e.cloud_only_s for _, e in runs], 1e3, 3),
+                    _mean_std(compute, 100.0, 1) + " %",
+                    _mean_std(uplink, 100.0, 1) + " %",
                 ]
             )
     return rows
@@ -228,6 +369,11 @@ def write_outputs(
         baseline_rows(results),
         no_loss_rows(results),
     )
+    gaps, meas_rows, e2e_rows = (
+        gap_rows(results, targets),
+        measured_rows(results),
+        end_to_end_rows(results),
+    )
     plots = []
     for dataset, group in _by_dataset(results).items():
         marks = {
@@ -258,6 +404,8 @@ def write_outputs(
                     "latency": r.run.latency.to_dict(),
                     "info": r.run.info,
                     "evaluation": r.evaluation.to_json(),
+                    "measured": r.measured.to_dict(),
+                    "end_to_end": [asdict(e) for e in r.end_to_end],
                 }
                 for r in results
             ],
@@ -269,12 +417,23 @@ def write_outputs(
         f"Command: `{command}` ({seeds} seed(s); mean ± std over seeds). Coverage = share "
         'answered on the edge; thresholds calibrated on a validation split; "exact '
         'coverage" compares the rankings at exactly the target share on the test sweep; gap '
-        "closed = (router − entropy) / (oracle − entropy).",
+        "closed = (accuracy − random routing) / (oracle − random routing) at exactly that "
+        "coverage, from the means over seeds.",
         markdown(COVERAGE_COLUMNS, cov_rows),
+        "Share of the oracle gap closed (random routing = 0, oracle = 1), exact coverage:",
+        markdown(GAP_COLUMNS, gaps),
         "Baselines:",
         markdown(BASELINE_COLUMNS, base_rows),
         "Lowest latency within 0.5 accuracy points of cloud-only (threshold sweep on test):",
         markdown(NO_LOSS_COLUMNS, loss_rows),
+        "Measured on this CPU, one input at a time (median of torch.utils.benchmark), beside "
+        "the FLOP-based latency model:",
+        markdown(MEASURED_COLUMNS, meas_rows),
+        "End to end, measured: each method's pipeline run input by input over the test set "
+        "at its no-excess-loss coverage (fastest of 3 passes); cloud-only runs the cloud "
+        "model on every input. The uplink is not measured; the last column adds the modelled "
+        "uplink to every sent input:",
+        markdown(END_TO_END_COLUMNS, e2e_rows),
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
@@ -287,5 +446,8 @@ def write_outputs(
         ),
         rich_table("baselines", BASELINE_COLUMNS, base_rows),
         rich_table("lowest latency within 0.5 points of cloud-only", NO_LOSS_COLUMNS, loss_rows),
+        rich_table("share of the oracle gap closed", GAP_COLUMNS, gaps),
+        rich_table("measured on this CPU vs modelled, per input", MEASURED_COLUMNS, meas_rows),
+        rich_table("end to end, measured, at no excess loss", END_TO_END_COLUMNS, e2e_rows),
     ]
     return tables, plots

@@ -82,6 +82,7 @@ def eval_(
 ) -> None:
     """Accuracy, share sent to the cloud and expected latency per target coverage, on test."""
     from dlion.hybrid.evaluate import evaluate
+    from dlion.hybrid.inference import METHODS
     from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation, rich_table
     from dlion.hybrid.store import load_run
     from dlion.hybrid.train import load_splits
@@ -94,7 +95,8 @@ def eval_(
     ev = evaluate(run, x_test, y_test, targets)
     out_dir = out or run_dir
     title = f"{run.cfg.name} seed {run.cfg.seed}: {ev.n} test inputs"
-    console.print(rich_table(title, EVAL_COLUMNS, eval_rows(ev, targets), section_every=4))
+    rows = eval_rows(ev, targets)
+    console.print(rich_table(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
     router_loss = next(p for p in ev.no_loss if p.method == "router")
     console.print(
         f"router at no excess loss (within 0.5 points of cloud-only, test sweep): coverage "

@@ -84,6 +84,26 @@ def _cloud_default() -> ModelSpec:
 
 
 class RouterConfig(_Strict):
+    design: Literal["paper", "gain"] = Field(
+        "paper",
+        description="'paper': the ICLR '23 router on penultimate features, proxy BCE and the "
+        "coverage penalty, trained on the models' own training data. 'gain' "
+        "(dlion.hybrid.gain; needs train.rounds=0): two heads estimate P(edge right) and "
+        "P(cloud right) from the input and the edge's softmax, trained on cross-fitted "
+        "labels; it trailed entropy more than 'paper' did (RESULTS.md section 4).",
+    )
+    folds: int = Field(
+        3,
+        ge=2,
+        description="Cross-fitting folds for the kNN (and gain) router's labels; each trains "
+        "an extra edge and cloud on the other folds (3: training costs 3x as much again).",
+    )
+    knn_ks: list[int] = Field(
+        default_factory=lambda: [5, 10, 20, 50, 100],
+        min_length=1,
+        description="k-nearest-neighbour router: the k tried; the best by cross-validation "
+        "on the router's training set is kept (a tuned kNN is the baseline to beat).",
+    )
     hidden: list[int] = Field(
         default_factory=lambda: [32], min_length=1, description="Router MLP hidden widths."
     )
@@ -124,8 +144,9 @@ class TrainConfig(_Strict):
     rounds: int = Field(
         1,
         ge=0,
-        description="Alternating rounds: each re-trains the router on the current edge, then "
-        "fine-tunes the edge on the inputs the router keeps; a final router follows.",
+        description="Alternating rounds (router.design=paper only): each re-trains the router "
+        "on the current edge, then fine-tunes the edge on the inputs the router keeps; a final "
+        "router follows.",
     )
     round_edge_epochs: int = Field(3, ge=1, description="Edge fine-tune epochs per round.")
     edge_focus: float = Field(
@@ -185,6 +206,13 @@ class HybridConfig(_Strict):
         for i, c in enumerate(self.coverages):
             if not 0 < c <= 1:
                 raise ValueError(f"coverages.{i}: coverage must be in (0, 1], got {c}")
+        if self.train.rounds and self.router.design != "paper":
+            raise ValueError(
+                "train.rounds: alternating rounds need router.design=paper (the gain router is "
+                "trained once on cross-fitted labels); set train.rounds=0"
+            )
+        if any(k < 1 for k in self.router.knn_ks):
+            raise ValueError(f"router.knn_ks: every k must be >= 1, got {self.router.knn_ks}")
         return self
 
 

@@ -80,8 +80,24 @@ def _point(
     lat = run.latency
     # Thresholding needs no router on the edge; the oracle stands in for a router.
     edge_s = lat.edge_s if method in (ORACLE, "router") else lat.edge_model_s
+    if method == "knn":
+        edge_s = lat.edge_model_s + lat.knn_s
     latency_s = expected_latency(edge_s, lat.uplink_s, lat.cloud_s, coverage)
     return Point(method, target, coverage, float(correct.float().mean()), 1 - coverage, latency_s)
+
+
+def random_accuracy(edge_accuracy: float, cloud_accuracy: float, coverage: float) -> float:
+    """Expected accuracy of routing at random with a share `coverage` kept on the edge."""
+    return coverage * edge_accuracy + (1 - coverage) * cloud_accuracy
+
+
+def gap_closed(accuracy: float, random: float, oracle: float) -> float | None:
+    """Share of the gap between random routing and the oracle, at the same coverage, that a
+    router closes (RouteLLM's performance-gap-recovered with the oracle as the strong end and
+    random routing as the weak end); None when the oracle is no better than random."""
+    if oracle - random <= 1e-12:
+        return None
+    return (accuracy - random) / (oracle - random)
 
 
 def no_loss_point(curve: list[Point], cloud_accuracy: float, cloud_latency: float) -> NoLossPoint:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dlion.hybrid.gain import gain_features, gain_score
+from dlion.hybrid.knn import KnnRouter
 from dlion.hybrid.models import SplitModel
 from dlion.hybrid.proxy import entropy, router_features
 from dlion.hybrid.router import Router
@@ -14,7 +16,7 @@ from dlion.hybrid.router import Router
 _CHUNK = 1024  # inputs per forward pass: bounds memory on large input files
 
 # Routing methods that need only the edge's outputs, calibrated on validation scores.
-METHODS: tuple[str, ...] = ("router", "entropy", "max_softmax")
+METHODS: tuple[str, ...] = ("router", "knn", "entropy", "max_softmax")
 
 
 @dataclass
@@ -22,7 +24,9 @@ class HybridModels:
     edge: SplitModel
     cloud: SplitModel
     router: Router
+    knn: KnnRouter  # k-nearest-neighbour baseline on the gain router's features
     top_k: int  # router feature setting the router was trained with
+    design: str  # router.design: "gain" or "paper"
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,16 @@ def edge_scores(models: HybridModels, x: torch.Tensor) -> EdgeScores:
     features, logits = edge_outputs(models.edge, x)
     probs = torch.softmax(logits, dim=1)
     models.router.eval()
-    inputs = router_features(features, logits, models.top_k)
+    knn_inputs = gain_features(x, logits, models.top_k)
+    if models.design == "gain":
+        router = gain_score(models.router(knn_inputs))
+    else:
+        router = models.router(router_features(features, logits, models.top_k))
     return EdgeScores(
         edge_pred=logits.argmax(dim=1),
         scores={
-            "router": models.router(inputs),
+            "router": router,
+            "knn": models.knn(knn_inputs, entropy(probs)),
             "entropy": entropy(probs),
             "max_softmax": -probs.max(dim=1).values,
         },

@@ -41,6 +41,7 @@ class LatencyModel:
     edge_model_s: float  # edge model alone: the edge-only baseline
     uplink_s: float  # one query over the uplink
     cloud_s: float  # cloud model plus serving overhead
+    knn_s: float = 0.0  # kNN router alone (it runs beside the edge model instead of the router)
 
     def hybrid(self, coverage: float) -> float:
         return expected_latency(self.edge_s, self.uplink_s, self.cloud_s, coverage)
@@ -63,6 +64,7 @@ def build_latency_model(
     router_flops: int,
     cloud_flops: int,
     input_values: int,
+    knn_flops: int = 0,
 ) -> LatencyModel:
     """Times from FLOP counts and the config's device capacities and link."""
     payload = (
@@ -74,4 +76,5 @@ def build_latency_model(
         edge_model_s=edge_model_s,
         uplink_s=uplink_seconds(payload, cfg.uplink_mbps, cfg.uplink_latency_ms),
         cloud_s=cloud_flops / (cfg.cloud_gflops * 1e9) + cfg.cloud_overhead_ms / 1e3,
+        knn_s=knn_flops / (cfg.edge_gflops * 1e9),
     )

@@ -18,6 +18,7 @@ from dlion.hybrid.inference import METHODS
 
 LABELS = {
     "router": "router",
+    "knn": "kNN router",
     "entropy": "entropy threshold",
     "max_softmax": "max-softmax threshold",
     ORACLE: "oracle router",

@@ -11,9 +11,12 @@ from torch import nn
 
 class Router(nn.Module):
     """Standardise the inputs (statistics kept as buffers, so they are saved with the
-    weights), then an MLP to one logit: higher means "send to the cloud"."""
+    weights), then an MLP to `outputs` logits. One logit (the paper's router): higher means
+    "send to the cloud", returned as (n,). Two (the gain router, `gain.py`): (n, 2)."""
 
-    def __init__(self, in_features: int, hidden: Sequence[int], seed: int) -> None:
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], seed: int, outputs: int = 1
+    ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("std", torch.ones(in_features))
@@ -24,7 +27,7 @@ class Router(nn.Module):
             for out in hidden:
                 layers += [nn.Linear(width, out), nn.ReLU()]
                 width = out
-            layers.append(nn.Linear(width, 1))
+            layers.append(nn.Linear(width, outputs))
         self.net = nn.Sequential(*layers)
 
     def fit_standardisation(self, inputs: torch.Tensor) -> None:
@@ -34,7 +37,8 @@ class Router(nn.Module):
         self.std.copy_(inputs.std(dim=0).clamp_min(1e-6))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.net((inputs - self.mean) / self.std).squeeze(1)
+        out = self.net((inputs - self.mean) / self.std)
+        return out.squeeze(1) if out.shape[1] == 1 else out
 
 
 def router_loss(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,14 +24,16 @@ from torch import nn
 from dlion.errors import BadInput
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, config_hash, load_hybrid_config
+from dlion.hybrid.gain import gain_feature_dim
 from dlion.hybrid.inference import HybridModels
+from dlion.hybrid.knn import KnnRouter
 from dlion.hybrid.latency import LatencyModel
 from dlion.hybrid.models import SplitModel, build_hybrid_model, feature_dim
 from dlion.hybrid.router import Router
 from dlion.report import write_json_atomic
 
 FORMAT = "dlion-hybrid/1"
-WEIGHTS = ("edge", "router", "cloud")
+WEIGHTS = ("edge", "router", "knn", "cloud")
 CONFIG_FILE = "config.yaml"
 CALIBRATION_FILE = "calibration.json"
 RUN_FILE = "run.json"  # written last: its presence marks a complete run
@@ -54,14 +57,33 @@ def router_input_dim(edge: SplitModel, input_shape: tuple[int, ...], top_k: int)
     return feature_dim(edge, input_shape) + 1 + (top_k - 1)
 
 
-def build_models(cfg: HybridConfig, input_shape: tuple[int, ...], num_classes: int) -> HybridModels:
-    """Freshly initialised edge, cloud and router for this config and data shape."""
-    edge = build_hybrid_model(cfg.edge, input_shape, num_classes, cfg.seed, "edge")
-    cloud = build_hybrid_model(cfg.cloud, input_shape, num_classes, cfg.seed + 1, "cloud")
-    router = Router(
-        router_input_dim(edge, input_shape, cfg.router.top_k), cfg.router.hidden, cfg.seed + 2
+def build_models(
+    cfg: HybridConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    knn_size: int = 1,
+    seed_offset: int = 0,
+) -> HybridModels:
+    """Freshly initialised edge, cloud, router and kNN memory (of `knn_size` rows) for this
+    config and data shape; `seed_offset` gives cross-fitting models their own inits."""
+    seed = cfg.seed + seed_offset
+    edge = build_hybrid_model(cfg.edge, input_shape, num_classes, seed, "edge")
+    cloud = build_hybrid_model(cfg.cloud, input_shape, num_classes, seed + 1, "cloud")
+    gain_dim = gain_feature_dim(math.prod(input_shape), num_classes, cfg.router.top_k)
+    if cfg.router.design == "gain":
+        router = Router(gain_dim, cfg.router.hidden, seed + 2, outputs=2)
+    else:
+        router = Router(
+            router_input_dim(edge, input_shape, cfg.router.top_k), cfg.router.hidden, seed + 2
+        )
+    return HybridModels(
+        edge=edge,
+        cloud=cloud,
+        router=router,
+        knn=KnnRouter(gain_dim, knn_size),
+        top_k=cfg.router.top_k,
+        design=cfg.router.design,
     )
-    return HybridModels(edge=edge, cloud=cloud, router=router, top_k=cfg.router.top_k)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -89,7 +111,12 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 
 def _module(models: HybridModels, role: str) -> nn.Module:
-    return {"edge": models.edge, "router": models.router, "cloud": models.cloud}[role]
+    return {
+        "edge": models.edge,
+        "router": models.router,
+        "knn": models.knn,
+        "cloud": models.cloud,
+    }[role]
 
 
 def save_run(run: HybridRun, run_dir: Path) -> None:
@@ -117,6 +144,7 @@ def save_run(run: HybridRun, run_dir: Path) -> None:
             "config_hash": digest,
             "input_shape": list(run.input_shape),
             "num_classes": run.num_classes,
+            "knn_size": len(run.models.knn.memory),
             "latency": run.latency.to_dict(),
             "files": files,
             "info": run.info,
@@ -136,21 +164,25 @@ def _read_json(path: Path) -> Any:
         raise BadInput(f"{path}: unreadable or corrupt JSON ({exc})") from None
 
 
-def _check_run_meta(meta: Any, path: Path) -> tuple[tuple[int, ...], int, LatencyModel]:
+def _check_run_meta(meta: Any, path: Path) -> tuple[tuple[int, ...], int, int, LatencyModel]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BadInput(f"{path}: not a {FORMAT} run file")
     try:
         shape = tuple(int(d) for d in meta["input_shape"])
         num_classes = int(meta["num_classes"])
+        knn_size = int(meta["knn_size"])
         latency = LatencyModel(**{k: float(v) for k, v in meta["latency"].items()})
         files = meta["files"]
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise TypeError("files must map names to checksums")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadInput(f"{path}: malformed run metadata ({exc})") from None
-    if not shape or min(shape) < 1 or num_classes < 2:
-        raise BadInput(f"{path}: malformed run metadata (input_shape {shape}, {num_classes})")
-    return shape, num_classes, latency
+    if not shape or min(shape) < 1 or num_classes < 2 or knn_size < 1:
+        raise BadInput(
+            f"{path}: malformed run metadata (input_shape {shape}, {num_classes} classes, "
+            f"kNN memory {knn_size})"
+        )
+    return shape, num_classes, knn_size, latency
 
 
 def _load_weights(module: nn.Module, path: Path, role: str, digest: str, checksum: str) -> None:
@@ -200,7 +232,7 @@ def load_run(run_dir: Path) -> HybridRun:
         raise BadInput(f"{run_dir}: not a directory")
     meta_path = run_dir / RUN_FILE
     meta = _read_json(meta_path)
-    input_shape, num_classes, latency = _check_run_meta(meta, meta_path)
+    input_shape, num_classes, knn_size, latency = _check_run_meta(meta, meta_path)
     cfg = load_hybrid_config(str(run_dir / CONFIG_FILE))
     digest = config_hash(cfg)
     if meta.get("config_hash") != digest:
@@ -208,7 +240,7 @@ def load_run(run_dir: Path) -> HybridRun:
             f"{run_dir / CONFIG_FILE}: does not match {RUN_FILE} (edited after training?)"
         )
     files: dict[str, str] = meta["files"]
-    models = build_models(cfg, input_shape, num_classes)
+    models = build_models(cfg, input_shape, num_classes, knn_size)
     for role in WEIGHTS:
         name = f"{role}.safetensors"
         if name not in files:

@@ -21,7 +21,9 @@ from dlion.data import load_dataset
 from dlion.errors import DataError, DlionError
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, TrainConfig
+from dlion.hybrid.gain import fold_ids, gain_features, gain_loss
 from dlion.hybrid.inference import HybridModels, edge_outputs, edge_scores, predict
+from dlion.hybrid.knn import tune_k
 from dlion.hybrid.latency import build_latency_model, forward_flops
 from dlion.hybrid.models import SplitModel
 from dlion.hybrid.proxy import proxy_labels, router_features
@@ -31,7 +33,8 @@ from dlion.hybrid.store import HybridRun, build_models
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 # Offsets of cfg.seed for each random stream, so no two consumers share one.
-_SHUFFLE_CLOUD, _SHUFFLE_EDGE, _SHUFFLE_ROUTER, _SPLIT = 11, 12, 13, 14
+_SHUFFLE_CLOUD, _SHUFFLE_EDGE, _SHUFFLE_ROUTER, _SPLIT, _FOLDS = 11, 12, 13, 14, 15
+_FOLD_SEED = 1000  # cross-fitting fold f's models are initialised from cfg.seed + 1000 (f + 1)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -233,36 +236,132 @@ def _accuracy(model: SplitModel, data: Batch) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
+@dataclass(frozen=True)
+class RouterData:
+    """What the gain and kNN routers learn from: inputs and both models' correctness."""
+
+    inputs: torch.Tensor  # gain_features of the router split (n, d)
+    edge_correct: torch.Tensor  # bool (n,)
+    cloud_correct: torch.Tensor  # bool (n,)
+    folds: torch.Tensor  # int64 (n,): cross-fitting fold, reused to tune the kNN's k
+
+
+def _fit_models(models: HybridModels, data: Batch, cfg: HybridConfig, bar: _Bar, tag: str) -> None:
+    t = cfg.train
+    fit_classifier(
+        models.cloud,
+        data,
+        epochs=t.cloud_epochs,
+        train=t,
+        seed=cfg.seed + _SHUFFLE_CLOUD,
+        on_epoch=bar.ticker(f"cloud{tag}"),
+    )
+    fit_classifier(
+        models.edge,
+        data,
+        epochs=t.edge_epochs,
+        train=t,
+        seed=cfg.seed + _SHUFFLE_EDGE,
+        on_epoch=bar.ticker(f"edge{tag}"),
+    )
+
+
+def router_data(cfg: HybridConfig, splits: Splits, models: HybridModels, bar: _Bar) -> RouterData:
+    """Router inputs with honest correctness labels. With a held-out router split the final
+    models label it; otherwise (router_fraction 0, the router split is the models' own
+    training data) each of `router.folds` folds is labelled by an edge and a cloud trained
+    on the other folds (cross-fitting, gain.py). The gain router and the kNN baseline learn
+    from these; the paper design's router keeps its in-sample proxy labels."""
+    x, y = splits.router
+    folds = fold_ids(len(y), cfg.router.folds, cfg.seed + _FOLDS)
+    top_k = cfg.router.top_k
+    if cfg.data.router_fraction > 0:
+        _, logits = edge_outputs(models.edge, x)
+        edge_correct = logits.argmax(dim=1) == y
+        cloud_correct = predict(models.cloud, x) == y
+        return RouterData(gain_features(x, logits, top_k), edge_correct, cloud_correct, folds)
+    logits = torch.empty(len(y), splits.num_classes)
+    cloud_correct = torch.empty(len(y), dtype=torch.bool)
+    for f in range(cfg.router.folds):
+        held = folds == f
+        fold_models = build_models(
+            cfg, splits.input_shape, splits.num_classes, seed_offset=_FOLD_SEED * (f + 1)
+        )
+        _fit_models(fold_models, (x[~held], y[~held]), cfg, bar, f" fold {f + 1}")
+        logits[held] = edge_outputs(fold_models.edge, x[held])[1]
+        cloud_correct[held] = predict(fold_models.cloud, x[held]) == y[held]
+    edge_correct = logits.argmax(dim=1) == y
+    return RouterData(gain_features(x, logits, top_k), edge_correct, cloud_correct, folds)
+
+
+def train_gain_router(
+    data: RouterData,
+    cfg: HybridConfig,
+    seed: int,
+    on_epoch: Callable[[float], None] = lambda loss: None,
+) -> Router:
+    """The gain router (gain.py): two logits, BCE on edge and cloud correctness."""
+    rc = cfg.router
+    router = Router(data.inputs.shape[1], rc.hidden, cfg.seed + 2, outputs=2)
+    router.fit_standardisation(data.inputs)
+    opt = torch.optim.Adam(router.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(data.inputs)
+    router.train()
+    for _ in range(rc.epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, cfg.train.batch_size):
+            idx = order[start : start + cfg.train.batch_size]
+            loss = gain_loss(
+                router(data.inputs[idx]), data.edge_correct[idx], data.cloud_correct[idx]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        _check_finite(total, "router.lr")
+        on_epoch(total / max(n, 1))
+    router.eval()
+    return router
+
+
 def train_hybrid(
     cfg: HybridConfig, *, progress: bool = True, console: Console | None = None
 ) -> HybridRun:
     """Train cloud, edge and router for `cfg`; returns the calibrated run (not yet saved)."""
     splits = load_splits(cfg)
-    models = build_models(cfg, splits.input_shape, splits.num_classes)
+    knn_size = len(splits.router[1])
+    models = build_models(cfg, splits.input_shape, splits.num_classes, knn_size)
     t, r = cfg.train, cfg.router
     total = t.cloud_epochs + t.edge_epochs + t.rounds * (r.epochs + t.round_edge_epochs)
     total += r.epochs
+    if cfg.data.router_fraction == 0:
+        total += r.folds * (t.cloud_epochs + t.edge_epochs)
     history: list[dict[str, float]] = []
-    with _torch_threads(t.threads), _Bar(cfg.name, total, progress, console) as bar:
-        fit_classifier(
-            models.cloud,
-            splits.fit,
-            epochs=t.cloud_epochs,
-            train=t,
-            seed=cfg.seed + _SHUFFLE_CLOUD,
-            on_epoch=bar.ticker("cloud"),
+    with torch_threads(t.threads), _Bar(cfg.name, total, progress, console) as bar:
+        _fit_models(models, splits.fit, cfg, bar, "")
+        data = router_data(cfg, splits, models, bar)
+        best_k, knn_cv = tune_k(
+            data.inputs, data.edge_correct, data.cloud_correct, data.folds, r.knn_ks
         )
-        fit_classifier(
-            models.edge,
-            splits.fit,
-            epochs=t.edge_epochs,
-            train=t,
-            seed=cfg.seed + _SHUFFLE_EDGE,
-            on_epoch=bar.ticker("edge"),
-        )
+        models.knn.fit(data.inputs, data.edge_correct, data.cloud_correct, best_k)
+        knn_info = {"k": best_k, "cv_routed_acc": {str(k): v for k, v in knn_cv.items()}}
         x_r, y_r = splits.router
         cloud_correct = predict(models.cloud, x_r) == y_r
-        for round_ in range(t.rounds + 1):
+        if r.design == "gain":
+            models.router = train_gain_router(
+                data, cfg, cfg.seed + _SHUFFLE_ROUTER, bar.ticker("gain router")
+            )
+            history.append(
+                {
+                    "round": 0,
+                    "edge_val_acc": _accuracy(models.edge, splits.val),
+                    "router_edge_right_rate": float(data.edge_correct.float().mean()),
+                    "router_cloud_right_rate": float(data.cloud_correct.float().mean()),
+                }
+            )
+        for round_ in range(t.rounds + 1 if r.design == "paper" else 0):
             models.router, send_rate = train_router(
                 models.edge,
                 splits.router,
@@ -292,10 +391,13 @@ def train_hybrid(
             )
         calibration = Calibration(edge_scores(models, splits.val[0]).scores)
     router_in = models.router.mean.numel()
+    knn_rows, knn_dim = models.knn.memory.shape
     flops = {
         "edge": forward_flops(models.edge, splits.input_shape),
         "router": forward_flops(models.router, (router_in,)),
         "cloud": forward_flops(models.cloud, splits.input_shape),
+        # A distance to every memory row: a subtract, a multiply and an add per value.
+        "knn": 3 * knn_rows * knn_dim,
     }
     input_values = int(np.prod(splits.input_shape))
     latency = build_latency_model(
@@ -304,6 +406,7 @@ def train_hybrid(
         router_flops=flops["router"],
         cloud_flops=flops["cloud"],
         input_values=input_values,
+        knn_flops=flops["knn"],
     )
     info = {
         "splits": {k: len(getattr(splits, k)[1]) for k in ("fit", "router", "val", "test")},
@@ -313,6 +416,7 @@ def train_hybrid(
             "cloud": _accuracy(models.cloud, splits.val),
         },
         "rounds": history,
+        "knn": knn_info,
     }
     return HybridRun(
         cfg, models, calibration, latency, splits.input_shape, splits.num_classes, info

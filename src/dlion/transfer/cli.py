@@ -54,7 +54,7 @@ def train(
 ) -> None:
     """Source model, latent regression, zero-/few-label transfer vs scratch; saves weights."""
     from dlion.transfer.config import load_transfer_config
-    from dlion.transfer.pipeline import run_transfer
+    from dlion.transfer.pipeline import kept_messages, run_transfer
     from dlion.transfer.progress import Stages
     from dlion.transfer.report import (
         aggregate,
@@ -73,6 +73,8 @@ def train(
     (out_dir / "results.md").write_text(markdown_tables(results) + "\n", encoding="utf-8")
     for table in rich_tables(results):
         console.print(table)
+    for line in kept_messages(summary):
+        console.print(line, soft_wrap=True)
     console.print(
         f"wrote {out_dir}/: source_model, target_encoder and few_label_heads .safetensors, "
         "meta.json, summary.json, results.md, accuracy_vs_labels.png"

@@ -4,7 +4,9 @@
 2. On unlabeled synchronized pairs, train the target encoder to regress onto the source
    encoder's latent layer (MSE), with early stopping on a held-out share of the pairs.
 3. Zero-label transfer: target encoder + the source head, no target labels at all.
-4. Few-label transfer: freeze the target encoder, train a new head on k target labels.
+4. Few-label transfer: freeze the target encoder, fine-tune a copy of the transferred head
+   (or train a new head) on k target labels; keep it only if it beats the zero-label model
+   on held-out labels (dlion.transfer.select), otherwise keep the zero-label model.
 5. Baseline: train the same target architecture from scratch on the same k labels.
 """
 
@@ -33,6 +35,7 @@ from dlion.transfer.encoders import (
     input_stats,
 )
 from dlion.transfer.progress import StageBar, Stages
+from dlion.transfer.select import FEW_LABEL, Choice, choose_head, validation_folds
 from dlion.transfer.weights import write_run
 
 SUMMARY = "summary.json"
@@ -266,6 +269,19 @@ def train_head(
     encoder.eval()
     with torch.no_grad():
         features = encoder(x)
+    fit_head(head, features, y, cfg, seed=seed, tick=tick)
+
+
+def fit_head(
+    head: nn.Module,
+    features: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LabelsSection,
+    *,
+    seed: int,
+    tick: Tick = _quiet_tick,
+) -> None:
+    """Full-batch Adam on the head alone, on precomputed (frozen-encoder) features."""
     torch.manual_seed(seed)
     head.train()
     opt = torch.optim.Adam(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
@@ -276,6 +292,56 @@ def train_head(
         opt.step()
         tick()
     head.eval()
+
+
+def few_label_head(
+    cfg: TransferConfig,
+    k: int,
+    encoder: nn.Module,
+    source_head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+) -> tuple[nn.Module, nn.Module, Choice | None]:
+    """(kept head, candidate fitted on all k labels, the keep-the-better Choice or None when
+    labels.keep_better is off) for one label budget."""
+    lab = cfg.labels
+    encoder.requires_grad_(False)
+    encoder.eval()
+    with torch.no_grad():
+        features = encoder(x)
+
+    def make_candidate() -> nn.Module:
+        torch.manual_seed(derive_seed(cfg.seed, 7, k))
+        if lab.head == "source":
+            return copy.deepcopy(source_head)
+        return build_head(cfg.model.latent_dim, few_label_hidden(cfg), num_classes)
+
+    def fit(head: nn.Module, f: torch.Tensor, labels: torch.Tensor) -> None:
+        fit_head(head, f, labels, lab, seed=derive_seed(cfg.seed, 8, k))
+
+    if not lab.keep_better:
+        head = make_candidate()
+        fit(head, features, y)
+        return head, head, None
+    folds, scheme = validation_folds(
+        k,
+        holdout_min_k=lab.holdout_min_k,
+        holdout_fraction=lab.holdout_fraction,
+        cv_folds=lab.cv_folds,
+        seed=derive_seed(cfg.seed, 12, k),
+    )
+    zero = copy.deepcopy(source_head)
+    return choose_head(k, features, y, zero, make_candidate, fit, folds, scheme)
+
+
+def kept_messages(summary: dict[str, Any]) -> list[str]:
+    """One line per k: which model the keep-the-better rule kept, and why."""
+    lines = []
+    for c in summary.get("few_label_kept", []):
+        kept = "few-label head" if c["kept"] == FEW_LABEL else "zero-label model"
+        lines.append(f"k={c['k']}: kept the {kept}: {c['reason']}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the run
@@ -389,28 +455,24 @@ def run_transfer(
         lab = cfg.labels
         pool = roles["target_pool"]
         few: list[float] = []
+        candidate_acc: list[float] = []
+        choices: list[Choice] = []
         scratch: list[float] = []
         heads: dict[str, torch.Tensor] = {}
-        total = sum(lab.head_steps + scratch_steps(lab, k) for k in lab.ks)
+        total = sum(scratch_steps(lab, k) for k in lab.ks)
         with stages.stage(f"few-label vs scratch ({tgt})", total) as bar:
             for k in lab.ks:
                 rng = np.random.default_rng(derive_seed(cfg.seed, 6, k))
                 idx = _tensor(pool[balanced_draw(labeled.labels[pool], k, rng)])
-                torch.manual_seed(derive_seed(cfg.seed, 7, k))
-                if lab.head == "source":
-                    head = copy.deepcopy(source.head)
-                else:
-                    head = build_head(cfg.model.latent_dim, few_label_hidden(cfg), num_classes)
-                train_head(
-                    target_encoder,
-                    head,
-                    xt[idx],
-                    y[idx],
-                    lab,
-                    seed=derive_seed(cfg.seed, 8, k),
-                    tick=bar.tick,
+                head, candidate, choice = few_label_head(
+                    cfg, k, target_encoder, source.head, xt[idx], y[idx], num_classes
                 )
                 few.append(accuracy(Classifier(target_encoder, head), xt[test], y[test]))
+                candidate_acc.append(
+                    accuracy(Classifier(target_encoder, candidate), xt[test], y[test])
+                )
+                if choice is not None:
+                    choices.append(choice)
                 heads.update({f"k{k}.{name}": t for name, t in head.state_dict().items()})
 
                 torch.manual_seed(derive_seed(cfg.seed, 9, k))
@@ -451,6 +513,9 @@ def run_transfer(
         "zero_label_acc": zero_label,
         "ks": list(lab.ks),
         "few_label_acc": few,
+        # The fine-tuned head on all k labels, whether the rule kept it or not.
+        "few_label_candidate_acc": candidate_acc,
+        "few_label_kept": [c.to_json() for c in choices],
         "scratch_acc": scratch,
         "match_k": lab.match_k,
         "scratch_labels_to_match": labels_to_match(lab.ks, scratch, few_at_match),

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 from rich.table import Table
 
 from dlion.transfer.pipeline import labels_to_match
+from dlion.transfer.select import FEW_LABEL
 
 _MISSING = "—"
 
@@ -49,7 +50,9 @@ class DirectionResult:
     source_acc: Stat  # source model on the source modality
     zero_label: Stat  # target encoder + source head, no target labels
     ks: list[int]
-    few_label: list[Stat]  # frozen transferred encoder + new head, per k
+    few_label: list[Stat]  # frozen transferred encoder + the kept head, per k
+    candidate: list[Stat]  # the fine-tuned head on all k labels, kept or not, per k
+    kept_few: list[int | None]  # per k: seeds that kept the few-label head (None: no rule)
     scratch: list[Stat]  # same architecture from scratch on the same k labels, per k
     wins: list[int]  # per k: seeds in which transfer beat scratch (paired: same labels)
     match_k: int
@@ -73,6 +76,17 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> list[DirectionResult]:
     for (source, target), runs in groups.items():
         ks = list(runs[0]["ks"])
         few = [Stat.of([r["few_label_acc"][i] for r in runs]) for i in range(len(ks))]
+        # Summaries written before the keep-the-better rule have neither field.
+        candidate = [
+            Stat.of([r.get("few_label_candidate_acc", r["few_label_acc"])[i] for r in runs])
+            for i in range(len(ks))
+        ]
+        kept: list[int | None] = [None] * len(ks)
+        if all(r.get("few_label_kept") for r in runs):
+            kept = [
+                sum(r["few_label_kept"][i]["kept"] == FEW_LABEL for r in runs)
+                for i in range(len(ks))
+            ]
         scratch = [Stat.of([r["scratch_acc"][i] for r in runs]) for i in range(len(ks))]
         wins = [
             sum(r["few_label_acc"][i] > r["scratch_acc"][i] for r in runs) for i in range(len(ks))
@@ -93,6 +107,8 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> list[DirectionResult]:
                 zero_label=Stat.of([r["zero_label_acc"] for r in runs]),
                 ks=ks,
                 few_label=few,
+                candidate=candidate,
+                kept_few=kept,
                 scratch=scratch,
                 wins=wins,
                 match_k=match_k,
@@ -112,6 +128,8 @@ ACC_COLUMNS = (
     "direction",
     "labels k",
     "transfer (%)",
+    "fine-tuned head (%)",
+    "kept fine-tuned in",
     "scratch (%)",
     "transfer − scratch",
     "transfer better in",
@@ -131,10 +149,23 @@ def accuracy_rows(results: Sequence[DirectionResult]) -> list[list[str]]:
     """Zero-label first (k = 0), then one row per k."""
     rows: list[list[str]] = []
     for r in results:
-        rows.append([r.name, "0 (zero-label)", r.zero_label.pct(), _MISSING, _MISSING, _MISSING])
-        for k, few, scratch, wins in zip(r.ks, r.few_label, r.scratch, r.wins, strict=True):
+        rows.append([r.name, "0 (zero-label)", r.zero_label.pct(), *[_MISSING] * 5])
+        for i, k in enumerate(r.ks):
+            few, scratch = r.few_label[i], r.scratch[i]
             gap = f"{100 * (few.mean - scratch.mean):+.1f} pts"
-            rows.append([r.name, str(k), few.pct(), scratch.pct(), gap, f"{wins}/{r.seeds} seeds"])
+            kept = r.kept_few[i]
+            rows.append(
+                [
+                    r.name,
+                    str(k),
+                    few.pct(),
+                    r.candidate[i].pct(),
+                    _MISSING if kept is None else f"{kept}/{r.seeds} seeds",
+                    scratch.pct(),
+                    gap,
+                    f"{r.wins[i]}/{r.seeds} seeds",
+                ]
+            )
     return rows
 
 
@@ -200,7 +231,7 @@ def plot_accuracy_vs_labels(results: Sequence[DirectionResult], path: Path, titl
     try:
         for ax, r in zip(axes[0], results, strict=True):
             for label, stats, color in (
-                ("few-label transfer (frozen encoder)", r.few_label, "tab:blue"),
+                ("few-label transfer (kept model)", r.few_label, "tab:blue"),
                 ("scratch", r.scratch, "tab:orange"),
             ):
                 means = [s.mean for s in stats]
