@@ -15,6 +15,7 @@ from dlion.config import (
     config_from_dict,
     format_validation_error,
     load_config,
+    parse_yaml_mapping,
     read_source,
     with_changes,
 )
@@ -79,7 +80,7 @@ class Suite(BaseModel):
 def load_suite(source: str) -> Suite:
     text = read_source(source, "suites", "suite")
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml_mapping(text, source)
         return Suite.model_validate(raw)
     except yaml.YAMLError:
         raise ConfigError(f"{source}: invalid YAML") from None

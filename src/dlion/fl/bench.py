@@ -15,11 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dlion.config import format_validation_error, read_source
+from dlion.config import format_validation_error, parse_yaml_mapping, read_source
 from dlion.errors import ConfigError
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
 from dlion.fl.engine import run_fl
 from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
+from dlion.strict_yaml import strict_load
 
 REFERENCE = "fedasmu"  # the algorithm every other one is compared with
 
@@ -51,7 +52,7 @@ class FLSuite(BaseModel):
 
 def is_fl_suite(source: str) -> bool:
     try:
-        raw = yaml.safe_load(read_source(source, "suites", "suite"))
+        raw = strict_load(read_source(source, "suites", "suite"))
     except (ConfigError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and raw.get("kind") == "fl"
@@ -60,7 +61,7 @@ def is_fl_suite(source: str) -> bool:
 def load_fl_suite(source: str) -> FLSuite:
     text = read_source(source, "suites", "suite")
     try:
-        return FLSuite.model_validate(yaml.safe_load(text))
+        return FLSuite.model_validate(parse_yaml_mapping(text, source))
     except yaml.YAMLError:
         raise ConfigError(f"{source}: invalid YAML") from None
     except ValidationError as err:
