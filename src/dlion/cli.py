@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,7 @@ from dlion.errors import BadInput, DlionError
 from dlion.fl.cli import app as fl_app
 from dlion.hybrid.cli import app as hybrid_app
 from dlion.outdir import default_dir, open_output, resume_output
+from dlion.report.metrics import warn_diverged
 from dlion.thermal.cli import app as thermal_app
 from dlion.transfer.cli import app as transfer_app
 from dlion.transient.cli import app as transient_app
@@ -41,18 +42,6 @@ ForceOption = Annotated[
     bool,
     typer.Option(help="Replace an earlier dlion output in --out (never other files)."),
 ]
-
-
-def warn_diverged(summaries: list[dict[str, Any]]) -> None:
-    """One line if any run diverged (its loss became NaN or inf); summary.json marks it."""
-    diverged = [s for s in summaries if s.get("diverged")]
-    if diverged:
-        names = ", ".join(f"{s['scenario']} {s['strategy']} seed {s['seed']}" for s in diverged)
-        err_console.print(
-            f"warning: {len(diverged)} run(s) diverged (non-finite loss; lower train.lr?): {names}",
-            highlight=False,
-            soft_wrap=True,
-        )
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -201,8 +190,16 @@ def bench(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Rerun finished runs in --out whose config differs, or replace another "
+            "command's output there (never other files)."
+        ),
+    ] = False,
 ) -> None:
-    """Run a benchmark suite side by side; writes summary.json, report.md and plots."""
+    """Run a benchmark suite side by side; writes summary.json, report.md and plots.
+    Finished runs in --out are reused when their whole resolved config matches."""
     from dlion.bench import load_suite, report, run_suite
     from dlion.fl.bench import is_fl_suite
 
@@ -218,22 +215,28 @@ def bench(
             out,
             quiet,
             console,
+            force,
         )
         return
     spec = load_suite(suite)
-    out_dir = out or Path("runs") / f"bench-{spec.name}"
-    runs, plots, lr_search = run_suite(
-        spec,
-        out_dir,
-        strategies=_split(strategies),
-        scenarios=_split(scenarios),
-        seeds=seeds,
-        extra_set=list(set_ or []),
-        progress=not quiet,
+    output = open_output(
+        out or default_dir("bench", spec.name), command="bench", force=force, reuse=True
     )
-    table, _ = report(spec, runs, plots, out_dir, lr_search)
+    with output.writing() as work:
+        runs, plots, lr_search = run_suite(
+            spec,
+            work,
+            strategies=_split(strategies),
+            scenarios=_split(scenarios),
+            seeds=seeds,
+            extra_set=list(set_ or []),
+            progress=not quiet,
+            force=force,
+        )
+        table, _ = report(spec, runs, plots, work, lr_search)
+    warn_diverged(runs)
     console.print(table)
-    console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")
+    console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")
 
 
 @app.command("strategies")

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dlion.errors import BadInput
 
 MARKER = ".dlion-output.json"
@@ -243,3 +245,35 @@ def resume_output(path: Path, *, command: str, option: str = "--resume") -> Outp
         if not os.access(sub, os.W_OK | (os.X_OK if sub.is_dir() else 0)):
             raise BadInput(f"{option} {path}: no permission to write {sub}")
     return OutputDir(path, path, command, staged=False)
+
+
+def same_config(run_dir: Path, wanted: dict[str, Any], force: bool) -> bool:
+    """For a bench: whether the finished run in run_dir was made with exactly the resolved
+    config `wanted` (its config.yaml), so that it may be reused. A finished run of another
+    config is BadInput naming the first difference, unless `force` (then False: rerun)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if saved == wanted:
+        return True
+    if force:
+        return False
+    where = first_difference(saved, wanted) if isinstance(saved, dict) else "config.yaml"
+    raise BadInput(
+        f"{run_dir}: holds a finished run of another config (differs at {where}); "
+        "pass --force to rerun it, or choose another --out"
+    )
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str:
+    """Dotted path of the first place where two JSON-like values differ ("" if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{path}.{key}".lstrip(".")
+            found = first_difference(a[key], b[key], f"{path}.{key}")
+            if found:
+                return found
+        return ""
+    return "" if a == b else path.lstrip(".") or "config"

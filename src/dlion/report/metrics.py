@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,6 +114,19 @@ def run_summary(
         # A non-finite loss (NaN, inf) means training blew up; strict JSON writes it as null.
         "diverged": diverged,
     }
+
+
+def warn_diverged(summaries: Sequence[dict[str, Any]]) -> None:
+    """One line on stderr if any run diverged (its loss became NaN or inf; summary.json
+    marks it `"diverged": true`)."""
+    diverged = [s for s in summaries if s.get("diverged")]
+    if diverged:
+        names = ", ".join(f"{s['scenario']} {s['strategy']} seed {s['seed']}" for s in diverged)
+        print(
+            f"warning: {len(diverged)} run(s) diverged (non-finite loss; a lower train.lr "
+            f"may help): {names}",
+            file=sys.stderr,
+        )
 
 
 def finite_json(obj: Any) -> Any:
