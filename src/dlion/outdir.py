@@ -180,7 +180,7 @@ def _remove(path: Path) -> None:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
-        return f"interrupted ({exc or 'SIGINT'})"
+        return f"interrupted ({str(exc) or 'SIGINT'})"
     return f"failed: {type(exc).__name__}"
 
 
