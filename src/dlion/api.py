@@ -34,17 +34,25 @@ def run(
     out: str | Path | None = None,
     engine: str | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> RunOutput:
     """Run one training job. `config`: a YAML path, a shipped scenario name, a dict as the
     YAML would hold, or an ExperimentConfig; `overrides`: "a.b=value" strings as `--set`
     takes; `out`: the output directory (default: a temporary one, removed afterwards, with
-    the model still returned); `engine`: sim or dist (default: the config's)."""
+    the model still returned), under the same policy as `dlion train --out` (an earlier
+    output is replaced only with `force`, the user's files never); `engine`: sim or dist
+    (default: the config's)."""
     extra = list(overrides or [])
     if engine is not None:
         extra.insert(0, f"engine.name={engine}")
     cfg = _resolve(config, extra)
     if out is not None:
-        return _run_in(cfg, Path(out), progress)
+        from dlion.outdir import open_output
+
+        output = open_output(Path(out), command="train", force=force, option="out")
+        with output.writing() as work:
+            result = _run_in(cfg, work, progress)
+        return RunOutput(result.summary, result.points, result.model, Path(out), result.events)
     with tempfile.TemporaryDirectory(prefix="dlion-run-") as tmp:
         result = _run_in(cfg, Path(tmp), progress)
         return RunOutput(result.summary, result.points, result.model, None, result.events)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dlion.cluster import Cluster
 from dlion.config import (
@@ -15,11 +16,13 @@ from dlion.config import (
     config_from_dict,
     format_validation_error,
     load_config,
+    parse_yaml_mapping,
     read_source,
     with_changes,
 )
 from dlion.engines.sim import run_sim
 from dlion.errors import ConfigError
+from dlion.outdir import same_config
 from dlion.report import (
     aggregate,
     bench_table,
@@ -33,7 +36,7 @@ IDEAL = "ideal"
 
 
 class SuiteStrategy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     label: str = Field(description="Name in tables and plots.")
     strategy: str = Field(description="Registered strategy name.")
@@ -44,7 +47,7 @@ class LrSearch(BaseModel):
     """The same learning-rate search for every strategy: each grid value on one scenario,
     pick the lowest mean TTA (all seeds reaching the target), else the best final accuracy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     scenario: str = Field("homogeneous", description="Where the search runs.")
     grid: list[float] = Field(min_length=1, description="Learning rates to try.")
@@ -52,7 +55,7 @@ class LrSearch(BaseModel):
 
 
 class Suite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -75,11 +78,22 @@ class Suite(BaseModel):
         None, description="Tune train.lr per strategy and variant before the runs."
     )
 
+    @model_validator(mode="after")
+    def _unique_labels(self) -> Suite:
+        labels = [s.label for s in self.strategies]
+        for label in labels:
+            if labels.count(label) > 1 or (label == IDEAL and self.ideal):
+                raise ValueError(
+                    f"strategies: label {label!r} is used twice (labels name rows and run "
+                    "directories; give each strategy its own)"
+                )
+        return self
+
 
 def load_suite(source: str) -> Suite:
     text = read_source(source, "suites", "suite")
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml_mapping(text, source)
         return Suite.model_validate(raw)
     except yaml.YAMLError:
         raise ConfigError(f"{source}: invalid YAML") from None
@@ -123,8 +137,11 @@ def run_suite(
     seeds: int | None = None,
     extra_set: list[str] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Path], dict[str, Any]]:
-    """Run the suite; finished runs found in out_dir are reused, not rerun.
+    """Run the suite; finished runs found in out_dir are reused, not rerun, when their
+    whole resolved config matches; a finished run with another config is replaced only
+    with `force` (else BadInput before any run).
 
     Returns the run summaries, the plots, and the learning-rate search's choices."""
     chosen = [s for s in suite.strategies if strategies is None or s.label in strategies]
@@ -139,15 +156,8 @@ def run_suite(
         raise ConfigError(f"--scenarios: unknown {bad} (suite has {', '.join(suite.scenarios)})")
     with_ideal = suite.ideal and (strategies is None or IDEAL in strategies)
     n_seeds = seeds or suite.seeds
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_config = len(chosen) + (1 if with_ideal else 0)
-    total = len(names) * len(suite.variants) * per_config * n_seeds
-    done = 0
-    chosen_lr = search_learning_rates(
-        suite, out_dir, chosen, with_ideal, list(extra_set or []), progress
-    )
-    runs: list[dict[str, Any]] = []
-    curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
+    # Every config is built (and so validated) and every reuse decided before any run.
+    jobs: list[tuple[str, str, str, int, ExperimentConfig, Path]] = []
     targets: dict[str, float] = {}
     for scenario in names:
         for variant, variant_set in suite.variants.items():
@@ -155,23 +165,33 @@ def run_suite(
             base = load_config(scenario, [*suite.set, *variant_set, *(extra_set or [])])
             base = with_changes(base, [f"name={key}"])
             targets[key] = base.train.target_acc
-            plan = _plan(suite, base, chosen, with_ideal)
-            for label, cfg in plan:
-                if label in chosen_lr.get(variant, {}):
-                    cfg = with_changes(cfg, [f"train.lr={chosen_lr[variant][label]['lr']}"])
+            for label, cfg in _plan(suite, base, chosen, with_ideal):
                 for seed in range(n_seeds):
                     run_cfg = with_changes(cfg, [f"train.seed={seed}"])
                     run_dir = out_dir / "runs" / key.replace("/", "__") / label / f"seed{seed}"
-                    done += 1
-                    summary, points = _run_or_reuse(
-                        run_cfg,
-                        run_dir,
-                        label,
-                        progress,
-                        f"[{done}/{total}] {key} {label} seed {seed}",
-                    )
-                    runs.append(summary)
-                    curves.setdefault(key, {}).setdefault(label, []).append(points)
+                    jobs.append((key, variant, label, seed, run_cfg, run_dir))
+    searched = _searched_labels(suite, chosen, with_ideal)
+    for _, _, label, _, run_cfg, run_dir in jobs:
+        if label not in searched:  # a searched rate is known only after the search
+            check_reuse(run_cfg, run_dir, force)
+    chosen_lr = search_learning_rates(
+        suite, out_dir, chosen, with_ideal, list(extra_set or []), progress, force
+    )
+    runs: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
+    for done, (key, variant, label, seed, run_cfg, run_dir) in enumerate(jobs, start=1):
+        if label in chosen_lr.get(variant, {}):
+            run_cfg = with_changes(run_cfg, [f"train.lr={chosen_lr[variant][label]['lr']}"])
+        summary, points = _run_or_reuse(
+            run_cfg,
+            run_dir,
+            label,
+            progress,
+            f"[{done}/{len(jobs)}] {key} {label} seed {seed}",
+            force,
+        )
+        runs.append(summary)
+        curves.setdefault(key, {}).setdefault(label, []).append(points)
     plots: list[Path] = []
     for key, by_label in curves.items():
         mean_curves = {label: mean_curve(cs) for label, cs in by_label.items()}
@@ -201,14 +221,37 @@ def _plan(
 
 
 def _run_or_reuse(
-    cfg: ExperimentConfig, run_dir: Path, label: str, progress: bool, description: str
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    label: str,
+    progress: bool,
+    description: str,
+    force: bool = False,
 ) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     """Run one configuration, or reuse its finished result from an earlier bench."""
-    summary = _finished_summary(run_dir)
+    summary = check_reuse(cfg, run_dir, force)
     if summary is not None:
         return summary, _curve_from_metrics(run_dir)
+    # Whatever is there is not a finished run of this config (torn, or replaced with
+    # --force): it goes first, so that no old summary sits beside the new metrics.
+    shutil.rmtree(run_dir, ignore_errors=True)
     result = run_sim(cfg, out_dir=run_dir, label=label, progress=progress, description=description)
     return result.summary, [(p.t, p.mean_acc) for p in result.points]
+
+
+def check_reuse(cfg: ExperimentConfig, run_dir: Path, force: bool) -> dict[str, Any] | None:
+    """The summary of run_dir if it holds a finished run of exactly `cfg` (reuse it), else
+    None (run it). A finished run of another config is BadInput unless `force`."""
+    summary = _finished_summary(run_dir)
+    if summary is None or not same_config(run_dir, cfg.model_dump(mode="json"), force):
+        return None
+    return summary
+
+
+def _searched_labels(suite: Suite, chosen: list[SuiteStrategy], with_ideal: bool) -> set[str]:
+    if suite.lr_search is None:
+        return set()
+    return {s.label for s in chosen} | ({IDEAL} if with_ideal else set())
 
 
 def search_learning_rates(
@@ -218,6 +261,7 @@ def search_learning_rates(
     with_ideal: bool,
     extra_set: list[str],
     progress: bool,
+    force: bool = False,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """{variant: {label: {"lr": chosen, "grid": {lr: [tta or None per seed]}}}}."""
     search = suite.lr_search
@@ -233,7 +277,7 @@ def search_learning_rates(
                     run_cfg = with_changes(cfg, [f"train.lr={lr}", f"train.seed={seed}"])
                     run_dir = out_dir / "lr-search" / variant / label / f"lr{lr}" / f"seed{seed}"
                     desc = f"lr search {variant} {label} lr={lr} seed {seed}"
-                    summary, _ = _run_or_reuse(run_cfg, run_dir, label, progress, desc)
+                    summary, _ = _run_or_reuse(run_cfg, run_dir, label, progress, desc, force)
                     grid.setdefault(str(lr), []).append(summary)
             out.setdefault(variant, {})[label] = {
                 "lr": pick_learning_rate(grid),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +21,8 @@ from dlion.engines.netns_cli import app as netns_app
 from dlion.errors import BadInput, DlionError
 from dlion.fl.cli import app as fl_app
 from dlion.hybrid.cli import app as hybrid_app
+from dlion.outdir import default_dir, open_output, resume_output
+from dlion.report.metrics import warn_diverged
 from dlion.thermal.cli import app as thermal_app
 from dlion.transfer.cli import app as transfer_app
 from dlion.transient.cli import app as transient_app
@@ -30,6 +36,12 @@ app = typer.Typer(
 # Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
+
+
+ForceOption = Annotated[
+    bool,
+    typer.Option(help="Replace an earlier dlion output in --out (never other files)."),
+]
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -75,6 +87,7 @@ def train(
             "use with engine.shaping=kernel."
         ),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
     `kind: fl` runs a federated job (server + clients) instead."""
@@ -88,14 +101,20 @@ def train(
 
         if netns is not None:
             raise BadInput("--netns: only for the dist engine, not for FL configs (kind: fl)")
-        train_fl(config, engine, strategy, list(set_ or []), out, quiet, resume, console)
+        if stop_at is not None or checkpoint_every is not None:
+            raise BadInput("--stop-at, --checkpoint-every: not for FL configs (kind: fl)")
+        train_fl(config, engine, strategy, list(set_ or []), out, quiet, resume, console, force)
         return
     if engine not in (None, "sim", "dist"):
         raise BadInput(f"--engine: unknown engine {engine!r} (available: sim, dist)")
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise BadInput(f"--out {out}: a resumed run continues in its own directory ({resume})")
-    if checkpoint_every is not None and not checkpoint_every > 0:
-        raise BadInput(f"--checkpoint-every: must be > 0, got {checkpoint_every:g}")
+    if checkpoint_every is not None and not (
+        math.isfinite(checkpoint_every) and checkpoint_every > 0
+    ):
+        raise BadInput(f"--checkpoint-every: must be a finite number > 0, got {checkpoint_every:g}")
+    if stop_at is not None and not (math.isfinite(stop_at) and stop_at > 0):
+        raise BadInput(f"--stop-at: must be a finite number > 0, got {stop_at:g}")
     overrides = list(set_ or [])
     if checkpoint_every is not None:
         overrides = [f"checkpoint.every_s={checkpoint_every!r}", *overrides]
@@ -107,40 +126,42 @@ def train(
     cfg = load_config(config, overrides)
     if netns is not None and cfg.engine.name != "dist":
         raise BadInput("--netns: only for the dist engine (--engine dist)")
-    out_dir = resume or out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-seed{cfg.train.seed}"
-    if stop_at is not None and not stop_at > 0:
-        raise BadInput(f"--stop-at: must be > 0, got {stop_at:g}")
-    if resume is not None and not resume.is_dir():
-        raise BadInput(f"--resume {resume}: no such run directory")
-    if cfg.engine.name == "dist":
-        if stop_at is not None:
-            raise BadInput("--stop-at: sim only (stop a dist run with a signal)")
-        from dlion.engines.launcher import run_dist
-
-        result = run_dist(
-            cfg, out_dir=out_dir, progress=not quiet, resume=resume is not None, netns=netns
-        )
+    if cfg.engine.name == "dist" and stop_at is not None:
+        raise BadInput("--stop-at: sim only (stop a dist run with a signal)")
+    if resume is not None:
+        output = resume_output(resume, command="train")
     else:
-        result = run_sim(
-            cfg,
-            out_dir=out_dir,
-            progress=not quiet,
-            resume=resume is not None,
-            stop_at=stop_at,
-        )
-    s = result.summary
+        target = out or default_dir(cfg.name, cfg.strategy.name, f"seed{cfg.train.seed}")
+        output = open_output(target, command="train", force=force)
+    out_dir = output.path
+    with output.writing() as work:
+        if cfg.engine.name == "dist":
+            from dlion.engines.launcher import run_dist
+
+            result = run_dist(
+                cfg, out_dir=work, progress=not quiet, resume=resume is not None, netns=netns
+            )
+        else:
+            result = run_sim(
+                cfg, out_dir=work, progress=not quiet, resume=resume is not None, stop_at=stop_at
+            )
+        s = result.summary
+        if "stopped_at" in s:
+            output.partial_reason = f"stopped at t={s['stopped_at']:g} s (--stop-at)"
+        else:
+            plot_accuracy_vs_time(
+                {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
+                work / "accuracy_vs_time.png",
+                title=f"{cfg.name}: {s['strategy']}",
+                target=cfg.train.target_acc,
+            )
     if "stopped_at" in s:
         console.print(
             f"stopped at t={s['stopped_at']:g} s after a checkpoint in {out_dir}/checkpoints; "
             f"continue with: dlion train {config} --resume {out_dir}"
         )
         return
-    plot_accuracy_vs_time(
-        {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
-        out_dir / "accuracy_vs_time.png",
-        title=f"{cfg.name}: {s['strategy']}",
-        target=cfg.train.target_acc,
-    )
+    warn_diverged([s])
     tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.2f} s"
     metric = s.get("metric", "accuracy")
     shown = _metric_text(metric)
@@ -215,8 +236,16 @@ def bench(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Rerun finished runs in --out whose config differs, or replace another "
+            "command's output there (never other files)."
+        ),
+    ] = False,
 ) -> None:
-    """Run a benchmark suite side by side; writes summary.json, report.md and plots."""
+    """Run a benchmark suite side by side; writes summary.json, report.md and plots.
+    Finished runs in --out are reused when their whole resolved config matches."""
     from dlion.bench import load_suite, report, run_suite
     from dlion.fl.bench import is_fl_suite
 
@@ -232,22 +261,28 @@ def bench(
             out,
             quiet,
             console,
+            force,
         )
         return
     spec = load_suite(suite)
-    out_dir = out or Path("runs") / f"bench-{spec.name}"
-    runs, plots, lr_search = run_suite(
-        spec,
-        out_dir,
-        strategies=_split(strategies),
-        scenarios=_split(scenarios),
-        seeds=seeds,
-        extra_set=list(set_ or []),
-        progress=not quiet,
+    output = open_output(
+        out or default_dir("bench", spec.name), command="bench", force=force, reuse=True
     )
-    table, _ = report(spec, runs, plots, out_dir, lr_search)
+    with output.writing() as work:
+        runs, plots, lr_search = run_suite(
+            spec,
+            work,
+            strategies=_split(strategies),
+            scenarios=_split(scenarios),
+            seeds=seeds,
+            extra_set=list(set_ or []),
+            progress=not quiet,
+            force=force,
+        )
+        table, _ = report(spec, runs, plots, work, lr_search)
+    warn_diverged(runs)
     console.print(table)
-    console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")
+    console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")
 
 
 @app.command("strategies")
@@ -283,10 +318,50 @@ app.add_typer(transient_app, name="transient")
 app.command("plan")(transient_plan)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program is, so that it unwinds like Ctrl-C: output
+    directories are finished as partial, dist workers are told to leave."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated("SIGTERM")
+
+
+def _quiet_after_interrupt() -> None:
+    """An interrupt unwinds through event loops and torch: their after-the-fact complaints
+    (asyncio's 'Task was destroyed but it is pending!', 'Exception ignored in: <coroutine>')
+    are noise under the one line that says what happened."""
+    logging.getLogger("asyncio").disabled = True
+    sys.unraisablehook = lambda _: None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps errors to one-line messages and exit codes (2 bad input, 1 failure)."""
+    """Entry point: maps errors to one-line messages and exit codes (2 bad input, 1 failure,
+    130 SIGINT, 143 SIGTERM)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="dlion")
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_app(argv: list[str] | None) -> object:
+    """Run the command line as typer would, minus typer's own handling of Ctrl-C (a silent
+    exit 130 that would swallow the note on what an interrupt left behind)."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        with command.make_context("dlion", args) as ctx:
+            return command.invoke(ctx)
+    except typer.Exit as exc:
+        return exc.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        code = _run_app(argv)
     except UsageError as exc:
         if not exc.format_message():
             return 2  # bare `dlion`: help was printed
@@ -302,9 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     except DlionError as exc:
         err_console.print(f"failed: {exc}", highlight=False, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
-        err_console.print("interrupted", highlight=False)
-        return 130
+    except KeyboardInterrupt as exc:
+        _quiet_after_interrupt()
+        terminated = isinstance(exc, Terminated)
+        notes = "; ".join(getattr(exc, "__notes__", []))
+        err_console.print(
+            f"interrupted ({'SIGTERM' if terminated else 'SIGINT'})"
+            + (f": {notes}" if notes else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 143 if terminated else 130
     return code if isinstance(code, int) else 0
 
 

@@ -19,12 +19,14 @@ from pydantic import (
 )
 
 from dlion.errors import ConfigError
+from dlion.strict_yaml import INT64_MAX, strict_load
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+    """Unknown keys are errors: a typo in a config must never be silently ignored. No float
+    field takes inf or nan (they would crash strict JSON far from the config)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -225,7 +227,7 @@ class StrategyConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of everything random.")
     target_acc: float = Field(
         0.95,
         allow_inf_nan=False,
@@ -638,10 +640,13 @@ def format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override value with YAML rules, so `true`, `3`, `0.1`, `[1,2]` are typed."""
+def _parse_value(key: str, text: str) -> Any:
+    """Parse an override value with YAML rules, so `true`, `3`, `0.1`, `[1,2]` are typed;
+    text that is not YAML stays text, but a duplicate key or a non-finite number is an error."""
     try:
-        return yaml.safe_load(text)
+        return strict_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"--set {key}: {exc.problem}") from None
     except yaml.YAMLError:
         return text
 
@@ -670,7 +675,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 parent = ".".join(parts[:depth])
                 raise ConfigError(f"--set {key}: {parent} is a value, not a section")
             if last:
-                node[index] = _parse_value(value)
+                node[index] = _parse_value(key, value)
             else:
                 if isinstance(node, dict) and node.get(part) is None:
                     node[part] = {}
@@ -715,9 +720,10 @@ def read_text_file(path: Path, what: str) -> str:
 
 
 def parse_yaml_mapping(text: str, origin: str) -> dict[str, Any]:
-    """YAML text whose top level must be a mapping; errors name the file and line."""
+    """YAML text whose top level must be a mapping; errors name the file and line (strict:
+    duplicate keys and non-finite numbers are errors, see strict_yaml.py)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = strict_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -728,6 +734,13 @@ def parse_yaml_mapping(text: str, origin: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections")
     return raw
+
+
+def source_identity(source: str) -> str:
+    """What an `extends` chain compares to find a cycle: a file's resolved path (so
+    `a.yaml` and `./x/../a.yaml` are one file), else the preset name."""
+    path = Path(source)
+    return str(path.resolve()) if path.is_file() else source
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -747,7 +760,7 @@ def _read_yaml(source: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any
     A config may start with `extends: NAME_OR_PATH` to take another config as its base
     (a path is relative to the extending file) and change only what differs.
     """
-    if source in _chain:
+    if source_identity(source) in map(source_identity, _chain):
         raise ConfigError(f"{source}: extends itself ({' -> '.join([*_chain, source])})")
     raw = parse_yaml_mapping(read_source(source, "scenarios", "config"), source)
     parent = raw.pop("extends", None)

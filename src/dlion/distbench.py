@@ -15,7 +15,6 @@ Each compares side by side in one command and writes JSON plus a markdown table:
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import socket
@@ -28,10 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dlion.cluster import Cluster
 from dlion.config import ExperimentConfig, load_config
 from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
+from dlion.errors import BadInput
 from dlion.experiment import make_replica, prepare
+from dlion.report import write_json_atomic
 
 
 def machine() -> str:
@@ -41,7 +43,7 @@ def machine() -> str:
 def _write(out_dir: Path, name: str, rows: list[dict[str, Any]], table: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "rows": rows}
-    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out_dir / f"{name}.json", meta)
     (out_dir / f"{name}.md").write_text(table + "\n")
 
 
@@ -211,6 +213,26 @@ def ddp_overhead(
 
 
 # ----------------------------------------------------------------------------- fault
+
+
+def check_fault(
+    scenario: str,
+    strategy: str,
+    time_scale: float,
+    kill_rank: int,
+    at_fraction: float,
+    overrides: list[str],
+) -> None:
+    """The fault benchmark's arguments, checked before its first (long) run."""
+    sets = [f"strategy.name={strategy}", "engine.name=dist", f"engine.time_scale={time_scale}"]
+    cfg = load_config(scenario, [*sets, *overrides])
+    size = Cluster.from_config(cfg.cluster).size
+    if not 0 <= kill_rank < size:
+        raise BadInput(f"--rank: no worker {kill_rank} in {scenario} (ranks 0..{size - 1})")
+    if not 0 < at_fraction < 1:
+        raise BadInput(
+            f"--at: a fraction of the fault-free time to accuracy, in (0, 1), got {at_fraction:g}"
+        )
 
 
 def fault_run(

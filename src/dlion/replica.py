@@ -78,6 +78,7 @@ class Replica:
         self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self._factor = schedule_factor(train.schedule, train.max_iterations)
         self.updates = 0  # optimizer steps taken: the schedule's clock
+        self._fresh = True  # still the initial model (no update, no adopted state)
         self._set_lr()
         self._gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(len(self.indices), generator=self._gen)
@@ -140,10 +141,12 @@ class Replica:
             p.grad = None
         loss = self.objective.loss(self.model(x), y)
         value = float(loss.detach())
-        if not math.isfinite(value):
+        if not math.isfinite(value) and self.updates == 0 and self._fresh:
+            # Non-finite before any update: the loss function itself is broken. Later, it
+            # is divergence (too high a learning rate), which the run reports as such.
             raise NonFiniteLoss(
-                f"train.loss: the training loss is {value} after {self.updates} updates "
-                "(the run diverged: lower train.lr, or check the loss function)"
+                f"train.loss: the loss function returned {value} on the first batch "
+                "(before any update): check the loss and the targets"
             )
         loss.backward()
         grad = torch.cat(
@@ -187,6 +190,7 @@ class Replica:
         for p in self._opt_params:
             p.grad = None
         self.updates += 1
+        self._fresh = False
         self._set_lr()
 
     # ---------------------------------------------------------------- whole-model access
@@ -196,6 +200,7 @@ class Replica:
 
     def set_params(self, flat: torch.Tensor) -> None:
         self.flat.copy_(flat)
+        self._fresh = False
 
     def model_state(self) -> torch.Tensor:
         """A copy of parameters and float buffers as one vector (`model_numel` entries)."""
@@ -203,6 +208,7 @@ class Replica:
 
     def set_model_state(self, state: torch.Tensor) -> None:
         """Adopt a `model_state` vector; a parameters-only vector leaves buffers as they are."""
+        self._fresh = False
         if state.numel() == self.numel:
             self.flat.copy_(state)
             return

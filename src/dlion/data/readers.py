@@ -31,6 +31,11 @@ CIFAR_IMAGE_SHAPE = (3, 32, 32)
 CIFAR_NUM_CLASSES = 10
 
 
+# Class ids at or above this are a corrupt or mislabelled file, not a task: a model has one
+# output per class, so a label of 10**9 would ask for hundreds of GB before any check.
+MAX_CLASSES = 100_000
+
+
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -193,6 +198,11 @@ def validate_arrays(x: Any, y: Any, where: str, x_name: str = "x", y_name: str =
         raise DataError(f"{where}: '{y_name}' must hold integer class labels, found {y.dtype}")
     if y.min() < 0:
         raise DataError(f"{where}: '{y_name}' has negative labels")
+    if y.max() >= MAX_CLASSES:
+        # Checked before anything is sized by the label range (one model output per class).
+        raise DataError(
+            f"{where}: '{y_name}' has label {int(y.max())}; class ids must be below {MAX_CLASSES}"
+        )
     return y.astype(np.int64)
 
 

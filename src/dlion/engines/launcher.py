@@ -574,6 +574,13 @@ def run_dist(
         coordinator.wait_ready()
         coordinator.start()
         return coordinator.run(progress=progress, description=description)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: every live worker gets SIGTERM, which it
+        # takes as an announced leave, then _reap waits for it (and kills a straggler).
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        raise
     finally:
         _reap(processes)
 

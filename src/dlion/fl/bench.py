@@ -8,24 +8,27 @@ commands (--scenarios, --strategies) or resumed after an interruption.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.config import format_validation_error, read_source
+from dlion.config import format_validation_error, parse_yaml_mapping, read_source
 from dlion.errors import ConfigError
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
 from dlion.fl.engine import run_fl
+from dlion.outdir import same_config
 from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
+from dlion.strict_yaml import strict_load
 
 REFERENCE = "fedasmu"  # the algorithm every other one is compared with
 
 
 class SuiteAlgorithm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     label: str = Field(description="Name in tables and plots.")
     algorithm: str = Field(description="Registered FL algorithm name.")
@@ -33,7 +36,7 @@ class SuiteAlgorithm(BaseModel):
 
 
 class FLSuite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["fl"]
     name: str
@@ -48,10 +51,21 @@ class FLSuite(BaseModel):
     seeds: int = Field(1, ge=1)
     set: list[str] = Field(default_factory=list, description="Overrides for every run.")
 
+    @model_validator(mode="after")
+    def _unique_labels(self) -> FLSuite:
+        labels = [a.label for a in self.algorithms]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(
+                    f"algorithms: label {label!r} is used twice (labels name rows and run "
+                    "directories; give each algorithm its own)"
+                )
+        return self
+
 
 def is_fl_suite(source: str) -> bool:
     try:
-        raw = yaml.safe_load(read_source(source, "suites", "suite"))
+        raw = strict_load(read_source(source, "suites", "suite"))
     except (ConfigError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and raw.get("kind") == "fl"
@@ -60,7 +74,7 @@ def is_fl_suite(source: str) -> bool:
 def load_fl_suite(source: str) -> FLSuite:
     text = read_source(source, "suites", "suite")
     try:
-        return FLSuite.model_validate(yaml.safe_load(text))
+        return FLSuite.model_validate(parse_yaml_mapping(text, source))
     except yaml.YAMLError:
         raise ConfigError(f"{source}: invalid YAML") from None
     except ValidationError as err:
@@ -76,6 +90,7 @@ def run_fl_suite(
     seeds: int | None = None,
     extra_set: list[str] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     chosen = [a for a in suite.algorithms if labels is None or a.label in labels]
     if labels is not None and set(labels) - {a.label for a in suite.algorithms}:
@@ -111,7 +126,7 @@ def run_fl_suite(
                     run_dir = out_dir / "runs" / key.replace("/", "__") / algo.label / f"seed{seed}"
                     done += 1
                     desc = f"[{done}/{total}] {key} {algo.label} seed {seed}"
-                    summary, points = _run_or_reuse(cfg, run_dir, algo.label, progress, desc)
+                    summary, points = _run_or_reuse(cfg, run_dir, algo.label, progress, desc, force)
                     runs.append(summary)
                     curves.setdefault(key, {}).setdefault(algo.label, []).append(points)
     plots: list[Path] = []
@@ -129,7 +144,7 @@ def run_fl_suite(
 
 
 def _run_or_reuse(
-    cfg: FLConfig, run_dir: Path, label: str, progress: bool, description: str
+    cfg: FLConfig, run_dir: Path, label: str, progress: bool, description: str, force: bool
 ) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -140,10 +155,14 @@ def _run_or_reuse(
                 for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                 if e.get("event") == "eval"
             ]
-            if isinstance(summary, dict) and "tta_s" in summary and points:
+            finished = isinstance(summary, dict) and "tta_s" in summary and points
+            if finished and same_config(run_dir, cfg.model_dump(mode="json"), force):
                 return summary, points
-        except (OSError, json.JSONDecodeError, KeyError, ValueError):
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
             pass  # torn output: the run did not finish, run it again
+    # Not a finished run of this config (torn, or replaced with --force): cleared first,
+    # so that no old summary sits beside the new metrics.
+    shutil.rmtree(run_dir, ignore_errors=True)
     result = run_fl(cfg, out_dir=run_dir, label=label, progress=progress, description=description)
     return result.summary, [(p.t, p.mean_acc) for p in result.points]
 

@@ -44,9 +44,11 @@ def train_fl(
     quiet: bool,
     resume: Path | None,
     console: Console,
+    force: bool = False,
 ) -> None:
     from dlion.fl.config import load_fl_config
     from dlion.fl.engine import run_fl
+    from dlion.outdir import default_dir, open_output, resume_output
     from dlion.report import plot_accuracy_vs_time
 
     if engine not in (None, "sim", "dist"):
@@ -57,24 +59,33 @@ def train_fl(
         # The file's options belong to the file's algorithm: start from defaults.
         overrides = [f"algorithm.name={algorithm}", "algorithm.options={}", *overrides]
     cfg = load_fl_config(source, overrides)
-    out_dir = (
-        out or resume or Path("runs") / f"{cfg.name}-{cfg.algorithm.name}-seed{cfg.train.seed}"
-    )
-    if cfg.engine.name == "dist":
-        from dlion.fl.dist import run_fl_dist
-
-        if resume is not None:
-            raise BadInput("--resume: FL jobs resume on the sim engine only")
-        result = run_fl_dist(cfg, out_dir=out_dir)
+    if cfg.engine.name == "dist" and resume is not None:
+        raise BadInput("--resume: FL jobs resume on the sim engine only")
+    if resume is not None:
+        output = resume_output(resume, command="train")
+        if out is not None and out.resolve() != resume.resolve():
+            raise BadInput(f"--out {out}: a resumed run continues in its own directory ({resume})")
     else:
-        result = run_fl(cfg, out_dir=out_dir, progress=not quiet, resume=resume)
-    s = result.summary
-    plot_accuracy_vs_time(
-        {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
-        out_dir / "accuracy_vs_time.png",
-        title=f"{cfg.name}: {s['strategy']} (global model)",
-        target=cfg.train.target_acc,
-    )
+        target = out or default_dir(cfg.name, cfg.algorithm.name, f"seed{cfg.train.seed}")
+        output = open_output(target, command="train", force=force)
+    out_dir = output.path
+    with output.writing() as work:
+        if cfg.engine.name == "dist":
+            from dlion.fl.dist import run_fl_dist
+
+            result = run_fl_dist(cfg, out_dir=work)
+        else:
+            result = run_fl(cfg, out_dir=work, progress=not quiet, resume=resume)
+        s = result.summary
+        plot_accuracy_vs_time(
+            {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
+            work / "accuracy_vs_time.png",
+            title=f"{cfg.name}: {s['strategy']} (global model)",
+            target=cfg.train.target_acc,
+        )
+    from dlion.report.metrics import warn_diverged
+
+    warn_diverged([s])
     tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.1f} s"
     srv = s["server"]
     clock = "wall" if s["engine"] == "dist" else "simulated"
@@ -100,19 +111,28 @@ def bench_fl(
     out: Path | None,
     quiet: bool,
     console: Console,
+    force: bool = False,
 ) -> None:
     from dlion.fl.bench import load_fl_suite, run_fl_suite, write_fl_report
+    from dlion.outdir import default_dir, open_output
+    from dlion.report.metrics import warn_diverged
 
     suite = load_fl_suite(source)
-    out_dir = out or Path("runs") / f"bench-{suite.name}"
-    runs, plots = run_fl_suite(
-        suite,
-        out_dir,
-        labels=labels,
-        scenarios=scenario_names,
-        seeds=seeds,
-        extra_set=overrides,
-        progress=not quiet,
+    output = open_output(
+        out or default_dir("bench", suite.name), command="bench", force=force, reuse=True
     )
-    console.print(write_fl_report(suite, runs, plots, out_dir), markup=False, highlight=False)
-    console.print(f"wrote {out_dir}/summary.json, report.md and {len(plots)} plot(s)")
+    with output.writing() as work:
+        runs, plots = run_fl_suite(
+            suite,
+            work,
+            labels=labels,
+            scenarios=scenario_names,
+            seeds=seeds,
+            extra_set=overrides,
+            progress=not quiet,
+            force=force,
+        )
+        text = write_fl_report(suite, runs, plots, work)
+    warn_diverged(runs)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")

@@ -24,6 +24,7 @@ from dlion.config import (
     format_validation_error,
     parse_yaml_mapping,
     read_text_file,
+    source_identity,
 )
 from dlion.errors import ConfigError
 
@@ -235,13 +236,15 @@ def is_fl_source(source: str) -> bool:
         raw = parse_yaml_mapping(read_text_file(path, "config"), source)
     except ConfigError:
         return False
+    seen = {path.resolve()}
     while raw.get("kind") is None and isinstance(raw.get("extends"), str):
         parent = str(raw["extends"])
         if parent in fl_presets():
             return True
         candidate = path.parent / parent
-        if not candidate.is_file():
-            return False
+        if not candidate.is_file() or candidate.resolve() in seen:
+            return False  # the normal loader reports a missing parent or an extends cycle
+        seen.add(candidate.resolve())
         path = candidate
         raw = parse_yaml_mapping(read_text_file(path, "config"), str(path))
     return raw.get("kind") == "fl"
@@ -258,7 +261,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read(source: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    if source in chain:
+    if source_identity(source) in map(source_identity, chain):
         raise ConfigError(f"{source}: extends itself ({' -> '.join([*chain, source])})")
     raw = parse_yaml_mapping(_source_text(source), source)
     parent = raw.pop("extends", None)

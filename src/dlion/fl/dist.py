@@ -578,6 +578,13 @@ def run_fl_dist(
             time.sleep(0.02)
         with contextlib.suppress(Exception):
             store.set(Keys.STOP, "1")
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: SIGTERM to every live process (a
+        # client takes it as an announced leave); _reap then waits and kills stragglers.
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        raise
     finally:
         _reap(procs)
     code = procs[SERVER].returncode

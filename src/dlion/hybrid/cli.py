@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from dlion.errors import BadInput
+from dlion.outdir import default_dir, open_output
 
 app = typer.Typer(
     help="Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
@@ -50,6 +51,9 @@ def train(
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to write.")] = None,
     quiet: QuietOption = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Train the edge model, the cloud model and the router; save the run."""
     from dlion.hybrid.config import load_hybrid_config
@@ -57,9 +61,13 @@ def train(
     from dlion.hybrid.train import train_hybrid
 
     cfg = load_hybrid_config(config, list(set_ or []))
-    run_dir = out or Path("runs") / f"hybrid-{cfg.name}-seed{cfg.seed}"
-    run = train_hybrid(cfg, progress=not quiet, console=console)
-    save_run(run, run_dir)
+    output = open_output(
+        out or default_dir("hybrid", cfg.name, f"seed{cfg.seed}"), command="hybrid", force=force
+    )
+    run_dir = output.path
+    with output.writing() as work:
+        run = train_hybrid(cfg, progress=not quiet, console=console)
+        save_run(run, work)
     acc = run.info["val_acc"]
     console.print(
         f"[bold]{cfg.name}[/] seed {cfg.seed}: validation accuracy edge {acc['edge']:.2%}, "
@@ -170,6 +178,9 @@ def bench(
     coverage: Annotated[str, typer.Option(help="Target coverages.")] = "0.5,0.6,0.7,0.8,0.9",
     set_: SetOption = None,
     quiet: QuietOption = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Datasets x seeds: router vs thresholding vs oracle; writes JSON, markdown and PNGs."""
     from dlion.hybrid.bench import run_bench, write_outputs
@@ -183,15 +194,7 @@ def bench(
         )
     targets = parse_coverages(coverage)
     overrides = list(set_ or [])
-    results = run_bench(
-        out,
-        datasets=names,
-        seeds=seeds,
-        coverages=targets,
-        overrides=overrides,
-        progress=not quiet,
-        console=console,
-    )
+    output = open_output(out, command="hybrid-bench", force=force, reuse=True)
     command = " ".join(
         [
             "dlion hybrid bench",
@@ -202,7 +205,17 @@ def bench(
             *(f"--set {json.dumps(o)}" for o in overrides),
         ]
     )
-    tables, plots = write_outputs(results, targets, out, command)
+    with output.writing() as work:
+        results = run_bench(
+            work,
+            datasets=names,
+            seeds=seeds,
+            coverages=targets,
+            overrides=overrides,
+            progress=not quiet,
+            console=console,
+        )
+        tables, plots = write_outputs(results, targets, work, command)
     for table in tables:
         console.print(table)
     reused = sum(r.reused for r in results)

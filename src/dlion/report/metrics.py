@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from dlion.errors import DataError
 
@@ -40,9 +42,9 @@ class MetricsLog:
 
     def write(self, event: str, **fields: object) -> None:
         """Record `{"event": event, **fields}` in memory and, if a path was given, on disk."""
-        record: dict = {"event": event, **fields}
+        record: dict = finite_json({"event": event, **fields})
         # Serialize before keeping it so that a bad field never leaves memory and disk out of sync.
-        line = json.dumps(record)
+        line = json.dumps(record, allow_nan=False)
         self.events.append(record)
         if self._file is not None:
             self._file.write(line + "\n")
@@ -110,6 +112,7 @@ def run_summary(
     """The fields every run's summary.json has (DESIGN.md's contract), from its eval points;
     engines add their own after these."""
     last = points[-1]
+    diverged = not all(math.isfinite(x) for x in (last.mean_loss, last.mean_acc, last.min_acc))
     return {
         "scenario": scenario,
         "strategy": strategy,
@@ -126,13 +129,40 @@ def run_summary(
         # `*_acc` fields hold the value of this metric (accuracy unless configured).
         "metric": metric,
         "higher_is_better": higher_is_better,
+        # A non-finite loss (NaN, inf) means training blew up; strict JSON writes it as null.
+        "diverged": diverged,
     }
+
+
+def warn_diverged(summaries: Sequence[dict[str, Any]]) -> None:
+    """One line on stderr if any run diverged (its loss became NaN or inf; summary.json
+    marks it `"diverged": true`)."""
+    diverged = [s for s in summaries if s.get("diverged")]
+    if diverged:
+        names = ", ".join(f"{s['scenario']} {s['strategy']} seed {s['seed']}" for s in diverged)
+        print(
+            f"warning: {len(diverged)} run(s) diverged (non-finite loss; a lower train.lr "
+            f"may help): {names}",
+            file=sys.stderr,
+        )
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf) replaced by None, so that it is strict
+    JSON: such a value means "no number" (a diverged loss), which JSON spells null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write `obj` as indented JSON; readers see the old file or the new one, never half of one."""
     # Serialize first: an unserializable object then fails before anything touches the disk.
-    text = json.dumps(obj, indent=2) + "\n"
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp file must live in the same directory for os.replace to be an atomic rename.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from dlion.errors import ConfigError
+from dlion.outdir import default_dir, open_output
 
 app = typer.Typer(
     help="Heat-budget-aware DVFS (Sparta, EDGE '21): keep edge devices cool and fast.",
@@ -56,6 +57,9 @@ def simulate(
         Path | None, typer.Option(help="Sparta's start table JSON (default: user cache).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Run a workload on a simulated device; report time, share above threshold, peak, energy."""
     from dlion.report import write_json_atomic
@@ -69,16 +73,20 @@ def simulate(
     if table is not None:
         overrides.append(f"policy.sparta.table_path={table}")
     cfg = load_thermal_config(config, overrides)
-    result = run_sim(cfg)
-    s = result.summary
-    out_dir = out or Path("runs") / f"thermal-{cfg.name}-{cfg.policy.name}-seed{cfg.sim.seed}"
-    write_json_atomic(out_dir / "summary.json", s)
-    plot_temperature_frequency(
-        {cfg.policy.name: [(p.t_s, p.temp_c, p.limit_mhz) for p in result.samples]},
-        out_dir / "temperature_frequency.png",
-        title=f"{s['device']}, {s['workload']}, ambient {cfg.ambient_c:g} °C: {cfg.policy.name}",
-        threshold_c=cfg.threshold_c,
-    )
+    target = out or default_dir("thermal", cfg.name, cfg.policy.name, f"seed{cfg.sim.seed}")
+    output = open_output(target, command="thermal", force=force)
+    out_dir = output.path
+    with output.writing() as work:
+        result = run_sim(cfg)
+        s = result.summary
+        write_json_atomic(work / "summary.json", s)
+        plot_temperature_frequency(
+            {cfg.policy.name: [(p.t_s, p.temp_c, p.limit_mhz) for p in result.samples]},
+            work / "temperature_frequency.png",
+            title=f"{s['device']}, {s['workload']}, ambient {cfg.ambient_c:g} °C: "
+            f"{cfg.policy.name}",
+            threshold_c=cfg.threshold_c,
+        )
     done = f"{s['completion_s']:.1f} s" if s["finished"] else f"not finished in {s['time_s']:.0f} s"
     console.print(
         f"[bold]{s['device']}[/] {s['workload']} @ {cfg.ambient_c:g} °C, {cfg.policy.name} "
@@ -182,6 +190,9 @@ def bench(
         list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Every ambient x workload x policy x seed; table, summary.json, report.md, PNGs."""
     from dlion.thermal.bench import BenchSpec, rich_table, run_bench, verdict_lines
@@ -196,7 +207,9 @@ def bench(
         history_runs=history_runs,
         overrides=tuple(set_ or []),
     )
-    _, rows, plots = run_bench(spec, out, progress=not quiet)
+    output = open_output(out, command="thermal-bench", force=force, reuse=True)
+    with output.writing() as work:
+        _, rows, plots = run_bench(spec, work, progress=not quiet)
     console.print(rich_table(rows, f"dlion thermal bench: {device}, threshold {threshold:g} °C"))
     for line in verdict_lines(rows):
         console.print(line, highlight=False)

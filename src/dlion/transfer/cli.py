@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from dlion.errors import BadInput
+from dlion.outdir import default_dir, open_output
 
 app = typer.Typer(
     help="Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",
@@ -29,12 +30,6 @@ SetOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option(help="No progress bars.")]
 
 
-def _out_dir(path: Path) -> Path:
-    if path.exists() and not path.is_dir():
-        raise BadInput(f"--out {path}: exists and is not a directory")
-    return path
-
-
 TRAIN_HELP = (
     "Source model, latent regression, zero-/few-label transfer vs scratch; saves weights."
     "\n\n"
@@ -51,6 +46,9 @@ def train(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     quiet: QuietOpt = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Source model, latent regression, zero-/few-label transfer vs scratch; saves weights."""
     from dlion.transfer.config import load_transfer_config
@@ -65,12 +63,13 @@ def train(
 
     cfg = load_transfer_config(config, list(set_ or []))
     name = f"transfer-{cfg.name}-{cfg.data.source}-to-{cfg.data.target}-seed{cfg.seed}"
-    out_dir = _out_dir(out or Path("runs") / name)
-    with Stages(enabled=not quiet, console=console) as stages:
-        summary = run_transfer(cfg, out_dir=out_dir, stages=stages)
-    results = aggregate([summary])
-    plot_accuracy_vs_labels(results, out_dir / "accuracy_vs_labels.png", title=cfg.name)
-    (out_dir / "results.md").write_text(markdown_tables(results) + "\n", encoding="utf-8")
+    output = open_output(out or default_dir(name), command="transfer", force=force)
+    out_dir = output.path
+    with output.writing() as work, Stages(enabled=not quiet, console=console) as stages:
+        summary = run_transfer(cfg, out_dir=work, stages=stages)
+        results = aggregate([summary])
+        plot_accuracy_vs_labels(results, work / "accuracy_vs_labels.png", title=cfg.name)
+        (work / "results.md").write_text(markdown_tables(results) + "\n", encoding="utf-8")
     for table in rich_tables(results):
         console.print(table)
     for line in kept_messages(summary):
@@ -91,6 +90,9 @@ def bench(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/transfer-bench"),
     quiet: QuietOpt = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Transfer vs scratch over seeds and both directions; bench.json, bench.md and a PNG."""
     from dlion.transfer.bench import BENCH_JSON, BENCH_MD, BENCH_PNG, run_bench
@@ -99,18 +101,20 @@ def bench(
 
     overrides = list(set_ or [])
     cfg = load_transfer_config(config, overrides)
-    out_dir = _out_dir(out)
+    output = open_output(out, command="transfer-bench", force=force, reuse=True)
+    out_dir = output.path
     words = ["dlion", "transfer", "bench", config, "--seeds", str(seeds), "--out", str(out)]
     words += ["--one-way"] if one_way else []
     words += [w for item in overrides for w in ("--set", item)]
-    results, report = run_bench(
-        cfg,
-        out_dir,
-        seeds=seeds,
-        both_directions=not one_way,
-        progress=not quiet,
-        command=shlex.join(words),
-    )
+    with output.writing() as work:
+        results, report = run_bench(
+            cfg,
+            work,
+            seeds=seeds,
+            both_directions=not one_way,
+            progress=not quiet,
+            command=shlex.join(words),
+        )
     for table in rich_tables(results):
         console.print(table)
     console.print(

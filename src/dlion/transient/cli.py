@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dlion.errors import BadInput, ConfigError
+from dlion.outdir import default_dir, open_output
 
 if TYPE_CHECKING:
     from dlion.transient.planner import Goal
@@ -22,6 +23,11 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+ForceOpt = Annotated[
+    bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+]
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -89,6 +95,7 @@ def plan(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Choose instance type, count and tier for a deadline or a budget (Monte Carlo)."""
     from dlion.config import load_config
@@ -118,8 +125,11 @@ def plan(
         seed=seed,
         profile_seeds=profile_seeds,
     )
-    result, profiles = make_plan(cfg, cat, spec, req, progress=not quiet)
-    title = f"{cfg.name}: to {cfg.train.target_acc:.1%}, {goal_text(result)}"
+    output = open_output(out or default_dir("plan", cfg.name), command="plan", force=force)
+    with output.writing() as work:
+        result, profiles = make_plan(cfg, cat, spec, req, progress=not quiet)
+        title = f"{cfg.name}: to {cfg.train.target_acc:.1%}, {goal_text(result)}"
+        paths = write_plan(result, profiles, work, title)
     console.print(plan_table(result, title))
     rec = result.recommended
     if rec is None:
@@ -130,9 +140,7 @@ def plan(
             f"recommended: [bold]{rec.candidate.label}[/], expected {rec.mean_time_s / 3600:.2f} h "
             f"and ${rec.mean_cost:.2f}, P(meet) = {result.probability(rec):.2f}{verdict}"
         )
-    out_dir = out or Path("runs") / f"plan-{cfg.name}"
-    paths = write_plan(result, profiles, out_dir, title)
-    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+    console.print(f"wrote {', '.join(str(output.path / p.name) for p in paths)}")
 
 
 @app.command("catalog")
@@ -185,6 +193,7 @@ def bench(
         list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """The issue-6 numbers: paper comparison, DLion vs ps-asp, planner vs full sim runs."""
     from dlion.transient.bench import BenchSpec, run_bench
@@ -213,12 +222,13 @@ def bench(
         deadlines_h=hours,
         overrides=tuple(set_ or []),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    record = run_bench(
-        spec, cat, _spec(time_scale, capacity_scale), out, chosen, progress=not quiet
-    )
-    text = bench_markdown(record)
-    (out / "report.md").write_text(text)
+    output = open_output(out, command="transient-bench", force=force, reuse=True)
+    with output.writing() as work:
+        record = run_bench(
+            spec, cat, _spec(time_scale, capacity_scale), work, chosen, progress=not quiet
+        )
+        text = bench_markdown(record)
+        (work / "report.md").write_text(text)
     console.print(text, markup=False, highlight=False)
     console.print(f"wrote {out}/summary.json, report.md")
 
@@ -229,6 +239,7 @@ def perf(
     configs: Annotated[int, typer.Option(min=6, help="Profiled configurations.")] = 24,
     held_out: Annotated[int, typer.Option(min=1, help="Configurations kept out of the fit.")] = 8,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Fit the step-time and checkpoint-time models; report their held-out errors."""
     from dlion.transient.bench import perf_bench
@@ -237,9 +248,12 @@ def perf(
 
     if held_out >= configs - 3:
         raise ConfigError(f"--held-out: leave at least 4 configurations to fit, got {held_out}")
-    out.mkdir(parents=True, exist_ok=True)
-    record = perf_bench(load_catalog(), out, configs=configs, held_out=held_out, progress=not quiet)
-    text = perf_markdown(record)
-    (out / "perf.md").write_text(text)
+    output = open_output(out, command="transient-perf", force=force)
+    with output.writing() as work:
+        record = perf_bench(
+            load_catalog(), work, configs=configs, held_out=held_out, progress=not quiet
+        )
+        text = perf_markdown(record)
+        (work / "perf.md").write_text(text)
     console.print(text, markup=False, highlight=False)
     console.print(f"wrote {out}/perf.json, perf.md")
