@@ -107,6 +107,10 @@ class Cluster:
             return nic
         return self._shared[resource]
 
+    def shared_capacities(self) -> dict[Resource, float]:
+        """Base bytes/s of every site pipe, uplink and downlink (no traces)."""
+        return dict(self._shared)
+
     def capacity(self, rank: int, t: float = 0.0) -> float:
         """FLOP/s of worker `rank` at time `t`."""
         trace = self._capacity_traces.get(rank)
@@ -156,10 +160,10 @@ class Cluster:
             trace = build_trace(spec, horizon, f"dynamics.bandwidth.{i}")
             for resource in self._traced(spec.sites, spec.workers):
                 kind, a, b = resource
-                if kind == "link" and (pair := (int(a), int(b))) in routes:
+                pair = (int(a), int(b)) if kind == "link" else (-1, -1)
+                if pair in routes and resource not in routes[pair]:
                     # A cap of this pair alone, on top of its shared route.
-                    if resource not in routes[pair]:
-                        routes[pair] = (*routes[pair], resource)
+                    routes[pair] = (*routes[pair], resource)
                 base = MBPS if spec.absolute else self._base_capacity(resource)
                 bandwidth[resource] = trace.scaled(base)
         return Cluster(
