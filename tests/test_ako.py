@@ -47,14 +47,16 @@ def test_partitions_for_link_is_the_smallest_p_that_fits(bandwidth: float, numel
 
 def test_partitions_derived_in_sim_match_the_scenario_by_hand() -> None:
     """microcloud-hetero, rank 0 (site-a, 0.4 GFLOP/s): compute 32 * 85,760 / 4e8 = 6.8608 ms.
-    Links to ranks 1..5: 1000, 20, 20, 7, 7 Mbit/s. Budget bytes = bandwidth * 6.8608 ms
-    - 88: to site-b 17,064 B = 4,266 values -> ceil(17,226 / 4,266) = 5; to site-c
-    5,915 B = 1,478 values -> 12; inside the site the whole gradient fits: 1."""
+    Expected per-link rates to ranks 1..5 (the all-to-all share: each inter-site pipe
+    carries 2 x 2 flows): 1000, 20/4, 20/4, 7/4, 7/4 Mbit/s. Budget bytes = bandwidth *
+    6.8608 ms - 88: to site-b 625,000 B/s -> 4,200 B = 1,050 values -> ceil(17,226 / 1,050)
+    = 17; to site-c 218,750 B/s -> 1,412 B = 353 values -> 49; inside the site the whole
+    gradient fits: 1."""
     cfg = load_config("microcloud-hetero", ["strategy.name=ako", "train.max_time=0.05"])
     events = run_sim(cfg, progress=False).events
     first = next(e for e in events if e["event"] == "ako" and e["rank"] == 0)
     assert first["iteration"] == 0
-    assert first["partitions"] == [1, 5, 5, 12, 12]
+    assert first["partitions"] == [1, 17, 17, 49, 49]
 
 
 # ------------------------------------------------------------------------------ round robin

@@ -9,8 +9,10 @@ import time
 import pytest
 import torch.distributed as dist
 
-from dlion.engines.shaping import LinkShaper, Pacer
+from dlion.cluster import Cluster
+from dlion.engines.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
 from dlion.engines.transport import PairTransport
+from helpers import small_config
 
 
 def test_pacer_serializes_messages_at_its_rate() -> None:
@@ -33,6 +35,29 @@ def test_without_a_nic_links_run_in_parallel() -> None:
     shaper = LinkShaper({1: 1000.0, 2: 500.0}, nic_rate=None)
     assert shaper.reserve(1, 0.0, 1000) == pytest.approx(1.0)
     assert shaper.reserve(2, 0.0, 1000) == pytest.approx(2.0)
+
+
+def test_a_shared_pipe_is_paced_as_this_senders_slice_of_it() -> None:
+    """Sites a (ranks 0, 1) and b (2, 3), an 8 Mbit/s pipe a -> b: each sender of a paces
+    its half, 0.5 MB/s, and its messages to 2 and 3 queue on that half; an all-to-all
+    round ends at 4 x 100,064 B / 1 MB/s, as in the sim. Time scale 2 halves the rates."""
+    cfg = small_config(
+        workers=[
+            {"site": "a", "capacity_gflops": 1.0, "count": 2},
+            {"site": "b", "capacity_gflops": 1.0, "count": 2},
+        ],
+        sites=[{"name": "a"}, {"name": "b"}],
+        links=[{"sites": ["a", "b"], "bandwidth_mbps": 8.0, "latency_ms": 0.0}],
+    )
+    cluster = Cluster.from_config(cfg.cluster)
+    shaper = worker_shaper(cluster, 0, scale=1.0)
+    assert shaper.reserve(2, 0.0, 100_064) == pytest.approx(0.200128)
+    assert shaper.reserve(3, 0.0, 100_064) == pytest.approx(0.400256)
+    assert shaper.reserve(1, 0.0, 100_064) == pytest.approx(100_064 / 125e6)  # intra-site
+    # Rank 1's slice is its own: it does not queue behind rank 0's messages.
+    assert worker_shaper(cluster, 1, scale=1.0).reserve(2, 0.0, 100_064) == pytest.approx(0.200128)
+    assert worker_shaper(cluster, 0, scale=2.0).reserve(2, 0.0, 100_064) == pytest.approx(0.400256)
+    assert pacer_rate(cluster, ("site", "a", "b"), 0.0, 1.0) == 0.5e6
 
 
 class _Pair:

@@ -177,8 +177,11 @@ def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
             await spec.worker(ctx, opt)
 
     result, _ = run_counting(cfg, watching, options)
-    assert seen["before"][0] == pytest.approx(20e6 / 8, rel=0.05)
-    assert seen["after"][0] == pytest.approx(2e6 / 8, rel=0.1)
+    # Ranks 0 and 1 (site a) both send to rank 2 (site b) each iteration: they share the
+    # a -> b pipe, so each measures about half of it (a third while a knowledge transfer
+    # or an earlier message shares it too).
+    assert seen["before"][0] == pytest.approx(20e6 / 8 / 2, rel=0.05)
+    assert 2e6 / 8 / 3 * 0.99 <= seen["after"][0] <= 2e6 / 8 / 2 * 1.01
     assert result.summary["final_acc"] > 0.8
 
 

@@ -61,24 +61,41 @@ def test_address_plan_names_every_worker_and_puts_the_store_on_the_hub() -> None
     assert [w.host_ifname for w in plan.workers] == ["tp-h0", "tp-h1", "tp-h2"]
     assert [w.address for w in plan.workers] == ["10.77.5.1", "10.77.5.2", "10.77.5.3"]
     assert plan.bridge == "tp-br" and plan.hub == "10.77.5.254" and plan.prefixlen == 24
+    # One router per site, in order of first worker, each with its port on the core bridge.
+    assert [(r.site, r.netns, r.host_ifname) for r in plan.routers] == [
+        ("a", "tp-s0", "tp-u0"),
+        ("b", "tp-s1", "tp-u1"),
+    ]
+    assert [w.site for w in plan.workers] == ["a", "a", "b"]
     # Every interface name fits the kernel's 15 characters, even with the longest prefix.
     long = plan_of(three_workers(), "abcdefgh")
-    assert all(len(n) <= 15 for w in long.workers for n in (w.host_ifname, w.netns))
+    names = [n for w in long.workers for n in (w.host_ifname, w.netns)]
+    names += [n for r in long.routers for n in (r.host_ifname, r.netns)]
+    assert all(len(n) <= 15 for n in names)
 
 
 def test_rates_are_per_destination_and_scaled_by_the_time_scale() -> None:
     plan = plan_of(three_workers(time_scale=2.0))
     w0 = plan.workers[0]
-    rates = {c.peer: (c.rate_bps, c.ceil_bps, c.dst, c.parent) for c in w0.classes}
-    # 40 Mbit/s inside site a and 16 Mbit/s to site b, both halved by time_scale 2.
+    rates = {c.peer: (c.rate_bps, c.ceil_bps, c.dst, c.parent, c.via) for c in w0.classes}
+    # 40 Mbit/s inside site a, halved by time_scale 2; site b is behind the routers' pipe.
+    unshaped = netns.UNSHAPED_BPS
     assert rates == {
-        1: (20_000_000, 20_000_000, "10.77.0.2", "1:"),
-        2: (8_000_000, 8_000_000, "10.77.0.3", "1:"),
+        1: (20_000_000, 20_000_000, "10.77.0.2", "1:", None),
+        2: (unshaped, unshaped, "10.77.0.3", "1:", "b"),
+    }
+    # The pipe a -> b (16 Mbit/s, halved) is one class on site a's router, for every
+    # worker of b; and b -> a on b's router.
+    pipes = {
+        r.site: [(c.site, c.dsts, c.rate_bps, c.ceil_bps) for c in r.pipes] for r in plan.routers
+    }
+    assert pipes == {
+        "a": [("b", ("10.77.0.3",), 8_000_000, 8_000_000)],
+        "b": [("a", ("10.77.0.1", "10.77.0.2"), 8_000_000, 8_000_000)],
     }
     cluster = Cluster.from_config(three_workers().cluster)
-    assert rates[2][0] == round(cluster.link(0, 2).bandwidth * 8 / 2.0)
     assert cluster.link(0, 2).bandwidth == 16 * MBPS
-    assert {c.peer: c.rate_bps for c in plan.workers[2].classes} == {0: 8_000_000, 1: 8_000_000}
+    assert {c.via for c in plan.workers[2].classes} == {"a"}
 
 
 def test_a_nic_is_a_parent_class_shared_by_the_peer_classes() -> None:
@@ -89,7 +106,8 @@ def test_a_nic_is_a_parent_class_shared_by_the_peer_classes() -> None:
     assert all(c.parent == "1:1" for c in w0.classes)
     # Guaranteed shares add up to the NIC; each may borrow up to min(link, NIC).
     assert by_peer[1].rate_bps == 15_000_000 and by_peer[1].ceil_bps == 30_000_000
-    assert by_peer[2].rate_bps == 15_000_000 and by_peer[2].ceil_bps == 16_000_000
+    # The peer behind the pipe may use the whole NIC here; the router caps it at 16.
+    assert by_peer[2].rate_bps == 15_000_000 and by_peer[2].ceil_bps == 30_000_000
     assert sum(c.rate_bps for c in w0.classes) <= w0.nic_bps
 
 
@@ -115,7 +133,7 @@ def test_tc_commands_shape_each_peer_by_destination_address() -> None:
     assert classes["1:1"][classes["1:1"].index("rate") + 1] == "30000000bit"
     slow = classes["1:102"]
     assert slow[slow.index("parent") + 1] == "1:1"
-    assert slow[slow.index("ceil") + 1] == "16000000bit"
+    assert slow[slow.index("ceil") + 1] == "30000000bit"
     filters = [c for c in cmds if c[3] == "filter"]
     assert [(f[f.index("dst") + 1], f[f.index("flowid") + 1]) for f in filters] == [
         ("10.77.0.2/32", "1:101"),
@@ -124,6 +142,69 @@ def test_tc_commands_shape_each_peer_by_destination_address() -> None:
     # Without NICs the peer classes hang from the root and there is no 1:1.
     flat = plan_of(three_workers())
     assert not any("1:1" in c for c in netns.tc_commands(flat, flat.workers[0]))
+
+
+def _filters(cmds: list[list[str]]) -> list[tuple[str | None, str | None, str, str]]:
+    """(src, dst, prio, flowid) of each u32 filter."""
+
+    def after(c: list[str], word: str) -> str | None:
+        return c[c.index(word) + 1].removesuffix("/32") if word in c else None
+
+    return [
+        (after(c, "src"), after(c, "dst"), c[c.index("prio") + 1], c[c.index("flowid") + 1])
+        for c in cmds
+        if "filter" in c[:4]
+    ]
+
+
+def test_router_shapes_one_pipe_per_destination_site_under_its_uplink() -> None:
+    """Sites a (ranks 0, 1; uplink 12), b (2), c (3; downlink 6); pipes a-b 16, a-c 8,
+    b-c default 100 Mbit/s; a per-pair link 1 <-> 3 bypasses the pipes."""
+    cfg = small_config(
+        sites=[{"name": "a", "uplink_mbps": 12}, {"name": "b"}, {"name": "c", "downlink_mbps": 6}],
+        workers=[
+            {"site": "a", "capacity_gflops": 0.02, "count": 2},
+            {"site": "b", "capacity_gflops": 0.02},
+            {"site": "c", "capacity_gflops": 0.02},
+        ],
+        links=[
+            {"sites": ["a", "b"], "bandwidth_mbps": 16, "latency_ms": 2},
+            {"sites": ["a", "c"], "bandwidth_mbps": 8, "latency_ms": 2},
+            {"workers": [1, 3], "bandwidth_mbps": 4, "latency_ms": 1},
+        ],
+    )
+    plan = plan_of(cfg)
+    a, b, c = plan.routers
+    assert a.uplink_bps == 12_000_000 and c.downlink_bps == 6_000_000
+    # Under the uplink each pipe is guaranteed half of it, and may borrow up to min(pipe, 12).
+    assert [(p.site, p.parent, p.rate_bps, p.ceil_bps) for p in a.pipes] == [
+        ("b", "1:1", 6_000_000, 12_000_000),
+        ("c", "1:1", 6_000_000, 8_000_000),
+    ]
+    assert [(p.site, p.parent, p.rate_bps) for p in b.pipes] == [
+        ("a", "1:", 16_000_000),
+        ("c", "1:", 100_000_000),
+    ]
+    cmds = netns.router_tc_commands(plan, a)
+    assert all(cmd[:3] == ["tc", "-n", "tp-s0"] and "wan" in cmd for cmd in cmds)
+    assert _filters(cmds) == [
+        ("10.77.0.2", "10.77.0.4", "1", "1:2"),  # the per-pair link 1 -> 3: not on a pipe
+        ("10.77.0.4", "10.77.0.2", "1", "1:2"),
+        (None, "10.77.0.3", "2", "1:100"),  # site b
+        (None, "10.77.0.4", "2", "1:101"),  # site c
+    ]
+    # The per-pair link is shaped on the workers, like a link inside a site.
+    assert {k.peer: (k.via, k.rate_bps) for k in plan.workers[1].classes}[3] == (None, 4_000_000)
+    # c's downlink: on the core's port to c (root namespace), traffic from the others' workers.
+    down = netns.downlink_tc_commands(plan, c)
+    assert all(cmd[0] == "tc" and "-n" not in cmd for cmd in down)
+    assert all(cmd[cmd.index("dev") + 1] == "tp-u2" for cmd in down)
+    assert _filters(down)[2:] == [
+        ("10.77.0.1", None, "2", "1:1"),
+        ("10.77.0.2", None, "2", "1:1"),
+        ("10.77.0.3", None, "2", "1:1"),
+    ]
+    assert netns.downlink_tc_commands(plan, a) == []
 
 
 def test_plan_round_trips_through_json_and_matches_only_the_same_config() -> None:
@@ -175,15 +256,17 @@ def test_attach_refuses_double_shaping_and_a_prefix_that_is_not_up(
         netns.attach(cfg, "tp")
     # A state recorded for another time scale does not fit this config.
     other = plan_of(three_workers(time_scale=4.0))
-    state = {"version": 1, "status": "up", "plan": other.to_json(), "created": []}
+    state = {"version": 2, "status": "up", "plan": other.to_json(), "created": []}
     (tmp_path / "tp.json").write_text(json.dumps(state))
     with pytest.raises(netns.NetnsError, match="another cluster or time scale"):
         netns.attach(cfg, "tp")
-    monkeypatch.setattr(netns, "existing_namespaces", lambda: {"tp-0", "tp-1"})
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: {"tp-0", "tp-1", "tp-s0", "tp-s1"})
     (tmp_path / "tp.json").write_text(json.dumps({**state, "plan": plan_of(cfg).to_json()}))
     with pytest.raises(netns.NetnsError, match="tp-2 is gone"):
         netns.attach(cfg, "tp")
-    monkeypatch.setattr(netns, "existing_namespaces", lambda: {"tp-0", "tp-1", "tp-2"})
+    monkeypatch.setattr(
+        netns, "existing_namespaces", lambda: {"tp-0", "tp-1", "tp-2", "tp-s0", "tp-s1"}
+    )
     att = netns.attach(cfg, "tp")
     assert att.store_host == "10.77.0.254"
     assert att.command(2, ["python"]) == ["ip", "netns", "exec", "tp-2", "python"]
@@ -366,6 +449,71 @@ def test_throughput_between_namespaces_follows_each_link(
     assert sent[1] >= 10_000_000 and sent[2] >= 4_000_000  # through the shaped classes
 
 
+# As _SERVER, but reports when the first and last bytes came, on the host's clock.
+_SERVER_TIMES = _SERVER.replace("time.perf_counter()", "time.time()").replace(
+    "print(n, t1 - t0, flush=True)", "print(n, t0, t1, flush=True)"
+)
+
+
+def _concurrent_goodput_bps(
+    plan: netns.Plan, flows: list[tuple[int, int]], nbytes: int, port: int
+) -> float:
+    """Payload bits per second of (src, dst) flows started at once, together: all their
+    bytes over the time from the first byte of any to the last byte of all."""
+    exe = ["ip", "netns", "exec"]
+    servers, clients = [], []
+    try:
+        for i, (_, dst) in enumerate(flows):
+            addr = plan.workers[dst].address
+            server = subprocess.Popen(
+                [
+                    *exe,
+                    plan.workers[dst].netns,
+                    sys.executable,
+                    "-c",
+                    _SERVER_TIMES,
+                    addr,
+                    str(port + i),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            servers.append(server)
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        for i, (src, dst) in enumerate(flows):
+            addr = plan.workers[dst].address
+            client = [sys.executable, "-c", _CLIENT, addr, str(port + i), str(nbytes)]
+            clients.append(subprocess.Popen([*exe, plan.workers[src].netns, *client]))
+        for c in clients:
+            assert c.wait(timeout=60) == 0
+        outs = [server.communicate(timeout=60)[0] for server in servers]
+    finally:
+        for proc in servers + clients:
+            proc.kill()
+            proc.wait()
+    spans = []
+    for out in outs:
+        got, t0, t1 = out.split()
+        assert int(got) == nbytes
+        spans.append((float(t0), float(t1)))
+    first, last = min(t0 for t0, _ in spans), max(t1 for _, t1 in spans)
+    return len(flows) * nbytes * 8 / (last - first)
+
+
+@needs_netns
+def test_the_workers_of_a_site_share_its_pipe_to_another_site(
+    shaped: tuple[netns.Plan, ExperimentConfig],
+) -> None:
+    """Workers 0 and 1 (site a) send to worker 2 (site b) at once: the 16 Mbit/s pipe a -> b
+    on a's router carries both, so together they move 16 Mbit/s (8 each while both run,
+    the sim's max-min share), not 16 each as with one class per worker pair."""
+    plan, _ = shaped
+    before = netns.pipe_bytes(plan, "a")["b"]
+    together = _concurrent_goodput_bps(plan, [(0, 2), (1, 2)], 3_000_000, 7311)
+    assert together == pytest.approx(16e6, rel=0.25), together
+    assert netns.pipe_bytes(plan, "a")["b"] - before >= 6_000_000
+
+
 @needs_netns
 def test_dist_job_trains_over_kernel_shaped_links(
     shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path
@@ -400,7 +548,8 @@ def test_up_refuses_names_taken_and_down_is_exact_and_idempotent(
     assert _leftovers(other) == [] and netns.read_state(other) is None
     # A second, separate prefix via the CLI: up, status, down twice.
     assert main(["netns", "up", "homogeneous", "--prefix", other, "--subnet", _free_subnet()]) == 0
-    assert netns.read_state(other) is not None and len(_leftovers(other)) == 2 * 6 + 1
+    # 6 worker namespaces, 1 router namespace, its port on the core bridge, the bridge.
+    assert netns.read_state(other) is not None and len(_leftovers(other)) == 6 + 1 + 1 + 1
     assert main(["netns", "status", "--prefix", other]) == 0
     assert f"{other}-5" in capsys.readouterr().out
     assert main(["netns", "down", "--prefix", other]) == 0

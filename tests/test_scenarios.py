@@ -52,6 +52,33 @@ def test_scale_out_keeps_the_sites_and_links(name: str, workers: int) -> None:
     assert big.link(a, c) == base.link(0, 5)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["microcloud-hetero", "microcloud-hetero-12", "microcloud-hetero-24", "microcloud-hetero-32"],
+)
+def test_microcloud_presets_stay_communication_bound_on_shared_pipes(name: str) -> None:
+    """The calibration (microcloud-hetero's comment): one dense gradient (68,968 B) over the
+    slowest site pipe, alone on it, takes 2x-5x the slowest worker's compute for its 32
+    samples, at every scale; every inter-site pair shares its sites' pipe."""
+    cfg = load_config(name)
+    cluster = Cluster.from_config(cfg.cluster)
+    sites = cluster.sites()
+    pipes = {
+        cluster.route(a, b)
+        for a in range(cluster.size)
+        for b in range(cluster.size)
+        if cluster.workers[a].site != cluster.workers[b].site
+    }
+    assert len(pipes) == len(sites) * (len(sites) - 1)  # one per ordered site pair
+    slowest = min(
+        range(1, cluster.size), key=lambda b: (cluster.bandwidth(0, b), -cluster.link(0, b).latency)
+    )
+    gradient = 68_968
+    comm = cluster.link(0, slowest).latency + gradient / cluster.bandwidth(0, slowest)
+    compute = 32 * 85_760 / min(cluster.capacity(r) for r in range(cluster.size))
+    assert 2.0 <= comm / compute <= 5.0
+
+
 def test_noniid_variants_only_change_the_partition() -> None:
     base = load_config("microcloud-hetero")
     for alpha in (0.5, 0.1):

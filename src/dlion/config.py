@@ -38,6 +38,18 @@ class SiteConfig(_Strict):
         1000.0, gt=0, description="Bandwidth of every link between two workers of this site."
     )
     intra_latency_ms: float = Field(0.1, ge=0, description="Latency inside this site.")
+    uplink_mbps: float | None = Field(
+        None,
+        gt=0,
+        description="WAN uplink shared by all of this site's outgoing inter-site traffic "
+        "(every site pipe it sends on); None means the pipes alone limit it.",
+    )
+    downlink_mbps: float | None = Field(
+        None,
+        gt=0,
+        description="WAN downlink shared by all inter-site traffic into this site; "
+        "None means the pipes alone limit it.",
+    )
 
 
 class WorkerConfig(_Strict):
@@ -58,11 +70,19 @@ class WorkerConfig(_Strict):
 
 
 class LinkConfig(_Strict):
-    """Site-to-site link (symmetric), or a per-pair override when `workers` is given."""
+    """Site-to-site link, or a per-pair override when `workers` is given.
 
-    sites: tuple[str, str] | None = Field(None, description="The two sites this link joins.")
+    Between two different sites the link is one pipe per direction, shared max-min fairly
+    by every flow from one site to the other (a site reaches another through one WAN path).
+    The same site twice sets the links inside it: one per worker pair, as the intra-site
+    values do. A `workers` entry is a dedicated link of that pair alone (each direction):
+    it bypasses the site pipes and uplinks and shares only the two workers' NICs."""
+
+    sites: tuple[str, str] | None = Field(
+        None, description="The two sites this link joins (one shared pipe per direction)."
+    )
     workers: tuple[int, int] | None = Field(
-        None, description="Per-pair override: the two worker ranks this link joins."
+        None, description="Per-pair override: the two worker ranks this dedicated link joins."
     )
     bandwidth_mbps: float = Field(gt=0, description="Link bandwidth in Mbit/s.")
     latency_ms: float = Field(ge=0, description="One-way latency in ms.")
@@ -79,7 +99,10 @@ class ClusterConfig(_Strict):
     workers: list[WorkerConfig] = Field(min_length=1)
     links: list[LinkConfig] = Field(default_factory=list)
     default_inter_bandwidth_mbps: float = Field(
-        100.0, gt=0, description="Bandwidth between sites that no link entry names."
+        100.0,
+        gt=0,
+        description="Bandwidth between sites that no link entry names: one shared pipe per "
+        "direction per such site pair, as a `sites` entry gives.",
     )
     default_inter_latency_ms: float = Field(10.0, ge=0)
 

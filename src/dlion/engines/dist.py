@@ -46,7 +46,8 @@ from dlion.comm.messages import Dense, Message
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
-from dlion.engines.shaping import LinkShaper
+from dlion.engines.network import all_to_all_rates
+from dlion.engines.shaping import pacer_rate, worker_shaper
 from dlion.engines.transport import PairTransport
 from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
@@ -190,7 +191,7 @@ class DistContext(WorkerContext):
             replica=replica,
             global_batch=cfg.train.batch_per_worker * cluster.size,
             recv_timeout=cfg.engine.recv_timeout * scale,
-            bandwidth_seed={p: cluster.link(rank, p).bandwidth / scale for p in peers},
+            bandwidth_seed={p: worker.expected_rates[(rank, p)] / scale for p in peers},
             latency={p: cluster.link(rank, p).latency * scale for p in peers},
             bandwidth_ema=cfg.engine.bandwidth_ema,
             header_bytes=cfg.engine.header_bytes,
@@ -251,6 +252,9 @@ class DistWorker:
         )
         self.incarnation = incarnation
         self.joining = incarnation > 0
+        # What the strategy is told to expect per link, as in the sim (shared pipes split
+        # all-to-all).
+        self.expected_rates = all_to_all_rates(self.cluster)
         prep = prepare(cfg, self.cluster.size)
         self.flops_per_sample = prep.flops_per_sample
         self.backend = resolve_backend(cfg.engine.backend)
@@ -270,11 +274,7 @@ class DistWorker:
         self._stop_reason: str | None = None
         self._stopped = threading.Event()
         self._leaving = False
-        worker = self.cluster.workers[rank]
-        self.shaper = LinkShaper(
-            {p: self.cluster.link(rank, p).bandwidth / self.scale for p in self.ctx.peers()},
-            None if worker.nic_bytes_per_s is None else worker.nic_bytes_per_s / self.scale,
-        )
+        self.shaper = worker_shaper(self.cluster, rank, self.scale)
         self.transport = PairTransport(
             store_factory,
             rank,
@@ -473,8 +473,9 @@ class DistWorker:
         latency = self.ctx.latency(dst) if mode != "none" else 0.0
         if mode == "transport":
             # Bandwidth traces are in scenario time, like the sim's.
-            rate = self.cluster.bandwidth(self.rank, dst, self.ctx.now() / self.scale)
-            self.shaper.set_rate(dst, rate / self.scale)
+            t = self.ctx.now() / self.scale
+            for r in self.cluster.route(self.rank, dst):
+                self.shaper.set_rate(r, pacer_rate(self.cluster, r, t, self.scale))
             done = self.shaper.reserve(dst, start, len(frame))
             if not self.transport.send(dst, frame, due=done + latency):
                 return 0.0

@@ -1,22 +1,36 @@
-"""Kernel-shaped links for the dist engine: one network namespace per worker.
+"""Kernel-shaped links for the dist engine: one network namespace per worker, behind one
+router namespace per site.
 
-`up(cfg, prefix)` builds, for a scenario's N workers:
+`up(cfg, prefix)` builds, for a scenario's N workers in S sites:
 
 - namespaces PREFIX-0 .. PREFIX-(N-1), each with `lo` up and one veth end named `eth0`
   holding the worker's address on a private subnet (default 10.77.0.0/24: workers .1 ..
   .N);
-- a bridge PREFIX-br in the root namespace with the other veth ends (PREFIX-h0 ...)
-  attached; the bridge holds the hub address (the subnet's last host, .254), where the
-  launcher, which stays in the root namespace, hosts the job's store;
-- on each worker's `eth0`, egress shaping with tc: an htb qdisc with one class per peer at
-  that link's rate (bytes/s / engine.time_scale, as the transport shaper scales it) and a
-  u32 filter on the peer's address, so unequal inter-site links are real, per
-  destination. Where the worker has a NIC rate, the peer classes hang under one class at
-  the NIC rate (each guaranteed an equal share, each allowed up to its link's rate), so
-  transfers to several peers share the NIC as they do in the sim and the transport
-  shaper. Traffic to the hub (the store: registration, heartbeats, snapshots) goes to an
-  unshaped default class: it is not training traffic, and the transport shaper does not
-  charge it either.
+- a router namespace per site, PREFIX-s0 .. PREFIX-s(S-1) (sites in order of first
+  worker), holding a bridge `br0` that joins the other ends of its workers' veths
+  (PREFIX-hRANK) and its WAN veth `wan`, whose other end (PREFIX-uSITE) sits on the core
+  bridge PREFIX-br in the root namespace. The core bridge holds the hub address (the
+  subnet's last host, .254), where the launcher, which stays in the root namespace, hosts
+  the job's store. All of it is one L2 segment: the routers forward by bridging, so
+  addresses need no routes, and all inter-site traffic of a site leaves through its `wan`;
+- shaping with tc htb, as the sim's network model (dlion.cluster) describes it:
+  - on each router's `wan` egress, one class per destination site at that site pipe's
+    rate, selected by u32 filters on the destination site's worker addresses: every flow
+    from this site to that one shares it, and the kernel does the sharing. Where the site
+    has an uplink, the pipe classes hang under one class at the uplink rate (each
+    guaranteed an equal share, each allowed up to min(pipe, uplink));
+  - where a site has a downlink, on the core's port to it (PREFIX-uSITE, root namespace)
+    egress: one class at the downlink rate for traffic from the other sites' workers;
+  - on each worker's `eth0`: one class per peer. A peer with a link of its own (same site,
+    or a per-pair `workers` entry) is shaped there at that link's rate; a peer behind a
+    site pipe is left to the routers (unshaped here). Where the worker has a NIC rate,
+    the peer classes hang under one class at the NIC rate (each guaranteed an equal share,
+    each allowed up to min(link, NIC)), so transfers to several peers share the NIC;
+  - traffic of per-pair links between sites bypasses the pipes (a filter on source and
+    destination before the pipe filters), and traffic to or from the hub (the store:
+    registration, heartbeats, snapshots) is never shaped: it is not training traffic, and
+    the transport shaper does not charge it either.
+  Rates are bytes/s / engine.time_scale, as the transport shaper scales them.
 
 Rates are line rates: packet headers count against them, so TCP payload goodput is a few
 percent below the configured rate (about 95% for full-size frames), as on a real link.
@@ -27,7 +41,7 @@ adds each link's latency before sending and leaves the bandwidth to tc). Bandwid
 What `up` creates is recorded, before each step, in a JSON state file
 (/run/dlion/netns/PREFIX.json, or $DLION_NETNS_DIR), so `down(prefix)` removes exactly
 that, also after a failed or interrupted `up`, and is idempotent. Deleting a namespace
-removes its veth pair and its qdiscs with it.
+removes its veth pairs and its qdiscs with it.
 """
 
 from __future__ import annotations
@@ -61,7 +75,9 @@ UNSHAPED_BURST = "200k"
 # recommends (one full frame .. 200 kB), which also silences its warnings at high rates.
 _QUANTUM_MIN, _QUANTUM_MAX = 1514, 200_000
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: router namespaces per site
+ROUTER_BRIDGE = "br0"  # inside a router namespace: its site's LAN
+ROUTER_WAN = "wan"  # inside a router namespace: its veth to the core bridge
 
 
 class NetnsError(BadInput):
@@ -85,16 +101,44 @@ class PeerClass:
     parent: str
     rate_bps: int  # bits per second, already divided by the time scale
     ceil_bps: int
+    via: str | None = None  # the peer's site when a site pipe (on the routers) shapes it
+
+
+@dataclass(frozen=True)
+class PipeClass:
+    """One htb class on a router's wan: the pipe to site `site`, matched by destination."""
+
+    site: str
+    dsts: tuple[str, ...]  # the addresses of that site's workers
+    classid: str
+    parent: str
+    rate_bps: int
+    ceil_bps: int
 
 
 @dataclass(frozen=True)
 class WorkerNet:
     rank: int
+    site: str
     netns: str
-    host_ifname: str  # the veth end on the bridge (root namespace)
+    host_ifname: str  # the veth end on its router's bridge (in the router namespace)
     address: str
     nic_bps: int | None
     classes: tuple[PeerClass, ...]
+
+
+@dataclass(frozen=True)
+class SiteRouter:
+    site: str
+    netns: str
+    host_ifname: str  # the wan veth's end on the core bridge (root namespace)
+    uplink_bps: int | None
+    downlink_bps: int | None
+    pipes: tuple[PipeClass, ...]
+    # (src, dst) addresses of per-pair links that leave or enter this site: not on a pipe.
+    bypass: tuple[tuple[str, str], ...]
+    # Addresses of the other sites' workers: what the downlink class matches.
+    foreign: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -105,6 +149,7 @@ class Plan:
     hub: str  # the bridge's address: where the job's store listens
     time_scale: float
     workers: tuple[WorkerNet, ...]
+    routers: tuple[SiteRouter, ...]
 
     @property
     def prefixlen(self) -> int:
@@ -116,10 +161,21 @@ class Plan:
             "time_scale": self.time_scale,
             "workers": [
                 {
+                    "site": w.site,
                     "nic_bps": w.nic_bps,
-                    "classes": [[c.peer, c.rate_bps, c.ceil_bps] for c in w.classes],
+                    "classes": [[c.peer, c.rate_bps, c.ceil_bps, c.via] for c in w.classes],
                 }
                 for w in self.workers
+            ],
+            "routers": [
+                {
+                    "site": r.site,
+                    "uplink_bps": r.uplink_bps,
+                    "downlink_bps": r.downlink_bps,
+                    "pipes": [[c.site, c.rate_bps, c.ceil_bps] for c in r.pipes],
+                    "bypass": len(r.bypass),
+                }
+                for r in self.routers
             ],
         }
 
@@ -129,15 +185,23 @@ class Plan:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Plan:
         workers = tuple(
-            WorkerNet(
-                **{
-                    **w,
-                    "classes": tuple(PeerClass(**c) for c in w["classes"]),
-                }
-            )
+            WorkerNet(**{**w, "classes": tuple(PeerClass(**c) for c in w["classes"])})
             for w in raw["workers"]
         )
-        return cls(**{**raw, "workers": workers})
+        routers = tuple(
+            SiteRouter(
+                **{
+                    **r,
+                    "pipes": tuple(
+                        PipeClass(**{**c, "dsts": tuple(c["dsts"])}) for c in r["pipes"]
+                    ),
+                    "bypass": tuple((a, b) for a, b in r["bypass"]),
+                    "foreign": tuple(r["foreign"]),
+                }
+            )
+            for r in raw["routers"]
+        )
+        return cls(**{**raw, "workers": workers, "routers": routers})
 
 
 def check_prefix(prefix: str) -> str:
@@ -181,23 +245,30 @@ def make_plan(
     if cluster.size > 999:
         raise NetnsError(f"netns: {cluster.size} workers; at most 999 (interface names)")
     addresses = [str(h) for h in hosts[: cluster.size]]
+    sites = cluster.sites()
+    if len(sites) > 999:
+        raise NetnsError(f"netns: {len(sites)} sites; at most 999 (interface names)")
     workers = []
     for w in cluster.workers:
         peers = [p for p in range(cluster.size) if p != w.rank]
         nic = None if w.nic_bytes_per_s is None else _bps(w.nic_bytes_per_s, time_scale)
         classes = []
         for p in peers:
-            link = _bps(cluster.link(w.rank, p).bandwidth, time_scale)
+            shared = cluster.is_shared(w.rank, p)
+            via = cluster.workers[p].site if shared else None
+            # A peer behind a site pipe is shaped on the routers: unshaped here.
+            link = UNSHAPED_BPS if shared else _bps(cluster.link(w.rank, p).bandwidth, time_scale)
             if nic is None:
                 rate, ceil, parent = link, link, "1:"
             else:
                 # Guaranteed shares add up to the NIC; each may borrow up to its link.
                 rate = max(1, min(link, nic // len(peers)))
                 ceil, parent = min(link, nic), "1:1"
-            classes.append(PeerClass(p, addresses[p], f"1:{0x100 + p:x}", parent, rate, ceil))
+            classes.append(PeerClass(p, addresses[p], f"1:{0x100 + p:x}", parent, rate, ceil, via))
         workers.append(
             WorkerNet(
                 w.rank,
+                w.site,
                 f"{prefix}-{w.rank}",
                 f"{prefix}-h{w.rank}",
                 addresses[w.rank],
@@ -205,7 +276,54 @@ def make_plan(
                 tuple(classes),
             )
         )
-    return Plan(prefix, str(net), f"{prefix}-br", str(hosts[-1]), time_scale, tuple(workers))
+    shared = cluster.shared_capacities()
+    routers = []
+    for i, site in enumerate(sites):
+        up = shared.get(("up", site, ""))
+        down = shared.get(("down", site, ""))
+        up_bps = None if up is None else _bps(up, time_scale)
+        others = [s for s in sites if s != site and ("site", site, s) in shared]
+        pipes = []
+        for j, other in enumerate(others):
+            pipe = _bps(shared[("site", site, other)], time_scale)
+            if up_bps is None:
+                rate, ceil, parent = pipe, pipe, "1:"
+            else:
+                rate = max(1, min(pipe, up_bps // len(others)))
+                ceil, parent = min(pipe, up_bps), "1:1"
+            dsts = tuple(addresses[w.rank] for w in cluster.workers if w.site == other)
+            pipes.append(PipeClass(other, dsts, f"1:{0x100 + j:x}", parent, rate, ceil))
+        mine = {w.rank for w in cluster.workers if w.site == site}
+        bypass = tuple(
+            (addresses[a.rank], addresses[b.rank])
+            for a in cluster.workers
+            for b in cluster.workers
+            if a.site != b.site
+            and (a.rank in mine or b.rank in mine)
+            and not cluster.is_shared(a.rank, b.rank)
+        )
+        foreign = tuple(addresses[w.rank] for w in cluster.workers if w.rank not in mine)
+        routers.append(
+            SiteRouter(
+                site,
+                f"{prefix}-s{i}",
+                f"{prefix}-u{i}",
+                up_bps,
+                None if down is None else _bps(down, time_scale),
+                tuple(pipes),
+                bypass,
+                foreign,
+            )
+        )
+    return Plan(
+        prefix,
+        str(net),
+        f"{prefix}-br",
+        str(hosts[-1]),
+        time_scale,
+        tuple(workers),
+        tuple(routers),
+    )
 
 
 def plan_for(cfg: ExperimentConfig, prefix: str, subnet: str = DEFAULT_SUBNET) -> Plan:
@@ -217,40 +335,85 @@ def plan_for(cfg: ExperimentConfig, prefix: str, subnet: str = DEFAULT_SUBNET) -
     )
 
 
+def _htb_root(tc: list[str], dev: str) -> list[list[str]]:
+    """An htb root whose default class 1:2 (traffic no filter picks) is unshaped."""
+    return [
+        [*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "2"],
+        _htb_class(tc, dev, "1:", "1:2", UNSHAPED_BPS, UNSHAPED_BPS),
+    ]
+
+
+def _htb_class(
+    tc: list[str], dev: str, parent: str, classid: str, rate: int, ceil: int
+) -> list[str]:
+    argv = [
+        *tc, "class", "add", "dev", dev, "parent", parent, "classid", classid, "htb",
+        "rate", f"{rate}bit", "ceil", f"{ceil}bit", "quantum", str(_quantum(rate)),
+    ]  # fmt: skip
+    if rate >= UNSHAPED_BPS:
+        # htb's default burst rounds to 0 bytes at this rate.
+        argv += ["burst", UNSHAPED_BURST, "cburst", UNSHAPED_BURST]
+    return argv
+
+
+def _u32(
+    tc: list[str],
+    dev: str,
+    prio: int,
+    flowid: str,
+    *,
+    src: str | None = None,
+    dst: str | None = None,
+) -> list[str]:
+    match = []
+    if src is not None:
+        match += ["match", "ip", "src", f"{src}/32"]
+    if dst is not None:
+        match += ["match", "ip", "dst", f"{dst}/32"]
+    return [
+        *tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", str(prio),
+        "u32", *match, "flowid", flowid,
+    ]  # fmt: skip
+
+
 def tc_commands(plan: Plan, w: WorkerNet) -> list[list[str]]:
     """The `tc` argv lists that shape worker `w`'s egress (run inside its namespace)."""
-    dev = ["dev", WORKER_IFNAME]
     tc = ["tc", "-n", w.netns]
-    cmds = [
-        [*tc, "qdisc", "add", *dev, "root", "handle", "1:", "htb", "default", "2"],
-        [
-            *tc, "class", "add", *dev, "parent", "1:", "classid", "1:2", "htb",
-            "rate", f"{UNSHAPED_BPS}bit", "burst", UNSHAPED_BURST, "cburst", UNSHAPED_BURST,
-            "quantum", str(_QUANTUM_MAX),
-        ],
-    ]  # fmt: skip
+    cmds = _htb_root(tc, WORKER_IFNAME)
     if w.nic_bps is not None:
-        cmds.append(
-            [
-                *tc, "class", "add", *dev, "parent", "1:", "classid", "1:1", "htb",
-                "rate", f"{w.nic_bps}bit", "ceil", f"{w.nic_bps}bit",
-                "quantum", str(_quantum(w.nic_bps)),
-            ]
-        )  # fmt: skip
+        cmds.append(_htb_class(tc, WORKER_IFNAME, "1:", "1:1", w.nic_bps, w.nic_bps))
     for c in w.classes:
-        cmds.append(
-            [
-                *tc, "class", "add", *dev, "parent", c.parent, "classid", c.classid, "htb",
-                "rate", f"{c.rate_bps}bit", "ceil", f"{c.ceil_bps}bit",
-                "quantum", str(_quantum(c.rate_bps)),
-            ]
-        )  # fmt: skip
-        cmds.append(
-            [
-                *tc, "filter", "add", *dev, "parent", "1:", "protocol", "ip", "prio", "1",
-                "u32", "match", "ip", "dst", f"{c.dst}/32", "flowid", c.classid,
-            ]
-        )  # fmt: skip
+        cmds.append(_htb_class(tc, WORKER_IFNAME, c.parent, c.classid, c.rate_bps, c.ceil_bps))
+        cmds.append(_u32(tc, WORKER_IFNAME, 1, c.classid, dst=c.dst))
+    return cmds
+
+
+def router_tc_commands(plan: Plan, r: SiteRouter) -> list[list[str]]:
+    """The `tc` argv lists that shape router `r`'s wan egress: its site's pipes to every
+    other site (under its uplink, where it has one); per-pair links bypass them."""
+    tc = ["tc", "-n", r.netns]
+    cmds = _htb_root(tc, ROUTER_WAN)
+    if r.uplink_bps is not None:
+        cmds.append(_htb_class(tc, ROUTER_WAN, "1:", "1:1", r.uplink_bps, r.uplink_bps))
+    for src, dst in r.bypass:
+        cmds.append(_u32(tc, ROUTER_WAN, 1, "1:2", src=src, dst=dst))
+    for c in r.pipes:
+        cmds.append(_htb_class(tc, ROUTER_WAN, c.parent, c.classid, c.rate_bps, c.ceil_bps))
+        cmds += [_u32(tc, ROUTER_WAN, 2, c.classid, dst=d) for d in c.dsts]
+    return cmds
+
+
+def downlink_tc_commands(plan: Plan, r: SiteRouter) -> list[list[str]]:
+    """The `tc` argv lists for router `r`'s downlink, where it has one: on the core bridge's
+    port to the site (root namespace), one class for traffic from the other sites."""
+    if r.downlink_bps is None:
+        return []
+    tc = ["tc"]
+    cmds = _htb_root(tc, r.host_ifname)
+    cmds.append(_htb_class(tc, r.host_ifname, "1:", "1:1", r.downlink_bps, r.downlink_bps))
+    for src, dst in r.bypass:
+        cmds.append(_u32(tc, r.host_ifname, 1, "1:2", src=src, dst=dst))
+    cmds += [_u32(tc, r.host_ifname, 2, "1:1", src=a) for a in r.foreign]
     return cmds
 
 
@@ -348,15 +511,16 @@ def _root_networks() -> list[ipaddress.IPv4Network]:
 
 
 def _check_free(plan: Plan) -> None:
-    taken = sorted(existing_namespaces() & {w.netns for w in plan.workers})
+    ours = {w.netns for w in plan.workers} | {r.netns for r in plan.routers}
+    taken = sorted(existing_namespaces() & ours)
     if taken:
         raise NetnsError(f"netns: namespace {taken[0]} already exists (another --prefix?)")
-    for name in [plan.bridge, *(w.host_ifname for w in plan.workers)]:
+    for name in [plan.bridge, *(r.host_ifname for r in plan.routers)]:
         if _link_exists(name):
             raise NetnsError(f"netns: interface {name} already exists (another --prefix?)")
-    ours = ipaddress.ip_network(plan.subnet)
+    subnet = ipaddress.ip_network(plan.subnet)
     for net in _root_networks():
-        if net.overlaps(ours):
+        if net.overlaps(subnet):
             raise NetnsError(
                 f"--subnet: {plan.subnet} overlaps {net}, already on this host; pick another"
             )
@@ -391,13 +555,31 @@ def up(plan: Plan) -> Plan:
         make("link", plan.bridge, ["ip", "link", "add", plan.bridge, "type", "bridge"])
         _must(["ip", "addr", "add", f"{plan.hub}/{p}", "dev", plan.bridge])
         _must(["ip", "link", "set", plan.bridge, "up"])
+        routers = {r.site: r for r in plan.routers}
+        for r in plan.routers:
+            make("netns", r.netns, ["ip", "netns", "add", r.netns])
+            ns = ["ip", "-n", r.netns]
+            _must([*ns, "link", "set", "lo", "up"])
+            _must([*ns, "link", "add", ROUTER_BRIDGE, "type", "bridge"])
+            _must([*ns, "link", "set", ROUTER_BRIDGE, "up"])
+            veth = ["ip", "link", "add", r.host_ifname, "type", "veth", "peer", "name"]
+            make("link", r.host_ifname, [*veth, ROUTER_WAN, "netns", r.netns])
+            _must(["ip", "link", "set", r.host_ifname, "master", plan.bridge])
+            _must(["ip", "link", "set", r.host_ifname, "up"])
+            _must([*ns, "link", "set", ROUTER_WAN, "master", ROUTER_BRIDGE])
+            _must([*ns, "link", "set", ROUTER_WAN, "up"])
+            for argv in router_tc_commands(plan, r) + downlink_tc_commands(plan, r):
+                _must(argv)
         for w in plan.workers:
+            router = routers[w.site]
             make("netns", w.netns, ["ip", "netns", "add", w.netns])
             ns = ["ip", "-n", w.netns]
-            veth = ["ip", "link", "add", w.host_ifname, "type", "veth", "peer", "name"]
-            make("link", w.host_ifname, [*veth, WORKER_IFNAME, "netns", w.netns])
-            _must(["ip", "link", "set", w.host_ifname, "master", plan.bridge])
-            _must(["ip", "link", "set", w.host_ifname, "up"])
+            # Its veth joins the worker to its site's router (deleted with either namespace).
+            veth = ["ip", "link", "add", w.host_ifname, "netns", router.netns, "type", "veth"]
+            _must([*veth, "peer", "name", WORKER_IFNAME, "netns", w.netns])
+            rns = ["ip", "-n", router.netns]
+            _must([*rns, "link", "set", w.host_ifname, "master", ROUTER_BRIDGE])
+            _must([*rns, "link", "set", w.host_ifname, "up"])
             _must([*ns, "link", "set", "lo", "up"])
             _must([*ns, "addr", "add", f"{w.address}/{p}", "dev", WORKER_IFNAME])
             _must([*ns, "link", "set", WORKER_IFNAME, "up"])
@@ -455,6 +637,7 @@ def status(prefix: str) -> dict[str, Any] | None:
                 "classes": [
                     {
                         "peer": c.peer,
+                        "via": c.via,
                         "rate_bps": c.rate_bps,
                         "ceil_bps": c.ceil_bps,
                         "bytes": sent.get(int(c.classid.split(":")[1], 16)),
@@ -463,12 +646,42 @@ def status(prefix: str) -> dict[str, Any] | None:
                 ],
             }
         )
-    return {"prefix": prefix, "status": state["status"], "plan": plan, "workers": workers}
+    routers = []
+    for r in plan.routers:
+        sent = {}
+        if r.netns in present and shutil.which("tc"):
+            sent = class_bytes(r.netns, ROUTER_WAN)
+        routers.append(
+            {
+                "site": r.site,
+                "netns": r.netns,
+                "present": r.netns in present,
+                "uplink_bps": r.uplink_bps,
+                "downlink_bps": r.downlink_bps,
+                "pipes": [
+                    {
+                        "site": c.site,
+                        "rate_bps": c.rate_bps,
+                        "ceil_bps": c.ceil_bps,
+                        "bytes": sent.get(int(c.classid.split(":")[1], 16)),
+                    }
+                    for c in r.pipes
+                ],
+            }
+        )
+    return {
+        "prefix": prefix,
+        "status": state["status"],
+        "plan": plan,
+        "workers": workers,
+        "routers": routers,
+    }
 
 
-def class_bytes(netns: str) -> dict[int, int]:
-    """Bytes sent so far per htb class (by minor number) on the worker's eth0."""
-    proc = _run(["tc", "-n", netns, "-s", "class", "show", "dev", WORKER_IFNAME])
+def class_bytes(netns: str, dev: str = WORKER_IFNAME) -> dict[int, int]:
+    """Bytes sent so far per htb class (by minor number) on `dev` in `netns` (default: a
+    worker's eth0)."""
+    proc = _run(["tc", "-n", netns, "-s", "class", "show", "dev", dev])
     return parse_class_bytes(proc.stdout) if proc.returncode == 0 else {}
 
 
@@ -488,6 +701,13 @@ def parse_class_bytes(text: str) -> dict[int, int]:
             out[minor] = int(m.group(1))
             minor = None
     return out
+
+
+def pipe_bytes(plan: Plan, site: str) -> dict[str, int]:
+    """Bytes site `site` has sent so far through its pipe to each other site."""
+    router = next(r for r in plan.routers if r.site == site)
+    sent = class_bytes(router.netns, ROUTER_WAN)
+    return {c.site: sent.get(int(c.classid.split(":")[1], 16), 0) for c in router.pipes}
 
 
 def peer_bytes(plan: Plan, rank: int) -> dict[int, int]:
@@ -536,7 +756,8 @@ def attach(cfg: ExperimentConfig, prefix: str) -> Attachment:
             f"({len(plan.workers)} workers, time_scale {plan.time_scale:g}); "
             f"`dlion netns down --prefix {prefix}` and `up` it with this config"
         )
-    missing = sorted({w.netns for w in plan.workers} - existing_namespaces())
+    ours = {w.netns for w in plan.workers} | {r.netns for r in plan.routers}
+    missing = sorted(ours - existing_namespaces())
     if missing:
         raise NetnsError(f"--netns: namespace {missing[0]} is gone; `down` and `up` again")
     return Attachment(plan)

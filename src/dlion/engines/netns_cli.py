@@ -44,7 +44,8 @@ def up(
         str, typer.Option(help="Private IPv4 subnet: workers .1.., the hub its last host.")
     ] = DEFAULT_SUBNET,
 ) -> None:
-    """Create a namespace per worker, a bridge, veths, and tc classes per link."""
+    """Create a namespace per worker behind a router namespace per site, and tc classes per
+    link and per shared site pipe."""
     from dlion.config import load_config
     from dlion.engines import netns
 
@@ -56,9 +57,19 @@ def up(
         f"{plan.time_scale:g}"
     )
     for w in plan.workers:
-        links = ", ".join(f"->{c.peer} {_mbit(c.ceil_bps)}" for c in w.classes)
+        links = ", ".join(
+            f"->{c.peer} " + (f"via {c.via}" if c.via else f"{_mbit(c.ceil_bps)} Mbit/s")
+            for c in w.classes
+        )
         console.print(
-            f"  {w.netns} {w.address}: NIC {_mbit(w.nic_bps)} Mbit/s; {links} Mbit/s",
+            f"  {w.netns} {w.address} ({w.site}): NIC {_mbit(w.nic_bps)} Mbit/s; {links}",
+            soft_wrap=True,
+        )
+    for r in plan.routers:
+        pipes = ", ".join(f"->{c.site} {_mbit(c.ceil_bps)} Mbit/s" for c in r.pipes)
+        console.print(
+            f"  {r.netns} router of {r.site}: uplink {_mbit(r.uplink_bps)}, downlink "
+            f"{_mbit(r.downlink_bps)} Mbit/s; shared pipes {pipes or 'none'}",
             soft_wrap=True,
         )
     console.print(
@@ -105,9 +116,21 @@ def status(
         )
         for w in st["workers"]:
             links = ", ".join(
-                f"->{c['peer']} {_mbit(c['ceil_bps'])} Mbit/s"
+                f"->{c['peer']} "
+                + (f"via {c['via']}" if c["via"] else f"{_mbit(c['ceil_bps'])} Mbit/s")
                 + ("" if c["bytes"] is None else f" ({c['bytes'] / 1e6:.2f} MB)")
                 for c in w["classes"]
             )
             state = "" if w["present"] else " (MISSING)"
             console.print(f"  {w['netns']}{state} {w['address']}: {links}", soft_wrap=True)
+        for r in st["routers"]:
+            pipes = ", ".join(
+                f"->{c['site']} {_mbit(c['ceil_bps'])} Mbit/s"
+                + ("" if c["bytes"] is None else f" ({c['bytes'] / 1e6:.2f} MB)")
+                for c in r["pipes"]
+            )
+            state = "" if r["present"] else " (MISSING)"
+            console.print(
+                f"  {r['netns']}{state} router of {r['site']}: {pipes or 'no pipes'}",
+                soft_wrap=True,
+            )

@@ -1,25 +1,39 @@
-"""Fluid network model for the sim: max-min fair sharing of links and NICs, on a virtual clock.
+"""Fluid network model for the sim: max-min fair sharing of links, site pipes and NICs, on a
+virtual clock.
 
-A transfer is a flow of bytes from one worker to another. Its rate is limited by its
-link's bandwidth (shared by every flow on that directed link) and, where configured, by
-the sender's NIC egress and the receiver's NIC ingress (shared by every flow through that
-NIC). Rates are the max-min fair allocation (progressive filling), recomputed whenever a
-flow starts or ends; a flow finishes when its bytes are through. Latency is added by the
-caller on delivery, so a lone message takes exactly latency + size / bandwidth.
+A transfer is a flow of bytes from one worker to another along its path
+(`Cluster.path`): its own link inside a site or on a per-pair entry; between sites the
+pipe from its site to the other (shared by every flow between the two sites, that
+direction), and the sites' WAN uplink / downlink where given; and, where configured, the
+sender's NIC egress and the receiver's NIC ingress. Every resource is shared by all flows
+through it. Rates are the max-min fair allocation (progressive filling), recomputed
+whenever a flow starts or ends; a flow finishes when its bytes are through. Latency is
+added by the caller on delivery, so a lone message takes exactly latency + size / the
+smallest capacity on its path.
+
+Example: workers 0, 1 in site a and 2, 3 in site b, a 1 MB/s pipe a -> b. Flows 0->2 and
+1->3 at once each get 0.5 MB/s; all four a -> b pairs at once, 0.25 MB/s each.
+
+`all_to_all_rates` is what strategies are told to expect (`ctx.bandwidth` seeds): each
+pair's max-min share when every worker sends to every other at once, the pattern of the
+decentralized strategies, over links and pipes (NICs left to the observed throughput).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
-from dlion.cluster import Cluster
+from dlion.cluster import Cluster, Resource
 
 # A flow with fewer bytes left than this is done: absorbs float rounding of rate * time.
 _DONE_BYTES = 1e-3
 # Relative slack below which a resource counts as saturated during progressive filling.
 _SATURATED = 1e-12
+
+R = TypeVar("R", bound=Hashable)
 
 
 @dataclass(eq=False)
@@ -28,7 +42,7 @@ class _Flow:
     dst: int
     remaining: float
     done: asyncio.Future[None]
-    resources: list[tuple[str, int, int]] = field(default_factory=list)
+    resources: tuple[Resource, ...] = ()
     rate: float = 0.0
 
 
@@ -42,28 +56,13 @@ class Network:
         self._dirty = False
         self.bytes_moved = 0.0
 
-    def _capacity(self, resource: tuple[str, int, int]) -> float:
-        kind, a, b = resource
-        if kind == "link":
-            return self._cluster.bandwidth(a, b, self._loop.time())
-        nic = self._cluster.workers[a].nic_bytes_per_s
-        return math.inf if nic is None else nic
-
-    def _resources(self, src: int, dst: int) -> list[tuple[str, int, int]]:
-        out = [("link", src, dst)]
-        if self._cluster.workers[src].nic_bytes_per_s is not None:
-            out.append(("out", src, 0))
-        if self._cluster.workers[dst].nic_bytes_per_s is not None:
-            out.append(("in", dst, 0))
-        return out
-
     async def transfer(self, src: int, dst: int, nbytes: int) -> float:
         """Carry `nbytes` from src to dst; returns the transmission time (latency excluded)."""
         start = self._loop.time()
         if nbytes <= 0:
             return 0.0
         flow = _Flow(src, dst, float(nbytes), self._loop.create_future())
-        flow.resources = self._resources(src, dst)
+        flow.resources = self._cluster.path(src, dst)
         self._progress()
         self._flows.append(flow)
         self._schedule_update()
@@ -121,35 +120,57 @@ class Network:
             self._timer = self._loop.call_later(soonest, self._update)
 
     def _assign_rates(self) -> None:
-        """Max-min fair rates by progressive filling: raise all unfrozen flows together until
-        a resource saturates, freeze the flows through it, repeat."""
-        remaining_cap: dict[tuple[str, int, int], float] = {}
-        users: dict[tuple[str, int, int], int] = {}
-        for f in self._flows:
-            f.rate = 0.0
-            for r in f.resources:
-                if r not in remaining_cap:
-                    remaining_cap[r] = self._capacity(r)
-                    users[r] = 0
-                users[r] += 1
-        active = list(self._flows)
-        while active:
-            share = min(remaining_cap[r] / n for r, n in users.items() if n > 0)
-            for f in active:
-                f.rate += share
-            for r, n in users.items():
-                if n > 0:
-                    remaining_cap[r] -= share * n
-            saturated = {
-                r
-                for r, n in users.items()
-                if n > 0 and remaining_cap[r] <= _SATURATED * self._capacity(r)
-            }
-            still_active = []
-            for f in active:
-                if any(r in saturated for r in f.resources):
-                    for r in f.resources:
-                        users[r] -= 1
-                else:
-                    still_active.append(f)
-            active = still_active
+        now = self._loop.time()
+        rates = max_min_rates(
+            [f.resources for f in self._flows],
+            lambda r: self._cluster.resource_capacity(r, now),
+        )
+        for f, rate in zip(self._flows, rates, strict=True):
+            f.rate = rate
+
+
+def max_min_rates(paths: Sequence[Sequence[R]], capacity: Callable[[R], float]) -> list[float]:
+    """Max-min fair rates of flows crossing `paths` (resources with `capacity`), by
+    progressive filling: raise all unfrozen flows together until a resource saturates,
+    freeze the flows through it, repeat. Deterministic: resources in first-seen order."""
+    remaining_cap: dict[R, float] = {}
+    full: dict[R, float] = {}
+    users: dict[R, int] = {}
+    for path in paths:
+        for r in path:
+            if r not in remaining_cap:
+                remaining_cap[r] = full[r] = capacity(r)
+                users[r] = 0
+            users[r] += 1
+    rates = [0.0] * len(paths)
+    active = [i for i, path in enumerate(paths) if path]
+    while active:
+        share = min(remaining_cap[r] / n for r, n in users.items() if n > 0)
+        for i in active:
+            rates[i] += share
+        for r, n in users.items():
+            if n > 0:
+                remaining_cap[r] -= share * n
+        saturated = {
+            r for r, n in users.items() if n > 0 and remaining_cap[r] <= _SATURATED * full[r]
+        }
+        still_active = []
+        for i in active:
+            if any(r in saturated for r in paths[i]):
+                for r in paths[i]:
+                    users[r] -= 1
+            else:
+                still_active.append(i)
+        active = still_active
+    return rates
+
+
+def all_to_all_rates(cluster: Cluster, t: float = 0.0) -> dict[tuple[int, int], float]:
+    """Bytes/s of each directed pair when every worker sends to every other at once, over
+    links and site pipes (NICs excluded): what a strategy can expect per flow."""
+    pairs = [(a, b) for a in range(cluster.size) for b in range(cluster.size) if a != b]
+    rates = max_min_rates(
+        [cluster.route(a, b) for a, b in pairs],
+        lambda r: cluster.resource_capacity(r, t),
+    )
+    return dict(zip(pairs, rates, strict=True))

@@ -38,7 +38,7 @@ from dlion.comm.messages import Message
 from dlion.config import ExperimentConfig, MembershipEvent, initially_absent
 from dlion.context import ComputeResult, WorkerContext
 from dlion.dynamics import membership_schedule
-from dlion.engines.network import Network
+from dlion.engines.network import Network, all_to_all_rates
 from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
@@ -83,7 +83,7 @@ class SimContext(WorkerContext):
             replica=replica,
             global_batch=engine.global_batch,
             recv_timeout=engine.cfg.engine.recv_timeout,
-            bandwidth_seed={p: cluster.bandwidth(rank, p, 0.0) for p in peers},
+            bandwidth_seed={p: engine.expected_rates[(rank, p)] for p in peers},
             latency={p: cluster.link(rank, p).latency for p in peers},
             bandwidth_ema=engine.cfg.engine.bandwidth_ema,
             header_bytes=engine.cfg.engine.header_bytes,
@@ -121,6 +121,8 @@ class _SimEngine:
         self.global_batch = cfg.train.batch_per_worker * self.cluster.size
         self.prep: Prepared = prepare(cfg, self.cluster.size)
         self.network = Network(loop, self.cluster)
+        # What each worker is told to expect per link (shared pipes split all-to-all).
+        self.expected_rates = all_to_all_rates(self.cluster)
         self.compute_wall_s = 0.0
         self.contexts = [
             SimContext(self, r, make_replica(cfg, self.prep, r)) for r in range(self.cluster.size)
