@@ -419,7 +419,10 @@ def test_a_nan_loss_is_a_runtime_failure_with_one_line(
     )
     assert main(["train", str(user_dir / "nan.yaml"), "--quiet", "--out", str(user_dir / "o")]) == 1
     err = capsys.readouterr().err.strip()
-    assert "train.loss: the loss function returned nan on the first batch" in err and len(err.splitlines()) == 1
+    assert (
+        "train.loss: the loss function returned nan on the first batch" in err
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_a_bad_model_file_is_refused(user_dir: Path) -> None:
