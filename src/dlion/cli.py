@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -333,6 +334,9 @@ def _quiet_after_interrupt() -> None:
     are noise under the one line that says what happened."""
     logging.getLogger("asyncio").disabled = True
     sys.unraisablehook = lambda _: None
+    # Coroutines created but never started when the signal landed ("coroutine ... was
+    # never awaited") warn at exit; that is unwinding, not a problem.
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
