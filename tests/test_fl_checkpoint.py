@@ -119,3 +119,15 @@ def test_cli_resume_refusal_is_one_line_exit_2(
     assert code == 2
     assert err.startswith("error: ") and "SHA-256 mismatch" in err and "\n" not in err
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("name", ["ca2fl", "fadas", "fedcompass", "fedpace"])
+def test_newer_algorithms_checkpoint_and_resume(tmp_path: Path, name: str) -> None:
+    cfg = tiny(checkpoint={"every_s": 2}, algorithm={"name": name, "options": {"k": 2}})
+    run_fl(cfg, out_dir=tmp_path, progress=False)
+    longer = with_fl_changes(cfg, ["train.max_time=12"])
+    restored = load_checkpoint(tmp_path, longer)
+    assert any(k.startswith("algo.") for k in restored.tensors)  # its state was saved
+    second = run_fl(longer, out_dir=tmp_path, progress=False, resume=tmp_path)
+    assert second.summary["resumed_from_s"] == 8 and second.summary["time_s"] == 12
+    assert torch.isfinite(second.model).all()

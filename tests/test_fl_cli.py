@@ -112,7 +112,7 @@ def test_bench_runs_an_fl_suite_and_reuses_finished_runs(
                 "variants": {"a0.5": ["data.alpha=0.5"], "a1": ["data.alpha=1.0"]},
                 "algorithms": [
                     {"label": "fedasync", "algorithm": "fedasync"},
-                    {"label": "fedasmu", "algorithm": "fedasmu"},
+                    {"label": "fedpace", "algorithm": "fedpace"},
                 ],
                 "seeds": 1,
                 "set": ["train.max_time=3"],
@@ -123,9 +123,9 @@ def test_bench_runs_an_fl_suite_and_reuses_finished_runs(
     assert main(["bench", str(suite), "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 2 * 2
-    assert {r["strategy"] for r in summary["runs"]} == {"fedasync", "fedasmu"}
+    assert {r["strategy"] for r in summary["runs"]} == {"fedasync", "fedpace"}
     report = (out / "report.md").read_text()
-    assert "| fedasync |" in report and "fedasmu vs each baseline" in report
+    assert "| fedasync |" in report and "fedpace vs each baseline" in report
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
     # A second bench finds every run finished and reruns nothing.
@@ -147,6 +147,11 @@ def test_fl_listings(capsys: pytest.CaptureFixture[str]) -> None:
         "fedasmu",
         "fedasmu-noserver",
         "fedasmu-nodevice",
+        "ca2fl",
+        "fedcompass",
+        "fadas",
+        "fedpace",
+        "fedpace-nopull",
     ):
         assert name in out
     assert main(["fl", "scenarios"]) == 0
@@ -158,5 +163,88 @@ def test_shipped_fl_suite_loads() -> None:
 
     assert is_fl_suite("fl") and not is_fl_suite("quick")
     suite = load_fl_suite("fl")
-    assert suite.seeds == 3 and len(suite.algorithms) == 6
+    assert suite.seeds == 3 and len(suite.algorithms) == 13
     assert suite.scenarios == ["fl-digits", "fl-mnist1d"]
+    # The same search for every method, on pilot seeds that are not bench seeds.
+    assert suite.search is not None and not set(suite.search.seeds) & set(range(suite.seeds))
+    searched = [a for a in suite.algorithms if a.grid]
+    assert {len(a.grid_points()) for a in searched} == {suite.search.points}
+    assert all(a.grid or a.tuned_as == "fedpace" for a in suite.algorithms)
+
+
+def test_bench_searches_every_grid_on_pilot_seeds_and_uses_the_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write(tmp_path)
+    raw: dict[str, object] = {
+        "kind": "fl",
+        "name": "mini",
+        "scenarios": [str(cfg)],
+        "search": {"seeds": [7], "settings": [str(cfg)], "points": 2},
+        "algorithms": [
+            {"label": "fedbuff", "algorithm": "fedbuff", "grid": {"server_lr": [0.01, 1.0]}},
+            {"label": "pace", "algorithm": "fedpace", "grid": {"k": [1, 2]}},
+            {"label": "pace-nopull", "algorithm": "fedpace-nopull", "tuned_as": "pace"},
+        ],
+        "seeds": 1,
+        "set": ["train.max_time=3"],
+    }
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "bench"
+    assert main(["bench", str(suite), "--out", str(out), "--quiet"]) == 0
+    search = json.loads((out / "search.json").read_text())
+    assert search["seeds"] == [7]
+    for label in ("fedbuff", "pace"):
+        points = search["algorithms"][label]["points"]
+        assert len(points) == 2
+        best = max(points, key=lambda p: p["acc"])
+        assert search["algorithms"][label]["chosen"] == best["options"]
+    # pilot runs use seed 7 only; the bench runs use the chosen options
+    pilots = [json.loads(p.read_text()) for p in (out / "search").rglob("summary.json")]
+    assert len(pilots) == 4 and {p["seed"] for p in pilots} == {7}
+    chosen_k = search["algorithms"]["pace"]["chosen"]["k"]
+    for label in ("pace", "pace-nopull"):
+        run_cfg = yaml.safe_load(
+            (
+                out / "runs" / next((out / "runs").iterdir()).name / label / "seed0" / "config.yaml"
+            ).read_text()
+        )
+        assert run_cfg["algorithm"]["options"]["k"] == chosen_k
+    assert "chosen hyperparameters" in (out / "report.md").read_text()
+    capsys.readouterr()
+    # A changed config is run again, never reused: the pilots' summaries are rewritten.
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "search").rglob("summary.json")}
+    suite.write_text(yaml.safe_dump({**raw, "set": ["train.max_time=2"]}))
+    assert main(["bench", str(suite), "--out", str(out), "--quiet"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in stamp.items())
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"search": {"seeds": [0], "settings": ["x"], "points": 2}}, "are bench seeds"),
+        ({"search": {"seeds": [9], "settings": ["x"], "points": 3}}, "every algorithm gets"),
+        ({"search": {"seeds": [9], "settings": ["nope"], "points": 2}}, "not in the suite"),
+        ({"search": None}, "needs a search section"),
+    ],
+)
+def test_unfair_or_bad_searches_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, object], message: str
+) -> None:
+    cfg = str(_write(tmp_path))
+    raw: dict[str, object] = {
+        "kind": "fl",
+        "name": "mini",
+        "scenarios": [cfg],
+        "algorithms": [{"label": "b", "algorithm": "fedbuff", "grid": {"k": [1, 2]}}],
+        "seeds": 1,
+    }
+    raw.update(change)
+    if isinstance(raw.get("search"), dict) and raw["search"]["settings"] == ["x"]:  # type: ignore[index]
+        raw["search"]["settings"] = [cfg]  # type: ignore[index]
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(raw))
+    assert main(["bench", str(suite), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert message in _one_error_line(capsys)

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from dlion.errors import ConfigError
-from dlion.fl import fedasmu, fedasync, fedavg, fedbuff
+from dlion.fl import ca2fl, fadas, fedasmu, fedasync, fedavg, fedbuff, fedcompass, fedpace
 from dlion.fl.base import Algorithm
 
 
@@ -43,12 +43,29 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
             fedasmu.FedASMU,
             {"device": False},
         ),
+        AlgorithmSpec("ca2fl", ca2fl.SUMMARY, ca2fl.Options, ca2fl.CA2FL),
+        AlgorithmSpec("fedcompass", fedcompass.SUMMARY, fedcompass.Options, fedcompass.FedCompass),
+        AlgorithmSpec("fadas", fadas.SUMMARY, fadas.Options, fadas.FADAS),
+        AlgorithmSpec("fedpace", fedpace.SUMMARY, fedpace.Options, fedpace.FedPace),
+        *(
+            AlgorithmSpec(
+                f"fedpace-{suffix}",
+                f"fedpace ablation: {what}",
+                fedpace.Options,
+                fedpace.FedPace,
+                fixed,
+            )
+            for suffix, what, fixed in fedpace.ABLATIONS
+        ),
     )
 }
 
 
-def build_algorithm(name: str, options: dict[str, Any], num_clients: int) -> Algorithm:
-    """The algorithm `name` with validated options; errors name the field."""
+def build_algorithm(
+    name: str, options: dict[str, Any], num_clients: int, concurrency: int = 1
+) -> Algorithm:
+    """The algorithm `name` with validated options; errors name the field. `concurrency`
+    (clients training at once) is the unit of FedPace's staleness in rounds."""
     if name not in ALGORITHMS:
         known = ", ".join(ALGORITHMS)
         raise ConfigError(f"algorithm.name: unknown FL algorithm {name!r} (choose from {known})")
@@ -65,4 +82,6 @@ def build_algorithm(name: str, options: dict[str, Any], num_clients: int) -> Alg
         loc = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"algorithm.options.{loc}: {msg} (algorithm {name})") from None
-    return spec.factory(parsed, num_clients)
+    algo = spec.factory(parsed, num_clients)
+    algo.concurrency = concurrency
+    return algo

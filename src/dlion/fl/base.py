@@ -4,7 +4,9 @@ An algorithm is one file with one `Algorithm` subclass. The server and client be
 (fl/roles.py) are written once and call the algorithm's hooks: `merge` for each upload
 (asynchronous algorithms) or `aggregate_round` for a round's uploads (synchronous ones),
 and, on the device, `pull_step` / `device_beta` for an algorithm that merges the fresh
-global model into a local model mid-training (FedASMU).
+global model into a local model mid-training (FedASMU). `task_meta` may set "steps" to
+choose a task's number of local steps (FedCompass, FedPace); `task_lost` tells an
+algorithm that a task ended without an upload (the client left or timed out).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ class Update:
     delta: torch.Tensor  # w_i - w_o (clipped if the norm screen says so)
     weights: torch.Tensor  # w_i = w_o + delta
     samples: int  # local training samples, for sample-weighted averaging
-    meta: dict[str, float]  # what the client reported (loss, whether it pulled mid-training)
+    meta: dict[str, float]  # what the client reported (loss, steps, train_s, pulled)
+    # Server clock from sending the task to receiving the upload (download + training +
+    # upload), measured by the server; 0 where unknown.
+    elapsed: float = 0.0
 
 
 class AggregationModeError(RuntimeError):
@@ -54,10 +59,19 @@ class Algorithm:
 
     name: ClassVar[str]
     synchronous: ClassVar[bool] = False
+    # Device pull: False mixes the fresh model into the local one (FedASMU); True moves
+    # the task's start point along with it, so the upload stays the local progress only.
+    rebase_on_pull: bool = False
+    # Clients add their step counts and training time to uploads (and the time left to a
+    # pull): extra meta bytes on the wire, so only for algorithms that read them.
+    reports_timing: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel, num_clients: int) -> None:
         self.options = options
         self.num_clients = num_clients
+        # Set by build_algorithm (clients.concurrency) and by the server (its clock).
+        self.concurrency = 1
+        self.clock: Callable[[], float] = lambda: 0.0
 
     # ---------------------------------------------------------------- server side
     def merge(self, state: ServerState, update: Update) -> str:
@@ -70,8 +84,20 @@ class Algorithm:
         raise AggregationModeError(f"{self.name} merges uploads one by one")
 
     def task_meta(self, client: int) -> dict[str, float]:
-        """Numbers sent with a task to client `client` (rank), e.g. its device parameters."""
+        """Numbers sent with a task to client `client` (rank), e.g. its device parameters;
+        "steps" sets the task's number of local steps."""
         return {}
+
+    def task_lost(self, client: int) -> None:
+        """The task of `client` ended without an upload (departure, timeout)."""
+        return
+
+    def answer_pull(
+        self, state: ServerState, client: int, version: int, meta: dict[str, float]
+    ) -> bool:
+        """Whether to answer a mid-task pull of `client` (task from `version`) with the
+        fresh model; `meta` is what the device sent with its pull."""
+        return state.version - version >= self.pull_min_advance()
 
     # ---------------------------------------------------------------- device side
     def pull_step(self, meta: dict[str, float], steps: int) -> int | None:

@@ -355,7 +355,9 @@ class FLProcess:
     async def _client_main(self) -> None:
         cfg = self.cfg
         self._stop_event = asyncio.Event()
-        algo = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count)
+        algo = build_algorithm(
+            cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
+        )
         task = asyncio.ensure_future(client(self.ctx, algo, cfg.local))
         stopper = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -369,7 +371,9 @@ class FLProcess:
         self._stop_event = asyncio.Event()
         assert self.ctx._replica is not None
         replica = self.ctx._replica
-        algo = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count)
+        algo = build_algorithm(
+            cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
+        )
         state = ServerState(replica.flat)
         probe_cache: dict[int, float] = {}
 

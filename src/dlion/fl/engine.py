@@ -288,7 +288,9 @@ def run_fl(
             "`dlion train --engine dist` (fl/dist.py)"
         )
     torch.set_num_threads(cfg.engine.threads)
-    algo = build_algorithm(cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count)
+    algo = build_algorithm(
+        cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
+    )
     restored = load_checkpoint(resume, cfg) if resume is not None else None
     t0 = restored.time if restored is not None else 0.0
     loop = VirtualTimeLoop()

@@ -37,6 +37,8 @@ TO_SERVER = "fl"
 TASK = "task"
 GLOBAL = "global"
 SERVER = 0  # the server's rank; clients are 1..N
+# A bound on the local steps a task may ask for (a server's "steps" is not trusted blindly).
+_MAX_TASK_STEPS = 10_000
 
 
 class ClientContext(WorkerContext):
@@ -147,6 +149,7 @@ class Server:
     ) -> None:
         self.ctx = ctx
         self.algo = algo
+        algo.clock = ctx.now  # algorithms that plan in time (FedCompass, FedPace) read it
         self.state = state
         self.cfg = cfg
         self.clients = clients
@@ -234,6 +237,7 @@ class Server:
             for client, task in list(self.tasks.items()):
                 if task.started + timeout <= now:
                     self._finish(client)
+                    self.algo.task_lost(client)
                     self.stats.timed_out += 1
                     self.ctx.record("task_timeout", client=client, phase="upload")
             return
@@ -253,12 +257,14 @@ class Server:
         if kind == "checkin":
             if src in self.tasks:  # reconnected: whatever it was doing is lost
                 self._finish(src)
+                self.algo.task_lost(src)
                 self.stats.abandoned += 1
             self.pool.add(src)
         elif kind == "left":
             self.pool.discard(src)
             if src in self.tasks:
                 self._finish(src)
+                self.algo.task_lost(src)
                 self.stats.abandoned += 1
                 self.ctx.record("client_left", client=src, phase="training or upload")
         elif kind == "pull":
@@ -266,7 +272,8 @@ class Server:
             task = self.tasks.get(src)
             if task is None:
                 return
-            if self.state.version - task.version >= self.algo.pull_min_advance():
+            meta = {k: v for k, v in msg.meta.items() if isinstance(v, float) and math.isfinite(v)}
+            if self.algo.answer_pull(self.state, src, task.version, meta):
                 self.stats.pulls_answered += 1
                 fresh = Dense(self.state.model.clone())
                 self._send_later(src, GLOBAL, fresh, {"version": float(self.state.version)})
@@ -312,6 +319,7 @@ class Server:
             weights=base + delta,
             samples=int(samples),
             meta=dict(msg.meta),
+            elapsed=self.ctx.now() - task.started,
         )
         if self._round is not None:
             self._round.append(update)
@@ -364,19 +372,28 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
     start = ctx.replica.params()
     n = ctx.num_samples
     batch = min(local.batch_size, n)
-    steps = max(1, math.ceil(local.epochs * n / batch))
+    default_steps = max(1, math.ceil(local.epochs * n / batch))
+    # The server may set the task's local work (FedCompass, FedPace); else one config's worth.
+    assigned = task.meta.get("steps", 0.0)
+    steps = min(int(assigned), _MAX_TASK_STEPS) if assigned >= 1 else default_steps
     pull_at = algo.pull_step(task.meta, steps)
     pulled = 0.0
+    pull_version = float(version)
     asked = False
     losses: list[float] = []
+    train_s = 0.0
     for step in range(steps):
         if step == pull_at:
             # Ask for the fresh global model and keep training while it downloads; it is
             # merged after the first local step that ends once it has arrived (the last
             # step included; an answer later than that is dropped with the session).
-            await ctx.send(SERVER, TO_SERVER, Control("pull"), {"version": float(version)})
+            pull_meta = {"version": float(version)}
+            if algo.reports_timing:
+                pull_meta["remaining_s"] = (steps - step) * train_s / step if step > 0 else 0.0
+            await ctx.send(SERVER, TO_SERVER, Control("pull"), pull_meta)
             asked = True
         result = await ctx.compute(batch)
+        train_s += result.seconds
         ctx.replica.apply(result.grad)
         losses.append(result.loss)
         ctx.iteration_done(result.loss)
@@ -384,7 +401,9 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
             reply = ctx.poll(SERVER, GLOBAL)
             if reply is not None:
                 asked = False
-                pulled = _merge_fresh(ctx, algo, task.meta, version, reply)
+                pulled = _merge_fresh(ctx, algo, task.meta, version, reply, start)
+                if pulled > 0:
+                    pull_version = reply.meta.get("version", float(version))
     delta = ctx.replica.flat - start
     # The model is freed before the upload: only the delta travels, and an idle client
     # holds nothing. An answer to a pull that came too late is dropped with the next task.
@@ -395,14 +414,26 @@ async def _train(ctx: ClientContext, algo: Algorithm, local: LocalConfig, task: 
         "samples": float(n),
         "loss": sum(losses) / len(losses),
     }
+    if algo.reports_timing:
+        meta["steps"] = float(steps)
+        meta["default_steps"] = float(default_steps)
+        meta["train_s"] = train_s
+        meta["pull_version"] = pull_version
     await ctx.send(SERVER, TO_SERVER, Dense(delta), {**meta, "pulled": pulled})
 
 
 def _merge_fresh(
-    ctx: ClientContext, algo: Algorithm, meta: dict[str, float], version: int, reply: Message
+    ctx: ClientContext,
+    algo: Algorithm,
+    meta: dict[str, float],
+    version: int,
+    reply: Message,
+    start: torch.Tensor,
 ) -> float:
     """Merge the fresh global model into the local one (FedASMU's adaptive local model
-    adjustment). Returns the weight beta used (0 if nothing was merged)."""
+    adjustment), or, for an algorithm that rebases, move the local model and the task's
+    start point by beta (w_fresh - start) so the upload stays the local progress alone.
+    Returns the weight beta used (0 if nothing was merged)."""
     if not isinstance(reply.payload, Dense):
         return 0.0  # Control("none"): the server has nothing new
     if tensor_problem(reply.payload, ctx.replica.numel) is not None:
@@ -410,5 +441,10 @@ def _merge_fresh(
     b = algo.device_beta(meta, int(reply.meta.get("version", version)), version)
     if b <= 0:
         return 0.0
+    if algo.rebase_on_pull:
+        shift = (reply.payload.values - start).mul_(b)
+        ctx.replica.flat.add_(shift)
+        start.add_(shift)
+        return b
     ctx.replica.flat.mul_(1 - b).add_(reply.payload.values, alpha=b)
     return b
