@@ -170,7 +170,7 @@ def run_fl_suite(
     n_seeds = seeds or suite.seeds
     total = len(names) * len(suite.variants) * len(chosen) * n_seeds
     out_dir.mkdir(parents=True, exist_ok=True)
-    tuned = _search(suite, chosen, out_dir, extra_set or [], progress)
+    tuned = _search(suite, chosen, out_dir, extra_set or [], progress, force)
     runs: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
     targets: dict[str, float] = {}
@@ -228,6 +228,7 @@ def _search(
     out_dir: Path,
     extra_set: list[str],
     progress: bool,
+    force: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """label -> the grid point with the best mean pilot accuracy (see the module doc)."""
     search = suite.search
@@ -260,7 +261,7 @@ def _search(
                     )
                     done += 1
                     desc = f"[search {done}/{total}] {key} {algo.label} {point} seed {seed}"
-                    summary, _ = _run_or_reuse(cfg, run_dir, algo.label, progress, desc)
+                    summary, _ = _run_or_reuse(cfg, run_dir, algo.label, progress, desc, force)
                     accs.append(float(summary["final_acc"]))
                     tta = summary["tta_s"]
                     ttas.append(float(tta) if tta is not None else float(summary["time_s"]))
