@@ -240,3 +240,21 @@ def test_signal_is_one_line_and_leaves_a_partial_summary(
     assert len(lines) == 1 and lines[0].startswith(f"interrupted ({sig.name})"), stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "partial" and sig.name in summary["partial_reason"]
+
+
+def test_a_single_output_file_is_replaced_only_with_force(tmp_path: Path) -> None:
+    from dlion.errors import BadInput
+    from dlion.outdir import check_output_file
+
+    target = tmp_path / "decisions.json"
+    check_output_file(target)  # new: fine, nothing created
+    assert not target.exists()
+    target.write_text("mine")
+    with pytest.raises(BadInput, match="exists; pass --force"):
+        check_output_file(target)
+    check_output_file(target, force=True)
+    with pytest.raises(BadInput, match="is a directory"):
+        check_output_file(tmp_path, force=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput, match="is a file, not a directory"):
+        check_output_file(tmp_path / "afile" / "out.json")

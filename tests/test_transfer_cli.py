@@ -153,3 +153,16 @@ def test_bench_writes_json_markdown_and_png(
     assert "| imu → audio | 0 (zero-label) |" in markdown
     assert "/2 seeds |" in markdown
     assert (out / "accuracy_vs_labels.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_generate_never_replaces_a_file_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "pairs.npz"
+    data.write_bytes(b"the user's own file")
+    assert main(["transfer", "generate", str(data), *_sets(FAST[:1])]) == 2
+    assert "exists; pass --force" in _one_error_line(capsys)
+    assert data.read_bytes() == b"the user's own file"
+    assert main(["transfer", "generate", str(data), *_sets(FAST[:1]), "--force"]) == 0
+    assert len(read_multimodal_npz(data, ("imu", "audio"), labels_required=True)) == 900
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind

@@ -277,3 +277,15 @@ def first_difference(a: Any, b: Any, path: str = "") -> str:
                 return found
         return ""
     return "" if a == b else path.lstrip(".") or "config"
+
+
+def check_output_file(path: Path, *, force: bool = False, option: str = "--out") -> None:
+    """The policy for a command that writes one file: an existing file is replaced only with
+    `force` (never a directory), and the file's directory must be usable; BadInput with one
+    line otherwise, before any work. Callers write the file atomically (write_json_atomic,
+    or a temporary file renamed over it)."""
+    if path.is_dir():
+        raise BadInput(f"{option} {path}: is a directory, not a file")
+    if path.exists() and not force:
+        raise BadInput(f"{option} {path}: exists; pass --force to replace it")
+    _check_usable(path.parent if str(path.parent) else Path("."), option)

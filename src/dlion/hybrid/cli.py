@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from dlion.errors import BadInput
-from dlion.outdir import default_dir, open_output
+from dlion.outdir import check_output_file, default_dir, open_output
 
 app = typer.Typer(
     help="Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
@@ -87,8 +87,12 @@ def eval_(
         str | None, typer.Option(help="Target coverages, e.g. 0.6,0.7,0.8,0.9 (config's if unset).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write eval.json and the PNG.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
-    """Accuracy, share sent to the cloud and expected latency per target coverage, on test."""
+    """Accuracy, share sent to the cloud and expected latency per target coverage, on test
+    (written into the run directory, or into a new --out directory)."""
     from dlion.hybrid.evaluate import evaluate
     from dlion.hybrid.inference import METHODS
     from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation, rich_table
@@ -97,11 +101,12 @@ def eval_(
     from dlion.report import write_json_atomic
 
     targets = parse_coverages(coverage) if coverage is not None else None
+    if out is not None and out.resolve() != run_dir.resolve():
+        output = open_output(out, command="hybrid-eval", force=force)
     run = load_run(run_dir)
     targets = targets or list(run.cfg.coverages)
     x_test, y_test = load_splits(run.cfg).test
     ev = evaluate(run, x_test, y_test, targets)
-    out_dir = out or run_dir
     title = f"{run.cfg.name} seed {run.cfg.seed}: {ev.n} test inputs"
     rows = eval_rows(ev, targets)
     console.print(rich_table(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
@@ -111,9 +116,15 @@ def eval_(
         f"{router_loss.coverage:.2f}, latency {1e3 * router_loss.latency_s:.2f} ms, "
         f"{router_loss.latency_reduction:.1%} below cloud-only"
     )
-    plot = plot_evaluation(ev, out_dir / "accuracy_vs_latency.png", title)
-    write_json_atomic(out_dir / "eval.json", ev.to_json())
-    console.print(f"wrote {out_dir / 'eval.json'} and {plot}")
+    if out is None or out.resolve() == run_dir.resolve():
+        plot = plot_evaluation(ev, run_dir / "accuracy_vs_latency.png", title)
+        write_json_atomic(run_dir / "eval.json", ev.to_json())
+        console.print(f"wrote {run_dir / 'eval.json'} and {plot}")
+        return
+    with output.writing() as work:
+        plot_evaluation(ev, work / "accuracy_vs_latency.png", title)
+        write_json_atomic(work / "eval.json", ev.to_json())
+    console.print(f"wrote {out / 'eval.json'} and {out / 'accuracy_vs_latency.png'}")
 
 
 @app.command()
@@ -126,8 +137,11 @@ def route(
         float | None, typer.Option(help="Target coverage in (0, 1] (router.default_coverage).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write per-input decisions as JSON.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Route new inputs: which stay on the edge, which go to the cloud, and the answers."""
+    if out is not None:
+        check_output_file(out, force=force)
     from dlion.hybrid.route import read_inputs
     from dlion.hybrid.route import route as route_inputs
     from dlion.hybrid.store import load_run

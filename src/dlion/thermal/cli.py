@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,6 +127,9 @@ def run(
         Path | None, typer.Option(help="Sparta's start table JSON (default: user cache).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write summary.json and a PNG here.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
+    ] = False,
 ) -> None:
     """Run COMMAND on this Linux machine under a policy (/sys/class/thermal + cpufreq)."""
     from dlion.config import apply_overrides
@@ -147,19 +151,22 @@ def run(
     policy_cfg = validate(PolicyConfig, raw, "--set")
     opts = policy_cfg.sparta
     table_path = table or (Path(opts.table_path) if opts.table_path else default_table_path())
-    outcome = run_command(
-        command,
-        policy=policy_cfg,
-        threshold_c=threshold,
-        ambient_c=ambient,
-        app=app_name or Path(command[0]).name,
-        profile=load_profile(profile),
-        root=root,
-        zone=zone,
-        interval_s=interval,
-        table=StartTable(table_path, opts.ambient_bucket_c) if policy == "sparta" else None,
-        out_dir=out,
-    )
+    # The policy for directories (never over the user's files); no --out: nothing written.
+    output = open_output(out, command="thermal-run", force=force) if out is not None else None
+    with output.writing() if output is not None else contextlib.nullcontext(None) as work:
+        outcome = run_command(
+            command,
+            policy=policy_cfg,
+            threshold_c=threshold,
+            ambient_c=ambient,
+            app=app_name or Path(command[0]).name,
+            profile=load_profile(profile),
+            root=root,
+            zone=zone,
+            interval_s=interval,
+            table=StartTable(table_path, opts.ambient_bucket_c) if policy == "sparta" else None,
+            out_dir=work,
+        )
     s = outcome.summary
     console.print(
         f"{s['app']} under {s['policy']}: exit {s['returncode']} after {s['time_s']:.1f} s, "

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from dlion.errors import BadInput
-from dlion.outdir import default_dir, open_output
+from dlion.outdir import check_output_file, default_dir, open_output
 
 app = typer.Typer(
     help="Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",
@@ -130,6 +130,7 @@ def generate(
         str, typer.Option(help="Config whose data.synthetic section and seed are used.")
     ] = "synthetic",
     set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT file.")] = False,
 ) -> None:
     """Write the synthetic multimodal set in the documented npz format."""
     from dlion.transfer.config import load_transfer_config
@@ -137,10 +138,12 @@ def generate(
 
     if out.suffix != ".npz":
         raise BadInput(f"{out}: the output file must end in .npz")
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory")
+    check_output_file(out, force=force, option="OUT")
     cfg = load_transfer_config(config, list(set_ or []))
     data = generate_synthetic(cfg.data.synthetic, cfg.seed)
-    write_multimodal_npz(out, data)
+    # Written beside and renamed over: an interrupted write never leaves half a file.
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    write_multimodal_npz(tmp, data)
+    tmp.replace(out)
     shapes = ", ".join(f"modality_{k} {tuple(v.shape)}" for k, v in data.modalities.items())
     console.print(f"wrote {out}: {shapes}, labels ({len(data)},), seed {cfg.seed}")
