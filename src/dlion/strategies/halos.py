@@ -28,9 +28,13 @@ Rule.
   with m = `merge` (0.75, the paper's). Updates that arrived during the round trip are
   kept and go with the next push; the LPS keeps serving its workers meanwhile.
 Constants: merge 0.75 is the paper's; lr and momentum of both servers, H and K are ours
-(the paper tunes them for its models) and are searched in the suite: defaults
-lr_L 0.7, mu_L 0.9 (DiLoCo's outer Nesterov), lr_G 0.7, mu_G 0.5, H 20, K 2. Batches: the
-global batch split equally over the live workers.
+(the paper tunes them for its models): defaults lr_L 0.5, mu_L 0.5, lr_G 1.0, mu_G 0 (no
+global momentum), H 20, K 2, from a short tuning on microcloud-hetero, digits, seed 0,
+6 simulated s: time to 94.5% 3.3 s; with no momentum anywhere and both lr 1.0, 5.5 s;
+DiLoCo's outer constants at the LPS (0.7, 0.9) with (0.7, 0.5) at the GPS oscillate and
+never reach it (final 66% after 10 s); (1.0, 0.5) at both, 86% after 6 s. The inner
+optimizer is the replica's (`train.optimizer`; SGD with momentum in those runs). Batches:
+the global batch split equally over the live workers.
 
 Buffers (BatchNorm running statistics and other float buffers): workers send theirs with
 each update, a server replaces its own by the mean of its own and the arriving ones, and
@@ -67,10 +71,10 @@ class Options(BaseModel):
 
     H: int = Field(20, ge=1, description="Local steps of the fastest worker per update.")
     K: int = Field(2, ge=1, description="Worker updates an LPS applies between two pushes.")
-    lps_lr: float = Field(0.7, gt=0, description="LPS delayed-Nesterov learning rate.")
-    lps_momentum: float = Field(0.9, ge=0, lt=1, description="LPS delayed-Nesterov momentum.")
-    gps_lr: float = Field(0.7, gt=0, description="GPS delayed-Nesterov learning rate.")
-    gps_momentum: float = Field(0.5, ge=0, lt=1, description="GPS delayed-Nesterov momentum.")
+    lps_lr: float = Field(0.5, gt=0, description="LPS delayed-Nesterov learning rate.")
+    lps_momentum: float = Field(0.5, ge=0, lt=1, description="LPS delayed-Nesterov momentum.")
+    gps_lr: float = Field(1.0, gt=0, description="GPS delayed-Nesterov learning rate.")
+    gps_momentum: float = Field(0.0, ge=0, lt=1, description="GPS delayed-Nesterov momentum.")
     merge: float = Field(
         0.75, ge=0, le=1, description="Weight of the global model in the LPS merge (paper)."
     )
