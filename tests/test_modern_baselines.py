@@ -3,12 +3,15 @@ Pure rules on hand-computed cases, then one exchange of each in the sim, by hand
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from dlion.bench import Suite, load_suite, run_suite
 from dlion.comm.codec import decode, encode, pack_codes, unpack_codes
 from dlion.comm.messages import Message, Quantized, quant_levels, tensor_problem
 from dlion.config import ExperimentConfig, MembershipEvent, with_membership
@@ -309,3 +312,43 @@ def test_halos_site_server_role_moves_when_its_holder_leaves() -> None:
     late = [p for p in result.points if p.t > 1.0]
     assert late[-1].iteration > late[0].iteration
     assert result.summary["final_acc"] >= 0.85
+
+
+# ------------------------------------------------------------------------------ suites
+
+
+def test_a_strategy_searches_its_own_grid_with_its_own_overrides(tmp_path: Path) -> None:
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(
+        "name: t\nscenarios: [homogeneous]\n"
+        "strategies:\n"
+        "  - {label: allreduce, strategy: allreduce}\n"
+        "  - label: diloco\n    strategy: diloco\n    set: [train.optimizer=adamw]\n"
+        "    grid: [{train.lr: 0.00001, strategy.options.H: 5}, "
+        "{train.lr: 0.01, strategy.options.H: 5}]\n"
+        "ideal: false\nset: [train.max_time=2.5]\n"
+        "lr_search: {scenario: homogeneous, grid: [0.01, 0.1]}\n"
+    )
+    _, _, chosen = run_suite(load_suite(str(suite_file)), tmp_path / "out", progress=False)
+    entry = chosen["default"]["diloco"]
+    assert list(entry["grid"]) == [
+        "train.lr=1e-05 strategy.options.H=5",
+        "train.lr=0.01 strategy.options.H=5",
+    ]
+    assert entry["lr"] == 0.01 and entry["set"] == ["train.lr=0.01", "strategy.options.H=5"]
+    assert set(chosen["default"]["allreduce"]["grid"]) == {"0.01", "0.1"}
+    saved = tmp_path / "out" / "runs" / "homogeneous" / "diloco" / "seed0" / "config.yaml"
+    text = saved.read_text()
+    assert "name: adamw" in text and "H: 5" in text and "lr: 0.01" in text
+
+
+def test_a_strategy_grid_must_have_the_same_budget() -> None:
+    raw = {
+        "name": "t",
+        "scenarios": ["homogeneous"],
+        "strategies": [{"label": "d", "strategy": "diloco", "grid": [{"train.lr": 0.01}]}],
+        "lr_search": {"grid": [0.01, 0.1]},
+    }
+    with pytest.raises(ValidationError, match="same search budget"):
+        Suite.model_validate(raw)
+    assert Suite.model_validate({**raw, "lr_search": {"grid": [0.1]}}).strategies[0].grid
