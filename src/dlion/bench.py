@@ -41,6 +41,18 @@ class SuiteStrategy(BaseModel):
     label: str = Field(description="Name in tables and plots.")
     strategy: str = Field(description="Registered strategy name.")
     options: dict[str, Any] = Field(default_factory=dict, description="strategy.options.")
+    set: list[str] = Field(
+        default_factory=list,
+        description="Overrides for this strategy's runs only (e.g. train.optimizer=adamw for "
+        "DiLoCo's inner optimizer), applied after the suite's.",
+    )
+    grid: list[dict[str, float | int | str]] | None = Field(
+        None,
+        description="This strategy's own search: candidate settings, each a mapping of "
+        "config paths to values (e.g. {train.lr: 0.003, strategy.options.H: 10}); as many "
+        "candidates as lr_search.grid has rates (the same budget for every strategy). "
+        "Default: lr_search.grid's learning rates.",
+    )
 
 
 class LrSearch(BaseModel):
@@ -77,6 +89,21 @@ class Suite(BaseModel):
     lr_search: LrSearch | None = Field(
         None, description="Tune train.lr per strategy and variant before the runs."
     )
+
+    @model_validator(mode="after")
+    def _same_search_budget(self) -> Suite:
+        for s in self.strategies:
+            if s.grid is None:
+                continue
+            if self.lr_search is None:
+                raise ValueError(f"strategies: {s.label} has a grid but the suite no lr_search")
+            if len(s.grid) != len(self.lr_search.grid) or not all(s.grid):
+                raise ValueError(
+                    f"strategies: {s.label}'s grid has {len(s.grid)} candidates, "
+                    f"lr_search.grid {len(self.lr_search.grid)}: every strategy gets the same "
+                    "search budget (and no candidate may be empty)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Suite:
@@ -181,7 +208,7 @@ def run_suite(
     curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
     for done, (key, variant, label, seed, run_cfg, run_dir) in enumerate(jobs, start=1):
         if label in chosen_lr.get(variant, {}):
-            run_cfg = with_changes(run_cfg, [f"train.lr={chosen_lr[variant][label]['lr']}"])
+            run_cfg = with_changes(run_cfg, chosen_lr[variant][label]["set"])
         summary, points = _run_or_reuse(
             run_cfg,
             run_dir,
@@ -214,7 +241,8 @@ def _plan(
     for s in chosen:
         raw = base.model_dump(mode="json")
         raw["strategy"] = {"name": s.strategy, "options": dict(s.options)}
-        plan.append((s.label, config_from_dict(raw, f"{suite.name}: {s.label}")))
+        cfg = config_from_dict(raw, f"{suite.name}: {s.label}")
+        plan.append((s.label, with_changes(cfg, s.set) if s.set else cfg))
     if with_ideal:
         plan.append((IDEAL, ideal_config(base)))
     return plan
@@ -263,41 +291,73 @@ def search_learning_rates(
     progress: bool,
     force: bool = False,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """{variant: {label: {"lr": chosen, "grid": {lr: [tta or None per seed]}}}}."""
+    """{variant: {label: {"lr": chosen rate, "set": chosen overrides, "grid": {candidate:
+    [tta or None per seed]}}}}. A candidate is a learning rate ("0.05") or, for a strategy
+    with its own grid, its overrides joined ("train.lr=0.003 strategy.options.H=10")."""
     search = suite.lr_search
     if search is None:
         return {}
+    grids = {s.label: s.grid for s in chosen}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for variant, variant_set in suite.variants.items():
         base = load_config(search.scenario, [*suite.set, *variant_set, *extra_set])
         for label, cfg in _plan(suite, base, chosen, with_ideal):
+            candidates = candidate_overrides(grids.get(label), search.grid)
             grid: dict[str, list[dict[str, Any]]] = {}
-            for lr in search.grid:
+            for key, overrides in candidates.items():
                 for seed in range(search.seeds):
-                    run_cfg = with_changes(cfg, [f"train.lr={lr}", f"train.seed={seed}"])
-                    run_dir = out_dir / "lr-search" / variant / label / f"lr{lr}" / f"seed{seed}"
-                    desc = f"lr search {variant} {label} lr={lr} seed {seed}"
+                    run_cfg = with_changes(cfg, [*overrides, f"train.seed={seed}"])
+                    # Run directories: lr<rate> (as earlier benches named them), c<i> otherwise.
+                    name = (
+                        f"lr{key}"
+                        if grids.get(label) is None
+                        else f"c{list(candidates).index(key)}"
+                    )
+                    run_dir = out_dir / "lr-search" / variant / label / name / f"seed{seed}"
+                    desc = f"search {variant} {label} {key} seed {seed}"
                     summary, _ = _run_or_reuse(run_cfg, run_dir, label, progress, desc, force)
-                    grid.setdefault(str(lr), []).append(summary)
+                    grid.setdefault(key, []).append(summary)
+            best = pick_best(grid)
+            chosen_cfg = with_changes(cfg, candidates[best])
             out.setdefault(variant, {})[label] = {
-                "lr": pick_learning_rate(grid),
-                "grid": {lr: [r["tta_s"] for r in rs] for lr, rs in grid.items()},
+                "lr": chosen_cfg.train.lr,
+                "set": candidates[best],
+                "grid": {key: [r["tta_s"] for r in rs] for key, rs in grid.items()},
             }
     return out
 
 
+def candidate_overrides(
+    grid: list[dict[str, float | int | str]] | None, rates: list[float]
+) -> dict[str, list[str]]:
+    """The search candidates as {key: --set overrides}: the strategy's own grid, or the
+    suite's learning rates (keys "0.05")."""
+    if grid is None:
+        return {str(lr): [f"train.lr={lr}"] for lr in rates}
+    out = {}
+    for candidate in grid:
+        overrides = [f"{path}={value}" for path, value in candidate.items()]
+        out[" ".join(overrides)] = overrides
+    return out
+
+
 def pick_learning_rate(grid: dict[str, list[dict[str, Any]]]) -> float:
-    """Lowest mean TTA among the rates every seed reached the target with; if none did,
-    the highest mean final accuracy. Ties go to the first rate in the grid."""
+    """`pick_best` over a grid keyed by learning rate."""
+    return float(pick_best(grid))
+
+
+def pick_best(grid: dict[str, list[dict[str, Any]]]) -> str:
+    """Lowest mean TTA among the candidates every seed reached the target with; if none
+    did, the highest mean final accuracy. Ties go to the first candidate in the grid."""
     reached = {
         lr: sum(r["tta_s"] for r in runs) / len(runs)
         for lr, runs in grid.items()
         if all(r["tta_s"] is not None for r in runs)
     }
     if reached:
-        return float(min(reached, key=lambda lr: reached[lr]))
+        return min(reached, key=lambda lr: reached[lr])
     final = {lr: sum(r["final_acc"] for r in runs) / len(runs) for lr, runs in grid.items()}
-    return float(max(final, key=lambda lr: final[lr]))
+    return max(final, key=lambda lr: final[lr])
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -345,14 +405,15 @@ def lr_notes(suite: Suite, lr_search: dict[str, Any]) -> str:
     """The learning-rate search as markdown: the grid, each rate's TTA, the choice."""
     search = suite.lr_search
     where = f" on {search.scenario}, {search.seeds} seed(s)" if search is not None else ""
-    lines = [f"Learning-rate search{where} (TTA per seed in simulated s; - = not reached):"]
+    lines = [f"Hyperparameter search{where} (TTA per seed in simulated s; - = not reached):"]
     for variant, by_label in lr_search.items():
         for label, entry in by_label.items():
             tried = ", ".join(
-                f"{lr}: " + "/".join("-" if t is None else f"{t:.1f}" for t in ttas)
-                for lr, ttas in entry["grid"].items()
+                f"{key}: " + "/".join("-" if t is None else f"{t:.1f}" for t in ttas)
+                for key, ttas in entry["grid"].items()
             )
-            lines.append(f"- {variant} {label}: chose lr={entry['lr']} ({tried})")
+            choice = " ".join(entry.get("set", [])) or f"train.lr={entry['lr']}"
+            lines.append(f"- {variant} {label}: chose {choice} ({tried})")
     return "\n".join(lines)
 
 

@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from dlion.comm.messages import Control, Dense, Message, Payload, Scalar, Sparse
+from dlion.comm.messages import (
+    QUANT_BITS,
+    Control,
+    Dense,
+    Message,
+    Payload,
+    Quantized,
+    Scalar,
+    Sparse,
+)
 
 MAX_HEADER_BYTES = 64 * 1024
 _LEN = struct.Struct(">I")
@@ -26,6 +35,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "int32": torch.int32,
     "int64": torch.int64,
+    "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -45,6 +55,16 @@ def encode(msg: Message) -> bytes:
     elif isinstance(payload, Sparse):
         body = {"kind": "sparse", "numel": payload.numel}
         tensors = [payload.indices.to(torch.int32), payload.values]
+    elif isinstance(payload, Quantized):
+        body = {
+            "kind": "quantized",
+            "numel": payload.numel,
+            "bits": payload.bits,
+            "group": payload.group,
+            "count": payload.codes.numel(),
+        }
+        packed = pack_codes(payload.codes, payload.bits)
+        tensors = [payload.indices.to(torch.int32), packed, payload.scales]
     elif isinstance(payload, Scalar):
         body = {"kind": "scalar", "value": payload.value}
     else:
@@ -114,6 +134,15 @@ def _payload(body: dict[str, Any], tensors: list[torch.Tensor]) -> Payload:
             return Dense(tensors[0])
         if kind == "sparse" and len(tensors) == 2:
             return Sparse(tensors[0].to(torch.int64), tensors[1], int(body["numel"]))
+        if kind == "quantized" and len(tensors) == 3:
+            bits, count = int(body["bits"]), int(body["count"])
+            if bits not in QUANT_BITS or not 0 <= count <= tensors[1].numel() * (8 // bits):
+                raise ValueError(f"bits={bits}, count={count}")
+            codes = unpack_codes(tensors[1].to(torch.uint8), bits, count)
+            indices = tensors[0].to(torch.int64)
+            return Quantized(
+                indices, codes, tensors[2], int(body["numel"]), bits, int(body["group"])
+            )
         if kind == "scalar" and not tensors:
             return Scalar(float(body["value"]))
         if kind == "control" and not tensors:
@@ -132,3 +161,20 @@ def decode_from(
     if msg.src != peer or msg.dst != me:
         raise BadFrame(f"frame claims {msg.src}->{msg.dst}")
     return msg
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of `bits` bits each -> bytes holding 8 // bits codes, lowest bits first."""
+    per = 8 // bits
+    padded = torch.zeros(-(-codes.numel() // per) * per, dtype=torch.int32)
+    padded[: codes.numel()] = codes.to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (padded.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first `count` codes."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).view(-1, 1) >> shifts) & (2**bits - 1)
+    return codes.reshape(-1)[:count].to(torch.uint8)

@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from dlion.comm.messages import Dense, Message
+from dlion.comm.messages import Dense, Message, Payload
 from dlion.context import WorkerContext
 
 
@@ -68,6 +68,39 @@ async def ring_allreduce(
             ctx, right, left, f"{tag}/ag{step}", chunks[send_i], chunks[recv_i].numel(), epoch
         )
     return torch.cat(chunks)
+
+
+async def ring_allgather(
+    ctx: WorkerContext,
+    payload: Payload,
+    meta: dict[str, float],
+    tag: str,
+    *,
+    ranks: list[int],
+    epoch: int | None = None,
+    numel: int | None = None,
+) -> dict[int, tuple[Payload, dict[str, float]]]:
+    """Every member's (payload, meta), by rank, with the ring algorithm: N-1 steps, in
+    each one payload to the right neighbour, which relays it unchanged in the next step
+    (compressed payloads are never re-encoded, so every member holds the same bytes).
+    Each link carries N-1 payloads. With `epoch`, a membership change during the
+    collective raises CollectiveFailed at every member at once, as in `ring_allreduce`."""
+    ranks = sorted(ranks)
+    n = len(ranks)
+    pos = ranks.index(ctx.rank)
+    right, left = ranks[(pos + 1) % n], ranks[(pos - 1) % n]
+    out: dict[int, tuple[Payload, dict[str, float]]] = {ctx.rank: (payload, dict(meta))}
+    for step in range(n - 1):
+        origin = ranks[(pos - step) % n]
+        send_payload, send_meta = out[origin]
+        _, got = await asyncio.gather(
+            ctx.send(right, f"{tag}/{step}", send_payload, send_meta),
+            ctx.recv(left, f"{tag}/{step}", numel=numel, epoch=epoch),
+        )
+        if not isinstance(got, Message):
+            raise CollectiveFailed(f"ring all-gather step {tag}/{step}: {got}")
+        out[ranks[(pos - step - 1) % n]] = (got.payload, got.meta)
+    return out
 
 
 def longest_member(ctx: WorkerContext) -> int:

@@ -45,6 +45,46 @@ class Sparse:
         return out
 
 
+QUANT_BITS = (1, 2, 4, 8)  # value widths a Quantized payload may use (they pack into bytes)
+
+
+def quant_levels(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The value of each code in units of its scale: 2**bits levels spread uniformly over
+    [-1, 1] (2 bits: -1, -1/3, 1/3, 1)."""
+    return codes.to(torch.float32) * (2.0 / (2**bits - 1)) - 1.0
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Selected entries of a flat tensor of length `numel`, each value in `bits` bits.
+
+    Entry j is `indices[j]` with value `scales[j // group] * quant_levels(codes[j])`: one
+    float32 scale per `group` consecutive values (a chunk of a chunked top-k). On the
+    wire: int32 indices, the codes packed `bits` to a value, float32 scales."""
+
+    indices: torch.Tensor  # int64 in memory, int32 on the wire
+    codes: torch.Tensor  # uint8 in memory, one per value; packed on the wire
+    scales: torch.Tensor  # float32, ceil(len(codes) / group) of them
+    numel: int
+    bits: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        n = self.codes.numel()
+        return n * INDEX_BYTES + math.ceil(n * self.bits / 8) + self.scales.numel() * VALUE_BYTES
+
+    def values(self) -> torch.Tensor:
+        n = self.codes.numel()
+        scale = self.scales.repeat_interleave(self.group)[:n] if n else self.scales[:0]
+        return scale * quant_levels(self.codes, self.bits)
+
+    def to_dense(self, numel: int) -> torch.Tensor:
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[self.indices] = self.values()
+        return out
+
+
 @dataclass(frozen=True)
 class Scalar:
     value: float
@@ -66,7 +106,7 @@ class Control:
         return 16 + 8 * len(self.data)
 
 
-Payload = Dense | Sparse | Scalar | Control
+Payload = Dense | Sparse | Quantized | Scalar | Control
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,8 @@ def tensor_problem(payload: Payload, numel: int | None) -> str | None:
         idx = payload.indices
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
             return "sparse tensor index out of range"
+    elif isinstance(payload, Quantized):
+        return _quantized_problem(payload, numel)
     else:
         return None
     if values.dtype != torch.float32:
@@ -132,5 +174,26 @@ def tensor_problem(payload: Payload, numel: int | None) -> str | None:
     # A sum with any NaN or Inf in it is never finite, so one reduction usually settles it;
     # only a sum that overflowed needs the element-wise check.
     if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+        return "tensor contains NaN or Inf"
+    return None
+
+
+def _quantized_problem(payload: Quantized, numel: int | None) -> str | None:
+    n = payload.codes.numel()
+    if numel is not None and payload.numel != numel:
+        return f"quantized tensor of length {payload.numel}, expected {numel}"
+    if payload.bits not in QUANT_BITS or payload.group < 1:
+        return f"quantized tensor with bits={payload.bits}, group={payload.group}"
+    if payload.indices.numel() != n or payload.scales.numel() != math.ceil(n / payload.group):
+        return "quantized tensor has inconsistent index, code and scale counts"
+    idx = payload.indices
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
+        return "quantized tensor index out of range"
+    if payload.codes.dtype != torch.uint8 or (n and int(payload.codes.max()) >= 2**payload.bits):
+        return f"quantized codes are not {payload.bits}-bit"
+    scales = payload.scales
+    if scales.dtype != torch.float32:
+        return f"tensor dtype {scales.dtype}, expected torch.float32"
+    if scales.numel() and not bool(torch.isfinite(scales).all()):
         return "tensor contains NaN or Inf"
     return None

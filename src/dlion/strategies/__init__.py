@@ -20,7 +20,19 @@ from pydantic import BaseModel, ValidationError
 
 from dlion.context import WorkerContext
 from dlion.errors import ConfigError
-from dlion.strategies import adpsgd, ako, allreduce, dlion, gaia, hop, ps
+from dlion.strategies import (
+    adpsgd,
+    ako,
+    allreduce,
+    diloco,
+    dlion,
+    gaia,
+    halos,
+    hop,
+    ps,
+    sparseloco,
+    streaming_diloco,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,15 @@ REGISTRY: dict[str, StrategySpec] = {
         StrategySpec("ps-bsp", ps.BSP_SUMMARY, ps.Options, ps.bsp_worker),
         StrategySpec("ps-asp", ps.ASP_SUMMARY, ps.AspOptions, ps.asp_worker),
         StrategySpec("adpsgd", adpsgd.SUMMARY, adpsgd.Options, adpsgd.worker),
+        StrategySpec("diloco", diloco.SUMMARY, diloco.Options, diloco.worker),
+        StrategySpec(
+            "streaming-diloco",
+            streaming_diloco.SUMMARY,
+            streaming_diloco.Options,
+            streaming_diloco.worker,
+        ),
+        StrategySpec("halos", halos.SUMMARY, halos.Options, halos.worker),
+        StrategySpec("sparseloco", sparseloco.SUMMARY, sparseloco.Options, sparseloco.worker),
     )
 }
 
