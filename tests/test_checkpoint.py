@@ -29,7 +29,7 @@ from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.engines.sim_checkpoint import checkpoint_root, experiment_hash
 from dlion.replica import Replica
-from dlion.strategies.dlion import LinkResidual
+from dlion.strategies.dlion_hpdc21 import LinkResidual
 from helpers import small_config
 
 H = "0" * 64

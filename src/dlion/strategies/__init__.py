@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from dlion.context import WorkerContext
 from dlion.errors import ConfigError
-from dlion.strategies import adpsgd, ako, allreduce, dlion, gaia, hop, ps
+from dlion.strategies import adpsgd, ako, allreduce, dlion, dlion_hpdc21, gaia, hop, ps
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ REGISTRY: dict[str, StrategySpec] = {
     for spec in (
         StrategySpec("allreduce", allreduce.SUMMARY, allreduce.Options, allreduce.worker),
         StrategySpec("dlion", dlion.SUMMARY, dlion.Options, dlion.worker),
+        StrategySpec(
+            "dlion-hpdc21", dlion_hpdc21.SUMMARY, dlion_hpdc21.Options, dlion_hpdc21.worker
+        ),
         StrategySpec("gaia", gaia.SUMMARY, gaia.Options, gaia.worker),
         StrategySpec("ako", ako.SUMMARY, ako.Options, ako.worker),
         StrategySpec("hop", hop.SUMMARY, hop.Options, hop.worker),
