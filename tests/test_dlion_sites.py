@@ -19,6 +19,7 @@ from dlion.strategies.dlion import (
     knowledge_meta,
     read_knowledge,
     site_groups,
+    site_iteration_times,
     site_leader,
     site_losses,
 )
@@ -194,11 +195,19 @@ def test_lockstep_sites_wait_for_each_other() -> None:
     """max_delay 1: a leader at iteration t holds every remote site's update of t - 1, so
     the sites' iteration counts never drift apart by more than that."""
     result = run_sim(_three_sites(max_delay=1), progress=False)
-    free = run_sim(_three_sites(), progress=False)
+    free = run_sim(_three_sites(lockstep_slack=None), progress=False)
     assert result.summary["final_acc"] >= 0.85
     assert not [e for e in result.events if e["event"] == "remote_wait_timeout"]
     # Waiting costs time: fewer iterations in the same second than the overlapped default.
     assert result.summary["iterations"] < free.summary["iterations"]
+
+
+def test_site_iteration_times_follow_measured_speeds() -> None:
+    groups = {"a": [0, 1], "b": [2, 3], "c": [4]}
+    known = {0: (400.0, 1.0), 1: (400.0, 1.0), 2: (100.0, 1.0), 3: (100.0, 1.0)}
+    # G = 50 over 5 workers: a's share is 20 samples at 800 samples/s, b's 20 at 200.
+    times = site_iteration_times(groups, known, 50, 5)
+    assert times == {"a": pytest.approx(0.025), "b": pytest.approx(0.1), "c": None}
 
 
 def test_a_departed_leader_hands_the_role_to_the_next_member() -> None:

@@ -23,13 +23,18 @@ Rules, per iteration t of worker i in site s:
   site's last iteration time (compute + all-reduce). The pump sends when its previous
   message has left, so the pipe is always busy but never queues, and a slower pipe (or a
   bandwidth drop) gets smaller or rarer updates, never a backlog.
-- Overlap (`max_delay: null`, the default): nobody waits on the WAN. The leader adds
+- Overlap with the slower sites, lock-step with the equal-paced ones (the default,
+  `max_delay: null`, `lockstep_slack: 0.25`): a leader never waits on a remote site whose
+  iteration time, from the measured speeds, exceeds (1 + slack) x its own; it adds
   whatever remote updates have arrived to its own contribution to the next all-reduce, so
-  the whole site applies them together. With `max_delay: d` a leader at iteration t first
-  waits (bounded by the receive timeout) until it holds every remote site's update of
-  iteration t - d or later; d = 1 is lock-step sites with one iteration of pipelining, and
-  the message budget then also leaves the pipe's latency out of the iteration time (as
-  dlion-hpdc21's does).
+  the whole site applies them together. From every other site (equal pace or faster) it
+  first takes the update of iteration t - 1 (one iteration of pipelining; waiting on a
+  site that keeps up costs at most the slack), and that pipe's message budget leaves its
+  latency out of the iteration time. Why: late full-weight updates between sites of equal
+  pace go through momentum and oscillate (network-hetero never reached the target with
+  overlap everywhere; RESULTS.md section 14), while a slower site's updates are few and
+  its own gradient dominates. `lockstep_slack: null` overlaps everywhere; `max_delay: d`
+  makes every leader wait for every remote site's update of t - d (1: lock-step sites).
 - DKT across sites: every `dkt_every` iterations each leader compares site losses (mean
   loss EMA of a site's members, from the numbers it holds); the leader of the best site
   sends its model to the leaders of sites worse by more than `dkt_margin`. A leader that
@@ -95,6 +100,15 @@ class Options(BaseModel):
         "per site and every site's gradient delivered (error feedback), merging half of the "
         "best site's model measured 12-18% slower, IID and non-IID (RESULTS.md section 14).",
     )
+    lockstep_slack: float | None = Field(
+        0.25,
+        ge=0,
+        description="With max_delay unset: a site leader waits for (lock-step, one iteration "
+        "of pipelining) every remote site whose iteration time, from the measured speeds, is "
+        "at most (1 + slack) x its own, so waiting costs at most that share; slower sites "
+        "stay overlapped. Late full-weight updates between equal-paced sites otherwise "
+        "oscillate through momentum (RESULTS.md section 14). None: always overlap.",
+    )
     max_delay: int | None = Field(
         None,
         ge=1,
@@ -136,6 +150,25 @@ class Options(BaseModel):
 
 
 # ------------------------------------------------------------------ pure functions (tested)
+
+
+def site_iteration_times(
+    groups: dict[str, list[int]],
+    known: dict[int, tuple[float, float]],
+    global_batch: int,
+    n: int,
+) -> dict[str, float | None]:
+    """Each site's compute time per iteration from measured speeds: its share of the global
+    batch (its share of the workers) over its members' summed samples per second; None for a
+    site with a member whose speed is not known yet."""
+    out: dict[str, float | None] = {}
+    for site, members in groups.items():
+        speeds = [known[r][0] for r in members if r in known]
+        if len(speeds) < len(members) or sum(speeds) <= 0:
+            out[site] = None
+        else:
+            out[site] = global_batch * len(members) / n / sum(speeds)
+    return out
 
 
 def site_groups(ranks: Sequence[int], site_of: Callable[[int], str]) -> dict[str, list[int]]:
@@ -224,6 +257,7 @@ class _Pipe:
         self.fresh = asyncio.Event()  # a new site sum was added since the last send
         self.dst: int | None = None  # the remote site's leader, as this worker sees it
         self.budget_s = 0.0  # time budget of the next message
+        self.lockstep = False  # the leader waits for this pipe's updates (budget net of latency)
         self.meta: dict[str, float] = {}  # iteration and the site's speeds and losses
         self.task: asyncio.Task[None] | None = None
 
@@ -238,13 +272,13 @@ async def _pump(ctx: WorkerContext, pipe: _Pipe, opt: Options) -> None:
         if dst is None:
             continue
         if opt.pge:
-            latency = ctx.latency(dst) if opt.max_delay is not None else 0.0
+            latency = ctx.latency(dst) if pipe.lockstep else 0.0
             k = link_budget_entries(
                 ctx.bandwidth(dst),
                 latency,
                 pipe.budget_s,
                 ctx.header_bytes,
-                opt.min_link_fraction if opt.max_delay is not None else 0.0,
+                opt.min_link_fraction if pipe.lockstep else 0.0,
             )
         else:
             k = pipe.residual.residual.numel()
@@ -332,10 +366,20 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         # Remote updates and knowledge transfers: the leader takes them, others forward.
         remote = torch.zeros(numel)
         delta: torch.Tensor | None = None
-        if is_leader and opt.max_delay is not None:
-            need = t - opt.max_delay
+        if is_leader:
             for s in groups:
-                while s != my_site and latest.get(s, -1) < need:
+                delay = opt.max_delay
+                if delay is None and opt.lockstep_slack is not None and s != my_site:
+                    paces = site_iteration_times(groups, known, G, len(ranks))
+                    if paces.get(s) is not None and paces.get(my_site) is not None:
+                        slow = paces[s] > (1 + opt.lockstep_slack) * paces[my_site]
+                        delay = None if slow else 1
+                if s in pipes:
+                    pipes[s].lockstep = delay is not None
+                if s == my_site or delay is None:
+                    continue
+                need = t - delay
+                while latest.get(s, -1) < need:
                     msg = await ctx.recv(None, REMOTE_TAG, numel=numel)
                     if not isinstance(msg, Message):
                         ctx.record("remote_wait_timeout", site=s, iteration=t, why=repr(msg))
