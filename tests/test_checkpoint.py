@@ -29,7 +29,7 @@ from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.engines.sim_checkpoint import checkpoint_root, experiment_hash
 from dlion.replica import Replica
-from dlion.strategies.dlion import LinkResidual
+from dlion.strategies.dlion_hpdc21 import LinkResidual
 from helpers import small_config
 
 H = "0" * 64
@@ -229,6 +229,7 @@ def _interrupted(cfg: ExperimentConfig, out: Path, stop_at: float = 0.2) -> None
     [
         ("allreduce", None),
         ("dlion", CHURN),
+        ("dlion-hpdc21", CHURN),
         pytest.param("ako", CHURN, marks=pytest.mark.slow),
         pytest.param("adpsgd", CHURN, marks=pytest.mark.slow),
     ],
@@ -245,7 +246,7 @@ def test_resumed_sim_run_equals_uninterrupted(
     assert _summary(part) == _summary(full)
     assert resumed.points[-1].t == pytest.approx(0.4)
     kept = load_latest(checkpoint_root(part), experiment_hash(cfg)).tensors
-    if strategy == "dlion":  # strategy state kept with ctx.keep_state travels along
+    if strategy == "dlion-hpdc21":  # strategy state kept with ctx.keep_state travels along
         assert kept["rank0.strategy.residual.1"].shape == kept["rank0.params"].shape
     if dynamics:
         changes = [m["event"] for m in resumed.summary["membership"]]

@@ -1,4 +1,5 @@
-"""DLion's rules (PAPERS.md section 1): WDB, PGE conservation and budgets, DKT, replicas."""
+"""DLion as published (`dlion-hpdc21`, PAPERS.md section 1): WDB, PGE conservation and budgets,
+DKT, replicas. The default `dlion` (site hierarchy) is pinned in test_dlion_sites.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from dlion.comm.messages import INDEX_BYTES, VALUE_BYTES, Dense, Sparse
 from dlion.config import load_config
 from dlion.engines.sim import run_sim
-from dlion.strategies.dlion import (
+from dlion.strategies.dlion_hpdc21 import (
     LinkResidual,
     dkt_merge,
     dkt_plan,
@@ -48,7 +49,10 @@ def test_wdb_respects_b_max_and_rejects_impossible_bounds() -> None:
 
 
 def test_wdb_in_sim_balances_batches_to_measured_speed() -> None:
-    cfg = load_config("microcloud-hetero", ["train.max_time=0.3", "strategy.options.dkt=false"])
+    cfg = load_config(
+        "microcloud-hetero",
+        ["train.max_time=0.3", "strategy.name=dlion-hpdc21", "strategy.options.dkt=false"],
+    )
     result = run_sim(cfg, progress=False)
     wdb = [e for e in result.events if e["event"] == "wdb"]
     assert wdb, "DLion never re-balanced its batches"
@@ -117,6 +121,7 @@ def test_pge_messages_fit_the_link_time_budget_in_sim() -> None:
         workers=[{"site": "a", "capacity_gflops": 0.05}, {"site": "b", "capacity_gflops": 0.05}],
         sites=[{"name": "a"}, {"name": "b"}],
         links=[{"sites": ["a", "b"], "bandwidth_mbps": 2.0, "latency_ms": 3.0}],
+        strategy="dlion-hpdc21",
         options={"dkt": False, "wdb": False},
         train={"max_time": 1.0},
     )
@@ -149,7 +154,7 @@ def test_dkt_plan_picks_lowest_loss_and_worse_receivers() -> None:
 
 
 def test_dkt_transfers_happen_and_are_charged_to_the_network() -> None:
-    base = ["train.max_time=1.5", "strategy.options.wdb=false"]
+    base = ["train.max_time=1.5", "strategy.name=dlion-hpdc21", "strategy.options.wdb=false"]
     on = run_sim(
         load_config("microcloud-hetero", [*base, "strategy.options.dkt_every=5"]), progress=False
     )
@@ -188,7 +193,7 @@ def test_allreduce_keeps_replicas_identical_on_heterogeneous_cluster() -> None:
 
 
 def test_sparse_exchange_lets_replicas_drift_and_dkt_pulls_them_back() -> None:
-    base = ["train.max_time=1.5", "strategy.options.wdb=false"]
+    base = ["train.max_time=1.5", "strategy.name=dlion-hpdc21", "strategy.options.wdb=false"]
     no_dkt = run_sim(
         load_config("microcloud-hetero", [*base, "strategy.options.dkt=false"]), progress=False
     )
@@ -208,14 +213,18 @@ def test_sparse_exchange_lets_replicas_drift_and_dkt_pulls_them_back() -> None:
 
 
 def test_same_config_and_seed_give_identical_metrics() -> None:
-    cfg = load_config("microcloud-hetero", ["train.max_time=1.0"])
+    cfg = load_config("microcloud-hetero", ["train.max_time=1.0", "strategy.name=dlion-hpdc21"])
     a = run_sim(cfg, progress=False)
     b = run_sim(cfg, progress=False)
     evals_a = [e for e in a.events if e["event"] in ("eval", "wdb", "dkt")]
     evals_b = [e for e in b.events if e["event"] in ("eval", "wdb", "dkt")]
     assert evals_a == evals_b
     c = run_sim(
-        load_config("microcloud-hetero", ["train.max_time=1.0", "train.seed=1"]), progress=False
+        load_config(
+            "microcloud-hetero",
+            ["train.max_time=1.0", "train.seed=1", "strategy.name=dlion-hpdc21"],
+        ),
+        progress=False,
     )
     assert [e for e in c.events if e["event"] == "eval"] != [
         e for e in a.events if e["event"] == "eval"
@@ -225,8 +234,9 @@ def test_same_config_and_seed_give_identical_metrics() -> None:
 def test_dlion_beats_allreduce_on_microcloud_hetero() -> None:
     """The headline behaviour, small: DLion reaches the target sooner in simulated time."""
     tta = {}
-    for name in ("allreduce", "dlion"):
+    for name in ("allreduce", "dlion", "dlion-hpdc21"):
         cfg = load_config("microcloud-hetero", [f"strategy.name={name}", "train.max_time=30"])
         tta[name] = run_sim(cfg, progress=False).summary["tta_s"]
     assert tta["dlion"] is not None and tta["allreduce"] is not None
-    assert tta["dlion"] * 2 <= tta["allreduce"]
+    assert tta["dlion-hpdc21"] is not None
+    assert tta["dlion"] * 2 <= tta["allreduce"] and tta["dlion-hpdc21"] * 2 <= tta["allreduce"]

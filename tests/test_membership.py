@@ -126,7 +126,7 @@ def test_ps_asp_survives_a_server_crash() -> None:
     assert late[-1].iteration > late[0].iteration and result.summary["final_acc"] >= 0.85
 
 
-def _dlion_two_sites(dynamics: dict[str, Any]) -> ExperimentConfig:
+def _dlion_two_sites(dynamics: dict[str, Any], strategy: str = "dlion") -> ExperimentConfig:
     cfg = small_config(
         workers=[
             {"site": "a", "capacity_gflops": 0.4},
@@ -135,16 +135,18 @@ def _dlion_two_sites(dynamics: dict[str, Any]) -> ExperimentConfig:
         ],
         sites=[{"name": "a"}, {"name": "b"}],
         links=[{"sites": ["a", "b"], "bandwidth_mbps": 20, "latency_ms": 2}],
-        strategy="dlion",
+        strategy=strategy,
         train={"max_time": 2.0, "stop_at_target": False},
     )
     return with_dynamics(cfg, DynamicsConfig.model_validate(dynamics))
 
 
-def test_dlion_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
+def test_dlion_hpdc21_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
     """Capacities 4:1:1, then rank 0 drops to 1/8 (0.05): WDB moves from about 4:1:1 to
     about 1:2:2 of G = 48 from the measured speeds."""
-    cfg = _dlion_two_sites({"capacity": [{"worker": 0, "step": {"at_s": 1.0, "to": 0.125}}]})
+    cfg = _dlion_two_sites(
+        {"capacity": [{"worker": 0, "step": {"at_s": 1.0, "to": 0.125}}]}, "dlion-hpdc21"
+    )
     result = run_sim(cfg, progress=False)
     wdb = [e for e in result.events if e["event"] == "wdb"]
     before = [e["batches"] for e in wdb if e["t"] < 1.0][-1]
@@ -154,12 +156,28 @@ def test_dlion_rebalances_batches_when_the_fastest_worker_slows_down() -> None:
     assert after[0] == pytest.approx(48 * 0.05 / 0.25, abs=1)
 
 
-def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
+def test_dlion_rebalances_its_site_when_the_fastest_worker_slows_down() -> None:
+    """The default's WDB works inside a site: site a's share of G = 48 is its share of the
+    workers (32), split 4:1 by measured speed (26, 6); after rank 0 drops to 0.05 it is
+    split 1:2 (11, 21)."""
+    cfg = _dlion_two_sites({"capacity": [{"worker": 0, "step": {"at_s": 1.0, "to": 0.125}}]})
+    result = run_sim(cfg, progress=False)
+    wdb = [e for e in result.events if e["event"] == "wdb" and e["rank"] == 0]
+    before = [e["batches"] for e in wdb if e["t"] < 1.0][-1]
+    after = [e["batches"] for e in wdb if e["t"] > 1.5][-1]
+    assert before == [26, 6]
+    assert after == [11, 21]
+
+
+@pytest.mark.parametrize(("name", "senders"), [("dlion", 1), ("dlion-hpdc21", 2)])
+def test_dlion_link_budget_follows_a_bandwidth_drop(name: str, senders: int) -> None:
     """The inter-site links drop to a tenth at 1 s: the bandwidth DLion measures on them
     (ctx.bandwidth, which sets each link's top-k budget) follows the drop."""
-    cfg = _dlion_two_sites({"bandwidth": [{"sites": ["a", "b"], "step": {"at_s": 1.0, "to": 0.1}}]})
+    cfg = _dlion_two_sites(
+        {"bandwidth": [{"sites": ["a", "b"], "step": {"at_s": 1.0, "to": 0.1}}]}, name
+    )
     seen: dict[str, list[float]] = {"before": [], "after": []}
-    spec = get_strategy("dlion")
+    spec = get_strategy(name)
     options = parse_options(spec, {})
 
     async def watching(ctx: Any, opt: Any) -> None:
@@ -177,16 +195,22 @@ def test_dlion_link_budget_follows_a_bandwidth_drop() -> None:
             await spec.worker(ctx, opt)
 
     result, _ = run_counting(cfg, watching, options)
-    # Ranks 0 and 1 (site a) both send to rank 2 (site b) each iteration: they share the
-    # a -> b pipe, so each measures about half of it (a third while a knowledge transfer
-    # or an earlier message shares it too).
-    assert seen["before"][0] == pytest.approx(20e6 / 8 / 2, rel=0.05)
-    assert 2e6 / 8 / 3 * 0.99 <= seen["after"][0] <= 2e6 / 8 / 2 * 1.01
+    # dlion-hpdc21: ranks 0 and 1 (site a) both send to rank 2 (site b) each iteration: they
+    # share the a -> b pipe, so each measures about half of it (a third while a knowledge
+    # transfer or an earlier message shares it too). dlion: only site a's leader (rank 0)
+    # sends to site b's leader (rank 2), alone on the pipe.
+    assert seen["before"][0] == pytest.approx(20e6 / 8 / senders, rel=0.05)
+    assert 2e6 / 8 / (senders + 1) * 0.99 <= seen["after"][0] <= 2e6 / 8 / senders * 1.01
     assert result.summary["final_acc"] > 0.8
 
 
-def test_dlion_rebalances_over_the_survivors_and_the_joiner() -> None:
-    cfg = _dlion_two_sites({})
+@pytest.mark.parametrize(("name", "late_sizes"), [("dlion", (2, 32)), ("dlion-hpdc21", (3, 48))])
+def test_dlion_rebalances_over_the_survivors_and_the_joiner(
+    name: str, late_sizes: tuple[int, int]
+) -> None:
+    """Rank 2 (site b) leaves and comes back: while it is away site a holds all of G; when
+    it is back, dlion-hpdc21 splits G over the three, dlion splits site a's share (2/3)."""
+    cfg = _dlion_two_sites({}, name)
     cfg = with_membership(
         cfg,
         [
@@ -195,11 +219,11 @@ def test_dlion_rebalances_over_the_survivors_and_the_joiner() -> None:
         ],
     )
     result = run_sim(cfg, progress=False)
-    wdb = [(e["t"], e["batches"]) for e in result.events if e["event"] == "wdb"]
+    wdb = [(e["t"], e["batches"]) for e in result.events if e["event"] == "wdb" and e["rank"] == 0]
     middle = [b for t, b in wdb if 0.6 < t < 1.2]
     late = [b for t, b in wdb if t > 1.5]
     assert middle and all(len(b) == 2 and sum(b) == 48 for b in middle)
-    assert late and len(late[-1]) == 3 and sum(late[-1]) == 48
+    assert late and (len(late[-1]), sum(late[-1])) == late_sizes
 
 
 def test_random_departures_with_returns_run_to_the_end() -> None:

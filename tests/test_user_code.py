@@ -159,7 +159,7 @@ def test_gradient_exchange_keeps_buffers_local_and_dkt_merges_them(user_dir: Pat
 
 
 def test_dkt_merges_parameters_and_buffers_with_gamma(user_dir: Path) -> None:
-    from dlion.strategies.dlion import dkt_merge
+    from dlion.strategies.dlion_hpdc21 import dkt_merge
 
     cfg = config_from_dict(user_config("dlion"))
     replica = run_sim(cfg, progress=False).replicas[0]

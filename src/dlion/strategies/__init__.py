@@ -26,6 +26,7 @@ from dlion.strategies import (
     allreduce,
     diloco,
     dlion,
+    dlion_hpdc21,
     gaia,
     halos,
     hop,
@@ -48,6 +49,9 @@ REGISTRY: dict[str, StrategySpec] = {
     for spec in (
         StrategySpec("allreduce", allreduce.SUMMARY, allreduce.Options, allreduce.worker),
         StrategySpec("dlion", dlion.SUMMARY, dlion.Options, dlion.worker),
+        StrategySpec(
+            "dlion-hpdc21", dlion_hpdc21.SUMMARY, dlion_hpdc21.Options, dlion_hpdc21.worker
+        ),
         StrategySpec("gaia", gaia.SUMMARY, gaia.Options, gaia.worker),
         StrategySpec("ako", ako.SUMMARY, ako.Options, ako.worker),
         StrategySpec("hop", hop.SUMMARY, hop.Options, hop.worker),

@@ -1,53 +1,121 @@
-"""DLion: decentralized training in micro-clouds (Hong & Chandra, HPDC '21).
+"""DLion for micro-clouds on shared site pipes: the default `dlion` (issue 17).
 
-Three techniques, each switchable off for an ablation (see ../shared/PAPERS.md, section 1):
-- WDB, weighted dynamic batching: batch b_i proportional to measured speed, sum = G,
-  gradient weight b_i / G, so the aggregate is the gradient of the global batch.
-- PGE, per-link prioritized gradient exchange: on each link send the top-k entries of
-  (weighted gradient + that link's residual) that fit its measured bandwidth within the
-  compute-time budget; keep the rest as the residual (error feedback, nothing is lost).
-- DKT, direct knowledge transfer: every `dkt_every` iterations the worker with the best
-  training-loss EMA sends its parameters to the worse ones, which merge them in.
+DLion (Hong & Chandra, HPDC '21; ../shared/PAPERS.md section 1) with its three techniques
+kept and the exchange reorganised around the sites, in the spirit of Gaia and HALoS
+(PAPERS.md sections 1 and 7). The paper-faithful variant is `dlion-hpdc21`
+(dlion_hpdc21.py), whose pure functions this file reuses.
 
-Speeds and loss EMAs ride along on the gradient messages (message meta), so every worker
-makes the same WDB and DKT decisions from the same numbers without extra round trips.
+Rules, per iteration t of worker i in site s:
+- WDB across all workers: b_i = round(G * C_i / sum_j C_j) over every live worker, from
+  measured speeds (EMA of samples/s of pure compute), gradient weight b_i / G. Speeds and
+  loss EMAs ride on the messages: inside a site on the all-reduce, across sites on the
+  leaders' updates; the leader passes the remote ones to its members. Re-balanced every
+  `reprofile_every` iterations, at once on a drift above `drift_threshold` or a change of
+  the member set (as in dlion-hpdc21).
+- Inside a site, dense and synchronous: the members all-reduce their weighted gradients
+  (`sharded_allreduce`: reduce-scatter + all-gather, two latencies) and apply the same
+  total, so a site keeps one model, as Gaia's per-site server does.
+- Across sites, one update per site pair: the site leader (the longest-standing live
+  member, then the lowest rank: a departure hands the role to the next one) adds the
+  site's sum into one residual per remote site and a pump per remote site sends the top-k
+  of it (PGE, error feedback: what is not sent stays in the residual) to that site's
+  leader, sized to the pipe's *measured* bandwidth (`ctx.bandwidth`) times `rho` x this
+  site's last iteration time (compute + all-reduce). The pump sends when its previous
+  message has left, so the pipe is always busy but never queues, and a slower pipe (or a
+  bandwidth drop) gets smaller or rarer updates, never a backlog.
+- Overlap with the slower sites, lock-step with the equal-paced ones (the default,
+  `max_delay: null`, `lockstep_slack: 0.25`): a leader never waits on a remote site whose
+  iteration time, from the measured speeds, exceeds (1 + slack) x its own; it adds
+  whatever remote updates have arrived to its own contribution to the next all-reduce, so
+  the whole site applies them together. From every other site (equal pace or faster) it
+  first takes the update of iteration t - 1 (one iteration of pipelining; waiting on a
+  site that keeps up costs at most the slack), and that pipe's message budget leaves its
+  latency out of the iteration time. Why: late full-weight updates between sites of equal
+  pace go through momentum and oscillate (network-hetero never reached the target with
+  overlap everywhere; RESULTS.md section 14), while a slower site's updates are few and
+  its own gradient dominates. `lockstep_slack: null` overlaps everywhere; `max_delay: d`
+  makes every leader wait for every remote site's update of t - d (1: lock-step sites).
+- DKT across sites: every `dkt_every` iterations each leader compares site losses (mean
+  loss EMA of a site's members, from the numbers it holds); the leader of the best site
+  sends its model to the leaders of sites worse by more than `dkt_margin`. A leader that
+  receives one computes delta = gamma * (w_best - w_site) and hands it to its members
+  through the next all-reduce's metadata, so the whole site merges the same delta.
 
-Changing resources (PAPERS.md 1a re-profiling): speeds are measured (EMA of samples per
-second of pure compute), so a capacity change shows in the next iterations' speeds and
-batches are re-balanced at once when one drifts by more than `drift_threshold`; link
-budgets use the measured bandwidth (`ctx.bandwidth`, an EMA of observed throughput), so a
-slower link gets a smaller top-k. Membership: iteration t exchanges with `ctx.members(t)`
-(a joiner is admitted from an iteration nobody has started, starting from a live peer's
-model, with a fresh residual per link); a peer that leaves or fails a receive is dropped
-and its residual discarded; any change of the member set re-balances batches at once.
+Membership: iteration t's sites and leaders are built from `ctx.members(t)` less the
+peers that failed an exchange. A remote update or model that reaches a worker that is not
+(or no longer) its site's leader is forwarded to the leader. A pump whose send finds the
+destination gone puts the update back into its residual. A departed leader's residuals
+are lost with it (recorded as `leader_changed`); the new leader starts fresh ones. A
+joiner starts from a live peer's model (the engine's rule) and then adopts its site
+leader's state, so a site keeps one model.
 
-Buffers (BatchNorm running statistics and other float buffers): PGE exchanges gradients
-only, so each replica's buffers follow its own batches; DKT sends the best replica's
-parameters and buffers together and merges both with the same gamma.
+Buffers (BatchNorm running statistics): local to each replica, as in dlion-hpdc21; DKT
+moves them with the parameters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlion.comm.messages import INDEX_BYTES, VALUE_BYTES, Dense, Message, Payload, Sparse
+from dlion.comm.collectives import sharded_allreduce
+from dlion.comm.messages import Dense, Message, Payload, Sparse
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
+from dlion.strategies.dlion_hpdc21 import (
+    dkt_plan,
+    ema,
+    link_budget_entries,
+    should_rebalance,
+    wdb_batch_sizes,
+)
 
-SUMMARY = "DLion: weighted dynamic batching, per-link prioritized exchange, knowledge transfer"
+SUMMARY = "DLion: site all-reduce, one top-k update per site pair, overlapped; WDB, DKT"
+
+REMOTE_TAG = "dlion/x"  # a site leader's update to another site's leader
+MODEL_TAG = "dlion/m"  # a knowledge transfer (best site's model) to another site's leader
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     wdb: bool = Field(True, description="Weighted dynamic batching.")
-    pge: bool = Field(True, description="Per-link prioritized gradient exchange (else dense).")
-    dkt: bool = Field(True, description="Direct knowledge transfer.")
+    wdb_scope: Literal["site", "all"] = Field(
+        "site",
+        description="site: batches follow measured speeds inside each site, whose share of "
+        "G is its share of the workers, so sites run at their own pace and none waits for "
+        "another. all: over every worker (HPDC '21's rule): sites run in step, each "
+        "applying every site's gradient once per iteration, late.",
+    )
+    pge: bool = Field(
+        True, description="Prioritized (top-k, error feedback) updates across sites; else dense."
+    )
+    dkt: bool = Field(
+        False,
+        description="Direct knowledge transfer between sites. Off by default: with one model "
+        "per site and every site's gradient delivered (error feedback), merging half of the "
+        "best site's model measured 12-18% slower, IID and non-IID (RESULTS.md section 14).",
+    )
+    lockstep_slack: float | None = Field(
+        0.25,
+        ge=0,
+        description="With max_delay unset: a site leader waits for (lock-step, one iteration "
+        "of pipelining) every remote site whose iteration time, from the measured speeds, is "
+        "at most (1 + slack) x its own, so waiting costs at most that share; slower sites "
+        "stay overlapped. Late full-weight updates between equal-paced sites otherwise "
+        "oscillate through momentum (RESULTS.md section 14). None: always overlap.",
+    )
+    max_delay: int | None = Field(
+        None,
+        ge=1,
+        description="None: the inter-site exchange overlaps compute (nobody waits on the "
+        "WAN). d: a site leader waits until it holds every remote site's update of "
+        "iteration t - d (1: lock-step sites).",
+    )
     reprofile_every: int = Field(20, ge=1, description="Re-balance batches every N iterations.")
     drift_threshold: float = Field(
         0.2, gt=0, description="Re-balance at once when a speed drifts by more than this."
@@ -58,113 +126,166 @@ class Options(BaseModel):
     b_min: int = Field(1, ge=1, description="Smallest local batch.")
     b_max: int | None = Field(None, ge=1, description="Largest local batch (None: no cap).")
     rho: float = Field(
-        1.0, gt=0, description="Link time budget as a multiple of this iteration's compute."
+        1.0,
+        gt=0,
+        description="Inter-site message budget as a multiple of the site's iteration time: "
+        "1 sends about what the pipe carries while the site computes one iteration.",
     )
     min_link_fraction: float = Field(
         0.25,
         ge=0,
         le=1,
-        description="Every link may send for at least this share of the time budget, "
-        "even when its latency exceeds the budget (no link starves).",
+        description="With max_delay set, a pipe whose latency exceeds the budget still "
+        "sends for this share of it (no pipe starves).",
     )
     dense_fraction: float = Field(
         0.5, gt=0, le=1, description="Send dense when top-k would cover this much of it."
     )
     dkt_every: int = Field(50, ge=1, description="Knowledge-transfer period in iterations.")
     dkt_margin: float = Field(
-        0.0, ge=0, description="Transfer only to workers whose loss EMA is worse by more."
+        0.0, ge=0, description="Transfer only to sites whose loss is worse by more than this."
     )
     dkt_gamma: float = Field(0.5, gt=0, le=1, description="Merge weight of the best model.")
     loss_ema: float = Field(0.9, ge=0, lt=1, description="History weight of the loss EMA.")
-    staleness: int = Field(
-        0, ge=0, description="Run up to this many iterations ahead of peers' messages."
-    )
 
 
 # ------------------------------------------------------------------ pure functions (tested)
 
 
-def wdb_batch_sizes(
-    global_batch: int, speeds: Sequence[float], b_min: int = 1, b_max: int | None = None
-) -> list[int]:
-    """b_i = round(G * C_i / sum C), clamped to [b_min, b_max], remainders to the fastest."""
-    n = len(speeds)
-    cap = global_batch if b_max is None else b_max
-    if n * b_min > global_batch or n * cap < global_batch:
-        raise ValueError(
-            f"cannot split global batch {global_batch} over {n} workers within "
-            f"[b_min={b_min}, b_max={cap}]"
-        )
-    total = sum(speeds)
-    sizes = [min(cap, max(b_min, round(global_batch * s / total))) for s in speeds]
-    fastest_first = sorted(range(n), key=lambda i: (-speeds[i], i))
-    while sum(sizes) != global_batch:
-        step = 1 if sum(sizes) < global_batch else -1
-        for i in fastest_first:
-            if sum(sizes) == global_batch:
-                break
-            if b_min <= sizes[i] + step <= cap:
-                sizes[i] += step
-    return sizes
+def site_iteration_times(
+    groups: dict[str, list[int]],
+    known: dict[int, tuple[float, float]],
+    global_batch: int,
+    n: int,
+) -> dict[str, float | None]:
+    """Each site's compute time per iteration from measured speeds: its share of the global
+    batch (its share of the workers) over its members' summed samples per second; None for a
+    site with a member whose speed is not known yet."""
+    out: dict[str, float | None] = {}
+    for site, members in groups.items():
+        speeds = [known[r][0] for r in members if r in known]
+        if len(speeds) < len(members) or sum(speeds) <= 0:
+            out[site] = None
+        else:
+            out[site] = global_batch * len(members) / n / sum(speeds)
+    return out
 
 
-def link_budget_entries(
-    bandwidth: float,
-    latency: float,
-    time_budget: float,
-    header_bytes: int = 0,
-    min_fraction: float = 0.0,
-) -> int:
-    """How many (index, value) pairs fit in bandwidth * (time_budget - latency) bytes.
-
-    A link whose latency alone exceeds the budget would never carry anything, and its
-    residual would grow without ever being delivered; `min_fraction` keeps at least
-    bandwidth * min_fraction * time_budget bytes for it (the message pays latency anyway
-    under bulk-synchronous exchange).
-    """
-    send_time = max(time_budget - latency, min_fraction * time_budget)
-    budget = bandwidth * send_time - header_bytes
-    if budget <= 0:
-        return 0
-    return int(budget // (INDEX_BYTES + VALUE_BYTES))
+def site_groups(ranks: Sequence[int], site_of: Callable[[int], str]) -> dict[str, list[int]]:
+    """Live members of each site, in rank order; sites in order of their lowest rank."""
+    groups: dict[str, list[int]] = {}
+    for r in sorted(ranks):
+        groups.setdefault(site_of(r), []).append(r)
+    return groups
 
 
-class LinkResidual:
-    """What one worker still owes one peer: c = weighted grad + residual; send top-k of c."""
+def site_leader(members: Sequence[int], since: Callable[[int], int]) -> int:
+    """The longest-standing member (lowest admission iteration), then the lowest rank: a
+    returning or new worker never takes the role (and the residuals) from a live leader."""
+    return min(members, key=lambda r: (since(r), r))
+
+
+def site_losses(losses: dict[int, float], groups: dict[str, list[int]]) -> dict[str, float] | None:
+    """Mean loss EMA of each site's members; None until every member's is known."""
+    if any(r not in losses for rs in groups.values() for r in rs):
+        return None
+    return {s: sum(losses[r] for r in rs) / len(rs) for s, rs in groups.items()}
+
+
+class PipeResidual:
+    """What a site owes one remote site: site sums are added as they come, and each send
+    takes the top-k entries of the accumulation (error feedback: the rest stays)."""
 
     def __init__(self, numel: int, restored: torch.Tensor | None = None) -> None:
-        # A resumed worker continues with the residual its checkpoint carried.
+        # A resumed leader continues with the residual its checkpoint carried.
         self.residual = torch.zeros(numel)
         if restored is not None and restored.shape == (numel,) and restored.is_floating_point():
             self.residual = restored.to(torch.float32).clone()
 
-    def step(self, weighted_grad: torch.Tensor, k: int, dense_fraction: float = 0.5) -> Payload:
-        candidate = weighted_grad + self.residual
-        numel = candidate.numel()
+    def add(self, update: torch.Tensor) -> None:
+        self.residual += update
+
+    def take(self, k: int, dense_fraction: float = 0.5) -> Payload:
+        """The k largest entries by magnitude (Sparse), or all of it (Dense) when k covers
+        `dense_fraction` of the vector; what is taken is cleared."""
+        numel = self.residual.numel()
         if k >= dense_fraction * numel:
+            out = Dense(self.residual.clone())
             self.residual.zero_()
-            return Dense(candidate)
+            return out
         if k <= 0:
-            self.residual = candidate
             return Sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), numel)
         # topk on CPU is deterministic for a given input, so runs stay reproducible.
-        idx = torch.topk(candidate.abs(), k, sorted=False).indices
-        values = candidate[idx].clone()
-        candidate[idx] = 0.0
-        self.residual = candidate
+        idx = torch.topk(self.residual.abs(), k, sorted=False).indices
+        values = self.residual[idx].clone()
+        self.residual[idx] = 0.0
         return Sparse(idx, values, numel)
 
+    def put_back(self, payload: Payload) -> None:
+        """An update that could not be delivered is owed again."""
+        if isinstance(payload, Dense | Sparse):
+            self.residual += payload.to_dense(self.residual.numel())
 
-def dkt_merge(own: torch.Tensor, best: torch.Tensor, gamma: float) -> torch.Tensor:
-    """w_j <- (1 - gamma) * w_j + gamma * w_best."""
-    return (1.0 - gamma) * own + gamma * best
+
+def knowledge_meta(known: dict[int, tuple[float, float]], ranks: Sequence[int]) -> dict[str, float]:
+    """Speeds and loss EMAs of `ranks` as message metadata: {"s<r>": speed, "l<r>": loss}."""
+    meta: dict[str, float] = {}
+    for r in ranks:
+        if r in known:
+            meta[f"s{r}"], meta[f"l{r}"] = known[r]
+    return meta
 
 
-def dkt_plan(losses: dict[int, float], margin: float) -> tuple[int, list[int]]:
-    """(best worker, workers that receive its model): lowest loss EMA wins, ties to lower rank."""
-    best = min(losses, key=lambda r: (losses[r], r))
-    receivers = [r for r in sorted(losses) if r != best and losses[r] > losses[best] + margin]
-    return best, receivers
+def read_knowledge(meta: dict[str, float]) -> dict[int, tuple[float, float]]:
+    """The inverse of `knowledge_meta` (other keys are ignored)."""
+    out: dict[int, tuple[float, float]] = {}
+    for key, value in meta.items():
+        if key[0] == "s" and key[1:].isdigit() and f"l{key[1:]}" in meta:
+            out[int(key[1:])] = (value, meta[f"l{key[1:]}"])
+    return out
+
+
+# ------------------------------------------------------------------ the inter-site pumps
+
+
+class _Pipe:
+    """A leader's sending side towards one remote site."""
+
+    def __init__(self, site: str, residual: PipeResidual) -> None:
+        self.site = site
+        self.residual = residual
+        self.fresh = asyncio.Event()  # a new site sum was added since the last send
+        self.dst: int | None = None  # the remote site's leader, as this worker sees it
+        self.budget_s = 0.0  # time budget of the next message
+        self.lockstep = False  # the leader waits for this pipe's updates (budget net of latency)
+        self.meta: dict[str, float] = {}  # iteration and the site's speeds and losses
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _pump(ctx: WorkerContext, pipe: _Pipe, opt: Options) -> None:
+    """Send the top-k of the residual each time a new site sum came in and the previous
+    message has left: the pipe stays busy with the freshest entries, never with a queue."""
+    while True:
+        await pipe.fresh.wait()
+        pipe.fresh.clear()
+        dst = pipe.dst
+        if dst is None:
+            continue
+        if opt.pge:
+            latency = ctx.latency(dst) if pipe.lockstep else 0.0
+            k = link_budget_entries(
+                ctx.bandwidth(dst),
+                latency,
+                pipe.budget_s,
+                ctx.header_bytes,
+                opt.min_link_fraction if pipe.lockstep else 0.0,
+            )
+        else:
+            k = pipe.residual.residual.numel()
+        payload = pipe.residual.take(k, opt.dense_fraction)
+        if not await ctx.send(dst, REMOTE_TAG, payload, dict(pipe.meta)):
+            pipe.residual.put_back(payload)
+            ctx.record("pipe_send_failed", site=pipe.site, peer=dst)
 
 
 # ------------------------------------------------------------------ the worker
@@ -172,145 +293,178 @@ def dkt_plan(losses: dict[int, float], margin: float) -> tuple[int, list[int]]:
 
 async def worker(ctx: WorkerContext, opt: Options) -> None:
     numel = ctx.replica.numel
+    model_numel = ctx.replica.model_numel
     G = ctx.global_batch
     me = ctx.rank
+    my_site = ctx.site(me)
     t = ctx.iteration  # a joiner starts at the iteration it was admitted from
-    # Per-peer link state, with the incarnation it belongs to: a returning peer starts afresh.
-    links: dict[int, tuple[int, LinkResidual]] = {}
-    lost: set[tuple[int, int]] = set()  # (rank, incarnation) that failed a receive
-    ranks = ctx.members(t)
-    batches = dict(zip(ranks, equal_batches(G, len(ranks)), strict=True))
+    lost: set[tuple[int, int]] = set()  # (rank, incarnation) that failed an exchange
+    known: dict[int, tuple[float, float]] = {}  # newest (speed, loss EMA) of every rank
+    batches: dict[int, int] = {}
     alloc_speeds: dict[int, float] | None = None
     speed: float | None = None
     loss_ema: float | None = None
-    own_meta: dict[int, dict[str, float]] = {}
-    in_flight: dict[int, list[asyncio.Task[bool]]] = {}
-    receivers: dict[int, list[int]] = {}  # peers each iteration's gradient went to
-    awaiting_model: list[tuple[int, str]] = []  # DKT transfers to merge when they arrive
+    iteration_s: float | None = None  # compute + all-reduce of the last iteration
+    pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
+    latest: dict[str, int] = {}  # newest iteration received from each remote site
+    was_leader = False
     background: set[asyncio.Task[bool]] = set()
 
-    def exchange_peers(iteration: int) -> list[int]:
-        return [
-            p for p in ctx.members(iteration) if p != me and (p, ctx.incarnation(p)) not in lost
-        ]
+    def spawn(coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def absorb(msg: Message, into: torch.Tensor) -> None:
+        into += msg.payload.to_dense(numel)  # type: ignore[union-attr]
+        known.update(read_knowledge(msg.meta))
+        src_site = ctx.site(int(msg.meta.get("src", msg.src)))
+        latest[src_site] = max(latest.get(src_site, -1), int(msg.meta.get("it", -1)))
+
+    if ctx.peer_since(me) > 0:
+        # A joiner took a live peer's model; a site keeps one model, so adopt the site's.
+        mates = [r for r in ctx.members(t) if r != me and ctx.site(r) == my_site]
+        if mates:
+            since = t
+            if await ctx.fetch_state(site_leader(mates, ctx.peer_since)):
+                ctx.iteration = since
 
     while True:
-        for src, tag in list(awaiting_model):
-            msg = ctx.poll(src, tag)
-            if msg is not None:
-                best = msg.payload.to_dense(ctx.replica.model_numel)  # type: ignore[union-attr]
-                merged = dkt_merge(ctx.replica.model_state(), best, opt.dkt_gamma)
-                ctx.replica.set_model_state(merged)
-                awaiting_model.remove((src, tag))
+        ranks = [r for r in ctx.members(t) if r == me or (r, ctx.incarnation(r)) not in lost]
+        groups = site_groups(ranks, ctx.site)
+        mates = groups[my_site]
+        leaders = {s: site_leader(rs, ctx.peer_since) for s, rs in groups.items()}
+        leader = leaders[my_site]
+        is_leader = leader == me
+        if is_leader != was_leader:
+            if was_leader:  # a longer-standing member is back in view: it leads
+                for pipe in pipes.values():
+                    if pipe.task is not None:
+                        pipe.task.cancel()
+                    ctx.drop_state(f"residual.{pipe.site}")
+                pipes.clear()
+            ctx.record("leader_changed", iteration=t, site=my_site, leader=leader)
+            was_leader = is_leader
+        if is_leader:
+            for s in groups:
+                if s != my_site and s not in pipes:
+                    pipe = _Pipe(s, PipeResidual(numel, ctx.restored_state(f"residual.{s}")))
+                    ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)
+                    pipe.task = asyncio.ensure_future(_pump(ctx, pipe, opt))
+                    pipes[s] = pipe
+            for s, pipe in pipes.items():
+                pipe.dst = leaders.get(s)
 
-        batch = batches.get(me, max(1, G // len(ranks)))
+        batch = batches.get(me) or equal_batches(G, len(ranks))[ranks.index(me)]
         result = await ctx.compute(batch)
         sample_speed = result.samples / result.seconds
-        speed = sample_speed if speed is None else _ema(speed, sample_speed, opt.speed_ema)
-        loss_ema = (
-            result.loss if loss_ema is None else _ema(loss_ema, result.loss, 1 - opt.loss_ema)
-        )
-        own_meta[t] = {"speed": speed, "loss": loss_ema}
+        speed = sample_speed if speed is None else ema(speed, sample_speed, opt.speed_ema)
+        loss_ema = result.loss if loss_ema is None else ema(loss_ema, result.loss, 1 - opt.loss_ema)
+        known[me] = (speed, loss_ema)
         weighted = result.grad * (batch / G)
 
-        peers = exchange_peers(t)
-        sends = []
-        for p in peers:
-            if p not in links or links[p][0] != ctx.incarnation(p):
-                link = LinkResidual(numel, ctx.restored_state(f"residual.{p}"))
-                links[p] = (ctx.incarnation(p), link)
-                ctx.keep_state(f"residual.{p}", lambda link=link: link.residual)
-            if opt.pge:
-                k = link_budget_entries(
-                    ctx.bandwidth(p),
-                    ctx.latency(p),
-                    opt.rho * result.seconds,
-                    ctx.header_bytes,
-                    opt.min_link_fraction,
-                )
-                payload = links[p][1].step(weighted, k, opt.dense_fraction)
-            else:
-                payload = Dense(weighted)
-            sends.append(asyncio.ensure_future(ctx.send(p, f"g{t}", payload, own_meta[t])))
-        in_flight[t] = sends
-        receivers[t] = peers
-
-        # Gather iteration t - s from every peer (t itself under bulk-synchronous s = 0):
-        # the peers both sides exchanged with in that iteration.
-        src_it = t - opt.staleness
-        received: dict[int, torch.Tensor] = {}
-        metas: dict[int, dict[str, float]] = {}
-        if src_it in own_meta:
-            senders = [p for p in exchange_peers(src_it) if p in receivers[src_it]]
-            results = await asyncio.gather(
-                *(ctx.recv(p, f"g{src_it}", numel=numel) for p in senders)
-            )
-            for p, got in zip(senders, results, strict=True):
-                if isinstance(got, Message):
-                    received[p] = got.payload.to_dense(numel)  # type: ignore[union-attr]
-                    metas[p] = got.meta
+        # Remote updates and knowledge transfers: the leader takes them, others forward.
+        remote = torch.zeros(numel)
+        delta: torch.Tensor | None = None
+        if is_leader:
+            for s in groups:
+                delay = opt.max_delay
+                if delay is None and opt.lockstep_slack is not None and s != my_site:
+                    paces = site_iteration_times(groups, known, G, len(ranks))
+                    if paces.get(s) is not None and paces.get(my_site) is not None:
+                        slow = paces[s] > (1 + opt.lockstep_slack) * paces[my_site]
+                        delay = None if slow else 1
+                if s in pipes:
+                    pipes[s].lockstep = delay is not None
+                if s == my_site or delay is None:
+                    continue
+                need = t - delay
+                while latest.get(s, -1) < need:
+                    msg = await ctx.recv(None, REMOTE_TAG, numel=numel)
+                    if not isinstance(msg, Message):
+                        ctx.record("remote_wait_timeout", site=s, iteration=t, why=repr(msg))
+                        break
+                    absorb(msg, remote)
+        for tag, size in ((REMOTE_TAG, numel), (MODEL_TAG, model_numel)):
+            while isinstance(msg := await ctx.recv(None, tag, timeout=0.0, numel=size), Message):
+                if not is_leader:
+                    spawn(ctx.send(leader, tag, msg.payload, msg.meta))
+                elif tag == REMOTE_TAG:
+                    absorb(msg, remote)
                 else:
-                    ctx.record("peer_lost", peer=p, phase=f"g{src_it}", why=repr(got))
-                    lost.add((p, ctx.incarnation(p)))
-                    links.pop(p, None)
-                    ctx.drop_state(f"residual.{p}")
-            metas[me] = own_meta.pop(src_it)
-            receivers.pop(src_it)
-            await asyncio.gather(*in_flight.pop(src_it))
+                    best = msg.payload.to_dense(model_numel)  # type: ignore[union-attr]
+                    delta = opt.dkt_gamma * (best - ctx.replica.model_state())
 
-        # Own contribution plus peers', summed in rank order so equal inputs give equal sums.
-        total = torch.zeros(numel)
-        for r in sorted([me, *received]):
-            total += weighted if r == me else received[r]
-        ctx.replica.apply(total)
+        # Dense, synchronous sum inside the site; the leader's part carries the remote ones.
+        meta = {"s": speed, "l": loss_ema, "dkt": 0.0 if delta is None else 1.0}
+        if is_leader:
+            meta |= knowledge_meta(known, [r for r in known if ctx.site(r) != my_site])
+        sync_start = ctx.now()
+        vector = weighted + remote if is_leader else weighted
+        got = await sharded_allreduce(ctx, vector, f"dl{t}", mates, meta)
+        ctx.replica.apply(got.total)
+        iteration_s = result.seconds + (ctx.now() - sync_start)
+        for r in got.lost:
+            lost.add((r, ctx.incarnation(r)))
+            ctx.record("peer_lost", peer=r, phase=f"dl{t}")
+        for r, m in got.metas.items():
+            known[r] = (m["s"], m["l"])
+            if r == leader and not is_leader:
+                known.update({q: v for q, v in read_knowledge(m).items() if ctx.site(q) != my_site})
 
-        if len(metas) > 1:
-            speeds = {r: m["speed"] for r, m in metas.items() if "speed" in m}
-            if opt.wdb and _should_rebalance(src_it, speeds, alloc_speeds, opt):
-                order = sorted(speeds)
-                b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
-                sizes = wdb_batch_sizes(G, [speeds[r] for r in order], b_min, opt.b_max)
-                batches = dict(zip(order, sizes, strict=True))
-                alloc_speeds = speeds
-                if me == order[0]:
-                    ctx.record("wdb", iteration=t, batches=sizes, speeds=[speeds[r] for r in order])
-            elif not opt.wdb:
-                batches = dict(zip(sorted(metas), equal_batches(G, len(metas)), strict=True))
-            if opt.dkt and src_it > 0 and src_it % opt.dkt_every == 0:
-                losses = {r: m["loss"] for r, m in metas.items()}
-                best, targets = dkt_plan(losses, opt.dkt_margin)
-                tag = f"dkt{src_it}"
-                if me == best:
-                    params = Dense(ctx.replica.model_state())
+        if is_leader and pipes:
+            own = got.total - remote  # this site's sum alone: the remote ones go back nowhere
+            pipe_meta = {"it": float(t), "src": float(me)} | knowledge_meta(known, mates)
+            for s, pipe in pipes.items():
+                if s in groups:
+                    pipe.residual.add(own)
+                    pipe.budget_s = opt.rho * iteration_s
+                    pipe.meta = pipe_meta
+                    pipe.fresh.set()
+
+        # Knowledge transfer: the site applies the delta its leader announced.
+        if got.metas.get(leader, {}).get("dkt", 0.0) == 1.0:
+            tag = f"dlion/k{t}"
+            if is_leader and delta is not None:
+                for r in mates:
+                    if r != me:
+                        spawn(ctx.send(r, tag, Dense(delta)))
+            elif not is_leader:
+                msg = await ctx.recv(leader, tag, numel=model_numel)
+                delta = msg.payload.to_dense(model_numel) if isinstance(msg, Message) else None  # type: ignore[union-attr]
+            if delta is not None:
+                ctx.replica.set_model_state(ctx.replica.model_state() + delta)
+        if is_leader and opt.dkt and t > 0 and t % opt.dkt_every == 0 and len(groups) > 1:
+            losses = site_losses({r: v[1] for r, v in known.items()}, groups)
+            if losses is not None:
+                best, targets = dkt_plan({leaders[s]: v for s, v in losses.items()}, opt.dkt_margin)
+                if best == me and targets:
+                    state = Dense(ctx.replica.model_state())
                     for r in targets:
-                        task = asyncio.ensure_future(ctx.send(r, tag, params))
-                        background.add(task)
-                        task.add_done_callback(background.discard)
-                    if targets:
-                        ctx.record("dkt", iteration=t, best=best, receivers=targets)
-                elif me in targets:
-                    awaiting_model.append((best, tag))
-        elif len(metas) == 1 and set(batches) != {me}:
+                        spawn(ctx.send(r, MODEL_TAG, state))
+                    ctx.record("dkt", iteration=t, best=best, receivers=targets)
+
+        # WDB over the site (its share of G follows its share of the workers) or over
+        # every live worker, from the speeds this worker holds.
+        pool = mates if opt.wdb_scope == "site" else ranks
+        equal = equal_batches(G, len(ranks))
+        share = sum(equal[ranks.index(r)] for r in pool)
+        speeds = {r: known[r][0] for r in pool if r in known}
+        if len(speeds) == len(pool) and len(ranks) > 1:
+            if opt.wdb and should_rebalance(
+                t, speeds, alloc_speeds, opt.reprofile_every, opt.drift_threshold
+            ):
+                b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
+                sizes = wdb_batch_sizes(share, [speeds[r] for r in pool], b_min, opt.b_max)
+                batches = dict(zip(pool, sizes, strict=True))
+                alloc_speeds = speeds
+                if me == pool[0]:
+                    ctx.record("wdb", iteration=t, batches=sizes, speeds=[speeds[r] for r in pool])
+            elif not opt.wdb:
+                batches = {}
+        elif len(ranks) == 1:
             batches = {me: G}  # alone: the whole global batch (re-balanced when peers come)
-        ranks = sorted([me, *(p for p in exchange_peers(t + 1))])
+        else:
+            batches = {}  # someone's speed is not known yet: equal shares until it is
         t += 1
         ctx.iteration_done(result.loss)
-
-
-def _ema(old: float, sample: float, weight_of_new: float) -> float:
-    return (1 - weight_of_new) * old + weight_of_new * sample
-
-
-def _should_rebalance(
-    iteration: int,
-    speeds: dict[int, float],
-    alloc_speeds: dict[int, float] | None,
-    opt: Options,
-) -> bool:
-    if alloc_speeds is None or set(speeds) != set(alloc_speeds):
-        return True
-    if (iteration + 1) % opt.reprofile_every == 0:
-        return True
-    return any(
-        not math.isclose(speeds[r], alloc_speeds[r], rel_tol=opt.drift_threshold) for r in speeds
-    )

@@ -1,0 +1,220 @@
+"""The default `dlion` (issue 17): site groups and leaders, the per-pipe residual, the
+sharded all-reduce inside a site, and the behaviour in the sim (one model per site, one
+update per site pair, leader hand-over)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from dlion.comm.collectives import sharded_allreduce
+from dlion.comm.messages import Dense, Sparse
+from dlion.config import MembershipEvent, with_membership
+from dlion.context import WorkerContext
+from dlion.engines.sim import run_sim
+from dlion.strategies.dlion import (
+    PipeResidual,
+    knowledge_meta,
+    read_knowledge,
+    site_groups,
+    site_iteration_times,
+    site_leader,
+    site_losses,
+)
+from helpers import run_counting, small_config
+
+SITES = {0: "a", 1: "a", 2: "b", 3: "c", 4: "b"}
+
+
+def test_site_groups_are_in_rank_order() -> None:
+    assert site_groups([4, 0, 2, 1, 3], SITES.__getitem__) == {
+        "a": [0, 1],
+        "b": [2, 4],
+        "c": [3],
+    }
+
+
+def test_the_longest_standing_member_leads_then_the_lowest_rank() -> None:
+    since = {0: 0, 1: 0, 2: 7, 4: 3}
+    assert site_leader([0, 1], since.__getitem__) == 0
+    assert site_leader([1], since.__getitem__) == 1  # 0 left: the next one leads
+    # 0 came back (admitted at 9): 1 keeps the role, and with it the residuals.
+    assert site_leader([0, 1], {0: 9, 1: 0}.__getitem__) == 1
+    assert site_leader([2, 4], since.__getitem__) == 4
+
+
+def test_site_losses_are_member_means_once_all_are_known() -> None:
+    groups = {"a": [0, 1], "b": [2]}
+    assert site_losses({0: 0.5, 1: 0.3, 2: 0.9}, groups) == pytest.approx({"a": 0.4, "b": 0.9})
+    assert site_losses({0: 0.5, 2: 0.9}, groups) is None
+
+
+def test_pipe_residual_sends_the_largest_accumulated_entries() -> None:
+    pipe = PipeResidual(5)
+    pipe.add(torch.tensor([1.0, -4.0, 0.5, 0.0, 2.0]))
+    pipe.add(torch.tensor([1.5, 0.0, 0.0, -3.0, 0.0]))  # accumulates: [2.5, -4, 0.5, -3, 2]
+    payload = pipe.take(2)
+    assert isinstance(payload, Sparse)
+    assert sorted(payload.indices.tolist()) == [1, 3]
+    assert torch.equal(pipe.residual, torch.tensor([2.5, 0.0, 0.5, 0.0, 2.0]))
+    assert isinstance(pipe.take(3, dense_fraction=0.5), Dense)  # 3 >= 2.5: all of it
+    assert torch.equal(pipe.residual, torch.zeros(5))
+    empty = pipe.take(0)
+    assert isinstance(empty, Sparse) and empty.indices.numel() == 0
+
+
+def test_pipe_residual_loses_nothing_and_puts_back_what_failed() -> None:
+    """Per pipe: everything sent + the residual = every site sum added (error feedback);
+    an undelivered update is owed again."""
+    gen = torch.Generator().manual_seed(0)
+    pipe = PipeResidual(200)
+    added = torch.zeros(200)
+    sent = torch.zeros(200)
+    for it in range(40):
+        update = torch.randn(200, generator=gen)
+        pipe.add(update)
+        added += update
+        payload = pipe.take([0, 3, 20, 150][it % 4])
+        if it % 7 == 3:
+            pipe.put_back(payload)  # the destination was gone
+        else:
+            sent += payload.to_dense(200)
+    assert torch.allclose(sent + pipe.residual, added, atol=1e-4)
+
+
+def test_knowledge_meta_round_trip() -> None:
+    known = {2: (100.0, 0.5), 5: (25.0, 1.5)}
+    meta = knowledge_meta(known, [2, 5, 7])
+    assert meta == {"s2": 100.0, "l2": 0.5, "s5": 25.0, "l5": 1.5}
+    assert read_knowledge({**meta, "it": 3.0, "src": 2.0, "s": 1.0}) == known
+
+
+def test_sharded_allreduce_sums_exactly_and_shares_metadata() -> None:
+    """Three members, vectors r * [1..7]: every member gets the same sum 6 * [1..7] and
+    every member's metadata."""
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 1.0, "count": 3}],
+        train={"max_time": 0.05, "stop_at_target": False},
+    )
+    got: dict[int, Any] = {}
+
+    async def worker(ctx: WorkerContext, _: Any) -> None:
+        vec = (ctx.rank + 1) * torch.arange(1.0, 8.0)
+        got[ctx.rank] = await sharded_allreduce(ctx, vec, "t", [0, 1, 2], {"x": float(ctx.rank)})
+        while True:
+            await ctx.compute(1)
+            ctx.iteration_done(0.0)
+
+    run_counting(cfg, worker, None)
+    for r in range(3):
+        assert torch.equal(got[r].total, 6 * torch.arange(1.0, 8.0))
+        assert got[r].metas == {q: {"x": float(q)} for q in range(3)}
+        assert got[r].lost == []
+
+
+def _three_sites(**options: Any) -> Any:
+    return small_config(
+        workers=[
+            {"site": "a", "capacity_gflops": 0.4, "count": 2},
+            {"site": "b", "capacity_gflops": 0.2, "count": 2},
+            {"site": "c", "capacity_gflops": 0.1, "count": 2},
+        ],
+        sites=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
+        links=[
+            {"sites": ["a", "b"], "bandwidth_mbps": 20, "latency_ms": 4},
+            {"sites": ["b", "c"], "bandwidth_mbps": 10, "latency_ms": 6},
+            {"sites": ["a", "c"], "bandwidth_mbps": 7, "latency_ms": 8},
+        ],
+        options=options,
+        train={"max_time": 1.0, "stop_at_target": False},
+    )
+
+
+def test_a_site_keeps_one_model_and_sites_differ() -> None:
+    """Members of a site apply the same total every iteration: after each iteration their
+    parameters are bit-identical; sites differ (sparse, late exchange across sites)."""
+    from dlion.strategies import get_strategy, parse_options
+
+    spec = get_strategy("dlion")
+    after: dict[tuple[int, int], torch.Tensor] = {}
+
+    async def spying(ctx: WorkerContext, opt: Any) -> None:
+        done = ctx.iteration_done
+
+        def logged(loss: float) -> None:
+            after[ctx.rank, ctx.iteration] = ctx.replica.flat.clone()
+            done(loss)
+
+        ctx.iteration_done = logged  # type: ignore[method-assign]
+        await spec.worker(ctx, opt)
+
+    result, _ = run_counting(_three_sites(), spying, parse_options(spec, {}))
+    pairs = [(0, 1), (2, 3), (4, 5)]
+    compared = 0
+    for a, b in pairs:
+        for (rank, it), flat in after.items():
+            if rank == a and (b, it) in after:
+                assert torch.equal(flat, after[b, it])
+                compared += 1
+    assert compared > 50
+    last = max(it for r, it in after if r == 4)
+    assert not torch.equal(after[0, last], after[4, last])
+    assert result.summary["final_acc"] >= 0.85
+
+
+def test_only_site_leaders_talk_across_sites_one_flow_per_pipe() -> None:
+    """Everything a non-leader sends stays in its site (the all-reduce); the leaders'
+    inter-site updates never exceed one message in flight per pipe."""
+    cfg = _three_sites()
+    seen: list[tuple[int, int, str]] = []
+
+    from dlion.strategies import get_strategy, parse_options
+
+    spec = get_strategy("dlion")
+
+    async def spying(ctx: WorkerContext, opt: Any) -> None:
+        send = ctx.send
+
+        async def logged(dst: int, tag: str, payload: Any, meta: Any = None) -> bool:
+            seen.append((ctx.rank, dst, tag))
+            return await send(dst, tag, payload, meta)
+
+        ctx.send = logged  # type: ignore[method-assign]
+        await spec.worker(ctx, opt)
+
+    run_counting(cfg, spying, parse_options(spec, {}))
+    site = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+    across = {(s, d) for s, d, _ in seen if site[s] != site[d]}
+    assert across == {(0, 2), (0, 4), (2, 0), (2, 4), (4, 0), (4, 2)}
+    assert all(tag == "dlion/x" for s, d, tag in seen if site[s] != site[d])
+
+
+def test_lockstep_sites_wait_for_each_other() -> None:
+    """max_delay 1: a leader at iteration t holds every remote site's update of t - 1, so
+    the sites' iteration counts never drift apart by more than that."""
+    result = run_sim(_three_sites(max_delay=1), progress=False)
+    free = run_sim(_three_sites(lockstep_slack=None), progress=False)
+    assert result.summary["final_acc"] >= 0.85
+    assert not [e for e in result.events if e["event"] == "remote_wait_timeout"]
+    # Waiting costs time: fewer iterations in the same second than the overlapped default.
+    assert result.summary["iterations"] < free.summary["iterations"]
+
+
+def test_site_iteration_times_follow_measured_speeds() -> None:
+    groups = {"a": [0, 1], "b": [2, 3], "c": [4]}
+    known = {0: (400.0, 1.0), 1: (400.0, 1.0), 2: (100.0, 1.0), 3: (100.0, 1.0)}
+    # G = 50 over 5 workers: a's share is 20 samples at 800 samples/s, b's 20 at 200.
+    times = site_iteration_times(groups, known, 50, 5)
+    assert times == {"a": pytest.approx(0.025), "b": pytest.approx(0.1), "c": None}
+
+
+def test_a_departed_leader_hands_the_role_to_the_next_member() -> None:
+    cfg = with_membership(_three_sites(), [MembershipEvent(at_s=0.4, rank=0, event="leave")])
+    result = run_sim(cfg, progress=False)
+    changes = [(e["rank"], e["leader"]) for e in result.events if e["event"] == "leader_changed"]
+    assert (1, 1) in changes  # rank 1 now leads site a
+    late = [p for p in result.points if p.t >= 0.5]
+    assert late[-1].iteration > late[0].iteration
+    assert result.summary["final_acc"] >= 0.85
