@@ -57,6 +57,13 @@ class WorkerConfig(_Strict):
     capacity_gflops: float = Field(
         gt=0, description="Effective compute capacity (GFLOP/s) for training this model."
     )
+    # 0 by default: a step is then FLOPs x batch / capacity, as every shipped result assumes.
+    step_overhead_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Fixed cost of every training step (ms) beside the per-sample work: "
+        "step time = overhead + FLOPs x batch / capacity (`dlion probe` fits both).",
+    )
     nic_mbps: float | None = Field(
         None,
         gt=0,

@@ -196,6 +196,7 @@ class DistContext(WorkerContext):
             bandwidth_ema=cfg.engine.bandwidth_ema,
             header_bytes=cfg.engine.header_bytes,
             seed=cfg.train.seed,
+            step_overhead=cluster.workers[rank].step_overhead_s * scale,
         )
         self._worker = worker
         self.overruns = 0
