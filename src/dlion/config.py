@@ -293,6 +293,13 @@ class EngineConfig(_Strict):
         30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    measure_min_bytes: int = Field(
+        16_384,
+        ge=1,
+        description="dist (shaping kernel or none): frames at least this large are timed "
+        "by their receiver and acknowledged, feeding the sender's per-link bandwidth "
+        "estimate; smaller ones cross in a few packets at line rate and would overstate it.",
+    )
     bandwidth_ema: float = Field(
         0.5,
         gt=0,
