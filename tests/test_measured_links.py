@@ -114,9 +114,15 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     changed: dict[str, float] = {}
 
     def slow_down() -> None:
-        time.sleep(7.0)  # workers start a few seconds after run_dist; then ~4 s at 40 Mbit/s
-        set_peer_rate(plan, 0, 1, 4.0)
-        changed["wall"] = time.time()
+        # Once worker 0 has had eight frames to worker 1 timed at 40 Mbit/s.
+        log = tmp_path / "workers" / "rank-0.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if log.is_file() and log.read_text().count('"link_rate"') >= 8:
+                set_peer_rate(plan, 0, 1, 4.0)
+                changed["wall"] = time.time()
+                return
+            time.sleep(0.05)
 
     timer = threading.Thread(target=slow_down, daemon=True)
     timer.start()
@@ -128,9 +134,8 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     after = [r for r in rates if r["wall"] > changed["wall"]]
     assert len(before) >= 3 and len(after) >= 6, (len(before), len(after))
     fast, slow = 40 * MBPS * GOODPUT, 4 * MBPS * GOODPUT
-    assert before[-1]["estimate"] == pytest.approx(fast, rel=0.25), before[-3:]
-    # The second timed frame after the change crossed the slowed link alone.
-    assert after[1]["measured"] == pytest.approx(slow, rel=0.25), after[:3]
-    # EMA 0.5 from 10x too fast: within 30% of the new rate by the sixth acknowledgement.
-    assert after[5]["estimate"] == pytest.approx(slow, rel=0.3), after[:6]
-
+    assert before[-1]["estimate"] == pytest.approx(fast, rel=0.3), before[-3:]
+    # The median of the last three timed frames: the new rate from the third send after
+    # the change (the first may have been part-sent at the old rate), and it stays there.
+    for r in after[3:8]:
+        assert r["estimate"] == pytest.approx(slow, rel=0.3), after[:8]

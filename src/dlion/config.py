@@ -300,6 +300,13 @@ class EngineConfig(_Strict):
         "by their receiver and acknowledged, feeding the sender's per-link bandwidth "
         "estimate; smaller ones cross in a few packets at line rate and would overstate it.",
     )
+    delivery_window: int = Field(
+        3,
+        ge=1,
+        description="dist (shaping kernel or none): a link's estimate is the median of the "
+        "last N receiver-timed rates, so one outlier (a receiver thread woken late) never "
+        "moves it and a changed link is followed after N // 2 + 1 sends.",
+    )
     bandwidth_ema: float = Field(
         0.5,
         gt=0,

@@ -84,7 +84,7 @@ def fit_step_time(batches: list[int], seconds: list[float]) -> StepFit:
     slope = sxy / sxx
     if not slope > 0:
         raise ProbeError(
-            f"probe: step times do not grow with the batch ({dict(zip(batches, seconds))}); "
+            f"probe: step times do not grow with the batch ({dict(zip(batches, seconds, strict=True))}); "
             "use larger batch sizes (--batches)"
         )
     intercept = mt - slope * mb

@@ -39,8 +39,11 @@ class _Receiver:
 
 def main(argv: list[str]) -> int:
     rank, world, host, port = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
-    bytes_per_pair, frames, pings, timeout_s = int(argv[4]), int(argv[5]), int(argv[6]), float(
-        argv[7]
+    bytes_per_pair, frames, pings, timeout_s = (
+        int(argv[4]),
+        int(argv[5]),
+        int(argv[6]),
+        float(argv[7]),
     )
     timeout = datetime.timedelta(seconds=timeout_s)
 
@@ -121,7 +124,7 @@ def _latency(
         start = time.perf_counter()
         transport.send(dst, b"P", due=0.0)
         with recv.lock:
-            if not recv.lock.wait_for(lambda: recv.pongs.get(dst, 0) > before, timeout_s):
+            if not recv.lock.wait_for(lambda b=before: recv.pongs.get(dst, 0) > b, timeout_s):
                 raise TimeoutError(f"no pong from {dst}")
         best = min(best, time.perf_counter() - start)
     return best / 2

@@ -34,6 +34,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -58,7 +59,6 @@ from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.report import MetricsLog
 from dlion.strategies import get_strategy, parse_options
-
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
@@ -209,6 +209,7 @@ class DistContext(WorkerContext):
         )
         self._worker = worker
         self.overruns = 0
+        self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
 
     def now(self) -> float:
         return time.time() - self._worker.t0
@@ -233,8 +234,13 @@ class DistContext(WorkerContext):
         return await self._worker.transmit(dst, msg)
 
     def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
-        """The receiver timed `nbytes` to `peer` arriving over `seconds`: feed the estimate."""
-        self._observe_transfer(peer, nbytes, seconds)
+        """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate is the
+        median of the last `engine.delivery_window` such rates (robust to one late wake-up
+        of a receiver thread, and quick to follow a link that changed)."""
+        window = self._deliveries.setdefault(peer, [])
+        window.append(nbytes / seconds)
+        del window[: -self._worker.cfg.engine.delivery_window]
+        self._bandwidth[peer] = statistics.median(window)
 
 
 class DistWorker:
