@@ -83,8 +83,9 @@ def fit_step_time(batches: list[int], seconds: list[float]) -> StepFit:
     sxy = sum((b - mb) * (t - mt) for b, t in zip(batches, seconds, strict=True))
     slope = sxy / sxx
     if not slope > 0:
+        seen = dict(zip(batches, seconds, strict=True))
         raise ProbeError(
-            f"probe: step times do not grow with the batch ({dict(zip(batches, seconds, strict=True))}); "
+            f"probe: step times do not grow with the batch ({seen}); "
             "use larger batch sizes (--batches)"
         )
     intercept = mt - slope * mb
