@@ -1,8 +1,9 @@
 """`dlion probe`: measure what a config assumes (step times, links) and write a cluster.
 
-Step time. A training step of the configured model on this host is timed (median of
-`repeats` after a warm-up, unthrottled, `engine.threads` torch threads) at several batch
-sizes and fitted by least squares to
+Step time. A training step of the configured model on this host is timed (unthrottled,
+`engine.threads` torch threads, the batch sizes taking turns, the lower quartile of
+`repeats` steps each: see measure_step_times) at several batch sizes and fitted by least
+squares to
 
     t(b) = a + b / s          (a: fixed seconds per step, s: samples per second),
 
@@ -100,7 +101,12 @@ def fit_step_time(batches: list[int], seconds: list[float]) -> StepFit:
 def measure_step_times(
     cfg: ExperimentConfig, batches: list[int], repeats: int, warmup: int = 3
 ) -> dict[int, float]:
-    """Median unthrottled seconds of one training step of the configured model per batch."""
+    """Unthrottled seconds of one training step of the configured model, per batch size.
+
+    The batch sizes take turns (one step each per round), so a neighbour's load that comes
+    and goes hits every size alike instead of whichever was being timed; each size's time
+    is the lower quartile of its `repeats` steps: the step as the host runs it undisturbed
+    (the upper part of the distribution measures the neighbours, not the model)."""
     import torch
 
     from dlion.experiment import make_replica, prepare
@@ -108,17 +114,22 @@ def measure_step_times(
     torch.set_num_threads(cfg.engine.threads)
     prep = prepare(cfg, 1)
     replica = make_replica(cfg, prep, 0)
-    out: dict[int, float] = {}
-    for b in sorted(set(batches)):
+    sizes = sorted(set(batches))
+    for b in sizes:
         for _ in range(warmup):
             replica.gradient(b)
-        times = []
-        for _ in range(repeats):
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(repeats):
+        for b in sizes:
             start = time.perf_counter()
             replica.gradient(b)
-            times.append(time.perf_counter() - start)
-        out[b] = statistics.median(times)
-    return out
+            times[b].append(time.perf_counter() - start)
+    return {b: _lower_quartile(t) for b, t in times.items()}
+
+
+def _lower_quartile(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 4]
 
 
 def flops_per_sample(cfg: ExperimentConfig) -> int:

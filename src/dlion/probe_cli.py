@@ -17,6 +17,9 @@ from rich.console import Console
 if TYPE_CHECKING:
     from dlion.cluster import Cluster
 
+# Above this relative miss on any timed batch size the user is told the line fits poorly.
+POOR_FIT = 0.10
+
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
@@ -43,11 +46,16 @@ def probe(
         typer.Option(help="Measure links between the namespaces of this `dlion netns` prefix."),
     ] = None,
     batches: Annotated[
-        str, typer.Option(help="Batch sizes the step-time model is fitted on.")
-    ] = "8,32,128",
+        str | None,
+        typer.Option(
+            help="Batch sizes the step-time model is fitted on (default: B/4, B, 2B "
+            "around train.batch_per_worker B, the range WDB moves in)."
+        ),
+    ] = None,
     holdout: Annotated[
-        str, typer.Option(help="Batch sizes timed to check the fit (not fitted on).")
-    ] = "16,64",
+        str | None,
+        typer.Option(help="Batch sizes timed to check the fit, not fitted on (default B/2, 3B/2)."),
+    ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed steps per batch size.")] = 30,
     mb_per_pair: Annotated[
         float, typer.Option(min=0.01, help="MB streamed per ordered pair of workers.")
@@ -66,7 +74,10 @@ def probe(
     from dlion.config import config_from_dict, load_config
 
     cfg = load_config(config, list(set_ or []))
-    fit_on, check_on = _ints(batches, "batches"), _ints(holdout, "holdout")
+    b = cfg.train.batch_per_worker
+    fit_on = _ints(batches, "batches") if batches else sorted({max(1, b // 4), b, 2 * b})
+    check_on = _ints(holdout, "holdout") if holdout else sorted({max(1, b // 2), 3 * b // 2})
+    check_on = [c for c in check_on if c not in fit_on]
     times = p.measure_step_times(cfg, fit_on + check_on, repeats)
     fit = p.fit_step_time(fit_on, [times[b] for b in fit_on])
     flops = p.flops_per_sample(cfg)
@@ -81,6 +92,12 @@ def probe(
         console.print(
             f"  batch {b:>5}: measured {times[b] * 1e3:8.3f} ms, model "
             f"{fit.predict(b) * 1e3:8.3f} ms ({err:+.1%}, {kind})"
+        )
+    worst = max(abs(fit.predict(b) / times[b] - 1) for b in times)
+    if worst > POOR_FIT:
+        console.print(
+            f"  warning: the line misses a measured step by {worst:.0%}: step times are not "
+            "linear over these batch sizes; fit on the range you train at (--batches)"
         )
     cluster = Cluster.from_config(cfg.cluster)
     rates: list[p.PairRate] = []

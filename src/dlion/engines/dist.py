@@ -2,9 +2,9 @@
 
 The strategy is the same coroutine the sim runs; only the context differs:
 - compute: the real gradient, then a sleep that stretches the step to what the worker's
-  configured capacity implies, times the run's time scale (so 6 unequal workers can be
-  emulated on a small host; if the real step is already longer it is counted as an
-  overrun);
+  configured capacity and step overhead imply, times the run's time scale (so 6 unequal
+  workers can be emulated on a small host; if the real step is already longer it is
+  counted as an overrun);
 - transport: frames (comm/codec.py) over per-pair torch.distributed groups
   (engines/transport.py), paced per link and NIC by engines/shaping.py;
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
