@@ -74,6 +74,11 @@ def probe(
     from dlion.config import config_from_dict, load_config
 
     cfg = load_config(config, list(set_ or []))
+    if links and netns is not None:  # a prefix that is not up fails now, not after the steps
+        from dlion.engines import netns as namespaces
+
+        namespaces.check_host()
+        namespaces.load_plan(netns)
     b = cfg.train.batch_per_worker
     fit_on = _ints(batches, "batches") if batches else sorted({max(1, b // 4), b, 2 * b})
     check_on = _ints(holdout, "holdout") if holdout else sorted({max(1, b // 2), 3 * b // 2})
