@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import threading
@@ -27,15 +28,10 @@ from dlion.engines.launcher import run_dist
 from helpers import small_config
 from test_netns import SKIP, _free_subnet, _leftovers
 
-# TCP payload over an htb line rate (headers count against the rate; module docstring of
-# engines/netns.py): about 95% for full-size frames.
-GOODPUT = 0.95
-
-
 def _config(shaping: str, max_time: float) -> ExperimentConfig:
-    """Two workers of one site at 40 Mbit/s, a dense 77 kB gradient every step."""
+    """Two workers of one site at 20 Mbit/s, a dense 77 kB gradient every step."""
     cfg = small_config(
-        sites=[{"name": "a", "intra_bandwidth_mbps": 40}],
+        sites=[{"name": "a", "intra_bandwidth_mbps": 20}],
         workers=[{"site": "a", "capacity_gflops": 0.02, "count": 2}],
         options={"pge": False, "dkt": False},
         train={"max_time": max_time, "stop_at_target": False},
@@ -61,8 +57,8 @@ def test_loopback_links_are_measured_not_taken_from_the_config(tmp_path: Path) -
     run_dist(cfg, out_dir=tmp_path, progress=False)
     rates = _link_rates(tmp_path, 0, 1)
     assert len(rates) >= 3, rates
-    configured = 40 * MBPS
-    # Loopback moves far more than the configured 40 Mbit/s, and the estimate shows it.
+    configured = 20 * MBPS
+    # Loopback moves far more than the configured 20 Mbit/s, and the estimate shows it.
     assert rates[-1]["estimate"] > 3 * configured, rates[-1]
     assert all(r["measured"] > 0 for r in rates)
 
@@ -114,12 +110,12 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     changed: dict[str, float] = {}
 
     def slow_down() -> None:
-        # Once worker 0 has had eight frames to worker 1 timed at 40 Mbit/s.
+        # Once worker 0 has had eight frames to worker 1 timed at 20 Mbit/s.
         log = tmp_path / "workers" / "rank-0.jsonl"
         deadline = time.time() + 60
         while time.time() < deadline:
             if log.is_file() and log.read_text().count('"link_rate"') >= 8:
-                set_peer_rate(plan, 0, 1, 4.0)
+                set_peer_rate(plan, 0, 1, 2.0)
                 changed["wall"] = time.time()
                 return
             time.sleep(0.05)
@@ -133,9 +129,13 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     before = [r for r in rates if r["wall"] < changed["wall"]]
     after = [r for r in rates if r["wall"] > changed["wall"]]
     assert len(before) >= 3 and len(after) >= 6, (len(before), len(after))
-    fast, slow = 40 * MBPS * GOODPUT, 4 * MBPS * GOODPUT
-    assert before[-1]["estimate"] == pytest.approx(fast, rel=0.3), before[-3:]
+    # Receiver timing reads 10-15% above the tc rate and single 30 ms frames on a loaded
+    # host scatter (RESULTS.md section 15): within 40% of the tc rate, where the old
+    # estimate is 10x off.
+    fast, slow = 20 * MBPS, 2 * MBPS
+    settled = statistics.median(r["estimate"] for r in before[-5:])
+    assert settled == pytest.approx(fast, rel=0.4), before[-5:]
     # The median of the last three timed frames: the new rate from the third send after
     # the change (the first may have been part-sent at the old rate), and it stays there.
     for r in after[3:8]:
-        assert r["estimate"] == pytest.approx(slow, rel=0.3), after[:8]
+        assert r["estimate"] == pytest.approx(slow, rel=0.4), after[:8]
