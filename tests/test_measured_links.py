@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -27,6 +27,7 @@ from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 from helpers import small_config
 from test_netns import SKIP, _free_subnet, _leftovers
+
 
 def _config(shaping: str, max_time: float) -> ExperimentConfig:
     """Two workers of one site at 20 Mbit/s, a dense 77 kB gradient every step."""
