@@ -23,6 +23,7 @@ from dlion.errors import BadInput, DlionError
 from dlion.fl.cli import app as fl_app
 from dlion.hybrid.cli import app as hybrid_app
 from dlion.outdir import default_dir, open_output, resume_output
+from dlion.probe_cli import probe
 from dlion.report.metrics import warn_diverged
 from dlion.thermal.cli import app as thermal_app
 from dlion.transfer.cli import app as transfer_app
@@ -317,6 +318,7 @@ app.add_typer(thermal_app, name="thermal")
 app.add_typer(transfer_app, name="transfer")
 app.add_typer(transient_app, name="transient")
 app.command("plan")(transient_plan)
+app.command("probe")(probe)
 
 
 class Terminated(KeyboardInterrupt):

@@ -33,6 +33,7 @@ class Worker:
     site: str
     capacity_flops: float  # effective FLOP/s for training this model
     nic_bytes_per_s: float | None  # shared by all of this worker's transfers; None = unlimited
+    step_overhead_s: float = 0.0  # fixed cost of every step, before its FLOPs
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,17 @@ class Cluster:
         return sum(w.capacity_flops for w in self.workers)
 
     def compute_time(self, rank: int, flops: float, start: float = 0.0) -> float:
-        """Virtual seconds worker `rank` needs for `flops` of training work started at
-        `start`: exact across capacity changes (the work is the integral of capacity)."""
+        """Virtual seconds worker `rank` needs for one step of `flops` training work started
+        at `start`: the worker's fixed step overhead, then the FLOPs, exact across capacity
+        changes (the work is the integral of capacity; the overhead does not scale)."""
+        overhead = self.workers[rank].step_overhead_s
         trace = self._capacity_traces.get(rank)
         if trace is None:
-            return flops / self.workers[rank].capacity_flops
-        return trace.duration_for(flops, start)
+            work = flops / self.workers[rank].capacity_flops
+        else:
+            work = trace.duration_for(flops, start + overhead)
+        # Without an overhead the sum is skipped, so every earlier result stays bit-identical.
+        return work if overhead == 0.0 else overhead + work
 
     def capacity_change_times(self) -> list[float]:
         """Every time (> 0) at which some worker's capacity changes, sorted."""
@@ -208,7 +214,15 @@ class Cluster:
         for entry in cfg.workers:
             for _ in range(entry.count):
                 nic = entry.nic_mbps * MBPS if entry.nic_mbps is not None else None
-                workers.append(Worker(len(workers), entry.site, entry.capacity_gflops * 1e9, nic))
+                workers.append(
+                    Worker(
+                        len(workers),
+                        entry.site,
+                        entry.capacity_gflops * 1e9,
+                        nic,
+                        entry.step_overhead_ms / 1e3,
+                    )
+                )
         sites = {s.name: s for s in cfg.sites}
         site_links: dict[frozenset[str], tuple[float, float]] = {}
         pair_links: dict[frozenset[int], tuple[float, float]] = {}

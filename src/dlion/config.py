@@ -57,6 +57,13 @@ class WorkerConfig(_Strict):
     capacity_gflops: float = Field(
         gt=0, description="Effective compute capacity (GFLOP/s) for training this model."
     )
+    # 0 by default: a step is then FLOPs x batch / capacity, as every shipped result assumes.
+    step_overhead_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Fixed cost of every training step (ms) beside the per-sample work: "
+        "step time = overhead + FLOPs x batch / capacity (`dlion probe` fits both).",
+    )
     nic_mbps: float | None = Field(
         None,
         gt=0,
@@ -286,6 +293,20 @@ class EngineConfig(_Strict):
         30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    measure_min_bytes: int = Field(
+        16_384,
+        ge=1,
+        description="dist (shaping kernel or none): frames at least this large are timed "
+        "by their receiver and acknowledged, feeding the sender's per-link bandwidth "
+        "estimate; smaller ones cross in a few packets at line rate and would overstate it.",
+    )
+    delivery_window: int = Field(
+        3,
+        ge=1,
+        description="dist (shaping kernel or none): a link's estimate is the median of the "
+        "last N receiver-timed rates, so one outlier (a receiver thread woken late) never "
+        "moves it and a changed link is followed after N // 2 + 1 sends.",
+    )
     bandwidth_ema: float = Field(
         0.5,
         gt=0,

@@ -122,8 +122,12 @@ class WorkerContext(ABC):
         bandwidth_ema: float = 0.5,
         header_bytes: int = 0,
         seed: int = 0,
+        step_overhead: float = 0.0,
     ) -> None:
         self.rank = rank
+        # The fixed cost of each of this worker's steps (context seconds), known from its
+        # config: a strategy that splits batches by step time needs it (WDB, dlion.py).
+        self.step_overhead = step_overhead
         self.replica = replica
         self.global_batch = global_batch
         self.recv_timeout = recv_timeout

@@ -2,11 +2,16 @@
 
 The strategy is the same coroutine the sim runs; only the context differs:
 - compute: the real gradient, then a sleep that stretches the step to what the worker's
-  configured capacity implies, times the run's time scale (so 6 unequal workers can be
-  emulated on a small host; if the real step is already longer it is counted as an
-  overrun);
+  configured capacity and step overhead imply, times the run's time scale (so 6 unequal
+  workers can be emulated on a small host; if the real step is already longer it is
+  counted as an overrun);
 - transport: frames (comm/codec.py) over per-pair torch.distributed groups
   (engines/transport.py), paced per link and NIC by engines/shaping.py;
+- links are measured, not assumed: with transport pacing a send's paced time feeds the
+  per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
+  real links) the receiver times every large frame from its length's arrival to its last
+  byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that, so a
+  link whose rate changes mid-run is followed within a few sends;
 - membership: peers are dropped when their link fails (a killed process resets its
   connections at once), when they announce leaving (SIGTERM), or when their heartbeat in
   the job's store is older than `engine.peer_timeout`. A dropped peer wakes every receive
@@ -29,6 +34,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -42,7 +48,7 @@ import torch.distributed as dist
 
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
-from dlion.comm.messages import Dense, Message
+from dlion.comm.messages import Control, Dense, Message
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
@@ -53,6 +59,9 @@ from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.report import MetricsLog
 from dlion.strategies import get_strategy, parse_options
+
+# The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
+DELIVERY_TAG = "__delivered"
 
 
 class Keys:
@@ -196,9 +205,11 @@ class DistContext(WorkerContext):
             bandwidth_ema=cfg.engine.bandwidth_ema,
             header_bytes=cfg.engine.header_bytes,
             seed=cfg.train.seed,
+            step_overhead=cluster.workers[rank].step_overhead_s * scale,
         )
         self._worker = worker
         self.overruns = 0
+        self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
 
     def now(self) -> float:
         return time.time() - self._worker.t0
@@ -221,6 +232,15 @@ class DistContext(WorkerContext):
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
         return await self._worker.transmit(dst, msg)
+
+    def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
+        """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate is the
+        median of the last `engine.delivery_window` such rates (robust to one late wake-up
+        of a receiver thread, and quick to follow a link that changed)."""
+        window = self._deliveries.setdefault(peer, [])
+        window.append(nbytes / seconds)
+        del window[: -self._worker.cfg.engine.delivery_window]
+        self._bandwidth[peer] = statistics.median(window)
 
 
 class DistWorker:
@@ -284,6 +304,8 @@ class DistWorker:
             on_frame=self._on_frame,
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
             on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
+            # Paced sends measure themselves; real links are timed at the receiver.
+            on_timing=None if cfg.engine.shaping == "transport" else self._on_timing,
         )
         name = f"rank-{rank}.jsonl" if incarnation == 0 else f"rank-{rank}.{incarnation}.jsonl"
         events = None if out_dir is None else out_dir / "workers" / name
@@ -497,8 +519,32 @@ class DistWorker:
             self._inflight.get(dst, set()).discard(fut)
         # gloo reports a send done once the socket took it (up to megabytes of buffer), not
         # once it arrived: that time would inflate the bandwidth estimate far above the
-        # link's. Report none, so estimates stay at the configured link speeds.
+        # link's. Report none here: the receiver's acknowledgement feeds the estimate.
         return 0.0
+
+    def _on_timing(self, peer: int, nbytes: int, first: float, last: float) -> None:
+        """Receiver thread: acknowledge a large frame's delivery time to its sender."""
+        if nbytes < self.cfg.engine.measure_min_bytes or last <= first:
+            return
+        meta = {"bytes": float(nbytes), "seconds": last - first}
+        ack = Message(self.rank, peer, DELIVERY_TAG, Control("delivered"), 0.0, meta)
+        self.transport.send(peer, encode(ack), due=0.0)
+
+    def _delivered(self, msg: Message) -> None:
+        """On the loop: `msg.src` timed one of our frames; the link estimate follows it."""
+        nbytes, seconds = int(msg.meta.get("bytes", 0)), float(msg.meta.get("seconds", 0.0))
+        if nbytes <= 0 or not seconds > 0:
+            return
+        self.ctx.observe_delivery(msg.src, nbytes, seconds)
+        self.log.write(
+            "link_rate",
+            t=self.ctx.now(),
+            wall=time.time(),
+            rank=self.rank,
+            peer=msg.src,
+            measured=nbytes / seconds,
+            estimate=self.ctx.bandwidth(msg.src),
+        )
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:
         """Receiver thread: decode off the loop, then deliver (or reject) on it."""
@@ -513,7 +559,11 @@ class DistWorker:
     def _deliver(self, msg: Message) -> None:
         # Joiners are linked before they are members: their state requests must get through.
         # (The link itself is the test: the loop may not have recorded a new one yet.)
-        if self.transport.has_link(msg.src):
+        if not self.transport.has_link(msg.src):
+            return
+        if msg.tag == DELIVERY_TAG:
+            self._delivered(msg)
+        else:
             self.ctx.mailbox.deliver(msg)
 
     def _reject(self, peer: int, why: str) -> None:

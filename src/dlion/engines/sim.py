@@ -88,6 +88,7 @@ class SimContext(WorkerContext):
             bandwidth_ema=engine.cfg.engine.bandwidth_ema,
             header_bytes=engine.cfg.engine.header_bytes,
             seed=engine.cfg.train.seed,
+            step_overhead=cluster.workers[rank].step_overhead_s,
         )
         self._engine = engine
 

@@ -7,7 +7,9 @@ operation, and the other pairs carry on. A world-sized group could not do that, 
 could not admit a worker that joins later. Each peer has a sender thread (a FIFO of
 frames, each released at its due time so shaped links keep their latency) and a
 receiver thread (length, then bytes); both hand results to the worker's event loop
-through callbacks.
+through callbacks. The receiver also times each frame, from its length's arrival to its
+last byte's (`on_timing`): on a real link that is the frame's bytes over the link's rate,
+which is how the dist engine and `dlion probe` measure links without trusting the config.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ FrameCallback = Callable[[int, memoryview], None]
 PAIR_OP_TIMEOUT = datetime.timedelta(days=30)
 FailureCallback = Callable[[int, str], None]
 RefusedCallback = Callable[[int, str], None]
+# (peer, frame bytes, time.perf_counter() when its length arrived, when its last byte did)
+TimingCallback = Callable[[int, int, float, float], None]
 
 
 @dataclass
@@ -86,6 +90,7 @@ class _PeerLink:
             try:
                 size = self._tensor(torch.zeros(1, dtype=torch.int64))
                 self.group.recv([size], self.other, 0).wait()
+                first = time.perf_counter()
                 n = int(size.item())
                 if n < 0 or n > limit:
                     # We cannot skip the bytes without receiving them, so the stream from this
@@ -97,9 +102,12 @@ class _PeerLink:
                     return
                 buf = self._tensor(torch.empty(n, dtype=torch.uint8))
                 self.group.recv([buf], self.other, 0).wait()
+                last = time.perf_counter()
             except Exception as err:  # any transport error means the link is gone
                 self._fail(f"receive failed: {err}")
                 return
+            if self.transport.on_timing is not None:
+                self.transport.on_timing(self.peer, n, first, last)
             self.transport.on_frame(self.peer, memoryview(buf.cpu().numpy()))
 
     def _fail(self, why: str) -> None:
@@ -124,6 +132,7 @@ class PairTransport:
         on_frame: FrameCallback,
         on_failure: FailureCallback,
         on_refused: RefusedCallback | None = None,
+        on_timing: TimingCallback | None = None,
     ) -> None:
         self.store_factory = store_factory
         self.rank = rank
@@ -139,6 +148,7 @@ class PairTransport:
         self.on_frame = on_frame
         self.on_failure = on_failure
         self.on_refused = on_refused or (lambda peer, why: None)
+        self.on_timing = on_timing
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
         self._links: dict[int, _PeerLink] = {}
         self._lock = threading.Lock()

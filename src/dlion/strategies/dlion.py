@@ -66,6 +66,7 @@ from dlion.comm.collectives import sharded_allreduce
 from dlion.comm.messages import Dense, Message, Payload, Sparse
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
+from dlion.strategies.wdb import equal_time_batches
 from dlion.strategies.dlion_hpdc21 import (
     dkt_plan,
     ema,
@@ -308,6 +309,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
     was_leader = False
+    overheads: dict[int, float] = {}  # fixed per-step costs of the site's members (wdb.py)
     background: set[asyncio.Task[bool]] = set()
 
     def spawn(coro: object) -> None:
@@ -358,6 +360,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         batch = batches.get(me) or equal_batches(G, len(ranks))[ranks.index(me)]
         result = await ctx.compute(batch)
         sample_speed = result.samples / result.seconds
+        if ctx.step_overhead > 0:  # samples/s of the per-sample work alone (wdb.py)
+            sample_speed = result.samples / max(result.seconds - ctx.step_overhead, 1e-9)
+            overheads[me] = ctx.step_overhead
         speed = sample_speed if speed is None else ema(speed, sample_speed, opt.speed_ema)
         loss_ema = result.loss if loss_ema is None else ema(loss_ema, result.loss, 1 - opt.loss_ema)
         known[me] = (speed, loss_ema)
@@ -397,6 +402,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
 
         # Dense, synchronous sum inside the site; the leader's part carries the remote ones.
         meta = {"s": speed, "l": loss_ema, "dkt": 0.0 if delta is None else 1.0}
+        if ctx.step_overhead > 0:
+            meta["o"] = ctx.step_overhead
         if is_leader:
             meta |= knowledge_meta(known, [r for r in known if ctx.site(r) != my_site])
         sync_start = ctx.now()
@@ -409,6 +416,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             ctx.record("peer_lost", peer=r, phase=f"dl{t}")
         for r, m in got.metas.items():
             known[r] = (m["s"], m["l"])
+            if "o" in m:
+                overheads[r] = m["o"]
             if r == leader and not is_leader:
                 known.update({q: v for q, v in read_knowledge(m).items() if ctx.site(q) != my_site})
 
@@ -455,7 +464,13 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 t, speeds, alloc_speeds, opt.reprofile_every, opt.drift_threshold
             ):
                 b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
-                sizes = wdb_batch_sizes(share, [speeds[r] for r in pool], b_min, opt.b_max)
+                costs = [overheads.get(r, 0.0) for r in pool]
+                if any(costs):  # fixed step costs: equalise step times (wdb.py)
+                    sizes = equal_time_batches(
+                        share, [speeds[r] for r in pool], costs, b_min, opt.b_max
+                    )
+                else:
+                    sizes = wdb_batch_sizes(share, [speeds[r] for r in pool], b_min, opt.b_max)
                 batches = dict(zip(pool, sizes, strict=True))
                 alloc_speeds = speeds
                 if me == pool[0]:

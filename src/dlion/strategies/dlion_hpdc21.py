@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlion.comm.messages import INDEX_BYTES, VALUE_BYTES, Dense, Message, Payload, Sparse
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
+from dlion.strategies.wdb import equal_time_batches
 
 SUMMARY = "DLion as in HPDC '21: WDB, per-link prioritized all-to-all exchange, knowledge transfer"
 
@@ -210,9 +211,13 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         batch = batches.get(me, max(1, G // len(ranks)))
         result = await ctx.compute(batch)
         sample_speed = result.samples / result.seconds
+        if ctx.step_overhead > 0:  # samples/s of the per-sample work alone (wdb.py)
+            sample_speed = result.samples / max(result.seconds - ctx.step_overhead, 1e-9)
         speed = sample_speed if speed is None else ema(speed, sample_speed, opt.speed_ema)
         loss_ema = result.loss if loss_ema is None else ema(loss_ema, result.loss, 1 - opt.loss_ema)
         own_meta[t] = {"speed": speed, "loss": loss_ema}
+        if ctx.step_overhead > 0:
+            own_meta[t]["overhead"] = ctx.step_overhead
         weighted = result.grad * (batch / G)
 
         peers = exchange_peers(t)
@@ -273,7 +278,13 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             ):
                 order = sorted(speeds)
                 b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
-                sizes = wdb_batch_sizes(G, [speeds[r] for r in order], b_min, opt.b_max)
+                overheads = [metas[r].get("overhead", 0.0) for r in order]
+                if any(overheads):  # fixed step costs: equalise step times (wdb.py)
+                    sizes = equal_time_batches(
+                        G, [speeds[r] for r in order], overheads, b_min, opt.b_max
+                    )
+                else:
+                    sizes = wdb_batch_sizes(G, [speeds[r] for r in order], b_min, opt.b_max)
                 batches = dict(zip(order, sizes, strict=True))
                 alloc_speeds = speeds
                 if me == order[0]:

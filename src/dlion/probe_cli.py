@@ -1,0 +1,141 @@
+"""`dlion probe`: measure this host's step times and the links between workers, and write
+a config with the measured cluster (method: dlion/probe.py).
+
+    dlion probe digits-hetero --out cluster.yaml
+    dlion netns up mycluster.yaml && dlion probe mycluster.yaml --netns dlion --out c.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from dlion.cluster import Cluster
+
+# Above this relative miss on any timed batch size the user is told the line fits poorly.
+POOR_FIT = 0.10
+
+console = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _ints(value: str, what: str) -> list[int]:
+    from dlion.errors import BadInput
+
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--{what}: expected comma-separated integers, got {value!r}") from None
+    if any(b < 1 for b in out):
+        raise BadInput(f"--{what}: batch sizes must be >= 1, got {value!r}")
+    return out
+
+
+def probe(
+    config: Annotated[str, typer.Argument(help="YAML config path or shipped scenario name.")],
+    out: Annotated[Path, typer.Option(help="Where to write the config with the measured cluster.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config field (a.b=v).")
+    ] = None,
+    netns: Annotated[
+        str | None,
+        typer.Option(help="Measure links between the namespaces of this `dlion netns` prefix."),
+    ] = None,
+    batches: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch sizes the step-time model is fitted on (default: B/4, B, 2B "
+            "around train.batch_per_worker B, the range WDB moves in)."
+        ),
+    ] = None,
+    holdout: Annotated[
+        str | None,
+        typer.Option(help="Batch sizes timed to check the fit, not fitted on (default B/2, 3B/2)."),
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed steps per batch size.")] = 30,
+    mb_per_pair: Annotated[
+        float, typer.Option(min=0.01, help="MB streamed per ordered pair of workers.")
+    ] = 2.0,
+    frames: Annotated[int, typer.Option(min=2, help="Frames the stream is cut into.")] = 8,
+    pings: Annotated[int, typer.Option(min=1, help="Round trips timed per pair.")] = 5,
+    links: Annotated[bool, typer.Option(help="Measure the links (else keep the config's).")] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for any step.")] = 60.0,
+) -> None:
+    """Fit t(b) = overhead + b / speed to real steps of the configured model, measure every
+    pair's bandwidth and latency through the engine's transport, and write --out."""
+    import yaml
+
+    from dlion import probe as p
+    from dlion.cluster import MBPS, Cluster
+    from dlion.config import config_from_dict, load_config
+
+    cfg = load_config(config, list(set_ or []))
+    if links and netns is not None:  # a prefix that is not up fails now, not after the steps
+        from dlion.engines import netns as namespaces
+
+        namespaces.check_host()
+        namespaces.load_plan(netns)
+    b = cfg.train.batch_per_worker
+    fit_on = _ints(batches, "batches") if batches else sorted({max(1, b // 4), b, 2 * b})
+    check_on = _ints(holdout, "holdout") if holdout else sorted({max(1, b // 2), 3 * b // 2})
+    check_on = [c for c in check_on if c not in fit_on]
+    times = p.measure_step_times(cfg, fit_on + check_on, repeats)
+    fit = p.fit_step_time(fit_on, [times[b] for b in fit_on])
+    flops = p.flops_per_sample(cfg)
+    console.print(
+        f"step time ({cfg.engine.threads} thread(s)): {fit.overhead_s * 1e3:.3f} ms + "
+        f"b x {1e6 / fit.samples_per_s:.2f} us ({fit.samples_per_s * flops / 1e9:.3g} GFLOP/s "
+        f"at {flops} FLOPs/sample)"
+    )
+    for b in sorted(set(fit_on + check_on)):
+        kind = "fit" if b in fit_on else "held out"
+        err = fit.predict(b) / times[b] - 1
+        console.print(
+            f"  batch {b:>5}: measured {times[b] * 1e3:8.3f} ms, model "
+            f"{fit.predict(b) * 1e3:8.3f} ms ({err:+.1%}, {kind})"
+        )
+    worst = max(abs(fit.predict(b) / times[b] - 1) for b in times)
+    if worst > POOR_FIT:
+        console.print(
+            f"  warning: the line misses a measured step by {worst:.0%}: step times are not "
+            "linear over these batch sizes; fit on the range you train at (--batches)"
+        )
+    cluster = Cluster.from_config(cfg.cluster)
+    rates: list[p.PairRate] = []
+    if links:
+        rates = p.measure_links(
+            cluster.size,
+            netns_prefix=netns,
+            bytes_per_pair=int(mb_per_pair * 1e6),
+            frames=frames,
+            pings=pings,
+            timeout_s=timeout,
+        )
+    scale = cfg.engine.time_scale
+    for r in rates:
+        expected = _configured_rate(cluster, r.src, r.dst)
+        measured = r.bytes_per_s * scale
+        console.print(
+            f"  {r.src} -> {r.dst}: {measured / MBPS:9.2f} Mbit/s (config "
+            f"{expected / MBPS:.2f}, {measured / expected - 1:+.1%}), latency "
+            f"{r.latency_s / scale * 1e3:.3f} ms"
+        )
+    raw = p.measured_config(cfg, fit, flops, rates)
+    config_from_dict(raw)  # what we write must load
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# dlion probe {config}: measured step model" + (" and links\n" if rates else "\n")
+    out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    console.print(f"wrote {out}")
+
+
+def _configured_rate(cluster: Cluster, src: int, dst: int) -> float:
+    """Bytes/s a lone flow src -> dst gets by the config (link, then both NICs)."""
+    rate = cluster.bandwidth(src, dst)
+    for nic in (cluster.workers[src].nic_bytes_per_s, cluster.workers[dst].nic_bytes_per_s):
+        if nic is not None:
+            rate = min(rate, nic)
+    return rate
