@@ -66,7 +66,6 @@ from dlion.comm.collectives import sharded_allreduce
 from dlion.comm.messages import Dense, Message, Payload, Sparse
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
-from dlion.strategies.wdb import equal_time_batches
 from dlion.strategies.dlion_hpdc21 import (
     dkt_plan,
     ema,
@@ -74,6 +73,7 @@ from dlion.strategies.dlion_hpdc21 import (
     should_rebalance,
     wdb_batch_sizes,
 )
+from dlion.strategies.wdb import equal_time_batches
 
 SUMMARY = "DLion: site all-reduce, one top-k update per site pair, overlapped; WDB, DKT"
 
