@@ -1,32 +1,36 @@
-"""The `dlion` command. Bad input: one line on stderr, exit 2. Runtime failure: exit 1."""
+"""The `dlion` command. Bad input: one line on stderr, exit 2. Runtime failure: exit 1.
+
+Start-up cost matters (`dlion --help` should answer in about a second): this module
+imports neither torch nor matplotlib at the top, and the command groups of the other
+modules (`dlion fl`, `dlion dist`, ...) are imported only when one of them is run; the
+help listing shows their one-line descriptions from `LAZY_GROUPS`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-# typer 0.29 vendors click; its UsageError is the one place to catch CLI misuse.
-from typer._click.exceptions import UsageError
-
-from dlion.dist_cli import app as dist_app
-from dlion.engines.netns_cli import app as netns_app
+from dlion import __version__
 from dlion.errors import BadInput, DlionError
-from dlion.fl.cli import app as fl_app
-from dlion.hybrid.cli import app as hybrid_app
 from dlion.outdir import default_dir, open_output, resume_output
-from dlion.report.metrics import warn_diverged
-from dlion.thermal.cli import app as thermal_app
-from dlion.transfer.cli import app as transfer_app
-from dlion.transient.cli import app as transient_app
-from dlion.transient.cli import plan as transient_plan
+
+try:  # typer >= 0.29 vendors click; older versions use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError
+
 
 app = typer.Typer(
     add_completion=False,
@@ -36,6 +40,24 @@ app = typer.Typer(
 # Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dlion {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """dlion: decentralized training across heterogeneous micro-clouds."""
 
 
 ForceOption = Annotated[
@@ -95,6 +117,7 @@ def train(
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
     from dlion.report import plot_accuracy_vs_time
+    from dlion.report.metrics import warn_diverged
 
     if is_fl_source(config):
         from dlion.fl.cli import train_fl
@@ -248,6 +271,7 @@ def bench(
     Finished runs in --out are reused when their whole resolved config matches."""
     from dlion.bench import load_suite, report, run_suite
     from dlion.fl.bench import is_fl_suite
+    from dlion.report.metrics import warn_diverged
 
     if is_fl_suite(suite):
         from dlion.fl.cli import bench_fl
@@ -285,9 +309,30 @@ def bench(
     console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")
 
 
+# The built-in strategies' names and summaries, so that `dlion strategies` answers without
+# importing torch; tests/test_cli.py checks this equals the registry.
+BUILTIN_STRATEGIES = (
+    ("allreduce", "sync SGD: equal batches, dense ring all-reduce every iteration"),
+    (
+        "dlion",
+        "DLion: weighted dynamic batching, per-link prioritized exchange, knowledge transfer",
+    ),
+    ("gaia", "Gaia: BSP inside a site, only significant updates (|update|/|w| > 1%) across sites"),
+    ("ako", "Ako: asynchronous, one round-robin gradient partition per peer per iteration"),
+    ("hop", "Hop: decentralized neighbour averaging, bounded staleness, backup workers, skipping"),
+    ("ps-bsp", "parameter server, bulk-synchronous: sum of all gradients per round, then pull"),
+    ("ps-asp", "parameter server, asynchronous: apply each gradient on arrival, no waiting"),
+    ("adpsgd", "AD-PSGD: asynchronous SGD, atomic pairwise averaging with a random neighbour"),
+)
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies."""
+    if not os.environ.get("DLION_PLUGINS"):
+        for name, summary in BUILTIN_STRATEGIES:
+            print(f"{name:<12} {summary}")
+        return
     from dlion.strategies import _BUILTIN, REGISTRY, load_plugins
 
     load_plugins()
@@ -307,15 +352,92 @@ def list_scenarios() -> None:
         print(f"{name:<{width}}{load_config(name).description}")
 
 
-# Sub-command groups: each module package exposes its own typer app.
-app.add_typer(dist_app, name="dist")
-app.add_typer(fl_app, name="fl")
-app.add_typer(hybrid_app, name="hybrid")
-app.add_typer(netns_app, name="netns")
-app.add_typer(thermal_app, name="thermal")
-app.add_typer(transfer_app, name="transfer")
-app.add_typer(transient_app, name="transient")
-app.command("plan")(transient_plan)
+@dataclass(frozen=True)
+class LazyGroup:
+    """A command group (or command) of another module, imported only when it is run."""
+
+    name: str
+    module: str
+    attr: str
+    help: str  # the group's one-line description, shown by `dlion --help`
+    group: bool = True  # False: a single command (a function), not a typer app
+
+
+# Same descriptions as each module's own typer app (tests/test_cli.py checks they match).
+LAZY_GROUPS = (
+    LazyGroup(
+        "plan",
+        "dlion.transient.cli",
+        "plan",
+        "Choose instance type, count and tier for a deadline or a budget (Monte Carlo).",
+        group=False,
+    ),
+    LazyGroup("dist", "dlion.dist_cli", "app", "Benchmarks of the dist engine (real processes)."),
+    LazyGroup(
+        "fl",
+        "dlion.fl.cli",
+        "app",
+        "Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs.",
+    ),
+    LazyGroup(
+        "hybrid",
+        "dlion.hybrid.cli",
+        "app",
+        "Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
+    ),
+    LazyGroup(
+        "netns",
+        "dlion.engines.netns_cli",
+        "app",
+        "Kernel-shaped links for `--engine dist`: a namespace per worker, tc htb per link.",
+    ),
+    LazyGroup(
+        "thermal",
+        "dlion.thermal.cli",
+        "app",
+        "Heat-budget-aware DVFS (Sparta, EDGE '21): keep edge devices cool and fast.",
+    ),
+    LazyGroup(
+        "transfer",
+        "dlion.transfer.cli",
+        "app",
+        "Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",
+    ),
+    LazyGroup(
+        "transient",
+        "dlion.transient.cli",
+        "app",
+        "Training on transient (preemptible) servers: catalog, performance model, benchmarks.",
+    ),
+)
+
+
+def load_group(lazy: LazyGroup) -> Any:
+    """The real click command of a lazy group (imports its module)."""
+    target = getattr(importlib.import_module(lazy.module), lazy.attr)
+    if not lazy.group:  # a typer app with one command is that command
+        holder = typer.Typer(add_completion=False)
+        holder.command(lazy.name)(target)
+        target = holder
+    command = typer.main.get_command(target)
+    command.name = lazy.name
+    return command
+
+
+def build_command(args: list[str]) -> Any:
+    """The root click command for these arguments: the group that `args` runs is imported
+    for real; the others are placeholders that only describe themselves in the help."""
+    from typer.core import TyperGroup
+
+    root = typer.main.get_command(app)
+    chosen = next((a for a in args if not a.startswith("-")), None)
+    for lazy in LAZY_GROUPS:
+        if lazy.name == chosen:
+            command = load_group(lazy)
+        else:
+            command = TyperGroup(name=lazy.name, help=lazy.help)
+        root.add_command(command, lazy.name)  # type: ignore[attr-defined]
+    return root
 
 
 class Terminated(KeyboardInterrupt):
@@ -350,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_app(argv: list[str] | None) -> object:
     """Run the command line as typer would, minus typer's own handling of Ctrl-C (a silent
     exit 130 that would swallow the note on what an interrupt left behind)."""
-    command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
+    command = build_command(args)
     try:
         with command.make_context("dlion", args) as ctx:
             return command.invoke(ctx)

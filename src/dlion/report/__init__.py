@@ -1,4 +1,10 @@
-"""Reporting: metrics logs, time-to-accuracy, benchmark tables, plots and progress bars."""
+"""Reporting: metrics logs, time-to-accuracy, benchmark tables, plots and progress bars.
+
+The plots (matplotlib, about a second to import) load on first use: every dist worker
+imports this package and never draws.
+"""
+
+from typing import Any
 
 from dlion.report.metrics import (
     EvalPoint,
@@ -10,7 +16,6 @@ from dlion.report.metrics import (
     worst,
     write_json_atomic,
 )
-from dlion.report.plots import mean_curve, plot_accuracy_vs_time
 from dlion.report.progress import TrainProgress
 from dlion.report.tables import (
     AggregateRow,
@@ -38,3 +43,14 @@ __all__ = [
     "write_json_atomic",
     "write_report",
 ]
+
+
+_LAZY = {"mean_curve": "dlion.report.plots", "plot_accuracy_vs_time": "dlion.report.plots"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dlion.report' has no attribute {name!r}")
