@@ -113,10 +113,15 @@ def train(
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
     `kind: fl` runs a federated job (server + clients) instead."""
+    if engine == "dist" and netns is None:
+        from dlion.engines import forkserver
+
+        forkserver.warm_up()  # dist workers' imports start now, beside this process's own
     from dlion.config import load_config
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
-    from dlion.report import plot_accuracy_vs_time
+    from dlion.preflight import check_strategy
+    from dlion.report.finish import finish_run, summary_lines
     from dlion.report.metrics import warn_diverged
 
     if is_fl_source(config):
@@ -147,6 +152,9 @@ def train(
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
+    # The whole config is checked before anything is written or any process starts (the
+    # data, model and user code next, in run_dist / run_sim).
+    check_strategy(cfg)
     if netns is not None and cfg.engine.name != "dist":
         raise BadInput("--netns: only for the dist engine (--engine dist)")
     if cfg.engine.name == "dist" and stop_at is not None:
@@ -169,15 +177,11 @@ def train(
                 cfg, out_dir=work, progress=not quiet, resume=resume is not None, stop_at=stop_at
             )
         s = result.summary
+        written: list[str] = []
         if "stopped_at" in s:
             output.partial_reason = f"stopped at t={s['stopped_at']:g} s (--stop-at)"
         else:
-            plot_accuracy_vs_time(
-                {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
-                work / "accuracy_vs_time.png",
-                title=f"{cfg.name}: {s['strategy']}",
-                target=cfg.train.target_acc,
-            )
+            written = finish_run(s, result.points, work, name=cfg.name, target=cfg.train.target_acc)
     if "stopped_at" in s:
         console.print(
             f"stopped at t={s['stopped_at']:g} s after a checkpoint in {out_dir}/checkpoints; "
@@ -185,32 +189,8 @@ def train(
         )
         return
     warn_diverged([s])
-    tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.2f} s"
-    metric = s.get("metric", "accuracy")
-    shown = _metric_text(metric)
-    console.print(
-        f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: "
-        f"time to {shown(s['target_acc'])} = {tta}, final {metric} {shown(s['final_acc'])} "
-        f"(worst replica {shown(s['final_min_acc'])}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
-        f"{s['iterations']} iterations in {s['time_s']:.2f} "
-        + ("wall s" if s["engine"] == "dist" else "simulated s")
-    )
-    for change in s.get("membership", []):
-        console.print(f"membership: {change}")
-    saved = s.get("saved_model")
-    if saved is not None:
-        console.print(
-            f"model: {out_dir}/{saved['file']} ({saved['replica']}, {metric} "
-            f"{shown(saved['metric'])}); reload with dlion.load_model({str(out_dir)!r})"
-        )
-    console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, accuracy_vs_time.png")
-
-
-def _metric_text(metric: str):  # type: ignore[no-untyped-def]
-    """How a metric value is printed: accuracy as a percentage, anything else as a number."""
-    if metric == "accuracy":
-        return lambda v: f"{v:.2%}"
-    return lambda v: f"{v:.4g}"
+    for line in summary_lines(s, out_dir, written):
+        console.print(line)
 
 
 @app.command("eval")
@@ -223,6 +203,7 @@ def eval_run(
 
     from dlion.config import load_config
     from dlion.experiment import evaluate_saved_model
+    from dlion.report.finish import metric_text
 
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: no such run directory")
@@ -230,7 +211,7 @@ def eval_run(
         raise BadInput(f"{run_dir}: no config.yaml (not a dlion run directory)")
     cfg = load_config(str(run_dir / "config.yaml"))
     metric, loss = evaluate_saved_model(cfg, run_dir)
-    shown = _metric_text(cfg.evaluation.metric)
+    shown = metric_text(cfg.evaluation.metric)
     line = f"{run_dir}: {cfg.evaluation.metric} {shown(metric)}, loss {loss:.4f}"
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():

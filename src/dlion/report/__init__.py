@@ -16,7 +16,7 @@ from dlion.report.metrics import (
     worst,
     write_json_atomic,
 )
-from dlion.report.progress import TrainProgress
+from dlion.report.progress import StartupStatus, TrainProgress
 from dlion.report.tables import (
     AggregateRow,
     aggregate,
@@ -29,6 +29,7 @@ __all__ = [
     "AggregateRow",
     "EvalPoint",
     "MetricsLog",
+    "StartupStatus",
     "TrainProgress",
     "aggregate",
     "bench_table",
