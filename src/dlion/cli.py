@@ -290,6 +290,31 @@ def bench(
     console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (dlion train --out).")],
+    out: Annotated[Path, typer.Option(help="The plot to write (PNG).")] = Path("compare.png"),
+) -> None:
+    """Plot several runs' accuracy against time (mean over replicas, the worst replica as a
+    band) and print their summaries side by side."""
+    from dlion.report.compare import load_run, plot_runs, short_labels, summary_table
+
+    if out.suffix.lower() != ".png":
+        raise BadInput(f"--out {out}: the plot is a PNG file (name it *.png)")
+    if out.exists() and not out.is_file():
+        raise BadInput(f"--out {out}: exists and is not a file")
+    runs = [load_run(d) for d in run_dirs]
+    runs = [
+        type(r)(label, r.summary, r.t, r.mean, r.worst)
+        for r, label in zip(runs, short_labels(run_dirs), strict=True)
+    ]
+    targets = {r.summary.get("target_acc") for r in runs}
+    target = targets.pop() if len(targets) == 1 else None
+    plot_runs(runs, out, target=target)
+    console.print(summary_table(runs))
+    console.print(f"wrote {out}")
+
+
 # The built-in strategies' names and summaries, so that `dlion strategies` answers without
 # importing torch; tests/test_cli.py checks this equals the registry.
 BUILTIN_STRATEGIES = (
