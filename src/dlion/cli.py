@@ -113,6 +113,8 @@ def train(
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
     `kind: fl` runs a federated job (server + clients) instead."""
+    if engine == "dist" and not quiet:  # torch takes seconds to load: say so at once
+        console.print(f"{config}: dist engine, loading torch", highlight=False)
     if engine == "dist" and netns is None:
         from dlion.engines import forkserver
 
