@@ -71,9 +71,20 @@ def test_builtin_strategy_list_is_the_registry() -> None:
 def test_plugins_are_listed_from_the_registry(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from dlion import strategies
+
     monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    assert main(["strategies"]) == 0
+    before = dict(strategies.REGISTRY)
+    loaded = "dist_plugins" in sys.modules
+    try:
+        assert main(["strategies"]) == 0
+    finally:  # other tests list the registry or load the plugin: leave all as it was
+        for name in set(strategies.REGISTRY) - set(before):
+            del strategies.REGISTRY[name]
+        if not loaded:
+            sys.modules.pop("dist_plugins", None)
+            strategies._plugins_loaded.discard("dist_plugins")
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("t-liar") and line.endswith("(plugin)") for line in lines)
 
