@@ -183,7 +183,6 @@ class Coordinator:
         began = time.time()
         deadline = began + self.cfg.engine.startup_timeout
         pending = set(range(self.size)) - self.absent
-        shown = ""
         while pending:
             self.admit()
             pending = {r for r in pending if not store_has(self.store, Keys.ready(r))}
@@ -199,14 +198,11 @@ class Coordinator:
             if not pending:
                 break
             loading = [r for r in pending if not store_has(self.store, Keys.member(r))]
-            line = (
+            status.update(
                 f"starting {self.size - len(self.out)} workers: "
                 f"{len(loading)} loading, {len(pending) - len(loading)} connecting, "
                 f"{self.size - len(self.out) - len(pending)} ready"
             )
-            if line != shown:
-                status.update(f"{line} ({time.time() - began:.1f} s)")
-                shown = line
             if time.time() > deadline:
                 raise SimulationError(
                     f"dist: workers {sorted(pending)} did not connect within "

@@ -25,8 +25,9 @@ def _is_terminal(console: Console | None) -> bool:
 
 class StartupStatus:
     """What a dist job is doing before its first iteration. `update` replaces the current
-    state (a spinner line on a terminal; off one, a line when it changes, at most every
-    `every_s` seconds); `note` prints a line that stays (a worker that died, ready)."""
+    state (a spinner line on a terminal; off one, a line when the state has changed since
+    the last line, at most every `every_s` seconds: call it as often as convenient);
+    `note` prints a line that stays (a worker that died, ready)."""
 
     def __init__(
         self, *, enabled: bool = True, console: Console | None = None, every_s: float = 2.0
@@ -36,7 +37,7 @@ class StartupStatus:
         self.every_s = every_s
         self._status = None
         self._last_line = 0.0
-        self._pending: str | None = None
+        self._shown: str | None = None  # the last state printed as a line
         if enabled and self.console.is_terminal:
             self._status = self.console.status("starting")
             self._status.start()
@@ -47,18 +48,16 @@ class StartupStatus:
         if self._status is not None:
             self._status.update(text)
             return
-        self._pending = text
-        if time.monotonic() - self._last_line >= self.every_s:
+        if text != self._shown and time.monotonic() - self._last_line >= self.every_s:
+            self._shown = text
             self._emit(text)
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self._pending = None
             self._emit(text)
 
     def _emit(self, text: str) -> None:
         self._last_line = time.monotonic()
-        self._pending = None
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
         if self._status is None:
             sys.stdout.flush()
