@@ -12,6 +12,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 _MISSING = "—"
@@ -114,7 +115,12 @@ class TrainProgress:
         # A non-positive horizon has no meaningful fraction; rich shows an indeterminate bar.
         total = max_time if max_time > 0 else None
         self._task = self._progress.add_task(
-            description, total=total, sim_time="0.0", iteration=0, acc=_MISSING, best=_MISSING
+            escape(description),  # "[dist]" is text, not rich markup
+            total=total,
+            sim_time="0.0",
+            iteration=0,
+            acc=_MISSING,
+            best=_MISSING,
         )
 
     def __enter__(self) -> TrainProgress:
