@@ -7,7 +7,10 @@ DLION_STORE), or by torchrun:
 
 Under torchrun the worker reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, uses the
 store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE), and rank 0 also runs the
-coordinator that evaluates and writes metrics.jsonl and summary.json. One difference
+coordinator that evaluates and writes metrics.jsonl and summary.json, and ends the run as
+`dlion train` does (config.yaml, plot, scalars, the summary line). A WORLD_SIZE that does
+not match `cluster.workers`, or bad strategy options, are one line and exit 2 on every
+rank, checked before torch is imported. One difference
 to know: torchrun's agent stops the whole local group when one of its processes dies
 (and restarts it if --max-restarts > 0), so in-job survival of a killed worker is a
 property of `dlion train --engine dist` (whose launcher leaves survivors running) and of

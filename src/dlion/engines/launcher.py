@@ -1,13 +1,16 @@
 """The dist engine, job side: launch worker processes, evaluate them, write the run's files.
 
 `run_dist` hosts the job's store (a torch.distributed TCPStore), starts one process per
-worker (`python -m dlion.worker`, with the same environment variables torchrun sets),
-and runs the coordinator. The coordinator never trains: on the evaluation grid
-(every_s x time_scale wall seconds) it reads each live worker's snapshot from the store,
-evaluates it, logs the point, drives the progress bar, and sets the stop flag at the
-target or at max_time. It outlives any worker, so it can record departures (with the
-time peers took to notice) and still finish the run. Under torchrun the same
-coordinator runs in rank 0's process instead (see dlion/worker.py).
+worker (what `python -m dlion.worker` runs, with the same environment variables torchrun
+sets; forked from a preloaded fork server, see forkserver.py), and runs the coordinator.
+It is the workers' parent: a worker whose process ends before the job starts is named at
+once (`Coordinator.wait_ready`), and the command shows the start-up as it goes. The
+coordinator never trains: on the evaluation grid (every_s x time_scale wall seconds) it
+reads each live worker's snapshot from the store, evaluates it, logs the point, drives
+the progress bar, and sets the stop flag at the target or at max_time. It outlives any
+worker, so it can record departures (with the time peers took to notice) and still
+finish the run. Under torchrun the same coordinator runs in rank 0's process instead
+(see dlion/worker.py).
 
 Faults for tests and benchmarks are injected here as real signals: SIGKILL (a crash,
 no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
