@@ -168,7 +168,9 @@ def test_bad_input_exit_2_one_error_line(
     line = _assert_one_error_line(captured.out, captured.err)
     assert rc == 2, line
     for fragment in fragments:
-        assert fragment.replace("{tmp}", tmp) in line, line
+        # typer < 0.28 names a missing argument in upper case ('CONFIG'), later ones not.
+        wanted = fragment.replace("{tmp}", tmp)
+        assert wanted in line or (wanted == "config" and "CONFIG" in line), line
     # Bad input never starts a run, so no run directory appears.
     assert not (input_files / "o" / "runs").exists()
 

@@ -46,6 +46,9 @@ def run(
     if engine is not None:
         extra.insert(0, f"engine.name={engine}")
     cfg = _resolve(config, extra)
+    from dlion.preflight import check_strategy
+
+    check_strategy(cfg)  # a typo in strategy options: one ConfigError before anything runs
     if out is not None:
         from dlion.outdir import open_output
 

@@ -1,34 +1,37 @@
-"""The `dlion` command. Bad input: one line on stderr, exit 2. Runtime failure: exit 1."""
+"""The `dlion` command. Bad input: one line on stderr, exit 2. Runtime failure: exit 1.
+
+Start-up cost matters (`dlion --help` should answer in about a second): this module
+imports neither torch nor matplotlib at the top, and the command groups of the other
+modules (`dlion fl`, `dlion dist`, ...) are imported only when one of them is run; the
+help listing shows their one-line descriptions from `LAZY_GROUPS`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-# typer 0.29 vendors click; its UsageError is the one place to catch CLI misuse.
-from typer._click.exceptions import UsageError
-
-from dlion.dist_cli import app as dist_app
-from dlion.engines.netns_cli import app as netns_app
+from dlion import __version__
 from dlion.errors import BadInput, DlionError
-from dlion.fl.cli import app as fl_app
-from dlion.hybrid.cli import app as hybrid_app
 from dlion.outdir import default_dir, open_output, resume_output
-from dlion.probe_cli import probe
-from dlion.report.metrics import warn_diverged
-from dlion.thermal.cli import app as thermal_app
-from dlion.transfer.cli import app as transfer_app
-from dlion.transient.cli import app as transient_app
-from dlion.transient.cli import plan as transient_plan
+
+try:  # typer >= 0.29 vendors click; older versions use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError
+
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +41,24 @@ app = typer.Typer(
 # Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dlion {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """dlion: decentralized training across heterogeneous micro-clouds."""
 
 
 ForceOption = Annotated[
@@ -93,10 +114,18 @@ def train(
 ) -> None:
     """Run one training job; writes metrics.jsonl and summary.json. A config with
     `kind: fl` runs a federated job (server + clients) instead."""
+    if engine == "dist" and not quiet:  # torch takes seconds to load: say so at once
+        console.print(f"{config}: dist engine, loading torch", highlight=False)
+    if engine == "dist" and netns is None:
+        from dlion.engines import forkserver
+
+        forkserver.warm_up()  # dist workers' imports start now, beside this process's own
     from dlion.config import load_config
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
-    from dlion.report import plot_accuracy_vs_time
+    from dlion.preflight import check_strategy
+    from dlion.report.finish import finish_run, summary_lines
+    from dlion.report.metrics import warn_diverged
 
     if is_fl_source(config):
         from dlion.fl.cli import train_fl
@@ -126,6 +155,9 @@ def train(
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
     cfg = load_config(config, overrides)
+    # The whole config is checked before anything is written or any process starts (the
+    # data, model and user code next, in run_dist / run_sim).
+    check_strategy(cfg)
     if netns is not None and cfg.engine.name != "dist":
         raise BadInput("--netns: only for the dist engine (--engine dist)")
     if cfg.engine.name == "dist" and stop_at is not None:
@@ -148,15 +180,11 @@ def train(
                 cfg, out_dir=work, progress=not quiet, resume=resume is not None, stop_at=stop_at
             )
         s = result.summary
+        written: list[str] = []
         if "stopped_at" in s:
             output.partial_reason = f"stopped at t={s['stopped_at']:g} s (--stop-at)"
         else:
-            plot_accuracy_vs_time(
-                {s["strategy"]: [(p.t, p.mean_acc) for p in result.points]},
-                work / "accuracy_vs_time.png",
-                title=f"{cfg.name}: {s['strategy']}",
-                target=cfg.train.target_acc,
-            )
+            written = finish_run(s, result.points, work, name=cfg.name, target=cfg.train.target_acc)
     if "stopped_at" in s:
         console.print(
             f"stopped at t={s['stopped_at']:g} s after a checkpoint in {out_dir}/checkpoints; "
@@ -164,32 +192,8 @@ def train(
         )
         return
     warn_diverged([s])
-    tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.2f} s"
-    metric = s.get("metric", "accuracy")
-    shown = _metric_text(metric)
-    console.print(
-        f"[bold]{s['scenario']}[/] {s['strategy']} seed {s['seed']}: "
-        f"time to {shown(s['target_acc'])} = {tta}, final {metric} {shown(s['final_acc'])} "
-        f"(worst replica {shown(s['final_min_acc'])}), {s['bytes_sent'] / 1e6:.1f} MB sent, "
-        f"{s['iterations']} iterations in {s['time_s']:.2f} "
-        + ("wall s" if s["engine"] == "dist" else "simulated s")
-    )
-    for change in s.get("membership", []):
-        console.print(f"membership: {change}")
-    saved = s.get("saved_model")
-    if saved is not None:
-        console.print(
-            f"model: {out_dir}/{saved['file']} ({saved['replica']}, {metric} "
-            f"{shown(saved['metric'])}); reload with dlion.load_model({str(out_dir)!r})"
-        )
-    console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, accuracy_vs_time.png")
-
-
-def _metric_text(metric: str):  # type: ignore[no-untyped-def]
-    """How a metric value is printed: accuracy as a percentage, anything else as a number."""
-    if metric == "accuracy":
-        return lambda v: f"{v:.2%}"
-    return lambda v: f"{v:.4g}"
+    for line in summary_lines(s, out_dir, written):
+        console.print(line)
 
 
 @app.command("eval")
@@ -202,6 +206,7 @@ def eval_run(
 
     from dlion.config import load_config
     from dlion.experiment import evaluate_saved_model
+    from dlion.report.finish import metric_text
 
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: no such run directory")
@@ -209,7 +214,7 @@ def eval_run(
         raise BadInput(f"{run_dir}: no config.yaml (not a dlion run directory)")
     cfg = load_config(str(run_dir / "config.yaml"))
     metric, loss = evaluate_saved_model(cfg, run_dir)
-    shown = _metric_text(cfg.evaluation.metric)
+    shown = metric_text(cfg.evaluation.metric)
     line = f"{run_dir}: {cfg.evaluation.metric} {shown(metric)}, loss {loss:.4f}"
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
@@ -250,6 +255,7 @@ def bench(
     Finished runs in --out are reused when their whole resolved config matches."""
     from dlion.bench import load_suite, report, run_suite
     from dlion.fl.bench import is_fl_suite
+    from dlion.report.metrics import warn_diverged
 
     if is_fl_suite(suite):
         from dlion.fl.cli import bench_fl
@@ -287,9 +293,72 @@ def bench(
     console.print(f"wrote {output.path}/summary.json, report.md and {len(plots)} plot(s)")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (dlion train --out).")],
+    out: Annotated[Path, typer.Option(help="The plot to write (PNG).")] = Path("compare.png"),
+) -> None:
+    """Plot several runs' accuracy against time (mean over replicas, the worst replica as a
+    band) and print their summaries side by side."""
+    from dlion.report.compare import load_run, plot_runs, short_labels, summary_table
+
+    if out.suffix.lower() != ".png":
+        raise BadInput(f"--out {out}: the plot is a PNG file (name it *.png)")
+    if out.exists() and not out.is_file():
+        raise BadInput(f"--out {out}: exists and is not a file")
+    runs = [load_run(d) for d in run_dirs]
+    runs = [
+        type(r)(label, r.summary, r.t, r.mean, r.worst)
+        for r, label in zip(runs, short_labels(run_dirs), strict=True)
+    ]
+    targets = {r.summary.get("target_acc") for r in runs}
+    target = targets.pop() if len(targets) == 1 else None
+    plot_runs(runs, out, target=target)
+    console.print(summary_table(runs))
+    console.print(f"wrote {out}")
+
+
+# The built-in strategies' names and summaries, so that `dlion strategies` answers without
+# importing torch; tests/test_cli.py checks this equals the registry.
+BUILTIN_STRATEGIES = (
+    ("allreduce", "sync SGD: equal batches, dense ring all-reduce every iteration"),
+    (
+        "dlion",
+        "DLion: site all-reduce, one top-k update per site pair, paced by measured speeds; WDB",
+    ),
+    (
+        "dlion-hpdc21",
+        "DLion as in HPDC '21: WDB, per-link prioritized all-to-all exchange, knowledge transfer",
+    ),
+    ("gaia", "Gaia: BSP inside a site, only significant updates (|update|/|w| > 1%) across sites"),
+    ("ako", "Ako: asynchronous, one round-robin gradient partition per peer per iteration"),
+    ("hop", "Hop: decentralized neighbour averaging, bounded staleness, backup workers, skipping"),
+    ("ps-bsp", "parameter server, bulk-synchronous: sum of all gradients per round, then pull"),
+    ("ps-asp", "parameter server, asynchronous: apply each gradient on arrival, no waiting"),
+    ("adpsgd", "AD-PSGD: asynchronous SGD, atomic pairwise averaging with a random neighbour"),
+    ("diloco", "DiLoCo: H inner steps, averaged pseudo-gradient applied by outer Nesterov SGD"),
+    (
+        "streaming-diloco",
+        "Streaming DiLoCo: one strided fragment synced every H/P steps, overlapped, merged",
+    ),
+    (
+        "halos",
+        "HALoS: site parameter servers apply local-SGD updates at once, merge with a global one",
+    ),
+    (
+        "sparseloco",
+        "SparseLoCo: H inner steps, error-feedback chunked top-k with 2-bit values, mean applied",
+    ),
+)
+
+
 @app.command("strategies")
 def list_strategies() -> None:
     """List the registered strategies."""
+    if not os.environ.get("DLION_PLUGINS"):
+        for name, summary in BUILTIN_STRATEGIES:
+            print(f"{name:<12} {summary}")
+        return
     from dlion.strategies import _BUILTIN, REGISTRY, load_plugins
 
     load_plugins()
@@ -309,16 +378,99 @@ def list_scenarios() -> None:
         print(f"{name:<{width}}{load_config(name).description}")
 
 
-# Sub-command groups: each module package exposes its own typer app.
-app.add_typer(dist_app, name="dist")
-app.add_typer(fl_app, name="fl")
-app.add_typer(hybrid_app, name="hybrid")
-app.add_typer(netns_app, name="netns")
-app.add_typer(thermal_app, name="thermal")
-app.add_typer(transfer_app, name="transfer")
-app.add_typer(transient_app, name="transient")
-app.command("plan")(transient_plan)
-app.command("probe")(probe)
+@dataclass(frozen=True)
+class LazyGroup:
+    """A command group (or command) of another module, imported only when it is run."""
+
+    name: str
+    module: str
+    attr: str
+    help: str  # the group's one-line description, shown by `dlion --help`
+    group: bool = True  # False: a single command (a function), not a typer app
+
+
+# Same descriptions as each module's own typer app (tests/test_cli.py checks they match).
+LAZY_GROUPS = (
+    LazyGroup(
+        "plan",
+        "dlion.transient.cli",
+        "plan",
+        "Choose instance type, count and tier for a deadline or a budget (Monte Carlo).",
+        group=False,
+    ),
+    LazyGroup(
+        "probe",
+        "dlion.probe_cli",
+        "probe",
+        "Measure this host's step time and the links between workers; write a cluster YAML.",
+        group=False,
+    ),
+    LazyGroup("dist", "dlion.dist_cli", "app", "Benchmarks of the dist engine (real processes)."),
+    LazyGroup(
+        "fl",
+        "dlion.fl.cli",
+        "app",
+        "Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs.",
+    ),
+    LazyGroup(
+        "hybrid",
+        "dlion.hybrid.cli",
+        "app",
+        "Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
+    ),
+    LazyGroup(
+        "netns",
+        "dlion.engines.netns_cli",
+        "app",
+        "Kernel-shaped links for `--engine dist`: a namespace per worker, tc htb per link.",
+    ),
+    LazyGroup(
+        "thermal",
+        "dlion.thermal.cli",
+        "app",
+        "Heat-budget-aware DVFS (Sparta, EDGE '21): keep edge devices cool and fast.",
+    ),
+    LazyGroup(
+        "transfer",
+        "dlion.transfer.cli",
+        "app",
+        "Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",
+    ),
+    LazyGroup(
+        "transient",
+        "dlion.transient.cli",
+        "app",
+        "Training on transient (preemptible) servers: catalog, performance model, benchmarks.",
+    ),
+)
+
+
+def load_group(lazy: LazyGroup) -> Any:
+    """The real click command of a lazy group (imports its module)."""
+    target = getattr(importlib.import_module(lazy.module), lazy.attr)
+    if not lazy.group:  # a typer app with one command is that command
+        holder = typer.Typer(add_completion=False)
+        holder.command(lazy.name)(target)
+        target = holder
+    command = typer.main.get_command(target)
+    command.name = lazy.name
+    return command
+
+
+def build_command(args: list[str]) -> Any:
+    """The root click command for these arguments: the group that `args` runs is imported
+    for real; the others are placeholders that only describe themselves in the help."""
+    from typer.core import TyperGroup
+
+    root = typer.main.get_command(app)
+    chosen = next((a for a in args if not a.startswith("-")), None)
+    for lazy in LAZY_GROUPS:
+        if lazy.name == chosen:
+            command = load_group(lazy)
+        else:
+            command = TyperGroup(name=lazy.name, help=lazy.help)
+        root.add_command(command, lazy.name)  # type: ignore[attr-defined]
+    return root
 
 
 class Terminated(KeyboardInterrupt):
@@ -356,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_app(argv: list[str] | None) -> object:
     """Run the command line as typer would, minus typer's own handling of Ctrl-C (a silent
     exit 130 that would swallow the note on what an interrupt left behind)."""
-    command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
+    command = build_command(args)
     try:
         with command.make_context("dlion", args) as ctx:
             return command.invoke(ctx)

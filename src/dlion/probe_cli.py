@@ -65,8 +65,10 @@ def probe(
     links: Annotated[bool, typer.Option(help="Measure the links (else keep the config's).")] = True,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for any step.")] = 60.0,
 ) -> None:
-    """Fit t(b) = overhead + b / speed to real steps of the configured model, measure every
-    pair's bandwidth and latency through the engine's transport, and write --out."""
+    """Measure this host's step time and the links between workers; write a cluster YAML.
+
+    Fits t(b) = overhead + b / speed to real steps of the configured model, measures every
+    pair's bandwidth and latency through the engine's transport, and writes --out."""
     import yaml
 
     from dlion import probe as p

@@ -7,7 +7,10 @@ DLION_STORE), or by torchrun:
 
 Under torchrun the worker reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, uses the
 store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE), and rank 0 also runs the
-coordinator that evaluates and writes metrics.jsonl and summary.json. One difference
+coordinator that evaluates and writes metrics.jsonl and summary.json, and ends the run as
+`dlion train` does (config.yaml, plot, scalars, the summary line). A WORLD_SIZE that does
+not match `cluster.workers`, or bad strategy options, are one line and exit 2 on every
+rank, checked before torch is imported. One difference
 to know: torchrun's agent stops the whole local group when one of its processes dies
 (and restarts it if --max-restarts > 0), so in-job survival of a killed worker is a
 property of `dlion train --engine dist` (whose launcher leaves survivors running) and of
@@ -25,19 +28,31 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-
+from dlion.cluster import Cluster
 from dlion.config import load_config
-from dlion.engines.dist import DistWorker, job_store
 from dlion.errors import BadInput
-from dlion.strategies import load_plugins
+from dlion.preflight import check_strategy, check_world_size
 
-StoreFactory = Callable[[], dist.Store]
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from dlion.config import ExperimentConfig
+
+    StoreFactory = Callable[[], dist.Store]
+
+# Under torchrun, a rank that exits with bad input waits this long first: torchrun stops
+# the whole group at the first exit, and the other ranks should print their line too.
+TORCHRUN_ERROR_GRACE_S = 1.0
 
 
 def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactory, str, bool]:
     """(a factory of clients of the job's store, run id, launched by torchrun)."""
+    import torch.distributed as dist
+
+    from dlion.engines.dist import job_store
+
     timeout = datetime.timedelta(seconds=timeout_s)
     if "DLION_STORE" in os.environ:
         host, _, port_text = os.environ["DLION_STORE"].rpartition(":")
@@ -70,7 +85,6 @@ def run(argv: list[str]) -> int:
     # Receiver and sender threads hand every message to the event loop: a short GIL switch
     # interval keeps each handoff from waiting out the default 5 ms.
     sys.setswitchinterval(0.0005)
-    load_plugins()
     parser = argparse.ArgumentParser(prog="python -m dlion.worker")
     parser.add_argument("config", help="YAML config path or shipped scenario name")
     parser.add_argument("--out", type=Path, default=None, help="run directory")
@@ -86,12 +100,21 @@ def run(argv: list[str]) -> int:
         raise BadInput(
             "dlion.worker: RANK and WORLD_SIZE must be set (torchrun sets them)"
         ) from None
+    # Before torch is imported and any store or peer is touched: every rank fails alike,
+    # with the same line, within a second.
+    check_world_size(world, Cluster.from_config(cfg.cluster).size)
+    check_strategy(cfg)  # loads DLION_PLUGINS too
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
-    factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
     try:
         incarnation = int(os.environ.get("DLION_INCARNATION", "0"))
     except ValueError:
         raise BadInput("DLION_INCARNATION must be an integer") from None
+    lead = "DLION_STORE" not in os.environ and rank == 0 and incarnation == 0
+    if lead:  # torchrun's rank 0 speaks for the job on the console from the first second
+        print(f"{cfg.name}: {world} workers under torchrun, loading data and model", flush=True)
+    from dlion.engines.dist import DistWorker
+
+    factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
     worker = DistWorker(
         cfg,
         rank,
@@ -101,24 +124,12 @@ def run(argv: list[str]) -> int:
         incarnation=incarnation,
         resume=args.resume and incarnation == 0,
     )
-    if world != worker.cluster.size:
-        raise BadInput(
-            f"WORLD_SIZE={world} but the config describes {worker.cluster.size} workers "
-            "(cluster.workers)"
-        )
     coordinator_thread = None
-    if torchrun and rank == 0 and incarnation == 0:
+    if torchrun and lead:
         # Under torchrun rank 0 also coordinates (admission, evaluation, the run's files).
-        from dlion.engines.launcher import Coordinator
-
-        coordinator = Coordinator(cfg, factory(), out_dir=out_dir, run_id=run_id)
-
-        def coordinate() -> None:
-            coordinator.wait_ready()
-            coordinator.start()
-            coordinator.run(progress=sys.stdout.isatty())
-
-        coordinator_thread = threading.Thread(target=coordinate, name="coordinator")
+        coordinator_thread = threading.Thread(
+            target=_coordinate, args=(cfg, factory(), out_dir, run_id), name="coordinator"
+        )
         coordinator_thread.start()
     say(f"rank {rank}/{world}: loaded config and data, registering")
     worker.register()
@@ -128,6 +139,36 @@ def run(argv: list[str]) -> int:
     if coordinator_thread is not None:
         coordinator_thread.join()
     return 0
+
+
+def _coordinate(cfg: ExperimentConfig, store: dist.Store, out_dir: Path, run_id: str) -> None:
+    """torchrun's rank 0, beside its worker: the launcher's part of the job (admission,
+    evaluation, progress) and the same files and final lines as `dlion train`."""
+    import yaml
+
+    from dlion.engines.launcher import Coordinator
+    from dlion.report import StartupStatus
+    from dlion.report.finish import finish_run, summary_lines
+    from dlion.report.metrics import warn_diverged
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    coordinator = Coordinator(cfg, store, out_dir=out_dir, run_id=run_id)
+    with StartupStatus() as status:
+        coordinator.wait_ready(status)
+    coordinator.start()
+    result = coordinator.run(progress=True)
+    written = finish_run(
+        result.summary, result.points, out_dir, name=cfg.name, target=cfg.train.target_acc
+    )
+    warn_diverged([result.summary])
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    for line in summary_lines(result.summary, out_dir, written):
+        console.print(line)
 
 
 def say(text: str) -> None:
@@ -144,6 +185,8 @@ def process_main(run_process: Callable[[list[str]], int]) -> None:
     except (BadInput, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(TORCHRUN_ERROR_GRACE_S)
     except Exception:  # the traceback goes to this process's log
         traceback.print_exc()
         code = 1

@@ -1,13 +1,16 @@
 """The dist engine, job side: launch worker processes, evaluate them, write the run's files.
 
 `run_dist` hosts the job's store (a torch.distributed TCPStore), starts one process per
-worker (`python -m dlion.worker`, with the same environment variables torchrun sets),
-and runs the coordinator. The coordinator never trains: on the evaluation grid
-(every_s x time_scale wall seconds) it reads each live worker's snapshot from the store,
-evaluates it, logs the point, drives the progress bar, and sets the stop flag at the
-target or at max_time. It outlives any worker, so it can record departures (with the
-time peers took to notice) and still finish the run. Under torchrun the same
-coordinator runs in rank 0's process instead (see dlion/worker.py).
+worker (what `python -m dlion.worker` runs, with the same environment variables torchrun
+sets; forked from a preloaded fork server, see forkserver.py), and runs the coordinator.
+It is the workers' parent: a worker whose process ends before the job starts is named at
+once (`Coordinator.wait_ready`), and the command shows the start-up as it goes. The
+coordinator never trains: on the evaluation grid (every_s x time_scale wall seconds) it
+reads each live worker's snapshot from the store, evaluates it, logs the point, drives
+the progress bar, and sets the stop flag at the target or at max_time. It outlives any
+worker, so it can record departures (with the time peers took to notice) and still
+finish the run. Under torchrun the same coordinator runs in rank 0's process instead
+(see dlion/worker.py).
 
 Faults for tests and benchmarks are injected here as real signals: SIGKILL (a crash,
 no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
@@ -38,6 +41,7 @@ from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode
 from dlion.config import ExperimentConfig
 from dlion.dynamics import membership_schedule
+from dlion.engines import forkserver
 from dlion.engines.dist import (
     Keys,
     check_membership,
@@ -48,12 +52,14 @@ from dlion.engines.dist import (
     store_has,
 )
 from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
+from dlion.engines.forkserver import ForkedWorker
 from dlion.engines.sim import RunResult
 from dlion.errors import SimulationError
 from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
 from dlion.report import (
     EvalPoint,
     MetricsLog,
+    StartupStatus,
     TrainProgress,
     reached_target,
     run_summary,
@@ -61,6 +67,9 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
+
+# A worker process: forked from the fork server, or a `python -m dlion.worker` (netns).
+WorkerProcess = subprocess.Popen[bytes] | ForkedWorker
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,10 @@ class Coordinator:
         out_dir: Path,
         run_id: str,
         label: str | None = None,
-        processes: dict[int, subprocess.Popen[bytes]] | None = None,
+        processes: dict[int, WorkerProcess] | None = None,
         faults: list[Fault] | None = None,
         absent: set[int] | None = None,
-        spawn: Callable[[int, int], subprocess.Popen[bytes]] | None = None,
+        spawn: Callable[[int, int], WorkerProcess] | None = None,
         prep: Prepared | None = None,
     ) -> None:
         self.cfg = cfg
@@ -137,6 +146,7 @@ class Coordinator:
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
         self.eval_wall_s = 0.0
         self.netns: str | None = None  # the `dlion netns` prefix the workers run in, if any
+        self.startup_s: float | None = None  # wall seconds from launch to the common start
 
     # ---------------------------------------------------------------- start-up
     def admit(self) -> None:
@@ -166,27 +176,63 @@ class Coordinator:
                 self.store.set(Keys.join(r), json.dumps(join))
                 self.log.write("join_admitted", t=self.now(), rank=r, inc=inc, live=live)
 
-    def wait_ready(self) -> None:
-        deadline = time.time() + self.cfg.engine.startup_timeout
+    def wait_ready(self, status: StartupStatus | None = None) -> None:
+        """Wait until every started worker has connected to its peers. A worker whose
+        process exits first is noticed at once (the launcher is its parent): if it never
+        registered, nobody waits for it and the job starts without it (as after a
+        departure); if it had registered, peers may be connecting to it, and the job fails
+        at once naming it. `status` shows the start-up state as it changes."""
+        status = status or StartupStatus(enabled=False)
+        began = time.time()
+        deadline = began + self.cfg.engine.startup_timeout
         pending = set(range(self.size)) - self.absent
         while pending:
             self.admit()
             pending = {r for r in pending if not store_has(self.store, Keys.ready(r))}
-            for r in list(pending):
-                if self._exited(r) is not None or store_has(self.store, Keys.refused(r, 0)):
+            for r in sorted(pending):
+                code = self._exited(r)
+                if store_has(self.store, Keys.refused(r, 0)):
                     pending.discard(r)
                     self.out.add(r)
                     self.changes.append({"t": 0.0, "rank": r, "event": "failed_to_start"})
+                elif code is not None:
+                    pending.discard(r)
+                    self._died_starting(r, code, status)
             if not pending:
                 break
+            loading = [r for r in pending if not store_has(self.store, Keys.member(r))]
+            status.update(
+                f"starting {self.size - len(self.out)} workers: "
+                f"{len(loading)} loading, {len(pending) - len(loading)} connecting, "
+                f"{self.size - len(self.out) - len(pending)} ready"
+            )
             if time.time() > deadline:
                 raise SimulationError(
                     f"dist: workers {sorted(pending)} did not connect within "
-                    f"{self.cfg.engine.startup_timeout:g} s (engine.startup_timeout)"
+                    f"{self.cfg.engine.startup_timeout:g} s (engine.startup_timeout); "
+                    f"still loading: {sorted(loading)} (see workers/rank-N.log)"
                 )
             time.sleep(0.05)
         if len(self.out) == self.size:
             raise SimulationError("dist: no worker started; see workers/rank-*.log")
+        status.note(f"{self.size - len(self.out)} workers ready ({time.time() - began:.1f} s)")
+
+    def _died_starting(self, rank: int, code: int, status: StartupStatus) -> None:
+        """A worker's process ended before it was ready."""
+        why = f"worker {rank} exited during start-up ({exit_text(code)})"
+        log = self.out_dir / "workers" / f"rank-{rank}.log"
+        last = last_line(log)
+        detail = f": {last}" if last else ""
+        if store_has(self.store, Keys.member(rank)):
+            raise SimulationError(
+                f"dist: {why} after registering, while its peers connected to it{detail} "
+                f"(see {log})"
+            )
+        self.store.set(Keys.absent(rank), "1")  # peers stop waiting for it
+        self.out.add(rank)
+        self.changes.append({"t": 0.0, "rank": rank, "event": "failed_to_start", "exit_code": code})
+        self.log.write("failed_to_start", t=0.0, rank=rank, exit_code=code, error=last)
+        status.note(f"{why}; starting without it{detail}")
 
     def start(self) -> None:
         self.t0 = time.time() + 0.2  # a common start a moment ahead, so everyone sees it first
@@ -341,6 +387,7 @@ class Coordinator:
                 backend=resolve_backend(cfg.engine.backend),
                 shaping=cfg.engine.shaping,
                 netns=self.netns,
+                t0_wall=self.t0,  # time.time() of the common start (the first iteration)
             )
             k = 0
             reason = "max_time"
@@ -443,6 +490,7 @@ class Coordinator:
             "membership": sorted(self.changes, key=lambda d: (d["t"], d["rank"])),
             "stop_reason": reason,
             "wall_s": self.now(),
+            "startup_s": self.startup_s,
             "eval_wall_s": self.eval_wall_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
@@ -464,6 +512,25 @@ class Coordinator:
                 f"(see {self.out_dir}/workers/rank-{first[0]}.log)"
             )
         return RunResult(summary, points, self.log.events, summary["wall_s"], 0.0)
+
+
+def exit_text(code: int) -> str:
+    """A process's exit status in words: `exit code 2`, `killed by SIGKILL`."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a worker's log ('' if none): usually its error."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 def host_store(cfg: ExperimentConfig, host: str | None = None) -> dist.TCPStore:
@@ -497,13 +564,18 @@ def run_dist(
     `netns` names a prefix set up by `dlion netns up` (engines/netns.py): each rank then
     runs in its own namespace (`ip netns exec PREFIX-RANK`), its traffic to peers shaped by
     tc, and the store listens on the bridge's address instead of `engine.host`."""
+    began = time.time()
+    status = StartupStatus(enabled=progress)
     resolve_backend(cfg.engine.backend)  # fail before launching anything
     attachment = None
     if netns is not None:
         from dlion.engines.netns import attach
 
         attachment = attach(cfg, netns)
+    elif forkserver.enabled():
+        forkserver.warm_up()  # its imports run while this process prepares the data
     size = Cluster.from_config(cfg.cluster).size
+    status.update(f"{cfg.name}: loading data and model")
     # The data, model, loss and optimizer (the user's code included) are checked here,
     # before anything is written or any worker starts: a bad builder is one line, exit 2.
     prep = prepare(cfg, size)
@@ -523,10 +595,10 @@ def run_dist(
     logs = out_dir / "workers"
     logs.mkdir(exist_ok=True)
     extra = ["--resume"] if resume else []
-    processes: dict[int, subprocess.Popen[bytes]] = {}
+    processes: dict[int, WorkerProcess] = {}
     scheduled, absent = schedule_from_config(cfg, size)
 
-    def spawn(rank: int, incarnation: int) -> subprocess.Popen[bytes]:
+    def spawn(rank: int, incarnation: int) -> WorkerProcess:
         env = {
             **os.environ,
             "RANK": str(rank),
@@ -541,11 +613,14 @@ def run_dist(
         }
         # A resumed job's first incarnations restore their checkpoints; joiners always
         # start from a live peer.
-        argv = [sys.executable, "-m", "dlion.worker", str(config_path), "--out", str(out_dir)]
-        argv += extra if incarnation == 0 else []
+        args = [str(config_path), "--out", str(out_dir)]
+        args += extra if incarnation == 0 else []
+        name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
+        if attachment is None and forkserver.enabled():
+            return forkserver.fork_worker(args, env, logs / name)
+        argv = [sys.executable, "-m", "dlion.worker", *args]
         if attachment is not None:
             argv = attachment.command(rank, argv)  # `ip netns exec` execs: same pid
-        name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
         with (logs / name).open("wb") as log_file:
             return subprocess.Popen(
                 argv,
@@ -555,6 +630,7 @@ def run_dist(
             )
 
     try:
+        status.update(f"{cfg.name}: starting {size - len(absent)} worker processes")
         for rank in range(size):
             if rank not in absent:
                 processes[rank] = spawn(rank, 0)
@@ -571,12 +647,15 @@ def run_dist(
             prep=prep,
         )
         coordinator.netns = netns
-        coordinator.wait_ready()
+        with status:
+            coordinator.wait_ready(status)
+        coordinator.startup_s = time.time() - began
         coordinator.start()
         return coordinator.run(progress=progress, description=description)
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or failed: every live worker gets SIGTERM, which it
         # takes as an announced leave, then _reap waits for it (and kills a straggler).
+        status.close()
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -585,7 +664,7 @@ def run_dist(
         _reap(processes)
 
 
-def _reap(processes: dict[int, subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+def _reap(processes: dict[int, WorkerProcess], grace_s: float = 10.0) -> None:
     """Wait for workers to exit after the stop flag; kill any that do not."""
     deadline = time.time() + grace_s
     for proc in processes.values():

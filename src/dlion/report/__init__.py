@@ -1,4 +1,10 @@
-"""Reporting: metrics logs, time-to-accuracy, benchmark tables, plots and progress bars."""
+"""Reporting: metrics logs, time-to-accuracy, benchmark tables, plots and progress bars.
+
+The plots (matplotlib, about a second to import) load on first use: every dist worker
+imports this package and never draws.
+"""
+
+from typing import Any
 
 from dlion.report.metrics import (
     EvalPoint,
@@ -10,8 +16,7 @@ from dlion.report.metrics import (
     worst,
     write_json_atomic,
 )
-from dlion.report.plots import mean_curve, plot_accuracy_vs_time
-from dlion.report.progress import TrainProgress
+from dlion.report.progress import StartupStatus, TrainProgress
 from dlion.report.tables import (
     AggregateRow,
     aggregate,
@@ -24,6 +29,7 @@ __all__ = [
     "AggregateRow",
     "EvalPoint",
     "MetricsLog",
+    "StartupStatus",
     "TrainProgress",
     "aggregate",
     "bench_table",
@@ -38,3 +44,14 @@ __all__ = [
     "write_json_atomic",
     "write_report",
 ]
+
+
+_LAZY = {"mean_curve": "dlion.report.plots", "plot_accuracy_vs_time": "dlion.report.plots"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dlion.report' has no attribute {name!r}")

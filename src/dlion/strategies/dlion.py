@@ -75,7 +75,7 @@ from dlion.strategies.dlion_hpdc21 import (
 )
 from dlion.strategies.wdb import equal_time_batches
 
-SUMMARY = "DLion: site all-reduce, one top-k update per site pair, overlapped; WDB, DKT"
+SUMMARY = "DLion: site all-reduce, one top-k update per site pair, paced by measured speeds; WDB"
 
 REMOTE_TAG = "dlion/x"  # a site leader's update to another site's leader
 MODEL_TAG = "dlion/m"  # a knowledge transfer (best site's model) to another site's leader
