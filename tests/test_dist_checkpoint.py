@@ -19,7 +19,7 @@ from helpers import small_config
 def _cfg() -> ExperimentConfig:
     cfg = small_config(
         workers=[{"site": "a", "capacity_gflops": 0.02, "count": 2}],
-        strategy="dlion",
+        strategy="dlion-hpdc21",  # per-link residuals: strategy state in the checkpoint
         train={"max_time": 1.5, "stop_at_target": False},
         evaluation={"every_s": 0.25},
         engine={"name": "dist", "peer_timeout": 5.0, "heartbeat_s": 0.1},
