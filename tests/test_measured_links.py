@@ -34,6 +34,9 @@ def _config(shaping: str, max_time: float) -> ExperimentConfig:
     cfg = small_config(
         sites=[{"name": "a", "intra_bandwidth_mbps": 20}],
         workers=[{"site": "a", "capacity_gflops": 0.02, "count": 2}],
+        # The all-to-all DLion: one dense 77 kB frame per peer per step (the site-aware
+        # default splits a two-worker site's all-reduce into half-size shards).
+        strategy="dlion-hpdc21",
         options={"pge": False, "dkt": False},
         train={"max_time": max_time, "stop_at_target": False},
         evaluation={"every_s": 1.0},
