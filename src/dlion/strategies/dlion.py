@@ -60,13 +60,14 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from dlion.comm.collectives import sharded_allreduce
 from dlion.comm.messages import Dense, Message, Payload, Sparse
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
 from dlion.strategies.dlion_hpdc21 import (
+    SharedOptions,
     dkt_plan,
     ema,
     link_budget_entries,
@@ -81,10 +82,9 @@ REMOTE_TAG = "dlion/x"  # a site leader's update to another site's leader
 MODEL_TAG = "dlion/m"  # a knowledge transfer (best site's model) to another site's leader
 
 
-class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Options(SharedOptions):
+    """The site-aware DLion's options; the shared ones are SharedOptions'."""
 
-    wdb: bool = Field(True, description="Weighted dynamic batching.")
     wdb_scope: Literal["site", "all"] = Field(
         "site",
         description="site: batches follow measured speeds inside each site, whose share of "
@@ -117,15 +117,6 @@ class Options(BaseModel):
         "WAN). d: a site leader waits until it holds every remote site's update of "
         "iteration t - d (1: lock-step sites).",
     )
-    reprofile_every: int = Field(20, ge=1, description="Re-balance batches every N iterations.")
-    drift_threshold: float = Field(
-        0.2, gt=0, description="Re-balance at once when a speed drifts by more than this."
-    )
-    speed_ema: float = Field(
-        0.5, gt=0, le=1, description="Weight of the newest speed sample in the speed EMA."
-    )
-    b_min: int = Field(1, ge=1, description="Smallest local batch.")
-    b_max: int | None = Field(None, ge=1, description="Largest local batch (None: no cap).")
     rho: float = Field(
         1.0,
         gt=0,
@@ -139,15 +130,9 @@ class Options(BaseModel):
         description="With max_delay set, a pipe whose latency exceeds the budget still "
         "sends for this share of it (no pipe starves).",
     )
-    dense_fraction: float = Field(
-        0.5, gt=0, le=1, description="Send dense when top-k would cover this much of it."
-    )
-    dkt_every: int = Field(50, ge=1, description="Knowledge-transfer period in iterations.")
     dkt_margin: float = Field(
         0.0, ge=0, description="Transfer only to sites whose loss is worse by more than this."
     )
-    dkt_gamma: float = Field(0.5, gt=0, le=1, description="Merge weight of the best model.")
-    loss_ema: float = Field(0.9, ge=0, lt=1, description="History weight of the loss EMA.")
 
 
 # ------------------------------------------------------------------ pure functions (tested)

@@ -47,12 +47,12 @@ from dlion.strategies.wdb import equal_time_batches
 SUMMARY = "DLion as in HPDC '21: WDB, per-link prioritized all-to-all exchange, knowledge transfer"
 
 
-class Options(BaseModel):
+class SharedOptions(BaseModel):
+    """The options both DLion variants have, with the same meaning (dlion.py adds its own)."""
+
     model_config = ConfigDict(extra="forbid")
 
     wdb: bool = Field(True, description="Weighted dynamic batching.")
-    pge: bool = Field(True, description="Per-link prioritized gradient exchange (else dense).")
-    dkt: bool = Field(True, description="Direct knowledge transfer.")
     reprofile_every: int = Field(20, ge=1, description="Re-balance batches every N iterations.")
     drift_threshold: float = Field(
         0.2, gt=0, description="Re-balance at once when a speed drifts by more than this."
@@ -62,6 +62,17 @@ class Options(BaseModel):
     )
     b_min: int = Field(1, ge=1, description="Smallest local batch.")
     b_max: int | None = Field(None, ge=1, description="Largest local batch (None: no cap).")
+    dense_fraction: float = Field(
+        0.5, gt=0, le=1, description="Send dense when top-k would cover this much of it."
+    )
+    dkt_every: int = Field(50, ge=1, description="Knowledge-transfer period in iterations.")
+    dkt_gamma: float = Field(0.5, gt=0, le=1, description="Merge weight of the best model.")
+    loss_ema: float = Field(0.9, ge=0, lt=1, description="History weight of the loss EMA.")
+
+
+class Options(SharedOptions):
+    pge: bool = Field(True, description="Per-link prioritized gradient exchange (else dense).")
+    dkt: bool = Field(True, description="Direct knowledge transfer.")
     rho: float = Field(
         1.0, gt=0, description="Link time budget as a multiple of this iteration's compute."
     )
@@ -72,15 +83,9 @@ class Options(BaseModel):
         description="Every link may send for at least this share of the time budget, "
         "even when its latency exceeds the budget (no link starves).",
     )
-    dense_fraction: float = Field(
-        0.5, gt=0, le=1, description="Send dense when top-k would cover this much of it."
-    )
-    dkt_every: int = Field(50, ge=1, description="Knowledge-transfer period in iterations.")
     dkt_margin: float = Field(
         0.0, ge=0, description="Transfer only to workers whose loss EMA is worse by more."
     )
-    dkt_gamma: float = Field(0.5, gt=0, le=1, description="Merge weight of the best model.")
-    loss_ema: float = Field(0.9, ge=0, lt=1, description="History weight of the loss EMA.")
     staleness: int = Field(
         0, ge=0, description="Run up to this many iterations ahead of peers' messages."
     )
