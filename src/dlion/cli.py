@@ -459,7 +459,7 @@ def load_group(lazy: LazyGroup) -> Any:
 
 def build_command(args: list[str]) -> Any:
     """The root click command for these arguments: the group that `args` runs is imported
-    for real; the others are placeholders that only describe themselves in the help."""
+    for real; the others are light stand-ins that only describe themselves in the help."""
     from typer.core import TyperGroup
 
     root = typer.main.get_command(app)
