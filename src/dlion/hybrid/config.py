@@ -84,13 +84,23 @@ def _cloud_default() -> ModelSpec:
 
 
 class RouterConfig(_Strict):
-    design: Literal["paper", "gain"] = Field(
+    design: Literal["paper", "gain", "stacked"] = Field(
         "paper",
         description="'paper': the ICLR '23 router on penultimate features, proxy BCE and the "
         "coverage penalty, trained on the models' own training data. 'gain' "
         "(dlion.hybrid.gain; needs train.rounds=0): two heads estimate P(edge right) and "
         "P(cloud right) from the input and the edge's softmax, trained on cross-fitted "
-        "labels; it trailed entropy more than 'paper' did (RESULTS.md section 4).",
+        "labels; it trailed entropy more than 'paper' did (RESULTS.md section 4). 'stacked' "
+        "(dlion.hybrid.stacked; needs train.rounds=0): entropy plus a ridge correction from "
+        "the edge's confidence, the fold edges' disagreement and its class, fitted on the "
+        "validation split, its size chosen by cross-validation (inf = entropy itself).",
+    )
+    stack_lambdas: list[float] = Field(
+        default_factory=lambda: [1.0, 0.1, 0.01, 0.001],
+        min_length=1,
+        description="router.design=stacked: ridge penalties tried (with inf, plain entropy) "
+        "by cross-validation on the validation split; a decade apart, from 'barely off "
+        "entropy' to 'nearly unpenalised' on a few hundred inputs.",
     )
     folds: int = Field(
         3,
@@ -210,6 +220,15 @@ class HybridConfig(_Strict):
             raise ValueError(
                 "train.rounds: alternating rounds need router.design=paper (the gain router is "
                 "trained once on cross-fitted labels); set train.rounds=0"
+            )
+        if self.router.design == "stacked" and self.data.router_fraction > 0:
+            raise ValueError(
+                "data.router_fraction: router.design=stacked uses the cross-fitting fold edges "
+                "of the training split (and the validation split for its fit); set it to 0"
+            )
+        if any(lam < 0 for lam in self.router.stack_lambdas):
+            raise ValueError(
+                f"router.stack_lambdas: every penalty must be >= 0, got {self.router.stack_lambdas}"
             )
         if any(k < 1 for k in self.router.knn_ks):
             raise ValueError(f"router.knn_ks: every k must be >= 1, got {self.router.knn_ks}")
