@@ -146,9 +146,9 @@ def test_router_scores_use_no_labels_of_the_scored_inputs() -> None:
 
 
 def test_stacked_design_needs_cross_fitting_and_no_rounds() -> None:
-    with pytest.raises(ConfigError, match="train.rounds"):
+    with pytest.raises(ConfigError, match=r"train\.rounds"):
         load_hybrid_config("digits", ["router.design=stacked"])
-    with pytest.raises(ConfigError, match="data.router_fraction"):
+    with pytest.raises(ConfigError, match=r"data\.router_fraction"):
         load_hybrid_config(
             "digits", ["router.design=stacked", "train.rounds=0", "data.router_fraction=0.2"]
         )
