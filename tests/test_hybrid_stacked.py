@@ -147,7 +147,7 @@ def test_router_scores_use_no_labels_of_the_scored_inputs() -> None:
 
 def test_stacked_design_needs_cross_fitting_and_no_rounds() -> None:
     with pytest.raises(ConfigError, match=r"train\.rounds"):
-        load_hybrid_config("digits", ["router.design=stacked"])
+        load_hybrid_config("digits", ["router.design=stacked", "train.rounds=1"])
     with pytest.raises(ConfigError, match=r"data\.router_fraction"):
         load_hybrid_config(
             "digits", ["router.design=stacked", "train.rounds=0", "data.router_fraction=0.2"]
@@ -156,6 +156,17 @@ def test_stacked_design_needs_cross_fitting_and_no_rounds() -> None:
         load_hybrid_config(
             "digits", ["router.design=stacked", "train.rounds=0", "router.stack_lambdas=[-1]"]
         )
+
+
+def test_rounds_default_follows_the_design() -> None:
+    # Stacked is the default and is fitted once; the paper's design keeps its alternating
+    # round unless rounds is set.
+    cfg = load_hybrid_config("digits")
+    assert (cfg.router.design, cfg.train.rounds) == ("stacked", 0)
+    assert load_hybrid_config("digits", ["router.design=paper"]).train.rounds == 1
+    assert load_hybrid_config("digits", ["router.design=gain"]).train.rounds == 0
+    paper = load_hybrid_config("digits", ["router.design=paper", "train.rounds=2"])
+    assert paper.train.rounds == 2
 
 
 def test_stacked_run_trains_saves_and_loads(tmp_path: Path) -> None:
