@@ -5,6 +5,7 @@ stacked run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dlion.errors import ConfigError
+from dlion.hybrid import train as train_module
 from dlion.hybrid.config import load_hybrid_config
 from dlion.hybrid.inference import edge_scores
 from dlion.hybrid.knn import routed_accuracy
@@ -169,19 +171,19 @@ def test_rounds_default_follows_the_design() -> None:
     assert paper.train.rounds == 2
 
 
+TINY_STACKED = [
+    "router.design=stacked",
+    "train.rounds=0",
+    "train.edge_epochs=2",
+    "train.cloud_epochs=2",
+    "edge.hidden=[8]",
+    "cloud.hidden=[8]",
+    "cloud.channels=[4]",
+]
+
+
 def test_stacked_run_trains_saves_and_loads(tmp_path: Path) -> None:
-    cfg = load_hybrid_config(
-        "digits",
-        [
-            "router.design=stacked",
-            "train.rounds=0",
-            "train.edge_epochs=2",
-            "train.cloud_epochs=2",
-            "edge.hidden=[8]",
-            "cloud.hidden=[8]",
-            "cloud.channels=[4]",
-        ],
-    )
+    cfg = load_hybrid_config("digits", TINY_STACKED)
     run = train_hybrid(cfg, progress=False)
     assert len(run.models.router.fold_edges) == cfg.router.folds
     assert run.info["stacked"]["lambda"] in {"inf", *cfg.router.stack_lambdas}
@@ -192,3 +194,25 @@ def test_stacked_run_trains_saves_and_loads(tmp_path: Path) -> None:
     x = load_splits(cfg).test[0][:40]
     a, b = edge_scores(run.models, x), edge_scores(loaded.models, x)
     assert torch.equal(a.scores["router"], b.scores["router"])
+
+
+def test_training_never_reads_the_test_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same run trained on a dataset whose test labels are scrambled has bit-identical
+    # router weights and calibration scores: the router's ordering of any input is fixed
+    # before a test label is seen.
+    cfg = load_hybrid_config("digits", TINY_STACKED)
+    honest = train_hybrid(cfg, progress=False)
+    honest_labels = load_splits(cfg).test[1]
+    original = train_module.load_dataset
+
+    def scrambled(*args: object, **kwargs: object) -> object:
+        ds = original(*args, **kwargs)
+        return dataclasses.replace(ds, y_test=(ds.y_test + 1) % ds.num_classes)
+
+    monkeypatch.setattr(train_module, "load_dataset", scrambled)
+    assert not torch.equal(load_splits(cfg).test[1], honest_labels)  # every label changed
+    blind = train_hybrid(cfg, progress=False)
+    for key, value in honest.models.router.state_dict().items():
+        assert torch.equal(value, blind.models.router.state_dict()[key]), key
+    for method, scores in honest.calibration.val_scores.items():
+        assert torch.equal(scores, blind.calibration.val_scores[method]), method
