@@ -20,7 +20,7 @@ Rule (issue 21; RESULTS.md section 4 explains why the other learned routers trai
 - model: ridge regression on standardised features, score = the fitted expected benefit.
   The intercept and the entropy weight are free; the other weights pay LAMBDA * n * |w|^2
   (`fit_stacked`). LAMBDA = inf drops them: the score is a + b * H(p), entropy
-  thresholding itself;
+  thresholding itself (b > 0 wherever the edge errs more when less certain);
 - LAMBDA is chosen from `router.stack_lambdas` (inf always included) by repeated K-fold
   cross-validation on the validation split (`CV_FOLDS` folds x `CV_REPEATS` shuffles),
   scored by the mean routed accuracy at coverages 0.5-0.9 of the held-out folds
@@ -29,6 +29,9 @@ Rule (issue 21; RESULTS.md section 4 explains why the other learned routers trai
 The router's scores depend only on the inputs and the fitted weights, never on the labels of
 the inputs it scores. Thresholds are calibrated on the same validation scores as for every
 method: calibration uses only the scores' quantiles, not the labels.
+Measured (RESULTS.md section 4, 3 seeds): it beats entropy at every coverage 0.5-0.9 on
+digits and mnist1d at exact coverage and closes 0.53 / 0.43 of the oracle gap (entropy 0.44
+/ 0.39); it costs `router.folds` (3) extra edge forwards per input.
 """
 
 from __future__ import annotations
