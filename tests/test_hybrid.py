@@ -46,8 +46,11 @@ from dlion.hybrid.router import router_loss
 from dlion.hybrid.store import HybridRun, load_run, save_run
 from dlion.hybrid.train import load_splits, train_hybrid
 
-# A digits run small enough to train in a couple of seconds.
+# A digits run small enough to train in a couple of seconds; the paper's router with its
+# alternating round (the default stacked design is trained in test_hybrid_stacked.py and by
+# the CLI tests).
 TINY = [
+    "router.design=paper",
     "train.edge_epochs=2",
     "train.cloud_epochs=2",
     "train.round_edge_epochs=1",

@@ -12,6 +12,7 @@ from dlion.hybrid.knn import KnnRouter
 from dlion.hybrid.models import SplitModel
 from dlion.hybrid.proxy import entropy, router_features
 from dlion.hybrid.router import Router
+from dlion.hybrid.stacked import StackedRouter
 
 _CHUNK = 1024  # inputs per forward pass: bounds memory on large input files
 
@@ -23,10 +24,10 @@ METHODS: tuple[str, ...] = ("router", "knn", "entropy", "max_softmax")
 class HybridModels:
     edge: SplitModel
     cloud: SplitModel
-    router: Router
+    router: Router | StackedRouter
     knn: KnnRouter  # k-nearest-neighbour baseline on the gain router's features
     top_k: int  # router feature setting the router was trained with
-    design: str  # router.design: "gain" or "paper"
+    design: str  # router.design: "paper", "gain" or "stacked"
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def edge_scores(models: HybridModels, x: torch.Tensor) -> EdgeScores:
     probs = torch.softmax(logits, dim=1)
     models.router.eval()
     knn_inputs = gain_features(x, logits, models.top_k)
-    if models.design == "gain":
+    if isinstance(models.router, StackedRouter):
+        router = models.router(x, logits)
+    elif models.design == "gain":
         router = gain_score(models.router(knn_inputs))
     else:
         router = models.router(router_features(features, logits, models.top_k))

@@ -30,6 +30,7 @@ from dlion.hybrid.knn import KnnRouter
 from dlion.hybrid.latency import LatencyModel
 from dlion.hybrid.models import SplitModel, build_hybrid_model, feature_dim
 from dlion.hybrid.router import Router
+from dlion.hybrid.stacked import StackedRouter
 from dlion.report import write_json_atomic
 
 FORMAT = "dlion-hybrid/1"
@@ -37,6 +38,7 @@ WEIGHTS = ("edge", "router", "knn", "cloud")
 CONFIG_FILE = "config.yaml"
 CALIBRATION_FILE = "calibration.json"
 RUN_FILE = "run.json"  # written last: its presence marks a complete run
+FOLD_SEED = 1000  # cross-fitting fold f's models are initialised from cfg.seed + 1000 (f + 1)
 
 
 @dataclass
@@ -57,6 +59,11 @@ def router_input_dim(edge: SplitModel, input_shape: tuple[int, ...], top_k: int)
     return feature_dim(edge, input_shape) + 1 + (top_k - 1)
 
 
+def fold_seed_offsets(folds: int) -> list[int]:
+    """Seed offset of each cross-fitting fold's models (fold f: FOLD_SEED * (f + 1))."""
+    return [FOLD_SEED * (f + 1) for f in range(folds)]
+
+
 def build_models(
     cfg: HybridConfig,
     input_shape: tuple[int, ...],
@@ -70,7 +77,15 @@ def build_models(
     edge = build_hybrid_model(cfg.edge, input_shape, num_classes, seed, "edge")
     cloud = build_hybrid_model(cfg.cloud, input_shape, num_classes, seed + 1, "cloud")
     gain_dim = gain_feature_dim(math.prod(input_shape), num_classes, cfg.router.top_k)
-    if cfg.router.design == "gain":
+    router: Router | StackedRouter
+    if cfg.router.design == "stacked":
+        # Its ensemble: one edge per cross-fitting fold, initialised as train.py's fold models.
+        fold_edges = [
+            build_hybrid_model(cfg.edge, input_shape, num_classes, seed + offset, "edge")
+            for offset in fold_seed_offsets(cfg.router.folds)
+        ]
+        router = StackedRouter(fold_edges, num_classes)
+    elif cfg.router.design == "gain":
         router = Router(gain_dim, cfg.router.hidden, seed + 2, outputs=2)
     else:
         router = Router(

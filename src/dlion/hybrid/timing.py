@@ -19,6 +19,7 @@ from torch.utils import benchmark
 from dlion.hybrid.gain import gain_features, gain_score
 from dlion.hybrid.inference import HybridModels
 from dlion.hybrid.proxy import entropy, router_features
+from dlion.hybrid.stacked import StackedRouter
 
 MIN_RUN_TIME_S = 0.2  # per timed component: enough blocks for a stable median
 
@@ -30,6 +31,8 @@ def scorer(models: HybridModels, method: str) -> Scorer:
     what that method needs."""
 
     def router(x: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(models.router, StackedRouter):
+            return models.router(x, logits)
         if models.design == "gain":
             return gain_score(models.router(gain_features(x, logits, models.top_k)))
         return models.router(router_features(features, logits, models.top_k))

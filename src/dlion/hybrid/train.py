@@ -28,13 +28,13 @@ from dlion.hybrid.latency import build_latency_model, forward_flops
 from dlion.hybrid.models import SplitModel
 from dlion.hybrid.proxy import proxy_labels, router_features
 from dlion.hybrid.router import Router, router_loss
-from dlion.hybrid.store import HybridRun, build_models
+from dlion.hybrid.stacked import StackedRouter, choose_lambda, fit_stacked, stack_features
+from dlion.hybrid.store import HybridRun, build_models, fold_seed_offsets
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 # Offsets of cfg.seed for each random stream, so no two consumers share one.
 _SHUFFLE_CLOUD, _SHUFFLE_EDGE, _SHUFFLE_ROUTER, _SPLIT, _FOLDS = 11, 12, 13, 14, 15
-_FOLD_SEED = 1000  # cross-fitting fold f's models are initialised from cfg.seed + 1000 (f + 1)
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,7 @@ class RouterData:
     edge_correct: torch.Tensor  # bool (n,)
     cloud_correct: torch.Tensor  # bool (n,)
     folds: torch.Tensor  # int64 (n,): cross-fitting fold, reused to tune the kNN's k
+    fold_edges: list[SplitModel]  # the cross-fitting edges (empty with a held-out router split)
 
 
 def _fit_models(models: HybridModels, data: Batch, cfg: HybridConfig, bar: _Bar, tag: str) -> None:
@@ -279,19 +280,21 @@ def router_data(cfg: HybridConfig, splits: Splits, models: HybridModels, bar: _B
         _, logits = edge_outputs(models.edge, x)
         edge_correct = logits.argmax(dim=1) == y
         cloud_correct = predict(models.cloud, x) == y
-        return RouterData(gain_features(x, logits, top_k), edge_correct, cloud_correct, folds)
+        return RouterData(gain_features(x, logits, top_k), edge_correct, cloud_correct, folds, [])
     logits = torch.empty(len(y), splits.num_classes)
     cloud_correct = torch.empty(len(y), dtype=torch.bool)
-    for f in range(cfg.router.folds):
+    fold_edges = []
+    for f, offset in enumerate(fold_seed_offsets(cfg.router.folds)):
         held = folds == f
-        fold_models = build_models(
-            cfg, splits.input_shape, splits.num_classes, seed_offset=_FOLD_SEED * (f + 1)
-        )
+        fold_models = build_models(cfg, splits.input_shape, splits.num_classes, seed_offset=offset)
         _fit_models(fold_models, (x[~held], y[~held]), cfg, bar, f" fold {f + 1}")
         logits[held] = edge_outputs(fold_models.edge, x[held])[1]
         cloud_correct[held] = predict(fold_models.cloud, x[held]) == y[held]
+        fold_edges.append(fold_models.edge)
     edge_correct = logits.argmax(dim=1) == y
-    return RouterData(gain_features(x, logits, top_k), edge_correct, cloud_correct, folds)
+    return RouterData(
+        gain_features(x, logits, top_k), edge_correct, cloud_correct, folds, fold_edges
+    )
 
 
 def train_gain_router(
@@ -326,6 +329,30 @@ def train_gain_router(
     return router
 
 
+def train_stacked_router(
+    models: HybridModels, fold_edges: list[SplitModel], val: Batch, cfg: HybridConfig
+) -> tuple[StackedRouter, dict[str, object]]:
+    """The stacked router (stacked.py): features of the deployed edge and the fold edges on
+    the validation split, the benefit `cloud right - edge right` of the deployed models as
+    target, lambda by cross-validation there. Returns the router and what was chosen."""
+    x, y = val
+    _, logits = edge_outputs(models.edge, x)
+    router = StackedRouter(fold_edges, logits.shape[1])
+    features = stack_features(logits, router.fold_logits(x))
+    edge_correct = logits.argmax(dim=1) == y
+    cloud_correct = predict(models.cloud, x) == y
+    lam, cv = choose_lambda(features, edge_correct, cloud_correct, cfg.router.stack_lambdas)
+    mean, std, weights = fit_stacked(features, cloud_correct.double() - edge_correct.double(), lam)
+    router.set_fit(mean, std, weights)
+    router.eval()
+    info = {
+        "lambda": "inf" if math.isinf(lam) else lam,
+        "cv_routed_acc": {("inf" if math.isinf(k) else str(k)): v for k, v in cv.items()},
+        "weights": weights.tolist(),
+    }
+    return router, info
+
+
 def train_hybrid(
     cfg: HybridConfig, *, progress: bool = True, console: Console | None = None
 ) -> HybridRun:
@@ -339,6 +366,7 @@ def train_hybrid(
     if cfg.data.router_fraction == 0:
         total += r.folds * (t.cloud_epochs + t.edge_epochs)
     history: list[dict[str, float]] = []
+    stacked_info: dict[str, object] = {}
     with torch_threads(t.threads), _Bar(cfg.name, total, progress, console) as bar:
         _fit_models(models, splits.fit, cfg, bar, "")
         data = router_data(cfg, splits, models, bar)
@@ -349,6 +377,10 @@ def train_hybrid(
         knn_info = {"k": best_k, "cv_routed_acc": {str(k): v for k, v in knn_cv.items()}}
         x_r, y_r = splits.router
         cloud_correct = predict(models.cloud, x_r) == y_r
+        if r.design == "stacked":
+            models.router, stacked_info = train_stacked_router(
+                models, data.fold_edges, splits.val, cfg
+            )
         if r.design == "gain":
             models.router = train_gain_router(
                 data, cfg, cfg.seed + _SHUFFLE_ROUTER, bar.ticker("gain router")
@@ -392,9 +424,16 @@ def train_hybrid(
         calibration = Calibration(edge_scores(models, splits.val[0]).scores)
     router_in = models.router.mean.numel()
     knn_rows, knn_dim = models.knn.memory.shape
+    if isinstance(models.router, StackedRouter):
+        # The fold edges run beside the edge; the features and the linear score are a few
+        # operations per class, negligible next to them.
+        fold = models.router.fold_edges
+        router_flops = sum(forward_flops(e, splits.input_shape) for e in fold) + 2 * router_in
+    else:
+        router_flops = forward_flops(models.router, (router_in,))
     flops = {
         "edge": forward_flops(models.edge, splits.input_shape),
-        "router": forward_flops(models.router, (router_in,)),
+        "router": router_flops,
         "cloud": forward_flops(models.cloud, splits.input_shape),
         # A distance to every memory row: a subtract, a multiply and an add per value.
         "knn": 3 * knn_rows * knn_dim,
@@ -418,6 +457,8 @@ def train_hybrid(
         "rounds": history,
         "knn": knn_info,
     }
+    if stacked_info:
+        info["stacked"] = stacked_info
     return HybridRun(
         cfg, models, calibration, latency, splits.input_shape, splits.num_classes, info
     )
