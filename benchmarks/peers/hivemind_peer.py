@@ -18,7 +18,8 @@ not added (dlion's transport adds it in-process; Hivemind has no such hook): tha
 flatters Hivemind.
 
 Written for `benchmarks/peers/compare.py`, which starts one per namespace; a peer logs
-`{"t": scenario s, "epoch": .., "acc": ..}` lines and rank 0 evaluates after every epoch
+`{"t": scenario s, "epoch": .., "acc": ..}` lines from a common start once all peers are
+up and rank 0 evaluates after every epoch
 (the models are identical after an epoch) and writes `done` when the target is reached.
 """
 
@@ -67,9 +68,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1", help="address this peer listens on")
     ap.add_argument("--dir", type=Path, required=True, help="shared folder of the run")
-    ap.add_argument("--start-at", type=float, required=True, help="unix time of step 0")
+    ap.add_argument("--world", type=int, required=True, help="number of peers")
     ap.add_argument("--matchmaking-time", type=float, default=1.0)
-    ap.add_argument("--averaging-timeout", type=float, default=10.0)
+    ap.add_argument("--averaging-timeout", type=float, default=30.0)
     ap.add_argument("--fp16", action="store_true", help="send gradients as float16")
     args = ap.parse_args()
 
@@ -108,16 +109,23 @@ def main() -> None:
         matchmaking_time=args.matchmaking_time,
         averaging_timeout=args.averaging_timeout,
         grad_compression=compression,
+        # hivemind warns unless its per-request timeout is below the matchmaking time.
+        averager_opts={"request_timeout": min(3.0, args.matchmaking_time / 2)},
         verbose=False,
     )
 
     log = (args.dir / f"peer-{args.rank}.jsonl").open("w")
     done = args.dir / "done"
     flops = prep.flops_per_sample * batch
-    wait = args.start_at - time.time()
-    if wait > 0:
-        time.sleep(wait)
-    t0 = args.start_at
+    # A common start once every peer is up (start-up excluded, as dlion's dist engine
+    # starts its clock after rendezvous): each writes ready-R, and all start 2 s after
+    # the last of those files appeared.
+    (args.dir / f"ready-{args.rank}").write_text("")
+    readies = [args.dir / f"ready-{r}" for r in range(args.world)]
+    for path in readies:
+        wait_for(path, 300.0)
+    t0 = max(p.stat().st_mtime for p in readies) + 2.0
+    time.sleep(max(0.0, t0 - time.time()))
     epoch, steps = opt.local_epoch, 0
 
     def now() -> float:  # scenario seconds since the common start
