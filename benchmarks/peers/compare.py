@@ -50,6 +50,7 @@ def run_hivemind(
     max_time: float,
     scale: float,
     fp16: bool,
+    extra: list[str],
 ) -> list[tuple[float, float]]:
     """One Hivemind run, a peer per namespace; rank 0's (t, accuracy) after every epoch."""
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def run_hivemind(
         ]  # fmt: skip
         if fp16:
             argv.append("--fp16")
+        argv += extra
         log = (out / f"peer-{w.rank}.log").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -98,6 +100,8 @@ def main(
         "0.5,1,2"
     ),
     fp16: bool = False,
+    state_every: Annotated[int, typer.Option(help="hivemind average_state_every")] = 1,
+    chunk_timeout: Annotated[float | None, typer.Option(help="next_chunk_timeout (s)")] = None,
     prefix: str = "hmp",
     subnet: str = "10.79.0.0/24",
 ) -> None:
@@ -116,10 +120,14 @@ def main(
             curves[name] = [(p.t / time_scale, p.mean_acc) for p in res.points]
             rows.append({"method": name, "tta_s": s["tta_scenario_s"], "final_acc": s["final_acc"]})
             print(f"{name}: TTA {s['tta_scenario_s']} final {s['final_acc']:.3f}", flush=True)
+        extra = ["--average-state-every", str(state_every)]
+        if chunk_timeout is not None:
+            extra += ["--chunk-timeout", f"{chunk_timeout:g}"]
+        knobs = f"state every {state_every}{', fp16' if fp16 else ''}"
         for mm in (float(v) for v in matchmaking.split(",")):
-            label = f"hivemind (matchmaking {mm:g} s)"
+            label = f"hivemind (matchmaking {mm:g} s, {knobs})"
             points = run_hivemind(
-                scenario, sets, plan, out / f"hivemind-mm{mm:g}", mm, max_time, time_scale, fp16,
+                scenario, sets, plan, out / f"hivemind-mm{mm:g}", mm, max_time, time_scale, fp16, extra,
             )  # fmt: skip
             curves[label] = points
             rows.append({"method": label, "tta_s": tta(points, target), "final_acc": points[-1][1]})

@@ -72,6 +72,16 @@ def main() -> None:
     ap.add_argument("--matchmaking-time", type=float, default=1.0)
     ap.add_argument("--averaging-timeout", type=float, default=30.0)
     ap.add_argument("--fp16", action="store_true", help="send gradients as float16")
+    ap.add_argument(
+        "--average-state-every",
+        type=int,
+        default=1,
+        help="epochs between hivemind's background averaging of parameters and optimizer "
+        "state (hivemind's default 1; gradients are averaged every epoch regardless)",
+    )
+    ap.add_argument(
+        "--chunk-timeout", type=float, default=None, help="hivemind's next_chunk_timeout (s)"
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -108,6 +118,8 @@ def main() -> None:
         target_batch_size=batch * cluster.size,
         matchmaking_time=args.matchmaking_time,
         averaging_timeout=args.averaging_timeout,
+        next_chunk_timeout=args.chunk_timeout,
+        average_state_every=args.average_state_every,
         grad_compression=compression,
         # hivemind warns unless its per-request timeout is below the matchmaking time.
         averager_opts={"request_timeout": min(3.0, args.matchmaking_time / 2)},
