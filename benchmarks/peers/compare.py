@@ -127,7 +127,8 @@ def main(
         for mm in (float(v) for v in matchmaking.split(",")):
             label = f"hivemind (matchmaking {mm:g} s, {knobs})"
             points = run_hivemind(
-                scenario, sets, plan, out / f"hivemind-mm{mm:g}", mm, max_time, time_scale, fp16, extra,
+                scenario, sets, plan, out / f"hivemind-mm{mm:g}", mm, max_time, time_scale,
+                fp16, extra,
             )  # fmt: skip
             curves[label] = points
             rows.append({"method": label, "tta_s": tta(points, target), "final_acc": points[-1][1]})
