@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from dlion.bench import ideal_config, load_suite, pick_learning_rate, run_suite
+import dlion.bench as bench
+from dlion.bench import (
+    LrSearch,
+    edge_extension,
+    ideal_config,
+    load_suite,
+    pick_learning_rate,
+    run_suite,
+    search_one,
+)
 from dlion.cluster import Cluster
-from dlion.config import load_config
+from dlion.config import ExperimentConfig, load_config
 
 
 def _run(tta: float | None, acc: float) -> dict[str, object]:
@@ -62,10 +72,64 @@ def test_lr_search_runs_the_same_grid_for_every_strategy_and_uses_the_choice(
     runs, _, chosen = run_suite(load_suite(str(suite_file)), tmp_path / "out", progress=False)
     assert set(chosen["default"]) == {"allreduce", "dlion"}
     for entry in chosen["default"].values():
-        assert set(entry["grid"]) == {"0.01", "0.1"}  # same budget for each
-        assert entry["lr"] == 0.1  # 0.01 cannot reach 95% in 2.5 simulated s
+        # Same budget for each: the grid, and 0.1 at its edge extends it one step (x10).
+        assert set(entry["grid"]) == {"0.01", "0.1", "1.0"}
+        assert entry["extended"] == ["1.0"]
+        assert entry["lr"] == 0.1  # 0.01 cannot reach 95% in 2.5 simulated s; 1.0 is worse
+        assert not entry["at_edge"]
     for run in runs:
         cfg_text = (
             tmp_path / "out" / "runs" / "homogeneous" / run["strategy"] / "seed0" / "config.yaml"
         ).read_text()
         assert "lr: 0.1" in cfg_text
+
+
+def test_edge_extension_continues_the_grid_geometrically_past_its_edge() -> None:
+    lrs = {str(lr): [f"train.lr={lr}"] for lr in (0.05, 0.1, 0.2)}
+    assert edge_extension(lrs, "0.2", own_grid=False) == ("0.4", ["train.lr=0.4"])
+    assert edge_extension(lrs, "0.05", own_grid=False) == ("0.025", ["train.lr=0.025"])
+    assert edge_extension(lrs, "0.1", own_grid=False) is None  # bracketed
+    assert edge_extension({"0.1": ["train.lr=0.1"]}, "0.1", own_grid=False) is None
+
+
+def test_edge_extension_of_an_own_grid_keeps_the_best_candidates_other_knobs() -> None:
+    grid = {
+        "train.lr=0.003 strategy.options.H=10": ["train.lr=0.003", "strategy.options.H=10"],
+        "train.lr=0.01 strategy.options.H=10": ["train.lr=0.01", "strategy.options.H=10"],
+        "train.lr=0.01 strategy.options.H=30": ["train.lr=0.01", "strategy.options.H=30"],
+    }
+    key, overrides = edge_extension(grid, "train.lr=0.01 strategy.options.H=30", own_grid=True)
+    assert overrides == ["train.lr=0.0333", "strategy.options.H=30"]  # 0.01 x 0.01/0.003
+    assert key == "train.lr=0.0333 strategy.options.H=30"
+    no_lr = {"a": ["strategy.options.H=10"], "b": ["strategy.options.H=30"]}
+    assert edge_extension(no_lr, "a", own_grid=True) is None
+
+
+def test_search_extends_until_the_choice_is_bracketed_on_the_pilot_seeds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """TTA is 1 + |log2(lr / 0.4)|: the best rate, 0.4, lies two steps past the grid."""
+    seen: list[tuple[float, int]] = []
+
+    def fake_run(cfg: ExperimentConfig, *_: object) -> tuple[dict[str, object], list[object]]:
+        seen.append((cfg.train.lr, cfg.train.seed))
+        return _run(1 + abs(math.log2(cfg.train.lr / 0.4)), 0.95), []
+
+    monkeypatch.setattr(bench, "_run_or_reuse", fake_run)
+    cfg = load_config("homogeneous")
+    search = LrSearch(scenario="homogeneous", grid=[0.05, 0.1, 0.2], seeds=2, first_seed=100)
+    candidates = {str(lr): [f"train.lr={lr}"] for lr in search.grid}
+    entry = search_one(
+        cfg, candidates, own_grid=False, search=search, where=tmp_path, label="x",
+        progress=False, force=False,
+    )  # fmt: skip
+    assert entry["extended"] == ["0.4", "0.8"]  # 0.8 is worse: 0.4 is bracketed
+    assert entry["lr"] == 0.4 and not entry["at_edge"]
+    assert {seed for _, seed in seen} == {100, 101}  # pilot seeds, not the bench's 0-2
+    capped = LrSearch(scenario="homogeneous", grid=[0.05, 0.1, 0.2], extend=1)
+    candidates = {str(lr): [f"train.lr={lr}"] for lr in capped.grid}
+    entry = search_one(
+        cfg, candidates, own_grid=False, search=capped, where=tmp_path, label="x",
+        progress=False, force=False,
+    )  # fmt: skip
+    assert entry["extended"] == ["0.4"] and entry["at_edge"]  # said, not hidden
