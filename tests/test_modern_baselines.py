@@ -327,7 +327,8 @@ def test_a_strategy_searches_its_own_grid_with_its_own_overrides(tmp_path: Path)
         "    grid: [{train.lr: 0.00001, strategy.options.H: 5}, "
         "{train.lr: 0.01, strategy.options.H: 5}]\n"
         "ideal: false\nset: [train.max_time=2.5]\n"
-        "lr_search: {scenario: homogeneous, grid: [0.01, 0.1]}\n"
+        # The grids as written (extension past an edge is tested in test_bench.py).
+        "lr_search: {scenario: homogeneous, grid: [0.01, 0.1], extend: 0}\n"
     )
     _, _, chosen = run_suite(load_suite(str(suite_file)), tmp_path / "out", progress=False)
     entry = chosen["default"]["diloco"]
