@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from dlion.config import (
     apply_overrides,
@@ -17,15 +17,10 @@ from dlion.config import (
     read_text_file,
 )
 from dlion.errors import ConfigError
+from dlion.hybrid.spec import ModelSpec, Strict
 
 
-class _Strict(BaseModel):
-    """Unknown keys are errors: a typo in a config must never be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HybridDataConfig(_Strict):
+class HybridDataConfig(Strict):
     name: Literal["digits", "mnist1d", "synthetic", "mnist-idx", "cifar10", "npz"] = Field(
         "digits", description="Dataset, as for `dlion train` (see dlion.data.load_dataset)."
     )
@@ -55,24 +50,6 @@ class HybridDataConfig(_Strict):
     )
 
 
-class ModelSpec(_Strict):
-    """An edge or cloud classifier: a registered name (`mlp`, `cnn`, or `module:function`)."""
-
-    name: str = Field("mlp", description="Registered model name, or 'package.module:builder'.")
-    hidden: list[int] = Field(
-        default_factory=lambda: [32], min_length=1, description="Dense hidden widths."
-    )
-    channels: list[int] = Field(
-        default_factory=lambda: [16, 32], min_length=1, description="cnn: conv channels."
-    )
-    downsample: int = Field(
-        1,
-        ge=1,
-        description="Average-pool the input by this factor per spatial axis before the "
-        "model (1 = full resolution); part of the model, so its FLOPs are counted.",
-    )
-
-
 def _edge_default() -> ModelSpec:
     # A 2x average pool turns 8x8 digits into 4x4 (and 40-long mnist1d into 20), so the edge
     # sees a coarse input and is clearly weaker than the cloud model.
@@ -83,7 +60,7 @@ def _cloud_default() -> ModelSpec:
     return ModelSpec(name="cnn", hidden=[64], channels=[16, 32], downsample=1)
 
 
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     design: Literal["paper", "gain", "stacked"] = Field(
         "stacked",
         description="'stacked' (the default; dlion.hybrid.stacked): entropy plus a ridge "
@@ -146,7 +123,7 @@ class RouterConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Mini-batch for every model.")
     lr: float = Field(0.01, gt=0, description="Adam learning rate of the edge and cloud.")
     weight_decay: float = Field(0.0, ge=0, description="Adam L2 penalty, edge and cloud.")
@@ -173,7 +150,7 @@ class TrainConfig(_Strict):
     threads: int = Field(1, ge=1, description="torch intra-op threads while training.")
 
 
-class LatencyConfig(_Strict):
+class LatencyConfig(Strict):
     edge_gflops: float = Field(
         0.05,
         gt=0,
@@ -198,7 +175,7 @@ class LatencyConfig(_Strict):
     )
 
 
-class HybridConfig(_Strict):
+class HybridConfig(Strict):
     name: str = Field("hybrid", description="Run name, used in titles and default paths.")
     seed: int = Field(
         0, ge=0, lt=2**32, description="Seeds the data split, model inits and shuffling."

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dlion.errors import ConfigError, DlionError
-from dlion.hybrid.config import ModelSpec
+from dlion.hybrid.spec import ModelSpec
 from dlion.models import build_model
 
 # builder(input_shape, num_classes, spec, seed) -> an nn.Sequential ending in nn.Linear, or a
