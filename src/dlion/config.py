@@ -853,3 +853,10 @@ def with_membership(cfg: ExperimentConfig, events: list[MembershipEvent]) -> Exp
     programs that draw departures, e.g. revocations of transient servers)."""
     dyn = cfg.dynamics.model_copy(update={"membership": [*cfg.dynamics.membership, *events]})
     return with_dynamics(cfg, dyn)
+
+
+def write_config(out_dir: Path, cfg: ExperimentConfig) -> None:
+    """The run's resolved config, beside its metrics."""
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )

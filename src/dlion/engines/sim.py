@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dlion.cluster import Cluster
 from dlion.comm.messages import Message
-from dlion.config import ExperimentConfig, MembershipEvent, initially_absent
+from dlion.config import ExperimentConfig, MembershipEvent, initially_absent, write_config
 from dlion.context import ComputeResult, WorkerContext
 from dlion.dynamics import membership_schedule
 from dlion.engines.network import Network, all_to_all_rates
@@ -404,13 +403,6 @@ def run_sim(
         wall,
         engine.compute_wall_s,
         [c.replica for c in engine.contexts],
-    )
-
-
-def write_config(out_dir: Path, cfg: ExperimentConfig) -> None:
-    """The run's resolved config, beside its metrics."""
-    (out_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     )
 
 

@@ -25,7 +25,7 @@ import json
 import math
 from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -37,11 +37,24 @@ from dlion.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from dlion.config import ExperimentConfig
-from dlion.report import EvalPoint
+from dlion.config import ExperimentConfig, write_config
+from dlion.context import WorkerContext
+from dlion.report import EvalPoint, MetricsLog
 
-if TYPE_CHECKING:
-    from dlion.engines.sim import _SimEngine
+
+class _SimEngine(Protocol):
+    """What a checkpoint reads from the sim engine (engines/sim.py) and restores into it;
+    a protocol, so this module does not import the engine that imports it."""
+
+    contexts: list[WorkerContext]
+    log: MetricsLog
+    running: set[int]
+    believed: dict[int, int]
+    epoch: int
+    incarnation: list[int]
+    retired_bytes: int
+    retired_rejected: int
+
 
 # Fields a resumed run may change: where the run stops, and how it checkpoints. They do
 # not change the trajectory up to the checkpoint (and the replay check would notice if one
@@ -238,8 +251,6 @@ class SimCheckpointer:
                     f"{ckpt.path}: the replay's {key} differs from the checkpoint "
                     "(another config, code or machine); nothing was written"
                 )
-        from dlion.engines.sim import write_config  # the sim imports this module
-
         # Verified: from here on the run owns its directory again.
         write_config(out_dir, self.cfg)
         engine.log.continue_file(out_dir / "metrics.jsonl", state["metrics_bytes"])
