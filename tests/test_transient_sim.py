@@ -8,7 +8,7 @@ import pytest
 from dlion.config import load_config, with_changes, with_membership
 from dlion.engines.sim import run_sim
 from dlion.transient.catalog import InstanceType, Revocation
-from dlion.transient.cost import Billing, RankBilling
+from dlion.transient.cost import Billing, RankBilling, cost_fields, run_cost
 from dlion.transient.revocation import Lease, Timeline, membership_events
 from dlion.transient.runs import Candidate, run_transient, transient_config
 from dlion.transient.spec import TransientSpec
@@ -43,7 +43,7 @@ def test_revoked_server_role_moves_and_replacement_joins() -> None:
     )
     cfg = with_membership(_base(), membership_events(tl, 3600.0, announce=True))
     billing = Billing(tuple(RankBilling("k80", "transient", 0.5) for _ in range(3)), 3600.0)
-    result = run_sim(cfg, progress=False, billing=billing)
+    result = run_sim(cfg, progress=False, summary_fields=cost_fields(cfg, billing))
     s = result.summary
     kinds = [(m["rank"], m["event"]) for m in s["membership"]]
     assert kinds[0] == (0, "leave") and (0, "join") in kinds
@@ -69,7 +69,8 @@ def test_unannounced_revocation_is_a_crash_the_server_survives() -> None:
     result = run_sim(cfg, progress=False)
     events = [m["event"] for m in result.summary["membership"]]
     assert events == ["crash", "crash_detected"]
-    assert result.summary["cost"]["usd"] is None  # no billing plan: unpriced
+    unpriced = run_cost(cfg, result.summary["membership"], result.points[-1].t)
+    assert unpriced["usd"] is None and unpriced["revocations"] == 1  # no billing plan
     assert result.summary["iterations"] > 100
 
 

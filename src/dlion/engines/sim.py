@@ -25,7 +25,7 @@ import gc
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ from dlion.report import (
     write_json_atomic,
 )
 from dlion.strategies import get_strategy, parse_options
-from dlion.transient.cost import Billing, run_cost
 
 
 @dataclass
@@ -309,6 +308,10 @@ class _SimEngine:
         )
 
 
+# Extra summary fields from a run's membership log (list of events) and end time (s).
+SummaryFields = Callable[[list[dict[str, Any]], float], dict[str, Any]]
+
+
 def run_sim(
     cfg: ExperimentConfig,
     *,
@@ -316,12 +319,13 @@ def run_sim(
     label: str | None = None,
     progress: bool = True,
     description: str | None = None,
-    billing: Billing | None = None,
+    summary_fields: SummaryFields | None = None,
     resume: bool = False,
     stop_at: float | None = None,
 ) -> RunResult:
     """Run one experiment in the simulator; write metrics.jsonl and summary.json to out_dir.
-    `billing` prices each rank's instance for the summary's cost block (transient/cost.py).
+    `summary_fields(membership, end_s)` adds fields computed from the run's membership log
+    and its end to the summary (transient servers price the instances with it).
     Checkpoints (config `checkpoint`) go to out_dir/checkpoints. `resume`: continue the run
     in out_dir from its latest checkpoint, by verified replay (engines/sim_checkpoint.py);
     CheckpointError, with out_dir untouched, if it cannot. `stop_at`: halt at the first
@@ -374,13 +378,14 @@ def run_sim(
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,
-        "cost": run_cost(cfg, engine.membership, last.t, billing),
         "wall_s": wall,
         "compute_wall_s": engine.compute_wall_s,
         "eval_wall_s": engine.eval_wall_s,
         # Peak resident memory of this process so far (KiB on Linux), for scale-out reports.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if summary_fields is not None:
+        summary.update(summary_fields(engine.membership, last.t))
     if checkpointer.halted_at is not None:
         summary["stopped_at"] = checkpointer.halted_at
     elif out_dir is not None:

@@ -8,7 +8,7 @@ replacement pays for its startup) until it is revoked or the run ends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,3 +101,15 @@ def run_cost(
         "usd": None if any(u is None for u in usd) else sum(usd),
         "revocations": sum(int(e["rank"]) in transient for e in departures),
     }
+
+
+def cost_fields(
+    cfg: ExperimentConfig, billing: Billing | None
+) -> Callable[[list[dict[str, Any]], float], dict[str, Any]]:
+    """The summary's cost block as `run_sim(summary_fields=...)` takes it: the engine knows
+    nothing of prices, it hands over its membership log and end time."""
+
+    def fields(membership: list[dict[str, Any]], end_s: float) -> dict[str, Any]:
+        return {"cost": run_cost(cfg, membership, end_s, billing)}
+
+    return fields

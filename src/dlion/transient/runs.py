@@ -12,7 +12,7 @@ from dlion.engines.sim import RunResult, run_sim
 from dlion.experiment import make_model, prepare
 from dlion.models import count_parameters
 from dlion.transient.catalog import InstanceType, Tier
-from dlion.transient.cost import Billing, RankBilling
+from dlion.transient.cost import Billing, RankBilling, cost_fields
 from dlion.transient.revocation import Timeline, draw_timeline, membership_events
 from dlion.transient.spec import TransientSpec
 
@@ -134,7 +134,7 @@ def run_transient(
         label=cfg.strategy.name,
         progress=progress,
         description=f"{cand.label} seed {seed}",
-        billing=billing,
+        summary_fields=cost_fields(cfg, billing),
     )
     result.summary["candidate"] = cand.label
     result.summary["revocations_deferred"] = timeline.deferred
