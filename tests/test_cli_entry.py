@@ -71,7 +71,7 @@ def test_builtin_strategy_list_is_the_registry() -> None:
 def test_plugins_are_listed_from_the_registry(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dlion import strategies
+    from dlion import registry, strategies
 
     monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -84,7 +84,7 @@ def test_plugins_are_listed_from_the_registry(
             del strategies.REGISTRY[name]
         if not loaded:
             sys.modules.pop("dist_plugins", None)
-            strategies._plugins_loaded.discard("dist_plugins")
+            registry._plugins_loaded.discard("dist_plugins")
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("t-liar") and line.endswith("(plugin)") for line in lines)
 

@@ -16,7 +16,7 @@ _API = {
     "run": "dlion.api",
     "RunOutput": "dlion.api",
     "load_model": "dlion.model_io",
-    "register_strategy": "dlion.strategies",
+    "register_strategy": "dlion.registry",
 }
 
 __all__ = ["RunOutput", "__version__", "load_model", "register_strategy", "run"]

@@ -359,11 +359,12 @@ def list_strategies() -> None:
         for name, summary in BUILTIN_STRATEGIES:
             print(f"{name:<12} {summary}")
         return
-    from dlion.strategies import _BUILTIN, REGISTRY, load_plugins
+    from dlion.registry import BUILTIN, REGISTRY, load_builtins, load_plugins
 
+    load_builtins()
     load_plugins()
     for spec in REGISTRY.values():
-        origin = "" if spec.name in _BUILTIN else " (plugin)"
+        origin = "" if spec.name in BUILTIN else " (plugin)"
         print(f"{spec.name:<12} {spec.summary}{origin}")
 
 

@@ -16,7 +16,7 @@ from dlion.errors import ConfigError
 def check_strategy(cfg: ExperimentConfig) -> None:
     """The strategy exists (plugins from DLION_PLUGINS loaded) and its options validate;
     ConfigError naming the field otherwise."""
-    from dlion.strategies import get_strategy, parse_options
+    from dlion.registry import get_strategy, parse_options
 
     parse_options(get_strategy(cfg.strategy.name), cfg.strategy.options)
 

@@ -57,8 +57,8 @@ from dlion.engines.shaping import pacer_rate, worker_shaper
 from dlion.engines.transport import PairTransport
 from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
+from dlion.registry import get_strategy, parse_options
 from dlion.report import MetricsLog
-from dlion.strategies import get_strategy, parse_options
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"

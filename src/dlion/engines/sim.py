@@ -41,6 +41,7 @@ from dlion.engines.network import Network, all_to_all_rates
 from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
+from dlion.registry import get_strategy, parse_options
 from dlion.replica import Replica
 from dlion.report import (
     EvalPoint,
@@ -52,7 +53,6 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
-from dlion.strategies import get_strategy, parse_options
 
 
 @dataclass

@@ -1,25 +1,19 @@
-"""The registry of training strategies: one file per algorithm, registered here by name.
-
-Plugins: `register_strategy` adds a strategy from the user's code; modules named in the
-`DLION_PLUGINS` environment variable (comma-separated, importable from the current
-directory or PYTHONPATH) are imported before the registry is first read, in the CLI, the
-sim and every dist worker or torchrun rank (they inherit the environment), so a plugin
-module only has to call `register_strategy` at import.
-"""
+"""The built-in training strategies, one file per algorithm, registered by name in
+`dlion.registry` when this package is imported (the registry imports it on first lookup).
+`register_strategy`, `get_strategy` and the rest are re-exported from the registry."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel, ValidationError
-
-from dlion.context import WorkerContext
-from dlion.errors import ConfigError
+from dlion.registry import (
+    BUILTIN,
+    REGISTRY,
+    StrategySpec,
+    get_strategy,
+    load_plugins,
+    parse_options,
+    register_builtin,
+    register_strategy,
+)
 from dlion.strategies import (
     adpsgd,
     ako,
@@ -35,105 +29,35 @@ from dlion.strategies import (
     streaming_diloco,
 )
 
+for _spec in (
+    StrategySpec("allreduce", allreduce.SUMMARY, allreduce.Options, allreduce.worker),
+    StrategySpec("dlion", dlion.SUMMARY, dlion.Options, dlion.worker),
+    StrategySpec("dlion-hpdc21", dlion_hpdc21.SUMMARY, dlion_hpdc21.Options, dlion_hpdc21.worker),
+    StrategySpec("gaia", gaia.SUMMARY, gaia.Options, gaia.worker),
+    StrategySpec("ako", ako.SUMMARY, ako.Options, ako.worker),
+    StrategySpec("hop", hop.SUMMARY, hop.Options, hop.worker),
+    StrategySpec("ps-bsp", ps.BSP_SUMMARY, ps.Options, ps.bsp_worker),
+    StrategySpec("ps-asp", ps.ASP_SUMMARY, ps.AspOptions, ps.asp_worker),
+    StrategySpec("adpsgd", adpsgd.SUMMARY, adpsgd.Options, adpsgd.worker),
+    StrategySpec("diloco", diloco.SUMMARY, diloco.Options, diloco.worker),
+    StrategySpec(
+        "streaming-diloco",
+        streaming_diloco.SUMMARY,
+        streaming_diloco.Options,
+        streaming_diloco.worker,
+    ),
+    StrategySpec("halos", halos.SUMMARY, halos.Options, halos.worker),
+    StrategySpec("sparseloco", sparseloco.SUMMARY, sparseloco.Options, sparseloco.worker),
+):
+    register_builtin(_spec)
 
-@dataclass(frozen=True)
-class StrategySpec:
-    name: str
-    summary: str
-    options_model: type[BaseModel]
-    worker: Callable[[WorkerContext, Any], Awaitable[None]]
+_BUILTIN = BUILTIN  # the name earlier code and tests use
 
-
-REGISTRY: dict[str, StrategySpec] = {
-    spec.name: spec
-    for spec in (
-        StrategySpec("allreduce", allreduce.SUMMARY, allreduce.Options, allreduce.worker),
-        StrategySpec("dlion", dlion.SUMMARY, dlion.Options, dlion.worker),
-        StrategySpec(
-            "dlion-hpdc21", dlion_hpdc21.SUMMARY, dlion_hpdc21.Options, dlion_hpdc21.worker
-        ),
-        StrategySpec("gaia", gaia.SUMMARY, gaia.Options, gaia.worker),
-        StrategySpec("ako", ako.SUMMARY, ako.Options, ako.worker),
-        StrategySpec("hop", hop.SUMMARY, hop.Options, hop.worker),
-        StrategySpec("ps-bsp", ps.BSP_SUMMARY, ps.Options, ps.bsp_worker),
-        StrategySpec("ps-asp", ps.ASP_SUMMARY, ps.AspOptions, ps.asp_worker),
-        StrategySpec("adpsgd", adpsgd.SUMMARY, adpsgd.Options, adpsgd.worker),
-        StrategySpec("diloco", diloco.SUMMARY, diloco.Options, diloco.worker),
-        StrategySpec(
-            "streaming-diloco",
-            streaming_diloco.SUMMARY,
-            streaming_diloco.Options,
-            streaming_diloco.worker,
-        ),
-        StrategySpec("halos", halos.SUMMARY, halos.Options, halos.worker),
-        StrategySpec("sparseloco", sparseloco.SUMMARY, sparseloco.Options, sparseloco.worker),
-    )
-}
-
-
-_BUILTIN = frozenset(REGISTRY)
-_plugins_loaded: set[str] = set()
-
-
-def register_strategy(
-    name: str,
-    worker: Callable[[WorkerContext, Any], Awaitable[None]],
-    options_model: type[BaseModel] | None = None,
-    summary: str = "",
-) -> StrategySpec:
-    """Register a strategy (an `async def worker(ctx, options)` on the context API) under
-    `name`; `options_model` validates `strategy.options` (default: no options). A plugin
-    may re-register its own name; built-in names are refused."""
-    if not name or not isinstance(name, str):
-        raise ConfigError(f"register_strategy: a strategy needs a non-empty name, got {name!r}")
-    if name in _BUILTIN:
-        raise ConfigError(f"register_strategy: {name!r} is a built-in strategy")
-    if not callable(worker):
-        raise ConfigError(f"register_strategy: worker of {name!r} is not callable")
-    model = options_model or _NoOptions
-    spec = StrategySpec(
-        name, summary or (worker.__doc__ or "").strip().split("\n")[0], model, worker
-    )
-    REGISTRY[name] = spec
-    return spec
-
-
-class _NoOptions(BaseModel):
-    model_config = {"extra": "forbid"}
-
-
-def load_plugins() -> None:
-    """Import the modules named in DLION_PLUGINS (once each)."""
-    names = [n.strip() for n in os.environ.get("DLION_PLUGINS", "").split(",") if n.strip()]
-    cwd = os.getcwd()
-    if names and cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    for module in names:
-        if module in _plugins_loaded:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise ConfigError(
-                f"DLION_PLUGINS: importing {module!r} failed: {type(exc).__name__}: {exc}"
-            ) from None
-        _plugins_loaded.add(module)
-
-
-def get_strategy(name: str) -> StrategySpec:
-    load_plugins()
-    if name not in REGISTRY:
-        known = ", ".join(REGISTRY)
-        raise ConfigError(f"strategy.name: unknown strategy {name!r} (choose from {known})")
-    return REGISTRY[name]
-
-
-def parse_options(spec: StrategySpec, options: dict[str, Any]) -> BaseModel:
-    """Validate `strategy.options` against the strategy's own model; errors name the field."""
-    try:
-        return spec.options_model.model_validate(options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"strategy.options.{loc}: {msg} (strategy {spec.name})") from None
+__all__ = [
+    "REGISTRY",
+    "StrategySpec",
+    "get_strategy",
+    "load_plugins",
+    "parse_options",
+    "register_strategy",
+]

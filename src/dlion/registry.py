@@ -1,0 +1,117 @@
+"""The registry of training strategies, by name: what the CLI, config checks and both
+engines look strategies up in. It imports no strategy: the built-ins register themselves
+when `dlion.strategies` is imported, which the first lookup does (so the engines' import
+graph holds no algorithm, and a new strategy touches no engine).
+
+Plugins: `register_strategy` adds a strategy from the user's code; modules named in the
+`DLION_PLUGINS` environment variable (comma-separated, importable from the current
+directory or PYTHONPATH) are imported before the registry is first read, in the CLI, the
+sim and every dist worker or torchrun rank (they inherit the environment), so a plugin
+module only has to call `register_strategy` at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from dlion.context import WorkerContext
+from dlion.errors import ConfigError
+
+# The package whose import registers the built-in strategies (strategies/__init__.py).
+BUILTIN_PACKAGE = "dlion.strategies"
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    summary: str
+    options_model: type[BaseModel]
+    worker: Callable[[WorkerContext, Any], Awaitable[None]]
+
+
+REGISTRY: dict[str, StrategySpec] = {}
+BUILTIN: set[str] = set()
+_plugins_loaded: set[str] = set()
+
+
+def register_builtin(spec: StrategySpec) -> None:
+    """Called by dlion.strategies for each algorithm it ships."""
+    REGISTRY[spec.name] = spec
+    BUILTIN.add(spec.name)
+
+
+def load_builtins() -> None:
+    importlib.import_module(BUILTIN_PACKAGE)
+
+
+def register_strategy(
+    name: str,
+    worker: Callable[[WorkerContext, Any], Awaitable[None]],
+    options_model: type[BaseModel] | None = None,
+    summary: str = "",
+) -> StrategySpec:
+    """Register a strategy (an `async def worker(ctx, options)` on the context API) under
+    `name`; `options_model` validates `strategy.options` (default: no options). A plugin
+    may re-register its own name; built-in names are refused."""
+    load_builtins()
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"register_strategy: a strategy needs a non-empty name, got {name!r}")
+    if name in BUILTIN:
+        raise ConfigError(f"register_strategy: {name!r} is a built-in strategy")
+    if not callable(worker):
+        raise ConfigError(f"register_strategy: worker of {name!r} is not callable")
+    model = options_model or _NoOptions
+    spec = StrategySpec(
+        name, summary or (worker.__doc__ or "").strip().split("\n")[0], model, worker
+    )
+    REGISTRY[name] = spec
+    return spec
+
+
+class _NoOptions(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+def load_plugins() -> None:
+    """Import the modules named in DLION_PLUGINS (once each)."""
+    names = [n.strip() for n in os.environ.get("DLION_PLUGINS", "").split(",") if n.strip()]
+    cwd = os.getcwd()
+    if names and cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in names:
+        if module in _plugins_loaded:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigError(
+                f"DLION_PLUGINS: importing {module!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        _plugins_loaded.add(module)
+
+
+def get_strategy(name: str) -> StrategySpec:
+    load_builtins()
+    load_plugins()
+    if name not in REGISTRY:
+        known = ", ".join(REGISTRY)
+        raise ConfigError(f"strategy.name: unknown strategy {name!r} (choose from {known})")
+    return REGISTRY[name]
+
+
+def parse_options(spec: StrategySpec, options: dict[str, Any]) -> BaseModel:
+    """Validate `strategy.options` against the strategy's own model; errors name the field."""
+    try:
+        return spec.options_model.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"strategy.options.{loc}: {msg} (strategy {spec.name})") from None
