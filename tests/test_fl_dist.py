@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.engines.launcher import Fault
+from dlion.comm.job import Fault
 from dlion.errors import BadInput
 from dlion.fl.config import FLConfig
 from dlion.fl.dist import MAX_DIST_CLIENTS, run_fl_dist

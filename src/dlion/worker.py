@@ -51,7 +51,7 @@ def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFacto
     """(a factory of clients of the job's store, run id, launched by torchrun)."""
     import torch.distributed as dist
 
-    from dlion.engines.dist import job_store
+    from dlion.comm.job import job_store
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if "DLION_STORE" in os.environ:

@@ -2,9 +2,9 @@
 
 The server and client behaviours are the sim's (fl/roles.py); only the context differs,
 and it is built from the dist engine's parts:
-- transport: frames (comm/codec.py) over per-pair gloo groups (engines/transport.py), a
+- transport: frames (comm/codec.py) over per-pair gloo groups (comm/transport.py), a
   star: the server has a pair with every client, a client only with the server; paced per
-  link and on the server's NIC by engines/shaping.py with the population's bandwidths;
+  link and on the server's NIC by comm/shaping.py with the population's bandwidths;
 - compute: the real gradient, then a sleep up to what the client's GFLOP/s imply;
 - time: every config time (compute, links, latency, availability, task timeout, eval grid,
   max_time) is stretched by `engine.time_scale`, and metrics are in wall seconds;
@@ -45,12 +45,11 @@ import yaml
 
 from dlion.cluster import MBPS
 from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.job import Fault, Keys, job_store, pair_label, store_get_json, store_has
 from dlion.comm.messages import Control, Message
+from dlion.comm.shaping import LinkShaper
+from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
-from dlion.engines.dist import Keys, job_store, pair_label, store_get_json, store_has
-from dlion.engines.launcher import Fault
-from dlion.engines.shaping import LinkShaper
-from dlion.engines.transport import PairTransport
 from dlion.errors import BadInput, SimulationError
 from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
