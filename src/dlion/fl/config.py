@@ -176,7 +176,13 @@ class FLEngineConfig(_Strict):
 
 class CheckpointConfig(_Strict):
     every_s: float | None = Field(
-        None, gt=0, description="Checkpoint the server state this often (virtual s)."
+        None,
+        gt=0,
+        description="Checkpoint the server state this often (config seconds: virtual in the "
+        "sim, wall / engine.time_scale in dist, which also checkpoints when stopped).",
+    )
+    keep: int = Field(
+        2, ge=1, description="Checkpoints kept: the newest and, by default, the one before it."
     )
 
 
