@@ -201,21 +201,36 @@ def register(store: dist.Store, record: dict[str, Any], rank: int) -> None:
     store.set(Keys.member(rank), json.dumps(record))
 
 
-def claim_rank(store: dist.Store, record: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """Register as `rank` unless another process already has: returns that process's
-    record (it keeps the rank), or None when this one is now registered."""
-    mine = json.dumps(record)
-    held = store.compare_set(Keys.member(rank), "", mine)
-    text = held.decode() if isinstance(held, bytes) else str(held)
-    return None if text == mine else json.loads(text)
+def claim_rank(
+    store: dist.Store, make_record: Callable[[int], dict[str, Any]], rank: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Register as `rank` unless a live process holds it: (this process's record, None),
+    or (nothing registered, the holder's record). A holder that was refused or has left
+    (Keys.refused/left of its incarnation) gives way: the newcomer registers atomically
+    over it as the next incarnation."""
+    expected, inc = "", 0
+    while True:
+        record = make_record(inc)
+        mine = json.dumps(record)
+        held = store.compare_set(Keys.member(rank), expected, mine)
+        text = held.decode() if isinstance(held, bytes) else str(held)
+        if text == mine:
+            return record, None
+        holder = json.loads(text)
+        held_inc = int(holder.get("incarnation", 0))
+        gone = store_has(store, Keys.refused(rank, held_inc)) or store_has(
+            store, Keys.left(rank, held_inc)
+        )
+        if not gone:
+            return {}, holder
+        expected, inc = text, held_inc + 1
 
 
-def decide(store: dist.Store, secret: str | None, run_id: str, rank: int) -> str | None:
-    """The coordinator's decision on `rank`'s registered record: sets admitted/refused and
-    returns '' (admitted) or the reason (refused); None if it has not registered."""
-    if not store_has(store, Keys.member(rank)):
-        return None
-    record = store_get_json(store, Keys.member(rank))
+def decide(
+    store: dist.Store, secret: str | None, run_id: str, rank: int, record: dict[str, Any]
+) -> str:
+    """The coordinator's decision on `rank`'s registered `record`: sets admitted/refused
+    for its incarnation and returns '' (admitted) or the reason (refused)."""
     inc = int(record.get("incarnation", 0))
     why = refusal_reason(secret, run_id, rank, record)
     if why:

@@ -59,8 +59,6 @@ def train_fl(
         # The file's options belong to the file's algorithm: start from defaults.
         overrides = [f"algorithm.name={algorithm}", "algorithm.options={}", *overrides]
     cfg = load_fl_config(source, overrides)
-    if cfg.engine.name == "dist" and resume is not None:
-        raise BadInput("--resume: FL jobs resume on the sim engine only")
     if resume is not None:
         output = resume_output(resume, command="train")
         if out is not None and out.resolve() != resume.resolve():
@@ -73,7 +71,7 @@ def train_fl(
         if cfg.engine.name == "dist":
             from dlion.fl.dist import run_fl_dist
 
-            result = run_fl_dist(cfg, out_dir=work)
+            result = run_fl_dist(cfg, out_dir=work, resume=resume is not None)
         else:
             result = run_fl(cfg, out_dir=work, progress=not quiet, resume=resume)
         s = result.summary
