@@ -416,6 +416,8 @@ class FLProcess:
         if self.rank != SERVER:
             self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
             self.t0 = float(self.store.get(Keys.T0).decode())
+        # The common start is a moment ahead (a resumed run's clock starts at its offset).
+        time.sleep(max(0.0, self.t0 + self.offset - time.time()))
         loop = self.loop
         asyncio.set_event_loop(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -472,7 +474,11 @@ class FLProcess:
         now = self.ctx.now()
         self.log.write("peer_gone", t=now, rank=self.rank, peer=peer, why=why)
         if self.rank != SERVER:
-            self._stop("server gone")
+            # The server's links close as it ends the run: after the stop flag, not a loss.
+            ended = False
+            with contextlib.suppress(Exception):
+                ended = store_has(self.store, Keys.STOP)
+            self._stop("stop" if ended else "server gone")
             return
         inc = self.peer_inc.get(peer, 0)
         self._connected.pop(peer, None)
@@ -645,7 +651,11 @@ class FLProcess:
                 reason = "target"
                 break
             next_eval = min((round(now / every) + 1) * every, max_wall)
-            await asyncio.wait([task, stopper], timeout=max(0.0, next_eval - self.ctx.now()))
+            await asyncio.wait(
+                [task, stopper],
+                timeout=max(0.0, next_eval - self.ctx.now()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         self._ending = True
         # Clients stop on the flag; the server's own links go quiet with them.
         with contextlib.suppress(Exception):
