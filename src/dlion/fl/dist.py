@@ -843,6 +843,7 @@ def run_fl_dist(
         )
     summary = json.loads(summary_path.read_text())
     summary["signals"] = killed
+    summary["client_exit_codes"] = {str(r): p.returncode for r, p in procs.items() if r != SERVER}
     write_json_atomic(summary_path, summary)
     events = [
         json.loads(line)
