@@ -258,8 +258,9 @@ def test_server_and_clients_on_separate_hosts(hosts: netns.Plan, tmp_path: Path)
     """`dlion fl serve` in one namespace, `dlion fl client` in three others, over the
     bridge: an impostor with a wrong secret is refused (exit 2) and its id taken over by
     the real client; a second process for a taken id is refused (exit 2); the job reaches
-    its target and every process ends on its own."""
-    cfg = with_fl_changes(_cfg(), ["train.max_time=60"])
+    its target and every process ends when the server stops the run."""
+    # Long enough for the duplicate to start (importing torch) while the job runs.
+    cfg = with_fl_changes(_cfg(), ["train.max_time=25", "train.stop_at_target=false"])
     config = tmp_path / "fl.yaml"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
     address = f"{hosts.workers[0].address}:29517"
@@ -293,7 +294,10 @@ def test_server_and_clients_on_separate_hosts(hosts: netns.Plan, tmp_path: Path)
         real = [client(1 + (k - 1) % 3, k, env) for k in (1, 2, 3)]
         procs += real
         deadline = time.time() + 180
-        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        metrics = run / "metrics.jsonl"
+        while time.time() < deadline and not (
+            metrics.exists() and any(e["event"] == "start" for e in _events(metrics))
+        ):
             time.sleep(0.2)
         twin = client(3, 2, env)
         procs.append(twin)
@@ -308,9 +312,11 @@ def test_server_and_clients_on_separate_hosts(hosts: netns.Plan, tmp_path: Path)
     wall = time.time() - started
     assert server.returncode == 0, server_out
     assert [c.returncode for c in real] == [0, 0, 0], outs
+    assert all(o.strip().splitlines()[-1].endswith("done (stop)") for o in outs), outs
     assert twin.returncode == 2 and "--client-id 2: taken by another client process" in twin_out
     s = json.loads((run / "summary.json").read_text())
     assert s["tta_s"] is not None and s["final_acc"] >= cfg.train.target_acc
+    assert s["stop_reason"] == "max_time" and s["time_s"] >= 25
     assert [r["rank"] for r in s["refused"]] == [1]
     # Client 1 took part: at the start (a new incarnation over the refused one) or joining.
     start = next(e for e in _events(run / "metrics.jsonl") if e["event"] == "start")

@@ -918,7 +918,8 @@ def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> 
         f"wrote {out_dir}/summary.json",
         flush=True,
     )
-    del hosted  # the store lives until the clients have seen the stop flag
+    if hosted is not None:  # the store lives until the clients have seen the stop flag
+        time.sleep(2 * cfg.engine.heartbeat_s)
     return INTERRUPTED if s["stop_reason"] == "interrupted" else 0
 
 
