@@ -297,12 +297,23 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-async def cancel_others() -> None:
-    """Cancel every other task of the running loop and wait for them to end."""
-    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for t in leftovers:
-        t.cancel()
-    await asyncio.gather(*leftovers, return_exceptions=True)
+async def cancel_others(rounds: int = 100) -> None:
+    """Cancel every other task of the running loop and wait for them to end. A task that
+    swallowed its cancellation (asyncio.wait_for does when its inner future completes in
+    the same step) is cancelled again, every 0.1 s, `rounds` times at most."""
+    seen: set[asyncio.Task[Any]] = set()
+    for _ in range(rounds):
+        me = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not leftovers:
+            break
+        seen.update(leftovers)
+        for t in leftovers:
+            t.cancel()
+        await asyncio.wait(leftovers, timeout=0.1)
+    for t in seen:  # retrieved, so that none is reported as never retrieved
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def call_from_thread(

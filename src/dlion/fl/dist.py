@@ -310,18 +310,19 @@ class FLProcess:
         store.set(Keys.heartbeat(self.rank), json.dumps(beat))
 
     # ---------------------------------------------------------------- start-up: server
-    def admit(self) -> None:
+    def admit(self, store: dist.Store | None = None) -> None:
         """Decide on every new registration; link to the admitted ones in the background
-        (a client joining a running job included)."""
+        (a client joining a running job included). `store`: the calling thread's client."""
+        store = store or self.store
         for r in range(1, self.size):
-            if not store_has(self.store, Keys.member(r)):
+            if not store_has(store, Keys.member(r)):
                 continue
-            record = store_get_json(self.store, Keys.member(r))
+            record = store_get_json(store, Keys.member(r))
             inc = int(record.get("incarnation", 0))
             if (r, inc) in self._decided:
                 continue
             self._decided.add((r, inc))
-            why = decide(self.store, self.secret, self.run_id, r, record)
+            why = decide(store, self.secret, self.run_id, r, record)
             who = {
                 "rank": r,
                 "incarnation": inc,
@@ -506,7 +507,7 @@ class FLProcess:
                 if self.rank != SERVER and store_has(store, Keys.STOP):
                     self._from_thread(self._stop, "stop")
                 if self.rank == SERVER:
-                    self.admit()
+                    self.admit(store)
                 for peer in list(self.live):
                     if not store_has(store, Keys.heartbeat(peer)):
                         continue
@@ -606,7 +607,8 @@ class FLProcess:
             if out_dir is None:
                 return
             totals = {"bytes_sent": bytes_sent(), "vanished": vanished()}
-            save_checkpoint(
+            began = time.perf_counter()
+            path = save_checkpoint(
                 out_dir / "checkpoint",
                 cfg,
                 now / scale,
@@ -615,7 +617,9 @@ class FLProcess:
                 server,
                 {**totals, "departures": self.departures},  # type: ignore[dict-item]
             )
-            self.log.write("checkpoint", t=now, version=state.version)
+            seconds = time.perf_counter() - began
+            size = path.stat().st_size + path.with_suffix(".safetensors").stat().st_size
+            self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
 
         task = asyncio.ensure_future(server.run())
         stopper = asyncio.ensure_future(self._stop_event.wait())
@@ -952,7 +956,11 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
     proc.join()
     say(f"client {client_id}: linked to the server (incarnation {proc.incarnation})")
     proc.run()
-    say(f"client {client_id}: done ({proc.stop_reason})")
+    ctx = proc.ctx
+    say(
+        f"client {client_id}: done ({proc.stop_reason}): {ctx.iteration} local steps, "
+        f"{ctx.bytes_sent / 1e6:.2f} MB sent"
+    )
     return 0
 
 
