@@ -22,19 +22,23 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dlion.cli import main
 from dlion.cluster import Cluster
+from dlion.comm.codec import encode
 from dlion.comm.job import Fault
+from dlion.comm.messages import Control, Dense, Message
 from dlion.engines import netns
 from dlion.errors import BadInput
 from dlion.fl.checkpoint import CheckpointError
 from dlion.fl.config import FLConfig, with_fl_changes
-from dlion.fl.dist import MAX_DIST_CLIENTS, join_as_client, run_fl_dist
+from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_dist
 from dlion.fl.engine import run_fl
 from fl_helpers import tiny
 from helpers import small_config
@@ -127,6 +131,41 @@ def test_clients_without_the_secret_are_refused_and_the_server_trains_on(tmp_pat
     assert result.model.isfinite().all() and s["final_acc"] > 0.2
     # The secret is in no file of the run.
     assert not any(b"right" in data for data in _snapshot(tmp_path).values())
+
+
+def test_frames_from_a_client_are_checked_before_the_server_sees_them() -> None:
+    """What an admitted but broken or hostile client sends over its link: garbage, a frame
+    speaking for another client, one over engine.max_message_mb: rejected and counted,
+    never delivered; a well-formed one is delivered, and only from a linked client."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def reject(peer: int, why: str) -> None: ...
+
+    def deliver(msg: Message) -> None: ...
+
+    server = SimpleNamespace(
+        transport=SimpleNamespace(max_frame_bytes=2_000),
+        rank=0,
+        _reject=reject,
+        _deliver=deliver,
+        _from_thread=lambda fn, *args: calls.append((fn.__name__, args)),
+    )
+    good = Message(1, 0, "fl", Dense(torch.ones(3)), 0.0, {"task": 1.0})
+    spoofed = Message(2, 0, "fl", Control("checkin"), 0.0)
+    huge = Message(1, 0, "fl", Dense(torch.ones(1_000)), 0.0)
+    for frame in (b"\x00garbage", encode(spoofed), encode(huge), encode(good)):
+        FLProcess._on_frame(server, 1, memoryview(frame))  # type: ignore[arg-type]
+    assert [name for name, _ in calls] == ["reject", "reject", "reject", "deliver"]
+    assert "claims 2->0" in calls[1][1][1] and "limit" in calls[2][1][1]
+    delivered = calls[3][1][0]
+    assert torch.equal(delivered.payload.values, torch.ones(3))
+    mailbox: list[Message] = []
+    linked = SimpleNamespace(
+        live={1}, ctx=SimpleNamespace(mailbox=SimpleNamespace(deliver=mailbox.append))
+    )
+    FLProcess._deliver(linked, delivered)  # type: ignore[arg-type]
+    FLProcess._deliver(linked, spoofed)  # type: ignore[arg-type]  (2 is not linked)
+    assert mailbox == [delivered]
 
 
 def _wait_for_eval(metrics: Path, t: float, proc: subprocess.Popen[bytes]) -> None:
