@@ -114,7 +114,6 @@ MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
 # Outside any job prefix: what a server hosting its own store publishes for its clients.
 RUN_KEY = "dlion/fl-run"
-INTERRUPTED = 130  # the server's exit code when SIGINT/SIGTERM stopped it (checkpoint saved)
 
 StoreFactory = Callable[[], dist.Store]
 
@@ -240,6 +239,7 @@ class FLProcess:
         self.joins: list[dict[str, Any]] = []
         self.client_beats: dict[int, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
+        self.signalled = 0  # the signal that stopped this process, if any
         self._decided: set[tuple[int, int]] = set()
         self._connected: dict[int, int] = {}  # server: client -> incarnation linked
         model = build_fl_model(cfg, self.dataset)
@@ -434,6 +434,7 @@ class FLProcess:
             loop.close()
 
     def _on_signal(self, name: str) -> None:
+        self.signalled = getattr(signal, name)
         self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=name)
         self._stop("interrupted" if self.rank == SERVER else "left")
 
@@ -924,7 +925,8 @@ def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> 
     )
     if hosted is not None:  # the store lives until the clients have seen the stop flag
         time.sleep(2 * cfg.engine.heartbeat_s)
-    return INTERRUPTED if s["stop_reason"] == "interrupted" else 0
+    # Stopped by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM), as a shell does.
+    return 128 + int(proc.signalled) if s["stop_reason"] == "interrupted" else 0
 
 
 def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: str | None) -> int:
