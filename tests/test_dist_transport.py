@@ -10,8 +10,8 @@ import pytest
 import torch.distributed as dist
 
 from dlion.cluster import Cluster
-from dlion.engines.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
-from dlion.engines.transport import PairTransport
+from dlion.comm.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
+from dlion.comm.transport import PairTransport
 from helpers import small_config
 
 

@@ -62,6 +62,16 @@ def test_checkpoints_are_written_and_resume_continues(tmp_path: Path) -> None:
     assert [e["event"] for e in events].count("resume") == 1  # appended to the history
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_checkpoint_keep_is_honoured(tmp_path: Path, keep: int) -> None:
+    """checkpoint.keep (issue 19: it was a fixed 2): checkpoints at 2, 4, 6, 8 s (seq 0-3),
+    the newest `keep` stay."""
+    run_fl(_cfg(**{"checkpoint.keep": str(keep)}), out_dir=tmp_path, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "checkpoint").glob("ckpt-*.json"))
+    assert kept == [f"ckpt-{i:06d}.json" for i in range(4 - keep, 4)]
+    assert len(list((tmp_path / "checkpoint").glob("*.safetensors"))) == keep
+
+
 def test_refused_checkpoints_leave_everything_untouched(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_fl(_cfg(), out_dir=run, progress=False)

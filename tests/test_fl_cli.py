@@ -73,7 +73,7 @@ def test_fl_config_detection_follows_extends(tmp_path: Path) -> None:
         (["--set", "bogus=1"], "bogus"),
         (["--engine", "mpi"], "--engine"),
         (["--engine", "dist", "--set", "clients.count=17"], "at most 16"),
-        (["--engine", "dist", "--resume", "/nonexistent/run"], "sim engine only"),
+        (["--engine", "dist", "--resume", "/nonexistent/run"], "no such run directory"),
         (["--resume", "/nonexistent/run"], "no such run directory"),
     ],
 )

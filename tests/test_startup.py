@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from dlion.cli import main
+from dlion.comm.job import exit_text, last_line
 from dlion.config import ExperimentConfig
-from dlion.engines.launcher import exit_text, last_line, run_dist
+from dlion.engines.launcher import run_dist
 from dlion.errors import SimulationError
 from helpers import small_config
 

@@ -411,7 +411,8 @@ LAZY_GROUPS = (
         "fl",
         "dlion.fl.cli",
         "app",
-        "Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs.",
+        "Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs; "
+        "serve and join jobs across hosts.",
     ),
     LazyGroup(
         "hybrid",

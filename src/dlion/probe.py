@@ -13,7 +13,7 @@ out of the fit check the model on steps it was not fitted on.
 
 Links. One process per worker (inside its `dlion netns` namespace when a prefix is given,
 else on loopback) joins the probe's store, and every pair of workers connects through the
-engine's own transport (engines/transport.py: per-pair gloo groups). Then, one ordered pair
+engine's own transport (comm/transport.py: per-pair gloo groups). Then, one ordered pair
 at a time, the sender streams `frames` frames of `bytes_per_pair / frames` bytes back to
 back and the receiver times them: bandwidth = the bytes of frames 2..F over the time from
 the last byte of frame 1 to the last byte of frame F (the link stays busy, so neither the

@@ -17,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from dlion.engines.transport import PairTransport
+from dlion.comm.transport import PairTransport
 from dlion.probe import KEY_BW, KEY_END, KEY_GO, KEY_LAT, KEY_READY, ordered_pairs
 
 

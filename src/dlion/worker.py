@@ -51,7 +51,7 @@ def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFacto
     """(a factory of clients of the job's store, run id, launched by torchrun)."""
     import torch.distributed as dist
 
-    from dlion.engines.dist import job_store
+    from dlion.comm.job import job_store
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if "DLION_STORE" in os.environ:
@@ -176,12 +176,12 @@ def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def process_main(run_process: Callable[[list[str]], int]) -> None:
+def process_main(run_process: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
     """Run a dist process's body with the CLI's exit codes (2 bad input or refused, 1
     failure, traceback to the log), then leave at once: receiver threads may still block
     inside the transport and must not delay the exit."""
     try:
-        code = run_process(sys.argv[1:])
+        code = run_process(sys.argv[1:] if argv is None else argv)
     except (BadInput, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2

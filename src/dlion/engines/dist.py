@@ -6,7 +6,7 @@ The strategy is the same coroutine the sim runs; only the context differs:
   workers can be emulated on a small host; if the real step is already longer it is
   counted as an overrun);
 - transport: frames (comm/codec.py) over per-pair torch.distributed groups
-  (engines/transport.py), paced per link and NIC by engines/shaping.py;
+  (comm/transport.py), paced per link and NIC by comm/shaping.py;
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
   real links) the receiver times every large frame from its length's arrival to its last
@@ -20,7 +20,8 @@ The strategy is the same coroutine the sim runs; only the context differs:
 The job's store (a torch.distributed TCPStore hosted by the launcher, or by torchrun's
 agent) carries everything that is not training traffic: registration with an optional
 shared-secret proof, heartbeats, leave notices, snapshots for evaluation, the stop flag
-and each worker's final counters. Key layout: see `Keys`.
+and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py
+(shared with FL on real processes, fl/dist.py).
 """
 
 from __future__ import annotations
@@ -28,11 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
-import hmac
 import json
-import os
-import secrets
 import signal
 import statistics
 import sys
@@ -48,13 +45,28 @@ import torch.distributed as dist
 
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.job import (
+    Keys,
+    call_from_thread,
+    cancel_others,
+    check_membership,
+    connect_all,
+    first_line,
+    member_record,
+    pair_label,
+    register,
+    shared_secret,
+    store_get_json,
+    store_has,
+    wait_decision,
+)
 from dlion.comm.messages import Control, Dense, Message
+from dlion.comm.shaping import pacer_rate, worker_shaper
+from dlion.comm.transport import PairTransport
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.network import all_to_all_rates
-from dlion.engines.shaping import pacer_rate, worker_shaper
-from dlion.engines.transport import PairTransport
 from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.registry import get_strategy, parse_options
@@ -62,72 +74,6 @@ from dlion.report import MetricsLog
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
-
-
-class Keys:
-    """Store keys of one job (all under the job's prefix). `inc` is a rank's incarnation:
-    0 for a worker present from the start, then 1, 2, ... for each (re)join."""
-
-    T0 = "t0"  # wall-clock start (time.time()) shared by every process
-    GO = "go"
-    STOP = "stop"
-
-    @staticmethod
-    def member(rank: int) -> str:
-        return f"member/{rank}"
-
-    @staticmethod
-    def absent(rank: int) -> str:
-        return f"absent/{rank}"
-
-    @staticmethod
-    def admitted(rank: int, inc: int) -> str:
-        return f"admitted/{rank}.{inc}"
-
-    @staticmethod
-    def refused(rank: int, inc: int) -> str:
-        return f"refused/{rank}.{inc}"
-
-    @staticmethod
-    def ready(rank: int) -> str:
-        return f"ready/{rank}"
-
-    @staticmethod
-    def heartbeat(rank: int) -> str:
-        return f"hb/{rank}"
-
-    @staticmethod
-    def left(rank: int, inc: int) -> str:
-        return f"left/{rank}.{inc}"
-
-    @staticmethod
-    def join(rank: int) -> str:
-        return f"join/{rank}"
-
-    @staticmethod
-    def since(rank: int, inc: int) -> str:
-        return f"since/{rank}.{inc}"
-
-    @staticmethod
-    def acked(rank: int, inc: int, by: int) -> str:
-        return f"acked/{rank}.{inc}/{by}"
-
-    @staticmethod
-    def detected(peer: int, inc: int, by: int) -> str:
-        return f"detected/{peer}.{inc}/{by}"
-
-    @staticmethod
-    def snapshot(k: int, rank: int) -> str:
-        return f"snap/{k}/{rank}"
-
-    @staticmethod
-    def final(rank: int, inc: int) -> str:
-        return f"final/{rank}.{inc}"
-
-
-def pair_label(rank_a: int, inc_a: int, rank_b: int, inc_b: int) -> str:
-    """Both sides of a pair name its rendezvous the same way: incarnations in rank order."""
-    return f"{inc_a}-{inc_b}" if rank_a < rank_b else f"{inc_b}-{inc_a}"
 
 
 def resolve_backend(name: str) -> str:
@@ -139,36 +85,7 @@ def resolve_backend(name: str) -> str:
 
 
 def job_secret(cfg: ExperimentConfig) -> str | None:
-    return os.environ.get("DLION_SECRET") or cfg.engine.secret
-
-
-def membership_proof(secret: str | None, run_id: str, rank: int, nonce: str) -> str:
-    """HMAC of (run, rank, nonce) under the shared secret; the secret never travels."""
-    if secret is None:
-        return ""
-    text = f"{run_id}:{rank}:{nonce}".encode()
-    return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
-
-
-def check_membership(secret: str | None, run_id: str, rank: int, record: dict[str, Any]) -> bool:
-    if secret is None:
-        return True
-    claimed = str(record.get("proof", ""))
-    expected = membership_proof(secret, run_id, rank, str(record.get("nonce", "")))
-    return hmac.compare_digest(claimed, expected)
-
-
-def job_store(store: dist.Store, run_id: str) -> dist.Store:
-    """The job's keys live under their own prefix, so a shared store (torchrun's) stays tidy."""
-    return dist.PrefixStore(f"dlion/{run_id}/", store)
-
-
-def store_get_json(store: dist.Store, key: str) -> dict[str, Any]:
-    return json.loads(store.get(key).decode())
-
-
-def store_has(store: dist.Store, key: str) -> bool:
-    return bool(store.check([key]))
+    return shared_secret(cfg.engine.secret)
 
 
 @dataclass
@@ -318,28 +235,12 @@ class DistWorker:
 
     # ---------------------------------------------------------------- start-up
     def register(self) -> None:
-        nonce = secrets.token_hex(16)
-        record = {
-            "pid": os.getpid(),
-            "host": os.uname().nodename,
-            "nonce": nonce,
-            "proof": membership_proof(self.secret, self.run_id, self.rank, nonce),
-            "incarnation": self.incarnation,
-        }
-        self.store.set(Keys.member(self.rank), json.dumps(record))
+        record = member_record(self.secret, self.run_id, self.rank, self.incarnation)
+        register(self.store, record, self.rank)
 
     def _decision(self, rank: int, inc: int, timeout: float) -> str:
         """The coordinator's word on `rank`: "admitted", "refused", "absent" or "missing"."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if store_has(self.store, Keys.admitted(rank, inc)):
-                return "admitted"
-            if store_has(self.store, Keys.refused(rank, inc)):
-                return "refused"
-            if inc == 0 and store_has(self.store, Keys.absent(rank)):
-                return "absent"
-            time.sleep(0.02)
-        return "missing"
+        return wait_decision(self.store, rank, inc, timeout)[0]
 
     def connect_peers(self) -> None:
         """Wait for the coordinator to admit this worker, then connect to every admitted
@@ -375,24 +276,8 @@ class DistWorker:
 
     def _connect_all(self, peers: list[int]) -> dict[int, str]:
         """Form the pair groups with `peers` in parallel; returns {peer: error} for failures."""
-        errors: dict[int, str] = {}
-
-        def connect(peer: int) -> None:
-            label = pair_label(self.rank, self.incarnation, peer, self.peer_inc[peer])
-            try:
-                self.transport.connect(peer, incarnation=label)
-            except Exception as err:  # recorded; the peer counts as gone
-                errors[peer] = str(err).splitlines()[0] if str(err) else type(err).__name__
-
-        threads = {p: threading.Thread(target=connect, args=(p,), daemon=True) for p in peers}
-        for t in threads.values():
-            t.start()
-        deadline = time.time() + self.cfg.engine.startup_timeout
-        for p, t in threads.items():
-            t.join(max(0.0, deadline - time.time()))
-            if t.is_alive():  # the peer died before its side of the rendezvous
-                errors[p] = f"no rendezvous within {self.cfg.engine.startup_timeout:g} s"
-        return errors
+        labels = {p: pair_label(self.rank, self.incarnation, p, self.peer_inc[p]) for p in peers}
+        return connect_all(self.transport, labels, self.cfg.engine.startup_timeout)
 
     def _connect_as_joiner(self, timeout: float) -> None:
         """A (re)joining worker: the coordinator's join record names the live members and
@@ -461,10 +346,7 @@ class DistWorker:
         task = asyncio.ensure_future(strategy_and_service())
         stopper = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in leftovers:
-            t.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
+        await cancel_others()
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
@@ -594,10 +476,7 @@ class DistWorker:
             self.store.set(key, json.dumps({"t": now, "why": why}))
 
     def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to do
-                loop.call_soon_threadsafe(fn, *args)
+        call_from_thread(self.loop, fn, *args)
 
     def _monitor(self) -> None:
         """Heartbeats, leave notices, stale peers, the stop flag, evaluation snapshots."""
@@ -670,7 +549,7 @@ class DistWorker:
                 t=self.ctx.now(),
                 rank=self.rank,
                 peer=peer,
-                why=str(err).splitlines()[0] if str(err) else type(err).__name__,
+                why=first_line(err),
             )
             return
         self._from_thread(self._linked, peer, inc)

@@ -18,7 +18,6 @@ no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import resource
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,18 +37,22 @@ import yaml
 
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode
-from dlion.config import ExperimentConfig
-from dlion.dynamics import membership_schedule
-from dlion.engines import forkserver
-from dlion.engines.dist import (
+from dlion.comm.job import (
+    Fault,
     Keys,
-    check_membership,
-    job_secret,
+    exit_text,
+    host_store,
     job_store,
-    resolve_backend,
+    last_line,
+    reap,
+    refusal_reason,
     store_get_json,
     store_has,
 )
+from dlion.config import ExperimentConfig
+from dlion.dynamics import membership_schedule
+from dlion.engines import forkserver
+from dlion.engines.dist import job_secret, resolve_backend
 from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.forkserver import ForkedWorker
 from dlion.engines.sim import RunResult
@@ -70,16 +72,6 @@ from dlion.report import (
 
 # A worker process: forked from the fork server, or a `python -m dlion.worker` (netns).
 WorkerProcess = subprocess.Popen[bytes] | ForkedWorker
-
-
-@dataclass(frozen=True)
-class Fault:
-    """At scenario time `at`: KILL (a crash: SIGKILL), TERM (a clean leave: SIGTERM) or
-    JOIN (start a new incarnation of worker `rank`, which joins the running job)."""
-
-    rank: int
-    at: float
-    signal: Literal["KILL", "TERM", "JOIN"] = "KILL"
 
 
 def schedule_from_config(cfg: ExperimentConfig, size: int) -> tuple[list[Fault], set[int]]:
@@ -162,8 +154,9 @@ class Coordinator:
             if (r, inc) in self._decided:
                 continue
             self._decided.add((r, inc))
-            if not check_membership(secret, self.run_id, r, record):
-                self.store.set(Keys.refused(r, inc), "secret mismatch")
+            why = refusal_reason(secret, self.run_id, r, record)
+            if why:
+                self.store.set(Keys.refused(r, inc), why)
                 self.log.write("refused", t=max(0.0, self.now()), rank=r, pid=record.get("pid"))
                 continue
             self.store.set(Keys.admitted(r, inc), "1")
@@ -514,36 +507,6 @@ class Coordinator:
         return RunResult(summary, points, self.log.events, summary["wall_s"], 0.0)
 
 
-def exit_text(code: int) -> str:
-    """A process's exit status in words: `exit code 2`, `killed by SIGKILL`."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def last_line(path: Path) -> str:
-    """The last non-empty line of a worker's log ('' if none): usually its error."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return next((line.strip() for line in reversed(lines) if line.strip()), "")
-
-
-def host_store(cfg: ExperimentConfig, host: str | None = None) -> dist.TCPStore:
-    return dist.TCPStore(
-        host or cfg.engine.host,
-        cfg.engine.port,
-        None,
-        True,
-        timeout=datetime.timedelta(seconds=cfg.engine.startup_timeout),
-        wait_for_workers=False,
-    )
-
-
 def run_dist(
     cfg: ExperimentConfig,
     *,
@@ -589,7 +552,7 @@ def run_dist(
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     store_host = cfg.engine.host if attachment is None else attachment.store_host
-    server = host_store(cfg, store_host)
+    server = host_store(store_host, cfg.engine.port, cfg.engine.startup_timeout)
     run_id = secrets.token_hex(6)
     store = job_store(server, run_id)
     logs = out_dir / "workers"
@@ -654,23 +617,11 @@ def run_dist(
         return coordinator.run(progress=progress, description=description)
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or failed: every live worker gets SIGTERM, which it
-        # takes as an announced leave, then _reap waits for it (and kills a straggler).
+        # takes as an announced leave, then reap waits for it (and kills a straggler).
         status.close()
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
         raise
     finally:
-        _reap(processes)
-
-
-def _reap(processes: dict[int, WorkerProcess], grace_s: float = 10.0) -> None:
-    """Wait for workers to exit after the stop flag; kill any that do not."""
-    deadline = time.time() + grace_s
-    for proc in processes.values():
-        remaining = max(0.0, deadline - time.time())
-        try:
-            proc.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(processes.values())

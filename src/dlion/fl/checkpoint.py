@@ -33,7 +33,6 @@ from dlion.fl.roles import Server
 from dlion.report import write_json_atomic
 
 FORMAT = "dlion-fl-checkpoint/1"
-_KEEP = 2  # complete checkpoints kept: the newest and the one before it
 
 
 class CheckpointError(BadInput):
@@ -57,8 +56,8 @@ def save_checkpoint(
     server: Server,
     totals: dict[str, int] | None = None,
 ) -> Path:
-    """Write one checkpoint; `totals` are run counters (bytes sent, departures) that a
-    resumed run continues from."""
+    """Write one checkpoint and keep the newest `checkpoint.keep`; `totals` are run
+    counters (bytes sent, departures) that a resumed run continues from."""
     folder.mkdir(parents=True, exist_ok=True)
     existing = sorted(folder.glob("ckpt-*.json"))
     seq = int(existing[-1].stem.removeprefix("ckpt-")) + 1 if existing else 0
@@ -90,7 +89,7 @@ def save_checkpoint(
         **(totals or {}),
     }
     write_json_atomic(folder / f"{name}.json", meta)
-    for old in sorted(folder.glob("ckpt-*.json"))[:-_KEEP]:
+    for old in sorted(folder.glob("ckpt-*.json"))[: -cfg.checkpoint.keep]:
         old.unlink(missing_ok=True)
         (folder / f"{old.stem}.safetensors").unlink(missing_ok=True)
     return folder / f"{name}.json"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -11,7 +12,8 @@ from rich.console import Console
 from dlion.errors import BadInput
 
 app = typer.Typer(
-    help="Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs.",
+    help="Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs; "
+    "serve and join jobs across hosts.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -33,6 +35,74 @@ def scenarios() -> None:
 
     for name in fl_presets():
         print(f"{name:<14} {load_fl_config(name).description}")
+
+
+@app.command("serve")
+def serve_command(
+    config: Annotated[str, typer.Argument(help="FL config (YAML path or shipped name).")],
+    listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT the job's store listens on; clients connect there (0.0.0.0: "
+            "every interface)."
+        ),
+    ] = "127.0.0.1:29400",
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/NAME-ALGO-dist).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the latest checkpoint in --out.")
+    ] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an earlier output in --out.")] = False,
+) -> None:
+    """Run the FL server of a dist job: clients on any host join with `dlion fl client`.
+    Ctrl-C (or SIGTERM) stops it with a checkpoint; `--resume` continues from it."""
+    from dlion.worker import process_main
+
+    process_main(lambda _: _serve(config, listen, out, resume, set_ or [], force), [])
+
+
+def _serve(
+    config: str, listen: str, out: Path | None, resume: bool, overrides: list[str], force: bool
+) -> int:
+    from dlion.fl.config import load_fl_config
+    from dlion.fl.dist import serve
+    from dlion.outdir import open_output, resume_output
+
+    cfg = load_fl_config(config, [*overrides, "engine.name=dist"])
+    target = out or Path("runs") / f"{cfg.name}-{cfg.algorithm.name}-dist"
+    if resume:
+        output = resume_output(target, command="fl serve", option="--out")
+    else:
+        output = open_output(target, command="fl serve", force=force)
+    with output.writing() as work:
+        return serve(cfg, work, listen=listen, resume=resume)
+
+
+@app.command("client")
+def client_command(
+    config: Annotated[str, typer.Argument(help="The server's FL config (same --set too).")],
+    server: Annotated[str, typer.Option(help="HOST:PORT where `dlion fl serve` listens.")],
+    client_id: Annotated[
+        int, typer.Option(help="Which client of the population (1..clients.count).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Write this client's events to OUT/workers/.")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override.")] = None,
+) -> None:
+    """Run one FL client of a dist job served by `dlion fl serve` (on this or another host);
+    the shared secret comes from DLION_SECRET (or engine.secret)."""
+    from dlion.fl.config import load_fl_config
+    from dlion.fl.dist import join_as_client
+    from dlion.worker import process_main
+
+    def run(_: list[str]) -> int:
+        cfg = load_fl_config(config, [*(set_ or []), "engine.name=dist"])
+        return join_as_client(cfg, client_id, out, server)
+
+    process_main(run, [])
 
 
 def train_fl(
@@ -59,8 +129,6 @@ def train_fl(
         # The file's options belong to the file's algorithm: start from defaults.
         overrides = [f"algorithm.name={algorithm}", "algorithm.options={}", *overrides]
     cfg = load_fl_config(source, overrides)
-    if cfg.engine.name == "dist" and resume is not None:
-        raise BadInput("--resume: FL jobs resume on the sim engine only")
     if resume is not None:
         output = resume_output(resume, command="train")
         if out is not None and out.resolve() != resume.resolve():
@@ -73,7 +141,7 @@ def train_fl(
         if cfg.engine.name == "dist":
             from dlion.fl.dist import run_fl_dist
 
-            result = run_fl_dist(cfg, out_dir=work)
+            result = run_fl_dist(cfg, out_dir=work, resume=resume is not None)
         else:
             result = run_fl(cfg, out_dir=work, progress=not quiet, resume=resume)
         s = result.summary

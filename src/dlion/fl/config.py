@@ -172,11 +172,22 @@ class FLEngineConfig(_Strict):
     )
     host: str = Field("127.0.0.1", description="dist: address the job's store binds to.")
     port: int = Field(0, ge=0, le=65535, description="dist: store port (0: any free).")
+    secret: str | None = Field(
+        None,
+        description="dist: shared secret; a client that cannot prove it is refused. The "
+        "DLION_SECRET environment variable sets it too (and wins); prefer it to the file.",
+    )
 
 
 class CheckpointConfig(_Strict):
     every_s: float | None = Field(
-        None, gt=0, description="Checkpoint the server state this often (virtual s)."
+        None,
+        gt=0,
+        description="Checkpoint the server state this often (config seconds: virtual in the "
+        "sim, wall / engine.time_scale in dist, which also checkpoints when stopped).",
+    )
+    keep: int = Field(
+        2, ge=1, description="Checkpoints kept: the newest and, by default, the one before it."
     )
 
 
@@ -294,9 +305,10 @@ def with_fl_changes(cfg: FLConfig, overrides: list[str]) -> FLConfig:
 
 
 def config_hash(cfg: FLConfig) -> str:
-    """Identity of a job for checkpoints: everything except how long to run and how often
-    to checkpoint, which a resumed run may change."""
+    """Identity of a job for checkpoints (and for clients joining a server): everything
+    except how long to run, how often to evaluate and checkpoint, and the secret."""
     raw = cfg.model_dump(mode="json")
+    raw["engine"].pop("secret")  # how processes prove membership, not what the job is
     raw["train"].pop("max_time")
     raw["train"].pop("stop_at_target")
     raw.pop("checkpoint")

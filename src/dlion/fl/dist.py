@@ -1,23 +1,46 @@
-"""FL on real processes: one server process (rank 0) and one process per client (1..C).
+"""FL on real processes: one server process (rank 0) and one process per client (1..C),
+on one host or on many.
 
 The server and client behaviours are the sim's (fl/roles.py); only the context differs,
-and it is built from the dist engine's parts:
-- transport: frames (comm/codec.py) over per-pair gloo groups (engines/transport.py), a
+and it is built from the shared runtime parts in comm/:
+- transport: frames (comm/codec.py) over per-pair gloo groups (comm/transport.py), a
   star: the server has a pair with every client, a client only with the server; paced per
-  link and on the server's NIC by engines/shaping.py with the population's bandwidths;
+  link and on the server's NIC by comm/shaping.py with the population's bandwidths;
 - compute: the real gradient, then a sleep up to what the client's GFLOP/s imply;
 - time: every config time (compute, links, latency, availability, task timeout, eval grid,
-  max_time) is stretched by `engine.time_scale`, and metrics are in wall seconds;
-- membership: the job's TCPStore (hosted by `run_fl_dist`) carries readiness, the start
-  time, heartbeats and the stop flag (keys from engines/dist.py). The server drops a
-  client when its link fails (a killed process resets its connections at once) or its
-  heartbeat is older than `engine.peer_timeout`; the client's task is abandoned, the
-  departure recorded, and the server goes on with the others.
+  max_time, checkpoint period) is stretched by `engine.time_scale`; metrics are in wall
+  seconds;
+- the job's store (comm/job.py) carries membership, the start time, heartbeats and the
+  stop flag.
 
-The server process evaluates the global model on the eval grid and writes metrics.jsonl,
-summary.json, partition.json and global_model.pt; clients log to workers/rank-R.jsonl.
-`run_fl_dist` (what `dlion train FL_CONFIG --engine dist` calls) hosts the store, spawns
-`python -m dlion.fl.dist CONFIG --out OUT` per rank, applies test faults, and reaps.
+The server is the job's coordinator. Clients register (`claim_rank`: one process per
+client id) with a proof of the shared secret (`engine.secret` or DLION_SECRET: an HMAC
+over a fresh nonce, comm/job.py); the server admits or refuses each (the refused process
+exits 2 with the reason, the server logs it and goes on), connects to the admitted ones,
+and starts the run when every client is connected, refused or known absent, or after
+`engine.startup_timeout`. A client may also (re)join a running job: a crashed client's id
+is free again once the server has dropped it. The server drops a client when its link
+fails or its heartbeat is older than `engine.peer_timeout`; its task is abandoned, the
+departure recorded, and the run goes on with the others.
+
+Checkpoints and resume: the server writes its state (fl/checkpoint.py: global model,
+version, config time, algorithm state such as FedBuff's buffer, CA2FL's cache, FADAS's
+moments or FedCompass's speeds, the norm screen, server counters, bytes sent and
+departures) every `checkpoint.every_s` config seconds and when it is stopped by SIGINT or
+SIGTERM. `--resume` starts the server from the latest one: the clock, the version counter
+and the totals continue from it (the start time T0 is moved back by the time already
+run). Clients hold no state between tasks, so they simply start again; tasks in flight at
+the checkpoint are lost.
+
+Three ways to run it:
+- `dlion train FL_CONFIG --engine dist` (`run_fl_dist`): this host, the launcher hosts the
+  store and starts `python -m dlion.fl.dist serve|client` per rank;
+- `dlion fl serve CONFIG --listen HOST:PORT` on one host (it hosts the store) and
+  `dlion fl client CONFIG --server HOST:PORT --client-id K` on others;
+- the same entry points with DLION_STORE/DLION_RUN_ID set (what the launcher does).
+
+The server writes metrics.jsonl, summary.json, partition.json, global_model.pt and
+checkpoint/; clients log to workers/rank-R.jsonl where they have an --out directory.
 """
 
 from __future__ import annotations
@@ -30,6 +53,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,17 +69,39 @@ import yaml
 
 from dlion.cluster import MBPS
 from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.job import (
+    Fault,
+    Keys,
+    call_from_thread,
+    cancel_others,
+    claim_rank,
+    connect_all,
+    decide,
+    exit_text,
+    first_line,
+    host_store,
+    job_store,
+    last_line,
+    member_record,
+    pair_label,
+    parse_address,
+    reap,
+    shared_secret,
+    store_client,
+    store_get_json,
+    store_has,
+    wait_decision,
+)
 from dlion.comm.messages import Control, Message
+from dlion.comm.shaping import LinkShaper
+from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
-from dlion.engines.dist import Keys, job_store, pair_label, store_get_json, store_has
-from dlion.engines.launcher import Fault
-from dlion.engines.shaping import LinkShaper
-from dlion.engines.transport import PairTransport
 from dlion.errors import BadInput, SimulationError
 from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
-from dlion.fl.config import FLConfig, load_fl_config
+from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
+from dlion.fl.config import FLConfig, config_hash, load_fl_config
 from dlion.fl.engine import FLRunResult, build_fl_model, client_replica, write_partition
 from dlion.fl.population import make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
@@ -66,6 +112,8 @@ from dlion.worker import process_main, say
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
+# Outside any job prefix: what a server hosting its own store publishes for its clients.
+RUN_KEY = "dlion/fl-run"
 
 StoreFactory = Callable[[], dist.Store]
 
@@ -76,9 +124,9 @@ class _DistFLContext(ClientContext):
     def __init__(self, proc: FLProcess, replica: Replica | None) -> None:
         self._replica: Replica | None = None
         self._proc = proc
-        rank, size, scale = proc.rank, proc.size, proc.scale
+        rank, size = proc.rank, proc.size
         peers = proc.peers
-        lat = proc.cfg.clients.latency_ms / 1e3 * scale
+        lat = proc.cfg.clients.latency_ms / 1e3 * proc.scale
         super().__init__(
             rank=rank,
             world=list(range(size)),
@@ -147,7 +195,14 @@ class FLProcess:
     """One process of an FL dist job: the server (rank 0) or client `rank`."""
 
     def __init__(
-        self, cfg: FLConfig, rank: int, store_factory: StoreFactory, out_dir: Path
+        self,
+        cfg: FLConfig,
+        rank: int,
+        store_factory: StoreFactory,
+        out_dir: Path | None,
+        *,
+        run_id: str,
+        restored: Restored | None = None,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
         self.cfg = cfg
@@ -155,11 +210,18 @@ class FLProcess:
         self.size = cfg.clients.count + 1
         self.scale = cfg.engine.time_scale
         self.out_dir = out_dir
+        self.run_id = run_id
+        self.secret = shared_secret(cfg.engine.secret)
+        self.restored = restored
+        # Wall seconds already run before this (resumed) part: the clock continues.
+        self.offset = 0.0 if restored is None else restored.time * self.scale
         self._store_factory = store_factory
         self.store = store_factory()
-        self.t0 = 0.0
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.t0 = time.time()
+        # Created now: links formed before the start queue their news on it.
+        self.loop = asyncio.new_event_loop()
         self._stop_event: asyncio.Event | None = None
+        self.stop_reason: str | None = None
         self._stopped = threading.Event()
         self._ending = False
         d = cfg.data
@@ -169,10 +231,18 @@ class FLProcess:
         self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
         self.profiles = make_population(cfg)
         self.peers = list(range(1, self.size)) if rank == SERVER else [SERVER]
+        self.incarnation = 0  # a client's: which registration of its id this process is
+        self.peer_inc: dict[int, int] = {}  # the server's view: each linked client's
         self.live: set[int] = set()
         self.departures: list[dict[str, Any]] = []
+        self.refused: list[dict[str, Any]] = []
+        self.joins: list[dict[str, Any]] = []
         self.client_beats: dict[int, dict[str, Any]] = {}
-        model = self._build_model()
+        self.summary: dict[str, Any] = {}
+        self.signalled = 0  # the signal that stopped this process, if any
+        self._decided: set[tuple[int, int]] = set()
+        self._connected: dict[int, int] = {}  # server: client -> incarnation linked
+        model = build_fl_model(cfg, self.dataset)
         self.flops = train_flops_per_sample(model, self.dataset.input_shape)
         self._template = model
         replica: Replica | None = None
@@ -189,7 +259,7 @@ class FLProcess:
                 weight_decay=0.0,
                 seed=cfg.train.seed,
             )
-            self._template = self._build_model()
+            self._template = build_fl_model(cfg, self.dataset)
         self.ctx = _DistFLContext(self, replica)
         nic = cfg.server.nic_mbps * MBPS / self.scale if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
@@ -205,16 +275,15 @@ class FLProcess:
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
             on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
         )
-        name = "metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl"
-        (out_dir / "workers").mkdir(parents=True, exist_ok=True)
-        (out_dir / name).unlink(missing_ok=True)
-        self.log = MetricsLog(out_dir / name)
+        path = None
+        if out_dir is not None:
+            path = out_dir / ("metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl")
+            if rank != SERVER or restored is None:
+                path.unlink(missing_ok=True)  # a resumed server appends to its history
+        self.log = MetricsLog(path)
         self.ctx._on_record = lambda r, event, fields: self.log.write(
             event, t=self.ctx.now(), rank=r, **fields
         )
-
-    def _build_model(self) -> torch.nn.Module:
-        return build_fl_model(self.cfg, self.dataset)
 
     def link_rate(self, peer: int) -> float:
         """Bytes per wall second of the link to `peer` (the client's side of the star)."""
@@ -227,36 +296,133 @@ class FLProcess:
             self.cfg, self._template, self.dataset, shard, self.rank, self.ctx.now()
         )
 
-    # ---------------------------------------------------------------- start-up
-    def connect(self) -> None:
-        """Form the pair groups (the server with every client, in parallel); a client that
-        cannot be reached is gone from the start."""
-        errors: dict[int, str] = {}
+    def _heartbeat(self, store: dist.Store) -> None:
+        ctx = self.ctx
+        beat = {
+            "wall": time.time(),
+            "incarnation": self.incarnation,
+            "iterations": ctx.iteration,
+            "bytes_sent": ctx.bytes_sent,
+            "vanished": ctx.vanished,
+            "compute_wall_s": ctx.compute_wall_s,
+            "rejected": ctx.rejected,
+        }
+        store.set(Keys.heartbeat(self.rank), json.dumps(beat))
 
-        def one(peer: int) -> None:
-            try:
-                self.transport.connect(peer, incarnation=pair_label(self.rank, 0, peer, 0))
-            except Exception as err:  # recorded; the peer counts as gone
-                errors[peer] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    # ---------------------------------------------------------------- start-up: server
+    def admit(self, store: dist.Store | None = None) -> None:
+        """Decide on every new registration; link to the admitted ones in the background
+        (a client joining a running job included). `store`: the calling thread's client."""
+        store = store or self.store
+        for r in range(1, self.size):
+            if not store_has(store, Keys.member(r)):
+                continue
+            record = store_get_json(store, Keys.member(r))
+            inc = int(record.get("incarnation", 0))
+            if (r, inc) in self._decided:
+                continue
+            self._decided.add((r, inc))
+            why = decide(store, self.secret, self.run_id, r, record)
+            who = {
+                "rank": r,
+                "incarnation": inc,
+                "host": record.get("host"),
+                "pid": record.get("pid"),
+            }
+            if why:
+                self.refused.append({**who, "t": round(self.ctx.now(), 6), "why": why})
+                self.log.write("refused", t=self.ctx.now(), **who, why=why)
+                continue
+            threading.Thread(target=self._link, args=(r, inc), daemon=True).start()
 
-        threads = [threading.Thread(target=one, args=(p,), daemon=True) for p in self.peers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if self.rank != SERVER and errors:
-            raise SimulationError(f"client {self.rank}: cannot reach the server: {errors}")
-        self.live = {p for p in self.peers if p not in errors}
-        for peer, why in errors.items():
-            self.departures.append({"rank": peer, "t": 0.0, "why": f"unreachable: {why}"})
-        self.store.set(Keys.ready(self.rank), "1")
+    def _link(self, peer: int, inc: int) -> None:
+        try:
+            self.transport.connect(peer, incarnation=pair_label(SERVER, 0, peer, inc))
+        except Exception as err:  # it died while starting: it never took part
+            self.log.write("client_unreachable", t=self.ctx.now(), peer=peer, why=first_line(err))
+            return
+        self._connected[peer] = inc
+        self._from_thread(self._client_linked, peer, inc)
 
+    def _client_linked(self, peer: int, inc: int) -> None:
+        """On the loop: a linked client takes part (again, for a new incarnation)."""
+        if peer in self.live and self.peer_inc.get(peer) == inc:
+            return
+        self.peer_inc[peer] = inc
+        self.live.add(peer)
+        if self._stop_event is not None:  # after the start: a join
+            now = self.ctx.now()
+            self.joins.append({"rank": peer, "incarnation": inc, "t": round(now, 6)})
+            self.log.write("client_joined", t=now, rank=SERVER, peer=peer, incarnation=inc)
+
+    def _waiting_for(self, r: int) -> bool:
+        if r in self._connected or store_has(self.store, Keys.absent(r)):
+            return False
+        if not store_has(self.store, Keys.member(r)):
+            return True
+        inc = int(store_get_json(self.store, Keys.member(r)).get("incarnation", 0))
+        return not store_has(self.store, Keys.refused(r, inc))
+
+    def start_server(self) -> None:
+        """Admit and link clients until every one is linked, refused or absent (or the
+        start-up timeout), then set the common start (moved back by a resumed run's time)."""
+        deadline = time.time() + self.cfg.engine.startup_timeout
+        while True:
+            self.admit()
+            waiting = [r for r in range(1, self.size) if self._waiting_for(r)]
+            if not waiting or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        self.live = set(self._connected)
+        self.peer_inc = dict(self._connected)
+        for r in sorted(set(range(1, self.size)) - self.live):
+            why = "refused" if any(x["rank"] == r for x in self.refused) else "never connected"
+            self.departures.append({"rank": r, "t": round(self.offset, 6), "why": why})
+        self.t0 = time.time() + 0.2 - self.offset
+        self.store.set(Keys.T0, repr(self.t0))
+        self.store.set(Keys.GO, "1")
+
+    # ---------------------------------------------------------------- start-up: client
+    def join(self) -> None:
+        """Register (one process per client id), wait for the server's word, link to it."""
+        timeout = self.cfg.engine.startup_timeout
+        self._heartbeat(self.store)  # fresh before the server can see this process
+        record, holder = claim_rank(
+            self.store,
+            lambda inc: member_record(self.secret, self.run_id, self.rank, inc),
+            self.rank,
+        )
+        if holder is not None:
+            raise BadInput(
+                f"--client-id {self.rank}: taken by another client process "
+                f"(pid {holder.get('pid')} on {holder.get('host')})"
+            )
+        self.incarnation = int(record["incarnation"])
+        decision, why = wait_decision(
+            self.store, self.rank, self.incarnation, timeout, absent_counts=False
+        )
+        if decision == "refused":
+            hint = " (engine.secret or DLION_SECRET)" if "secret" in why else ""
+            raise PermissionError(f"client {self.rank}: refused by the server: {why}{hint}")
+        if decision != "admitted":
+            raise SimulationError(f"client {self.rank}: the server did not answer ({why})")
+        label = pair_label(self.rank, self.incarnation, SERVER, 0)
+        errors = connect_all(self.transport, {SERVER: label}, timeout)
+        if errors:
+            raise SimulationError(f"client {self.rank}: cannot reach the server: {errors[SERVER]}")
+        self.live = {SERVER}
+
+    # ---------------------------------------------------------------- the run
     def run(self) -> None:
-        self.store.wait([Keys.GO], datetime.timedelta(seconds=self.cfg.engine.startup_timeout))
-        self.t0 = float(self.store.get(Keys.T0).decode())
-        loop = asyncio.new_event_loop()
-        self.loop = loop
+        if self.rank != SERVER:
+            self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
+            self.t0 = float(self.store.get(Keys.T0).decode())
+        # The common start is a moment ahead (a resumed run's clock starts at its offset).
+        time.sleep(max(0.0, self.t0 + self.offset - time.time()))
+        loop = self.loop
         asyncio.set_event_loop(loop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, signal.Signals(sig).name)
         monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
         monitor.start()
         try:
@@ -266,6 +432,11 @@ class FLProcess:
             self._stopped.set()
             self.log.close()
             loop.close()
+
+    def _on_signal(self, name: str) -> None:
+        self.signalled = getattr(signal, name)
+        self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=name)
+        self._stop("interrupted" if self.rank == SERVER else "left")
 
     # ---------------------------------------------------------------- transport
     async def transmit(self, dst: int, msg: Message) -> float:
@@ -295,8 +466,9 @@ class FLProcess:
         self.ctx.record("rejected", src=peer, why=why)
 
     def _peer_gone(self, peer: int, why: str) -> None:
-        """On the loop, once per peer. The server abandons the client's task through the
-        same "left" message an availability disconnect sends; a client stops."""
+        """On the loop, once per peer and incarnation. The server abandons the client's
+        task through the same "left" message an availability disconnect sends, and frees
+        its id for a new process; a client stops."""
         if peer not in self.live or self._ending:
             return
         self.live.discard(peer)
@@ -304,39 +476,39 @@ class FLProcess:
         now = self.ctx.now()
         self.log.write("peer_gone", t=now, rank=self.rank, peer=peer, why=why)
         if self.rank != SERVER:
-            self._stop()
+            # The server's links close as it ends the run: after the stop flag, not a loss.
+            ended = False
+            with contextlib.suppress(Exception):
+                ended = store_has(self.store, Keys.STOP)
+            self._stop("stop" if ended else "server gone")
             return
-        self.departures.append({"rank": peer, "t": round(now, 6), "why": why})
+        inc = self.peer_inc.get(peer, 0)
+        self._connected.pop(peer, None)
+        with contextlib.suppress(Exception):
+            self.store.set(Keys.left(peer, inc), json.dumps({"t": now, "why": why}))
+        self.departures.append({"rank": peer, "incarnation": inc, "t": round(now, 6), "why": why})
         self.ctx.mailbox.deliver(Message(peer, SERVER, TO_SERVER, Control("left"), now))
 
-    def _stop(self) -> None:
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
         if self._stop_event is not None:
             self._stop_event.set()
 
     def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn, *args)
+        call_from_thread(self.loop, fn, *args)
 
     def _monitor(self) -> None:
-        """Heartbeats, the stop flag, and (server) clients whose heartbeat went stale."""
+        """Heartbeats, the stop flag, joins (server) and peers whose heartbeat went stale."""
         e = self.cfg.engine
         try:
             store = self._store_factory()
             while not self._stopped.is_set():
-                ctx = self.ctx
-                beat = {
-                    "wall": time.time(),
-                    "iterations": ctx.iteration,
-                    "bytes_sent": ctx.bytes_sent,
-                    "vanished": ctx.vanished,
-                    "compute_wall_s": ctx.compute_wall_s,
-                    "rejected": ctx.rejected,
-                }
-                store.set(Keys.heartbeat(self.rank), json.dumps(beat))
-                if store_has(store, Keys.STOP):
-                    self._from_thread(self._stop)
+                self._heartbeat(store)
+                if self.rank != SERVER and store_has(store, Keys.STOP):
+                    self._from_thread(self._stop, "stop")
+                if self.rank == SERVER:
+                    self.admit(store)
                 for peer in list(self.live):
                     if not store_has(store, Keys.heartbeat(peer)):
                         continue
@@ -349,12 +521,14 @@ class FLProcess:
                 self._stopped.wait(e.heartbeat_s)
         except Exception as err:  # the store is gone: the job is over
             self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
-            self._from_thread(self._stop)
+            self._from_thread(self._stop, "store lost")
 
     # ---------------------------------------------------------------- roles
     async def _client_main(self) -> None:
         cfg = self.cfg
         self._stop_event = asyncio.Event()
+        if self.stop_reason is not None:
+            self._stop_event.set()
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
         )
@@ -362,13 +536,15 @@ class FLProcess:
         stopper = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
         self._ending = True
-        await _cancel_others()
+        await cancel_others()
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
     async def _server_main(self) -> None:
-        cfg, scale = self.cfg, self.scale
+        cfg, scale, out_dir = self.cfg, self.scale, self.out_dir
         self._stop_event = asyncio.Event()
+        if self.stop_reason is not None:
+            self._stop_event.set()
         assert self.ctx._replica is not None
         replica = self.ctx._replica
         algo = build_algorithm(
@@ -390,14 +566,22 @@ class FLProcess:
             update={"server": cfg.server.model_copy(update={"task_timeout_s": timeout})}
         )
         server = Server(self.ctx, algo, state, scaled, list(range(1, self.size)))
+        restored = self.restored
+        bytes_before, vanished_before = 0, 0
+        if restored is not None:
+            restored.apply(state, algo, server)
+            bytes_before = int(restored.meta.get("bytes_sent", 0))
+            vanished_before = int(restored.meta.get("vanished", 0))
+            self.departures[:0] = list(restored.meta.get("departures", []))
         x_eval, y_eval = self.dataset.x_test, self.dataset.y_test
         limit = cfg.evaluation.max_test_samples
         if limit is not None and limit < len(x_eval):
             x_eval, y_eval = x_eval[:limit], y_eval[:limit]
-        write_partition(self.out_dir / "partition.json", cfg, self.dataset, self.shards)
+        if out_dir is not None:
+            write_partition(out_dir / "partition.json", cfg, self.dataset, self.shards)
         self.log.write(
-            "start",
-            t=0.0,
+            "start" if restored is None else "resume",
+            t=self.ctx.now(),
             scenario=cfg.name,
             algorithm=cfg.algorithm.name,
             seed=cfg.train.seed,
@@ -407,12 +591,46 @@ class FLProcess:
             flops_per_sample=self.flops,
             engine="dist",
             time_scale=scale,
+            version=state.version,
+            linked=sorted(self.live),
         )
+
+        def bytes_sent() -> int:
+            clients = sum(int(b.get("bytes_sent", 0)) for b in self.client_beats.values())
+            return bytes_before + self.ctx.bytes_sent + clients
+
+        def vanished() -> int:
+            return vanished_before + sum(
+                int(b.get("vanished", 0)) for b in self.client_beats.values()
+            )
+
+        def checkpoint(now: float) -> None:
+            if out_dir is None:
+                return
+            totals = {"bytes_sent": bytes_sent(), "vanished": vanished()}
+            began = time.perf_counter()
+            path = save_checkpoint(
+                out_dir / "checkpoint",
+                cfg,
+                now / scale,
+                state,
+                algo,
+                server,
+                {**totals, "departures": self.departures},  # type: ignore[dict-item]
+            )
+            seconds = time.perf_counter() - began
+            size = path.stat().st_size + path.with_suffix(".safetensors").stat().st_size
+            self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
+
         task = asyncio.ensure_future(server.run())
+        stopper = asyncio.ensure_future(self._stop_event.wait())
         every, max_wall = cfg.evaluation.every_s * scale, cfg.train.max_time * scale
+        ckpt_every = None if cfg.checkpoint.every_s is None else cfg.checkpoint.every_s * scale
+        next_ckpt = None if ckpt_every is None else (self.offset // ckpt_every + 1) * ckpt_every
         points: list[EvalPoint] = []
         eval_wall = 0.0
         last: tuple[torch.Tensor, tuple[float, float]] | None = None
+        reason = "max_time"
         while True:
             start = time.perf_counter()
             if last is None or not torch.equal(last[0], state.model):
@@ -420,25 +638,42 @@ class FLProcess:
             eval_wall += time.perf_counter() - start
             acc, loss = last[1]
             now = round(self.ctx.now(), 6)
-            point = EvalPoint(now, state.version, acc, acc, loss, self._bytes_sent())
+            point = EvalPoint(now, state.version, acc, acc, loss, bytes_sent())
             points.append(point)
             self.log.write("eval", **point.__dict__)
-            if task.done() or now >= max_wall:
+            if self._stop_event.is_set():
+                reason = self.stop_reason or "stopped"
+                break
+            if next_ckpt is not None and now >= next_ckpt - 1e-9 and now < max_wall:
+                checkpoint(now)
+                next_ckpt = (now // ckpt_every + 1) * ckpt_every  # type: ignore[operator]
+            if task.done():
+                reason = "server ended"
+                break
+            if now >= max_wall:
                 break
             if acc >= cfg.train.target_acc and cfg.train.stop_at_target:
+                reason = "target"
                 break
             next_eval = min((round(now / every) + 1) * every, max_wall)
-            await asyncio.wait([task], timeout=max(0.0, next_eval - self.ctx.now()))
+            await asyncio.wait(
+                [task, stopper],
+                timeout=max(0.0, next_eval - self.ctx.now()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         self._ending = True
         # Clients stop on the flag; the server's own links go quiet with them.
         with contextlib.suppress(Exception):
-            self.store.set(Keys.STOP, "1")
-        await _cancel_others()
+            self.store.set(Keys.STOP, reason)
+        if reason == "interrupted":
+            checkpoint(points[-1].t)  # the state as it was stopped: what --resume starts from
+        await cancel_others()
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
         tta = time_to_accuracy(points, cfg.train.target_acc)
-        self.log.write("end", t=points[-1].t, tta_s=tta, server=server.stats.as_dict())
-        torch.save(state.model.clone(), self.out_dir / "global_model.pt")
+        self.log.write(
+            "end", t=points[-1].t, tta_s=tta, reason=reason, server=server.stats.as_dict()
+        )
         beats = self.client_beats.values()
         final = points[-1]
         summary: dict[str, Any] = {
@@ -456,37 +691,43 @@ class FLProcess:
             "iterations": final.iteration,
             "clients": cfg.clients.count,
             "concurrency": cfg.clients.concurrency,
-            "resumed_from_s": None,
+            "resumed_from_s": None if restored is None else restored.time,
+            "resumed_version": None if restored is None else restored.version,
+            "stop_reason": reason,
             "server": server.stats.as_dict(),
             "algorithm_stats": algo.stats(),
             # Client counters as of their last heartbeat (engine.heartbeat_s old at most).
             "local_steps": int(sum(b.get("iterations", 0) for b in beats)),
-            "vanished": int(sum(b.get("vanished", 0) for b in beats)),
+            "vanished": vanished(),
             "departures": self.departures,
+            "refused": self.refused,
+            "joins": self.joins,
             "peak_models_held": None,  # one process per client: at most one model each
             "rejected_messages": sum(server.stats.rejected.values()) + self.ctx.rejected,
             "time_scale": scale,
             "tta_scenario_s": None if tta is None else tta / scale,
-            "wall_s": self.ctx.now(),
+            "wall_s": self.ctx.now() - self.offset,
             "compute_wall_s": float(sum(b.get("compute_wall_s", 0.0) for b in beats)),
             "eval_wall_s": eval_wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        write_json_atomic(self.out_dir / "summary.json", summary)
+        if out_dir is not None:
+            torch.save(state.model.clone(), out_dir / "global_model.pt")
+            write_json_atomic(out_dir / "summary.json", summary)
+        self.summary = summary
 
-    def _bytes_sent(self) -> int:
-        clients = sum(int(b.get("bytes_sent", 0)) for b in self.client_beats.values())
-        return self.ctx.bytes_sent + clients
 
-
-async def _cancel_others() -> None:
-    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for t in leftovers:
-        t.cancel()
-    await asyncio.gather(*leftovers, return_exceptions=True)
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
 
 
 # ============================================================================ launcher
+
+
+def prepare_resume(cfg: FLConfig, out_dir: Path) -> Restored:
+    """The checkpoint a resumed dist run starts from, checked against `cfg` (CheckpointError,
+    one line, before anything is started or written)."""
+    return load_checkpoint(out_dir, cfg)
 
 
 def run_fl_dist(
@@ -494,12 +735,17 @@ def run_fl_dist(
     *,
     out_dir: Path,
     faults: list[Fault] | None = None,
+    resume: bool = False,
+    rank_env: dict[int, dict[str, str]] | None = None,
 ) -> FLRunResult:
     """Run one FL job as C + 1 processes on this host; write the sim's files to out_dir.
 
     `faults`: signals ("KILL" or "TERM") sent to client ranks at config times (`at` is
-    stretched by engine.time_scale like every other time). No progress bar: the server's
-    metrics.jsonl grows as the run goes."""
+    stretched by engine.time_scale like every other time). `resume`: continue from the
+    latest checkpoint in out_dir. `rank_env`: extra environment for single ranks (a wrong
+    secret in a test). Interrupted (Ctrl-C), the server is stopped first and writes a
+    checkpoint to resume from. No progress bar: the server's metrics.jsonl grows as the
+    run goes."""
     count = cfg.clients.count
     if count > MAX_DIST_CLIENTS:
         raise BadInput(
@@ -509,62 +755,53 @@ def run_fl_dist(
     for f in faults or []:
         if not 1 <= f.rank <= count or f.signal == "JOIN":
             raise BadInput(f"fault {f}: only KILL or TERM of a client rank 1..{count}")
-    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": "dist"})})
+    # The secret travels to the processes in their environment, never in a file.
+    secret = shared_secret(cfg.engine.secret)
+    engine = cfg.engine.model_copy(update={"name": "dist", "secret": None})
+    cfg = cfg.model_copy(update={"engine": engine})
+    if resume:
+        prepare_resume(cfg, out_dir)  # CheckpointError before anything is started
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("summary.json", "metrics.jsonl", "global_model.pt"):
+    for name in ("summary.json", "global_model.pt"):
         (out_dir / name).unlink(missing_ok=True)
+    if not resume:  # a new run in an old directory starts clean
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     e = cfg.engine
-    host = dist.TCPStore(
-        e.host,
-        e.port,
-        None,
-        True,
-        timeout=datetime.timedelta(seconds=e.startup_timeout),
-        wait_for_workers=False,
-    )
+    host = host_store(e.host, e.port, e.startup_timeout)
     run_id = secrets.token_hex(6)
     store = job_store(host, run_id)
     logs = out_dir / "workers"
     logs.mkdir(exist_ok=True)
-    size = count + 1
     procs: dict[int, subprocess.Popen[bytes]] = {}
     killed: list[dict[str, Any]] = []
     try:
-        for rank in range(size):
+        for rank in range(count + 1):
             env = {
                 **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(size),
                 "DLION_STORE": f"{e.host}:{host.port}",
                 "DLION_RUN_ID": run_id,
                 "OMP_NUM_THREADS": str(e.threads),
+                **({} if secret is None else {"DLION_SECRET": secret}),
+                **(rank_env or {}).get(rank, {}),
             }
+            role = ["serve"] if rank == SERVER else ["client", "--client-id", str(rank)]
+            argv = [sys.executable, "-m", "dlion.fl.dist", *role, str(config_path)]
+            argv += ["--out", str(out_dir), *(["--resume"] if resume and rank == SERVER else [])]
             with (logs / f"rank-{rank}.log").open("wb") as log_file:
+                # Own session: a Ctrl-C reaches this launcher only, which stops the server
+                # first (it checkpoints), then the clients.
                 procs[rank] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dlion.fl.dist",
-                        str(config_path),
-                        "--out",
-                        str(out_dir),
-                    ],
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
+                    argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
                 )
-        deadline = time.time() + e.startup_timeout
-        while not all(
-            store_has(store, Keys.ready(r)) or procs[r].poll() is not None for r in range(size)
-        ):
-            if procs[SERVER].poll() is not None or time.time() > deadline:
-                break
+        while not store_has(store, Keys.GO) and procs[SERVER].poll() is None:
+            for r in range(1, count + 1):  # a client that died starting is not waited for
+                if procs[r].poll() is not None and not store_has(store, Keys.absent(r)):
+                    store.set(Keys.absent(r), exit_text(procs[r].returncode))
             time.sleep(0.02)
-        t0 = time.time()
-        store.set(Keys.T0, repr(t0))
-        store.set(Keys.GO, "1")
+        t0 = float(store.get(Keys.T0).decode()) if store_has(store, Keys.T0) else time.time()
         pending = sorted(faults or [], key=lambda f: f.at)
         # A stuck server is stopped well after its own deadline.
         limit = cfg.train.max_time * e.time_scale + e.peer_timeout + 60.0
@@ -573,8 +810,7 @@ def run_fl_dist(
             while pending and pending[0].at * e.time_scale <= now:
                 f = pending.pop(0)
                 if procs[f.rank].poll() is None:
-                    sig = signal.SIGKILL if f.signal == "KILL" else signal.SIGTERM
-                    procs[f.rank].send_signal(sig)
+                    procs[f.rank].send_signal(f.signum)
                     killed.append({"rank": f.rank, "t": round(now, 6), "signal": f.signal})
             if now > limit:
                 procs[SERVER].kill()
@@ -583,19 +819,24 @@ def run_fl_dist(
         with contextlib.suppress(Exception):
             store.set(Keys.STOP, "1")
     except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or failed: SIGTERM to every live process (a
-        # client takes it as an announced leave); _reap then waits and kills stragglers.
+        # Interrupted (Ctrl-C, SIGTERM) or failed: the server first (it writes a checkpoint
+        # and tells the clients to stop), then any client still running.
+        if procs.get(SERVER) is not None and procs[SERVER].poll() is None:
+            procs[SERVER].terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                procs[SERVER].wait(timeout=30)
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
         raise
     finally:
-        _reap(procs)
+        reap(procs.values())
     code = procs[SERVER].returncode
     summary_path = out_dir / "summary.json"
     if code != 0 or not summary_path.exists():
+        log = logs / f"rank-{SERVER}.log"
         raise SimulationError(
-            f"FL dist: the server exited with code {code} (see {logs}/rank-{SERVER}.log)"
+            f"FL dist: the server ended with {exit_text(code)}: {last_line(log)} (see {log})"
         )
     signalled = {k["rank"] for k in killed}
     # A client that crashed on its own (a traceback in its log, exit 1) is a bug, not a
@@ -607,6 +848,7 @@ def run_fl_dist(
         )
     summary = json.loads(summary_path.read_text())
     summary["signals"] = killed
+    summary["client_exit_codes"] = {str(r): p.returncode for r, p in procs.items() if r != SERVER}
     write_json_atomic(summary_path, summary)
     events = [
         json.loads(line)
@@ -622,52 +864,137 @@ def run_fl_dist(
     return FLRunResult(summary, points, events, model)
 
 
-def _reap(procs: dict[int, subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
-    deadline = time.time() + grace_s
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # ============================================================================ process entry
+
+
+def _job_from_env() -> tuple[StoreFactory, str] | None:
+    """The launcher's store (DLION_STORE, DLION_RUN_ID), if this process was started by one."""
+    if "DLION_STORE" not in os.environ:
+        return None
+    host, port = parse_address(os.environ["DLION_STORE"], "DLION_STORE")
+    run_id = os.environ.get("DLION_RUN_ID", "")
+    if not run_id:
+        raise BadInput("DLION_RUN_ID must be set with DLION_STORE")
+    return _factory(host, port, run_id), run_id
+
+
+def _factory(host: str, port: int, run_id: str, timeout_s: float = 60.0) -> StoreFactory:
+    def factory() -> dist.Store:
+        return job_store(store_client(host, port, timeout_s), run_id)
+
+    return factory
+
+
+def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> int:
+    """The server process: host the job's store on `listen` (HOST:PORT) unless a launcher
+    gave one, admit clients, run, write the run's files. Returns the exit code."""
+    restored = prepare_resume(cfg, out_dir) if resume else None
+    job = _job_from_env()
+    hosted = None
+    if job is None:
+        host, port = (cfg.engine.host, cfg.engine.port)
+        if listen is not None:
+            host, port = parse_address(listen, "--listen")
+        hosted = host_store(host, port, cfg.engine.startup_timeout)
+        run_id = secrets.token_hex(6)
+        record = {"run_id": run_id, "config_hash": config_hash(cfg), "clients": cfg.clients.count}
+        hosted.set(RUN_KEY, json.dumps(record))
+        job = (_factory(host, hosted.port, run_id, cfg.engine.startup_timeout), run_id)
+        print(
+            f"{cfg.name}: FL server on {host}:{hosted.port}, waiting for "
+            f"{cfg.clients.count} clients (`dlion fl client CONFIG --server {host}:{hosted.port} "
+            "--client-id K`)",
+            flush=True,
+        )
+    factory, run_id = job
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    proc = FLProcess(cfg, SERVER, factory, out_dir, run_id=run_id, restored=restored)
+    say("server: data and model built, admitting clients")
+    proc.start_server()
+    say(f"server: started with clients {sorted(proc.live)}")
+    proc.run()
+    s = proc.summary
+    tta = "not reached" if s["tta_s"] is None else f"{s['tta_s']:.1f} s"
+    print(
+        f"{cfg.name} {cfg.algorithm.name}: {s['stop_reason']} at {s['time_s']:.1f} wall s, "
+        f"version {s['iterations']}, accuracy {s['final_acc']:.2%}, time to target {tta}; "
+        f"wrote {out_dir}/summary.json",
+        flush=True,
+    )
+    if hosted is not None:  # the store lives until the clients have seen the stop flag
+        time.sleep(2 * cfg.engine.heartbeat_s)
+    # Stopped by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM), as a shell does.
+    return 128 + int(proc.signalled) if s["stop_reason"] == "interrupted" else 0
+
+
+def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: str | None) -> int:
+    """One client process: find the job (a launcher's store or `server` HOST:PORT), register
+    with the shared secret's proof, train until the server stops the run."""
+    if not 1 <= client_id <= cfg.clients.count:
+        raise BadInput(f"--client-id {client_id}: this config has clients 1..{cfg.clients.count}")
+    job = _job_from_env()
+    if job is None:
+        if server is None:
+            raise BadInput("--server HOST:PORT is required (where `dlion fl serve` listens)")
+        host, port = parse_address(server, "--server")
+        timeout = cfg.engine.startup_timeout
+        try:
+            root = store_client(host, port, timeout)
+            root.wait([RUN_KEY], _seconds(timeout))
+        except Exception as err:
+            raise BadInput(f"--server {server}: no FL server there ({first_line(err)})") from None
+        record = json.loads(root.get(RUN_KEY).decode())
+        if record.get("config_hash") != config_hash(cfg):
+            raise BadInput(
+                f"--server {server}: the server runs another config (data, population, model "
+                "or algorithm differ); start the client with the server's config and --set"
+            )
+        job = (_factory(host, port, record["run_id"], timeout), record["run_id"])
+    factory, run_id = job
+    proc = FLProcess(cfg, client_id, factory, out_dir, run_id=run_id)
+    say(f"client {client_id}: data built, registering")
+    proc.join()
+    say(f"client {client_id}: linked to the server (incarnation {proc.incarnation})")
+    proc.run()
+    ctx = proc.ctx
+    say(
+        f"client {client_id}: done ({proc.stop_reason}): {ctx.iteration} local steps, "
+        f"{ctx.bytes_sent / 1e6:.2f} MB sent"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dlion.fl.dist")
+    roles = parser.add_subparsers(dest="role", required=True)
+    srv = roles.add_parser("serve", help="the FL server (rank 0)")
+    srv.add_argument("config")
+    srv.add_argument("--out", type=Path, required=True)
+    srv.add_argument("--listen", default=None, help="HOST:PORT the job's store binds to")
+    srv.add_argument("--resume", action="store_true")
+    srv.add_argument("--set", dest="overrides", action="append", default=[])
+    cli = roles.add_parser("client", help="one FL client")
+    cli.add_argument("config")
+    cli.add_argument("--client-id", type=int, required=True)
+    cli.add_argument("--server", default=None, help="HOST:PORT of `dlion fl serve`")
+    cli.add_argument("--out", type=Path, default=None)
+    cli.add_argument("--set", dest="overrides", action="append", default=[])
+    return parser
 
 
 def _run(argv: list[str]) -> int:
     sys.setswitchinterval(0.0005)  # receiver threads hand frames to the loop promptly
-    parser = argparse.ArgumentParser(prog="python -m dlion.fl.dist")
-    parser.add_argument("config", help="FL config (YAML path or shipped name)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
-    args = parser.parse_args(argv)
-    cfg = load_fl_config(args.config)
-    try:
-        rank = int(os.environ["RANK"])
-        host, _, port = os.environ["DLION_STORE"].rpartition(":")
-        run_id = os.environ["DLION_RUN_ID"]
-    except (KeyError, ValueError):
-        raise BadInput(
-            "dlion.fl.dist: RANK, DLION_STORE and DLION_RUN_ID must be set "
-            "(`dlion train FL_CONFIG --engine dist` sets them)"
-        ) from None
-    timeout = datetime.timedelta(seconds=cfg.engine.startup_timeout)
-
-    def factory() -> dist.Store:
-        return job_store(dist.TCPStore(host, int(port), None, False, timeout=timeout), run_id)
-
-    say(f"rank {rank}: config loaded")
-    proc = FLProcess(cfg, rank, factory, args.out)
-    say(f"rank {rank}: data and model built, connecting")
-    proc.connect()
-    say(f"rank {rank}: connected to {sorted(proc.live)}")
-    proc.run()
-    say(f"rank {rank}: done")
-    return 0
+    args = _parser().parse_args(argv)
+    cfg = load_fl_config(args.config, [*args.overrides, "engine.name=dist"])
+    if args.role == "serve":
+        return serve(cfg, args.out, listen=args.listen, resume=args.resume)
+    return join_as_client(cfg, args.client_id, args.out, args.server)
 
 
-def main() -> None:
-    process_main(_run)
+def main(argv: list[str] | None = None) -> None:
+    process_main(_run, argv)
 
 
 if __name__ == "__main__":
