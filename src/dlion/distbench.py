@@ -195,15 +195,17 @@ def ddp_overhead(
                 "ratio": ours / theirs,
                 "dlion_iterations": real["iterations"],
                 "ddp_iterations": ddp_iters,
+                # The host's 1-minute load average after both measurements.
+                "load": os.getloadavg()[0],
             }
         )
     table = "\n".join(
         [
-            "| model | parameters | dlion allreduce (ms/it) | DDP (ms/it) | ratio |",
-            "|---|---:|---:|---:|---:|",
+            "| model | parameters | dlion allreduce (ms/it) | DDP (ms/it) | ratio | load |",
+            "|---|---:|---:|---:|---:|---:|",
             *(
                 f"| {r['model']} | {r['parameters']:,} | {r['dlion_allreduce_ms']:.2f} | "
-                f"{r['ddp_ms']:.2f} | {r['ratio']:.2f} |"
+                f"{r['ddp_ms']:.2f} | {r['ratio']:.2f} | {r['load']:.1f} |"
                 for r in rows
             ),
         ]
