@@ -61,3 +61,20 @@ def test_fast_max_min_rates_equal_the_reference_bit_for_bit(seed: int) -> None:
     fast = max_min_rates(paths, caps.__getitem__)
     ref = reference_max_min_rates(paths, caps.__getitem__)
     assert [x.hex() for x in fast] == [x.hex() for x in ref]
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_rates_do_not_depend_on_the_flows_order_and_one_path_gets_one_rate(seed: int) -> None:
+    rng = random.Random(seed)
+    resources = [f"r{j}" for j in range(rng.randint(2, 8))]
+    caps = {r: rng.uniform(1.0, 1e9) for r in resources}
+    distinct = [rng.sample(resources, rng.randint(1, min(3, len(resources)))) for _ in range(6)]
+    paths = [rng.choice(distinct) for _ in range(rng.randint(2, 30))]
+    rates = max_min_rates(paths, caps.__getitem__)
+    order = list(range(len(paths)))
+    rng.shuffle(order)
+    shuffled = max_min_rates([paths[i] for i in order], caps.__getitem__)
+    assert [rates[i].hex() for i in order] == [x.hex() for x in shuffled]
+    by_path: dict[tuple[str, ...], float] = {}
+    for path, rate in zip(paths, rates, strict=True):
+        assert by_path.setdefault(tuple(path), rate) == rate

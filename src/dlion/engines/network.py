@@ -59,12 +59,12 @@ class Network:
         self._timer: asyncio.TimerHandle | None = None
         self._dirty = False
         self.bytes_moved = 0.0
-        # Paths by (src, dst), with an id each; rates by (bandwidth epoch, path ids of the
-        # flows in order). Rates depend only on the paths and the capacities, so a set of
-        # concurrent flows seen before (every synchronous iteration repeats its pattern)
-        # gets the very numbers computed the first time.
+        # Paths by (src, dst), with an id each; rates by path, by (bandwidth epoch, sorted
+        # path ids of the flows). Rates depend only on the paths and the capacities, so a
+        # set of concurrent flows seen before (every synchronous iteration repeats its
+        # pattern) gets the very numbers computed the first time.
         self._paths: dict[tuple[int, int], tuple[tuple[Resource, ...], int]] = {}
-        self._rate_cache: dict[tuple[int, tuple[int, ...]], list[float]] = {}
+        self._rate_cache: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
 
     async def transfer(self, src: int, dst: int, nbytes: int) -> float:
         """Carry `nbytes` from src to dst; returns the transmission time (latency excluded)."""
@@ -137,24 +137,29 @@ class Network:
 
     def _assign_rates(self) -> None:
         now = self._loop.time()
-        key = (self._cluster.bandwidth_epoch(now), tuple(f.path_id for f in self._flows))
-        rates = self._rate_cache.get(key)
-        if rates is None:
+        # Flows along one path get one rate, and the allocation does not depend on the
+        # flows' order (max_min_rates): the sorted path ids name it.
+        key = (self._cluster.bandwidth_epoch(now), tuple(sorted(f.path_id for f in self._flows)))
+        by_path = self._rate_cache.get(key)
+        if by_path is None:
             rates = max_min_rates(
                 [f.resources for f in self._flows],
                 lambda r: self._cluster.resource_capacity(r, now),
             )
+            by_path = {f.path_id: rate for f, rate in zip(self._flows, rates, strict=True)}
             if len(self._rate_cache) >= _RATE_CACHE_ENTRIES:
                 self._rate_cache.clear()
-            self._rate_cache[key] = rates
-        for f, rate in zip(self._flows, rates, strict=True):
-            f.rate = rate
+            self._rate_cache[key] = by_path
+        for f in self._flows:
+            f.rate = by_path[f.path_id]
 
 
 def max_min_rates(paths: Sequence[Sequence[R]], capacity: Callable[[R], float]) -> list[float]:
     """Max-min fair rates of flows crossing `paths` (resources with `capacity`), by
     progressive filling: raise all unfrozen flows together until a resource saturates,
-    freeze the flows through it, repeat. Deterministic: resources in first-seen order.
+    freeze the flows through it, repeat. Deterministic, and independent of the flows'
+    order (each round's share is a minimum, each resource's capacity is reduced once per
+    round), so flows along the same path get the same rate.
 
     The fill level is one running sum (0 + share_1 + share_2 + ...), and a flow's rate is
     the level at which it froze: the same additions, in the same order, as adding each
