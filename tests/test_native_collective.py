@@ -81,3 +81,19 @@ def test_a_leave_and_a_join_re_form_the_group(tmp_path: Path) -> None:
     after = [e["iteration"] for e in evals if e["t"] > join["t"] + 1.0]
     assert len(after) >= 2 and after[-1] > after[0]
     assert result.summary["final_acc"] > 0.9
+
+
+def test_the_ddp_benchmark_times_dlion_past_its_warm_up_as_it_times_ddp(tmp_path: Path) -> None:
+    from dlion.distbench import steady_iteration_time
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [
+        {"event": "start"},
+        {"event": "eval", "t": 0.0, "iteration": 0},
+        {"event": "eval", "t": 2.0, "iteration": 15},  # still warming up
+        {"event": "eval", "t": 4.0, "iteration": 40},
+        {"event": "eval", "t": 8.0, "iteration": 240},
+    ]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    assert steady_iteration_time(metrics, warmup=20) == 4.0 / 200
+    assert steady_iteration_time(metrics, warmup=100) is None  # one point past it
