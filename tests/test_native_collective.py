@@ -3,8 +3,9 @@
 The sim charges the ring of point-to-point messages it always did (so the all-reduce
 strategy's sim results are unchanged); the dist engine runs one collective over a
 process group of the members, formed again when the membership changes, and never hangs
-on a member that died. The SIGKILL case is tests/test_dist_engine.py's killed-worker test
-(all-reduce runs on this path); here: the byte count, a leave and a join.
+on a member that died. Here: the byte count, a SIGKILLed member, a leave and a join
+(tests/test_dist_engine.py's killed-worker test runs the all-reduce strategy on this path
+too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from dlion.comm.collectives import ring_bytes
 from dlion.config import config_from_dict
-from dlion.engines.launcher import run_dist
+from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
 from helpers import small_config
 
@@ -64,6 +65,26 @@ def _groups(out: Path, rank: int, inc: int = 0) -> list[list[int]]:
     name = f"rank-{rank}.jsonl" if inc == 0 else f"rank-{rank}.{inc}.jsonl"
     events = read_events(out / "workers" / name)
     return [e["members"] for e in events if e["event"] == "collective_group"]
+
+
+def test_a_sigkilled_member_fails_the_collective_at_once_and_the_rest_re_form(
+    tmp_path: Path,
+) -> None:
+    cfg = _dist_config([])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": 6.0})})
+    result = run_dist(cfg, out_dir=tmp_path, progress=False, faults=[Fault(2, at=0.3)])
+    [crash] = result.summary["membership"]
+    assert crash["rank"] == 2 and crash["exit_code"] == -9
+    assert crash["detected_after_s"] < cfg.engine.peer_timeout  # no wait for a timeout
+    for rank in (0, 1):
+        assert _groups(tmp_path, rank) == [[0, 1, 2], [0, 1]]
+        events = read_events(tmp_path / "workers" / f"rank-{rank}.jsonl")
+        [failed] = [e for e in events if e["event"] == "collective_failed" and "what" in e]
+        [regroup] = [e for e in events if e["event"] == "regroup"]
+        assert regroup["members"] == 2 and regroup["t"] - failed["t"] < cfg.engine.peer_timeout
+    evals = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "eval"]
+    after = [e["iteration"] for e in evals if e["t"] > crash["t"] + 1.0]
+    assert len(after) >= 2 and after[-1] > after[0]
 
 
 def test_a_leave_and_a_join_re_form_the_group(tmp_path: Path) -> None:
