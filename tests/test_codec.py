@@ -103,3 +103,23 @@ def test_random_corruption_only_ever_raises_badframe() -> None:
         cut = rng.randint(0, len(broken))
         with contextlib.suppress(BadFrame):  # anything else escaping fails the test
             decode(bytes(broken[: cut if rng.random() < 0.3 else len(broken)]), LIMIT)
+
+
+def test_a_writable_frame_is_decoded_without_copying_and_a_read_only_one_is_copied() -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    frame = encode(Message(0, 1, "g", Dense(values), 0.0, {"speed": 2.0}))
+    buffer = bytearray(frame)
+    viewed = decode(memoryview(buffer), max_bytes=1 << 20)
+    copied = decode(frame, max_bytes=1 << 20)
+    assert torch.equal(viewed.payload.values, values)  # type: ignore[union-attr]
+    assert torch.equal(copied.payload.values, values)  # type: ignore[union-attr]
+    buffer[-4:] = bytes(4)  # the last value's bytes, zeroed in the frame buffer
+    assert viewed.payload.values[-1].item() == 0.0  # type: ignore[union-attr]
+    assert copied.payload.values[-1].item() == 5.0  # type: ignore[union-attr]
+
+
+def test_an_empty_sparse_payload_round_trips() -> None:
+    empty = Sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 10)
+    frame = bytearray(encode(Message(0, 1, "g", empty, 0.0)))
+    got = decode(memoryview(frame), max_bytes=1 << 20).payload
+    assert isinstance(got, Sparse) and got.indices.numel() == 0 and got.numel == 10

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dlion.cluster import Cluster
 from dlion.comm.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
-from dlion.comm.transport import PairTransport
+from dlion.comm.transport import FIRST_BLOCK, PairTransport
 from helpers import small_config
 
 
@@ -115,6 +115,19 @@ def test_frames_arrive_in_order_and_not_before_their_due_time() -> None:
     assert time.monotonic() - start >= 0.2
     assert [f[0] for _, f in pair.frames[1]] == [0, 1, 2, 3, 4]
     assert all(peer == 0 for peer, _ in pair.frames[1])
+    assert pair.failures == {0: [], 1: []}
+
+
+def test_frames_below_and_above_the_first_block_arrive_whole() -> None:
+    # A frame that fits the first block is one gloo operation; a larger one is two.
+    pair = _Pair()
+    sizes = [1, FIRST_BLOCK - 9, FIRST_BLOCK - 8, FIRST_BLOCK - 7, 5000]
+    sent = [bytes((i + j) % 251 for j in range(n)) for i, n in enumerate(sizes)]
+    for frame in sent:
+        assert pair.t[0].send(1, frame, due=0.0)
+    pair.wait_for(lambda: len(pair.frames[1]) == len(sent))
+    assert [bytes(f) for _, f in pair.frames[1]] == sent
+    assert all(not f.readonly for _, f in pair.frames[1])  # decoded in place (codec.py)
     assert pair.failures == {0: [], 1: []}
 
 

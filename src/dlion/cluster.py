@@ -15,6 +15,7 @@ A flow's rate is the max-min fair share along its path (engines/network.py).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from dlion.config import ClusterConfig, DynamicsConfig
@@ -65,6 +66,7 @@ class Cluster:
         self._links = links
         self._capacity_traces = dict(capacity_traces or {})
         self._bandwidth_traces = dict(bandwidth_traces or {})
+        self._bandwidth_epochs: list[float] | None = None  # every trace's times, sorted
         self._routes = dict(routes or {})
         self._shared = dict(shared or {})
 
@@ -145,6 +147,14 @@ class Cluster:
     def bandwidth_change_times(self) -> list[float]:
         """Every time (> 0) at which some resource's bandwidth changes, sorted."""
         return sorted({t for tr in self._bandwidth_traces.values() for t in tr.times[1:]})
+
+    def bandwidth_epoch(self, t: float) -> int:
+        """Which piece of the piecewise-constant bandwidth traces `t` falls in: at two times
+        with the same epoch every resource has the same capacity (no traces: always 0)."""
+        if self._bandwidth_epochs is None:
+            times = {t for tr in self._bandwidth_traces.values() for t in tr.times}
+            self._bandwidth_epochs = sorted(times)
+        return bisect.bisect_right(self._bandwidth_epochs, t)
 
     def with_dynamics(self, dyn: DynamicsConfig, horizon: float) -> Cluster:
         """This cluster with the capacity and bandwidth traces of `dyn` (later entries for

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dlion.comm.collectives import ring_allreduce
 from dlion.comm.messages import (
     Control,
     Dense,
@@ -29,6 +30,8 @@ from dlion.comm.messages import (
 )
 from dlion.replica import Replica
 
+# A tag no message carries: a guarded wait for it ends only at a membership change.
+VIEW_TAG = "__view"
 # Reserved tags of the state transfer that lets a joining worker start from the current
 # model: a request (Control "state") and a reply (Dense params + optimizer state).
 STATE_REQUEST = "__state?"
@@ -75,6 +78,11 @@ class Mailbox:
         else:
             self._waiters.append((src, tag, fut, guarded))
         return fut
+
+    def forget(self, fut: asyncio.Future[RecvResult]) -> None:
+        """Withdraw a wait that is no longer wanted."""
+        fut.cancel()
+        self._waiters = [w for w in self._waiters if w[2] is not fut]
 
     def peer_left(self, rank: int) -> None:
         """Wake everyone waiting on `rank` with PeerGone; later receives from it fail at once."""
@@ -275,6 +283,31 @@ class WorkerContext(ABC):
                 return msg
             self.rejected += 1
             self.record("rejected", src=msg.src, tag=tag, why=tensor_problem(msg.payload, numel))
+
+    async def allreduce_sum(
+        self, vector: torch.Tensor, tag: str, *, ranks: list[int], epoch: int | None = None
+    ) -> torch.Tensor:
+        """Sum `vector` over `ranks` (this worker among them): a plain dense all-reduce,
+        the same result at every member. Raises CollectiveFailed when a member leaves or
+        fails, or (with `epoch`, the membership epoch the group was planned in) as soon as
+        the membership changes, at every member; the caller re-forms (`regroup`).
+
+        Here, and so in the sim, it is the ring of point-to-point messages of
+        `ring_allreduce` (`tag` names its messages), which the network charges chunk by
+        chunk; the dist engine runs one torch.distributed collective instead."""
+        return await ring_allreduce(self, vector, tag, ranks=ranks, epoch=epoch)
+
+    def view_change(self, epoch: int | None) -> asyncio.Future[RecvResult]:
+        """A future that resolves (ViewChanged) at the first membership change after
+        `epoch`, at once if there has been one; never for None. `mailbox.forget` it when
+        done waiting."""
+        if epoch is None:
+            return asyncio.get_running_loop().create_future()
+        if epoch != self.epoch:
+            fut: asyncio.Future[RecvResult] = asyncio.get_running_loop().create_future()
+            fut.set_result(ViewChanged(self.epoch))
+            return fut
+        return self.mailbox.wait(None, VIEW_TAG, guarded=True)
 
     def poll(self, src: int | None, tag: str) -> Message | None:
         """A message already delivered with this tag, without waiting."""

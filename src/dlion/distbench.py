@@ -5,7 +5,7 @@ Each compares side by side in one command and writes JSON plus a markdown table:
   the ratio of dist TTA (scenario seconds = wall / time_scale) to the sim's TTA.
 - ddp: 2 local workers, homogeneous, no shaping, no throttling: dlion's allreduce
   strategy against torch DistributedDataParallel with the same model, data and batch;
-  the ratio of per-iteration wall times.
+  the ratio of per-iteration wall times, both past 20 warm-up iterations.
 - fault: one worker SIGKILLed at a fraction of the fault-free run's TTA; detection time,
   time lost, final accuracy against the fault-free run.
 - kernel: links paced in the transport against links shaped by tc in one network
@@ -15,6 +15,7 @@ Each compares side by side in one command and writes JSON plus a markdown table:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import socket
@@ -149,6 +150,20 @@ def _ddp_worker(
     dist.destroy_process_group()
 
 
+def steady_iteration_time(metrics: Path, warmup: int) -> float | None:
+    """Wall seconds per iteration between the first evaluation point past `warmup`
+    iterations and the last one, as DDP is timed after its warm-up (None: too few points)."""
+    points = [
+        e
+        for e in (json.loads(line) for line in metrics.read_text().splitlines())
+        if e.get("event") == "eval"
+    ]
+    past = [e for e in points if e["iteration"] >= warmup]
+    if len(past) < 2 or past[-1]["iteration"] <= past[0]["iteration"]:
+        return None
+    return (past[-1]["t"] - past[0]["t"]) / (past[-1]["iteration"] - past[0]["iteration"])
+
+
 def ddp_iteration_time(cfg: ExperimentConfig, iters: int, warmup: int = 20) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
@@ -175,14 +190,15 @@ def ddp_overhead(
             "cluster.links=[]",
             "train.stop_at_target=false",
             f"train.max_time={wall_s}",
-            f"evaluation.every_s={wall_s / 2}",
+            f"evaluation.every_s={wall_s / 4}",
             *model_sets,
         ]
         cfg = load_config(scenario, sets)
         dcfg = load_config(scenario, [*sets, "engine.name=dist", "engine.shaping=none"])
         run_dir = out_dir / "runs" / f"ddp-{label}"
         real = run_dist(dcfg, out_dir=run_dir, description=f"dlion allreduce {label}").summary
-        ours = real["time_s"] / max(1, real["iterations"])
+        whole_run = real["time_s"] / max(1, real["iterations"])
+        ours = steady_iteration_time(run_dir / "metrics.jsonl", warmup=20) or whole_run
         ddp_iters = max(50, int(real["iterations"]))
         theirs = ddp_iteration_time(cfg, ddp_iters)
         params = make_replica(cfg, prepare(cfg, 2), 0).numel
@@ -193,17 +209,21 @@ def ddp_overhead(
                 "dlion_allreduce_ms": ours * 1e3,
                 "ddp_ms": theirs * 1e3,
                 "ratio": ours / theirs,
+                # Start-up and the first iterations included (DDP's exclude 20 warm-up ones).
+                "dlion_whole_run_ms": whole_run * 1e3,
                 "dlion_iterations": real["iterations"],
                 "ddp_iterations": ddp_iters,
+                # The host's 1-minute load average after both measurements.
+                "load": os.getloadavg()[0],
             }
         )
     table = "\n".join(
         [
-            "| model | parameters | dlion allreduce (ms/it) | DDP (ms/it) | ratio |",
-            "|---|---:|---:|---:|---:|",
+            "| model | parameters | dlion allreduce (ms/it) | DDP (ms/it) | ratio | load |",
+            "|---|---:|---:|---:|---:|---:|",
             *(
                 f"| {r['model']} | {r['parameters']:,} | {r['dlion_allreduce_ms']:.2f} | "
-                f"{r['ddp_ms']:.2f} | {r['ratio']:.2f} |"
+                f"{r['ddp_ms']:.2f} | {r['ratio']:.2f} | {r['load']:.1f} |"
                 for r in rows
             ),
         ]

@@ -2,8 +2,13 @@
 
 Nothing is unpickled: a peer can only make us allocate what the header declares, and the
 header is checked against the frame's length and a size limit before any tensor is built.
-Frame layout: 4-byte big-endian header length, UTF-8 JSON header, then the tensors'
-bytes back to back (little-endian, as torch stores them on every platform we run on).
+Frame layout: 4-byte big-endian header length, UTF-8 JSON header (padded with spaces so
+the tensors start 8-byte aligned), then the tensors' bytes back to back (little-endian, as
+torch stores them on every platform we run on).
+
+Decoding a writable frame (the receive buffer the transport filled, which nothing else
+uses) takes the tensors as views of it, without copying; a read-only or misaligned one is
+copied.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dlion.comm.messages import (
 
 MAX_HEADER_BYTES = 64 * 1024
 _LEN = struct.Struct(">I")
+_ALIGN = 8  # tensors start at a multiple of this in a frame (the widest dtype's size)
 # The dtypes a frame may carry; anything else is refused before allocation.
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -80,6 +86,7 @@ def encode(msg: Message) -> bytes:
         "tensors": [[_DTYPE_NAMES[t.dtype], list(t.shape)] for t in tensors],
     }
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    head += b" " * (-(_LEN.size + len(head)) % _ALIGN)  # JSON allows trailing spaces
     parts = [_LEN.pack(len(head)), head]
     parts.extend(t.numpy().tobytes() for t in tensors)
     return b"".join(parts)
@@ -118,13 +125,24 @@ def _read_tensors(data: memoryview, specs: list[tuple[str, list[int]]]) -> list[
         nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > len(data):
             raise BadFrame("tensor data shorter than the header declares")
-        chunk = data[offset : offset + nbytes]
-        # Copy out of the frame buffer so the tensor owns (and may modify) its memory.
-        out.append(torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(shape))
+        out.append(_tensor_at(data[offset : offset + nbytes], dtype, shape))
         offset += nbytes
     if offset != len(data):
         raise BadFrame(f"{len(data) - offset} stray bytes after the tensors")
     return out
+
+
+def _tensor_at(chunk: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """The tensor stored in `chunk`: a view of it when the buffer is writable (the tensor
+    may then be modified in place) and aligned for `dtype`, else a copy."""
+    if len(chunk) == 0:
+        return torch.empty(shape, dtype=dtype)
+    if chunk.readonly:
+        return torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(shape)
+    raw = torch.frombuffer(chunk, dtype=torch.uint8)
+    if raw.data_ptr() % dtype.itemsize:
+        raw = raw.clone()  # misaligned: a fresh allocation is aligned
+    return raw.view(dtype).reshape(shape)
 
 
 def _payload(body: dict[str, Any], tensors: list[torch.Tensor]) -> Payload:

@@ -4,11 +4,41 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from dlion.comm.messages import Dense, Message, Payload
-from dlion.context import WorkerContext
+from dlion.comm.messages import VALUE_BYTES, Dense, Message, Payload, RecvResult
+
+
+class WorkerContext(Protocol):
+    """What a collective uses of a worker's context (dlion.context.WorkerContext has it;
+    spelled out here so that the context can offer collectives without an import circle)."""
+
+    rank: int
+    epoch: int
+
+    def peers(self) -> list[int]: ...
+
+    def peer_since(self, rank: int) -> int: ...
+
+    def record(self, event: str, **fields: Any) -> None: ...
+
+    async def fetch_state(self, peer: int, timeout: float | None = None) -> bool: ...
+
+    async def send(
+        self, dst: int, tag: str, payload: Payload, meta: dict[str, float] | None = None
+    ) -> bool: ...
+
+    async def recv(
+        self,
+        src: int | None,
+        tag: str,
+        timeout: float | None = None,
+        *,
+        numel: int | None = None,
+        epoch: int | None = None,
+    ) -> RecvResult: ...
 
 
 class CollectiveFailed(RuntimeError):
@@ -69,6 +99,19 @@ async def ring_allreduce(
             ctx, right, left, f"{tag}/ag{step}", chunks[send_i], chunks[recv_i].numel(), epoch
         )
     return torch.cat(chunks)
+
+
+def ring_bytes(numel: int, n: int, pos: int, header_bytes: int = 0) -> int:
+    """Bytes the member at `pos` of an n-member `ring_allreduce` of `numel` float32 values
+    sends: its chunk of each of the 2(n-1) steps (chunks of `tensor_split`), each message
+    with its header."""
+    if n == 1:
+        return 0
+    base, extra = divmod(numel, n)
+    size = [base + (1 if i < extra else 0) for i in range(n)]
+    sent = [size[(pos - step) % n] for step in range(n - 1)]
+    sent += [size[(pos - step + 1) % n] for step in range(n - 1)]
+    return sum(VALUE_BYTES * s + header_bytes for s in sent)
 
 
 async def ring_allgather(

@@ -163,8 +163,10 @@ def tensor_problem(payload: Payload, numel: int | None) -> str | None:
         if payload.indices.numel() != values.numel():
             return "sparse tensor has different index and value counts"
         idx = payload.indices
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
-            return "sparse tensor index out of range"
+        if idx.numel():
+            low, high = torch.aminmax(idx)
+            if int(low) < 0 or int(high) >= payload.numel:
+                return "sparse tensor index out of range"
     elif isinstance(payload, Quantized):
         return _quantized_problem(payload, numel)
     else:

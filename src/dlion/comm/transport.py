@@ -10,6 +10,12 @@ receiver thread (length, then bytes); both hand results to the worker's event lo
 through callbacks. The receiver also times each frame, from its length's arrival to its
 last byte's (`on_timing`): on a real link that is the frame's bytes over the link's rate,
 which is how the dist engine and `dlion probe` measure links without trusting the config.
+
+On the wire a frame is one fixed-size block of `FIRST_BLOCK` bytes (its length, then its
+first bytes), then, for a frame that does not fit, the rest in one more operation: a
+small message costs one gloo operation, and the receiver lands the rest of a large one
+straight in the buffer the message is decoded from (comm/codec.py takes tensors from it
+without copying).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import torch
 import torch.distributed as dist
 
 FrameCallback = Callable[[int, memoryview], None]
+# The fixed first block of every frame: 8 bytes of length, then up to 1016 bytes of the
+# frame (control messages, acknowledgements and small tensors fit whole).
+FIRST_BLOCK = 1024
+_LENGTH = 8
 PAIR_OP_TIMEOUT = datetime.timedelta(days=30)
 FailureCallback = Callable[[int, str], None]
 RefusedCallback = Callable[[int, str], None]
@@ -64,18 +74,20 @@ class _PeerLink:
             delay = item.due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            with warnings.catch_warnings():
-                # gloo only reads the frame: a read-only view saves copying every message.
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.frombuffer(item.frame, dtype=torch.uint8)
+            n = len(item.frame)
+            head = min(n, FIRST_BLOCK - _LENGTH)
+            first = bytearray(FIRST_BLOCK)
+            first[:_LENGTH] = n.to_bytes(_LENGTH, "little")
+            first[_LENGTH : _LENGTH + head] = item.frame[:head]
             try:
-                size = torch.tensor([data.numel()], dtype=torch.int64)
-                # Both posted before waiting: the pair keeps them in order, and the length
-                # does not cost a round trip of its own.
-                works = [
-                    self.group.send([self._tensor(size)], self.other, 0),
-                    self.group.send([self._tensor(data)], self.other, 0),
-                ]
+                blocks = [torch.frombuffer(first, dtype=torch.uint8)]
+                if n > head:
+                    with warnings.catch_warnings():
+                        # gloo only reads the frame: a read-only view saves copying it.
+                        warnings.simplefilter("ignore", UserWarning)
+                        blocks.append(torch.frombuffer(item.frame, dtype=torch.uint8)[head:])
+                # Both posted before waiting: the pair keeps them in order.
+                works = [self.group.send([self._tensor(b)], self.other, 0) for b in blocks]
                 for work in works:
                     work.wait()
             except Exception as err:  # any transport error means the link is gone
@@ -88,10 +100,11 @@ class _PeerLink:
         limit = self.transport.max_frame_bytes
         while not self.failed:
             try:
-                size = self._tensor(torch.zeros(1, dtype=torch.int64))
-                self.group.recv([size], self.other, 0).wait()
+                block = self._tensor(torch.empty(FIRST_BLOCK, dtype=torch.uint8))
+                self.group.recv([block], self.other, 0).wait()
                 first = time.perf_counter()
-                n = int(size.item())
+                block = block.cpu()
+                n = int.from_bytes(block[:_LENGTH].numpy().tobytes(), "little")
                 if n < 0 or n > limit:
                     # We cannot skip the bytes without receiving them, so the stream from this
                     # peer is unusable: refuse the frame and drop the link rather than
@@ -100,8 +113,19 @@ class _PeerLink:
                     self.transport.on_refused(self.peer, why)
                     self._fail(why)
                     return
-                buf = self._tensor(torch.empty(n, dtype=torch.uint8))
-                self.group.recv([buf], self.other, 0).wait()
+                head = min(n, FIRST_BLOCK - _LENGTH)
+                if n == head:
+                    buf = block[_LENGTH : _LENGTH + n]
+                else:
+                    # The rest lands in place; only the first block's bytes are copied.
+                    buf = torch.empty(n, dtype=torch.uint8)
+                    buf[:head] = block[_LENGTH : _LENGTH + head]
+                    if self.transport.device.type == "cpu":
+                        self.group.recv([buf[head:]], self.other, 0).wait()
+                    else:
+                        rest = self._tensor(torch.empty(n - head, dtype=torch.uint8))
+                        self.group.recv([rest], self.other, 0).wait()
+                        buf[head:] = rest.cpu()
                 last = time.perf_counter()
             except Exception as err:  # any transport error means the link is gone
                 self._fail(f"receive failed: {err}")

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.collectives import CollectiveFailed, ring_bytes
 from dlion.comm.job import (
     Keys,
     call_from_thread,
@@ -65,6 +66,7 @@ from dlion.comm.shaping import pacer_rate, worker_shaper
 from dlion.comm.transport import PairTransport
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext
+from dlion.engines.collective import CollectiveGroups, group_key
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.network import all_to_all_rates
 from dlion.errors import ConfigError
@@ -150,6 +152,12 @@ class DistContext(WorkerContext):
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
         return await self._worker.transmit(dst, msg)
 
+    async def allreduce_sum(
+        self, vector: torch.Tensor, tag: str, *, ranks: list[int], epoch: int | None = None
+    ) -> torch.Tensor:
+        """One torch.distributed all-reduce over a group of `ranks` (engines/collective.py)."""
+        return await self._worker.allreduce_sum(vector, sorted(ranks), epoch)
+
     def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
         """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate is the
         median of the last `engine.delivery_window` such rates (robust to one late wake-up
@@ -212,6 +220,11 @@ class DistWorker:
         self._stopped = threading.Event()
         self._leaving = False
         self.shaper = worker_shaper(self.cluster, rank, self.scale)
+        self.collectives = CollectiveGroups(
+            store_factory,
+            backend=self.backend,
+            timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
+        )
         self.transport = PairTransport(
             store_factory,
             rank,
@@ -403,6 +416,74 @@ class DistWorker:
         # once it arrived: that time would inflate the bandwidth estimate far above the
         # link's. Report none here: the receiver's acknowledgement feeds the estimate.
         return 0.0
+
+    # ---------------------------------------------------------------- native all-reduce
+    async def allreduce_sum(
+        self, vector: torch.Tensor, ranks: list[int], epoch: int | None
+    ) -> torch.Tensor:
+        """Sum `vector` over `ranks` with one collective of the membership's group, formed
+        on first use; CollectiveFailed when the membership changes meanwhile or a member
+        fails (after waiting up to the peer timeout for the membership to show it)."""
+        assert self.loop is not None
+        if len(ranks) == 1:
+            return vector.clone()
+        incs = [(r, self.incarnation if r == self.rank else self.peer_inc[r]) for r in ranks]
+        key = group_key(self.ctx.epoch if epoch is None else epoch, incs)
+        key += f"#{self.collectives.attempts.get(key, 0)}"
+        view = self.ctx.view_change(epoch)
+        try:
+            group = self.collectives.get(key)
+            if group is None:
+                form = self.collectives.form
+                forming = asyncio.ensure_future(
+                    asyncio.to_thread(form, key, ranks.index(self.rank), len(ranks))
+                )
+                start = time.perf_counter()
+                group = await self._collective_step(forming, view, key, "forming the group")
+                self.log.write(
+                    "collective_group",
+                    t=self.ctx.now(),
+                    rank=self.rank,
+                    key=key,
+                    members=ranks,
+                    seconds=time.perf_counter() - start,
+                )
+            # Reduced in place: a buffer of its own, never the caller's tensor.
+            out = vector.detach().to(self.collectives.device, dtype=torch.float32, copy=True)
+            done: asyncio.Future[None] = self.loop.create_future()
+            work = group.allreduce([out])
+            work.get_future().add_done_callback(lambda f: self._from_thread(_settle, done, f))
+            await self._collective_step(done, view, key, "all-reduce")
+            # Counted as the ring the sim charges (what this member sends in it), so byte
+            # counts compare across engines.
+            pos = ranks.index(self.rank)
+            self.ctx.bytes_sent += ring_bytes(
+                vector.numel(), len(ranks), pos, self.ctx.header_bytes
+            )
+            self.ctx.messages_sent += 2 * (len(ranks) - 1)
+            return out.cpu()
+        finally:
+            self.ctx.mailbox.forget(view)
+
+    async def _collective_step(
+        self, step: asyncio.Future[Any], view: asyncio.Future[Any], key: str, what: str
+    ) -> Any:
+        await asyncio.wait([step, view], return_when=asyncio.FIRST_COMPLETED)
+        if step.done() and step.exception() is None:
+            return step.result()
+        self.collectives.retire(key)
+        if not step.done():
+            # Given up: the step ends on its own (its group's timeout at the latest).
+            step.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise CollectiveFailed(f"{what}: the membership changed")
+        err = step.exception()
+        # A member died (its connections reset): wait until the membership shows it, so
+        # the caller re-forms over the survivors instead of meeting the dead one again.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(view), self.cfg.engine.peer_timeout)
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self.log.write("collective_failed", t=self.ctx.now(), rank=self.rank, what=what, why=why)
+        raise CollectiveFailed(f"{what}: {why}")
 
     def _on_timing(self, peer: int, nbytes: int, first: float, last: float) -> None:
         """Receiver thread: acknowledge a large frame's delivery time to its sender."""
@@ -636,6 +717,18 @@ class DistWorker:
         msg = Message(self.rank, -1, "snapshot", Dense(ctx.replica.model_state()), ctx.now(), meta)
         with contextlib.suppress(Exception):
             self.store.set(Keys.snapshot(k, self.rank), encode(msg))
+
+
+def _settle(done: asyncio.Future[None], work: torch.futures.Future[Any]) -> None:
+    """On the loop: pass a collective's completion (or error) to its waiting future."""
+    if done.done():
+        return
+    try:
+        work.value()
+    except Exception as err:  # the collective failed: the caller decides
+        done.set_exception(err)
+    else:
+        done.set_result(None)
 
 
 def _dump_tasks() -> None:

@@ -32,6 +32,9 @@ from dlion.cluster import Cluster, Resource
 _DONE_BYTES = 1e-3
 # Relative slack below which a resource counts as saturated during progressive filling.
 _SATURATED = 1e-12
+# Remembered rate allocations (one per set of concurrent paths); the cache starts over
+# when full, which bounds its memory at scale.
+_RATE_CACHE_ENTRIES = 4096
 
 R = TypeVar("R", bound=Hashable)
 
@@ -43,6 +46,7 @@ class _Flow:
     remaining: float
     done: asyncio.Future[None]
     resources: tuple[Resource, ...] = ()
+    path_id: int = 0  # the same id for every flow along the same path
     rate: float = 0.0
 
 
@@ -55,6 +59,12 @@ class Network:
         self._timer: asyncio.TimerHandle | None = None
         self._dirty = False
         self.bytes_moved = 0.0
+        # Paths by (src, dst), with an id each; rates by path, by (bandwidth epoch, sorted
+        # path ids of the flows). Rates depend only on the paths and the capacities, so a
+        # set of concurrent flows seen before (every synchronous iteration repeats its
+        # pattern) gets the very numbers computed the first time.
+        self._paths: dict[tuple[int, int], tuple[tuple[Resource, ...], int]] = {}
+        self._rate_cache: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
 
     async def transfer(self, src: int, dst: int, nbytes: int) -> float:
         """Carry `nbytes` from src to dst; returns the transmission time (latency excluded)."""
@@ -62,7 +72,7 @@ class Network:
         if nbytes <= 0:
             return 0.0
         flow = _Flow(src, dst, float(nbytes), self._loop.create_future())
-        flow.resources = self._cluster.path(src, dst)
+        flow.resources, flow.path_id = self._path(src, dst)
         self._progress()
         self._flows.append(flow)
         self._schedule_update()
@@ -76,6 +86,12 @@ class Network:
                 self._schedule_update()
             raise
         return self._loop.time() - start
+
+    def _path(self, src: int, dst: int) -> tuple[tuple[Resource, ...], int]:
+        known = self._paths.get((src, dst))
+        if known is None:
+            known = self._paths[(src, dst)] = (self._cluster.path(src, dst), len(self._paths))
+        return known
 
     def rerate(self) -> None:
         """A link's bandwidth changes now: move flows on at their old rates up to now,
@@ -121,47 +137,69 @@ class Network:
 
     def _assign_rates(self) -> None:
         now = self._loop.time()
-        rates = max_min_rates(
-            [f.resources for f in self._flows],
-            lambda r: self._cluster.resource_capacity(r, now),
-        )
-        for f, rate in zip(self._flows, rates, strict=True):
-            f.rate = rate
+        # Flows along one path get one rate, and the allocation does not depend on the
+        # flows' order (max_min_rates): the sorted path ids name it.
+        key = (self._cluster.bandwidth_epoch(now), tuple(sorted(f.path_id for f in self._flows)))
+        by_path = self._rate_cache.get(key)
+        if by_path is None:
+            rates = max_min_rates(
+                [f.resources for f in self._flows],
+                lambda r: self._cluster.resource_capacity(r, now),
+            )
+            by_path = {f.path_id: rate for f, rate in zip(self._flows, rates, strict=True)}
+            if len(self._rate_cache) >= _RATE_CACHE_ENTRIES:
+                self._rate_cache.clear()
+            self._rate_cache[key] = by_path
+        for f in self._flows:
+            f.rate = by_path[f.path_id]
 
 
 def max_min_rates(paths: Sequence[Sequence[R]], capacity: Callable[[R], float]) -> list[float]:
     """Max-min fair rates of flows crossing `paths` (resources with `capacity`), by
     progressive filling: raise all unfrozen flows together until a resource saturates,
-    freeze the flows through it, repeat. Deterministic: resources in first-seen order."""
+    freeze the flows through it, repeat. Deterministic, and independent of the flows'
+    order (each round's share is a minimum, each resource's capacity is reduced once per
+    round), so flows along the same path get the same rate.
+
+    The fill level is one running sum (0 + share_1 + share_2 + ...), and a flow's rate is
+    the level at which it froze: the same additions, in the same order, as adding each
+    round's share to every unfrozen flow, without touching every flow in every round. A
+    saturated resource freezes the flows listed under it, so a round costs the resources
+    still in use, not the flows times their paths."""
     remaining_cap: dict[R, float] = {}
     full: dict[R, float] = {}
     users: dict[R, int] = {}
-    for path in paths:
+    flows_of: dict[R, list[int]] = {}
+    for i, path in enumerate(paths):
         for r in path:
             if r not in remaining_cap:
                 remaining_cap[r] = full[r] = capacity(r)
                 users[r] = 0
+                flows_of[r] = []
             users[r] += 1
+            flows_of[r].append(i)
     rates = [0.0] * len(paths)
-    active = [i for i, path in enumerate(paths) if path]
-    while active:
-        share = min(remaining_cap[r] / n for r, n in users.items() if n > 0)
-        for i in active:
-            rates[i] += share
-        for r, n in users.items():
-            if n > 0:
-                remaining_cap[r] -= share * n
-        saturated = {
-            r for r, n in users.items() if n > 0 and remaining_cap[r] <= _SATURATED * full[r]
-        }
-        still_active = []
-        for i in active:
-            if any(r in saturated for r in paths[i]):
-                for r in paths[i]:
-                    users[r] -= 1
-            else:
-                still_active.append(i)
-        active = still_active
+    frozen = [False] * len(paths)
+    unfrozen = sum(1 for path in paths if path)
+    in_use = list(remaining_cap)
+    level = 0.0
+    while unfrozen:
+        share = min(remaining_cap[r] / users[r] for r in in_use)
+        level += share
+        saturated = []
+        for r in in_use:
+            remaining_cap[r] -= share * users[r]
+            if remaining_cap[r] <= _SATURATED * full[r]:
+                saturated.append(r)
+        for r in saturated:
+            for i in flows_of[r]:
+                if not frozen[i]:
+                    frozen[i] = True
+                    rates[i] = level
+                    unfrozen -= 1
+                    for q in paths[i]:
+                        users[q] -= 1
+        in_use = [r for r in in_use if users[r] > 0]
     return rates
 
 

@@ -1,4 +1,7 @@
-"""Synchronous data-parallel SGD with a dense ring all-reduce every iteration (the baseline).
+"""Synchronous data-parallel SGD with a dense all-reduce every iteration (the baseline).
+
+The exchange is `ctx.allreduce_sum`: the sim charges it as a ring of point-to-point
+messages, the dist engine runs it as one torch.distributed collective over the members.
 
 Membership changes: the ring is planned for the current membership epoch; when a worker
 leaves, crashes (once detected) or joins, every ring member's collective fails at once
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dlion.comm.collectives import CollectiveFailed, regroup, ring_allreduce
+from dlion.comm.collectives import CollectiveFailed, regroup
 from dlion.context import WorkerContext
 
 SUMMARY = "sync SGD: equal batches, dense ring all-reduce every iteration"
@@ -51,7 +54,7 @@ async def worker(ctx: WorkerContext, options: Options) -> None:
             weighted = torch.cat([weighted, buffers * (batch / ctx.global_batch)])
         tag = f"ar{epoch}.{ctx.iteration}"
         try:
-            total = await ring_allreduce(ctx, weighted, tag, ranks=ranks, epoch=epoch)
+            total = await ctx.allreduce_sum(weighted, tag, ranks=ranks, epoch=epoch)
         except CollectiveFailed as exc:
             ctx.record("collective_failed", tag=tag, why=str(exc))
             epoch = None  # re-form before the next iteration

@@ -203,7 +203,7 @@ class PipeResidual:
             return Sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), numel)
         # topk on CPU is deterministic for a given input, so runs stay reproducible.
         idx = torch.topk(self.residual.abs(), k, sorted=False).indices
-        values = self.residual[idx].clone()
+        values = self.residual[idx]  # advanced indexing copies
         self.residual[idx] = 0.0
         return Sparse(idx, values, numel)
 

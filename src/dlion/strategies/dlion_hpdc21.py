@@ -159,7 +159,7 @@ class LinkResidual:
             return Sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), numel)
         # topk on CPU is deterministic for a given input, so runs stay reproducible.
         idx = torch.topk(candidate.abs(), k, sorted=False).indices
-        values = candidate[idx].clone()
+        values = candidate[idx]  # advanced indexing copies
         candidate[idx] = 0.0
         self.residual = candidate
         return Sparse(idx, values, numel)
