@@ -9,8 +9,6 @@ a few sends.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import threading
@@ -26,7 +24,7 @@ from dlion.config import ExperimentConfig
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 from helpers import small_config
-from test_netns import SKIP, _free_subnet, _leftovers
+from netns_fixtures import cluster_up, needs_netns
 
 
 def _config(shaping: str, max_time: float) -> ExperimentConfig:
@@ -67,28 +65,11 @@ def test_loopback_links_are_measured_not_taken_from_the_config(tmp_path: Path) -
     assert all(r["measured"] > 0 for r in rates)
 
 
-needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
-
-
 @pytest.fixture()
 def two_shaped() -> Iterator[tuple[netns.Plan, ExperimentConfig]]:
-    prefix = f"dm{os.getpid() % 1_000_000}"
-    old = os.environ.get(netns.STATE_DIR_ENV)
-    state = Path(f"/tmp/dlion-netns-links-{os.getpid()}")
-    os.environ[netns.STATE_DIR_ENV] = str(state)
     cfg = _config("kernel", 12.0)
-    try:
-        plan = netns.up(netns.plan_for(cfg, prefix, _free_subnet()))
+    with cluster_up(cfg, "dm") as plan:
         yield plan, cfg
-    finally:
-        netns.down(prefix)
-        left = _leftovers(prefix)
-        shutil.rmtree(state, ignore_errors=True)
-        if old is None:
-            os.environ.pop(netns.STATE_DIR_ENV, None)
-        else:
-            os.environ[netns.STATE_DIR_ENV] = old
-        assert left == [], f"left behind: {left}"
 
 
 def set_peer_rate(plan: netns.Plan, rank: int, peer: int, mbps: float) -> None:
