@@ -158,15 +158,15 @@ def slowed_link(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = args.out / f"dist-{rep}"
 
         def slow_down(out: Path = out, changed: dict[str, float] = changed) -> None:
-            # The run's clock starts when the workers are ready (its first metrics line).
+            # The run's clock starts at t0_wall (the first line of metrics.jsonl).
             metrics = out / "metrics.jsonl"
-            while not (metrics.is_file() and metrics.read_text().strip()):
+            while not (metrics.is_file() and "t0_wall" in metrics.read_text()):
                 time.sleep(0.02)
-            first = json.loads(metrics.read_text().splitlines()[0])
-            time.sleep(max(0.0, args.at - first.get("t", 0.0)))
+            t0 = json.loads(metrics.read_text().splitlines()[0])["t0_wall"]
+            time.sleep(max(0.0, t0 + args.at - time.time()))
             set_pipe(plan, "a", "b", 0.4)  # both ways, as the sim's trace changes it
             set_pipe(plan, "b", "a", 0.4)
-            changed["t"] = args.at
+            changed["t"] = time.time() - t0
 
         timer = threading.Thread(target=slow_down, daemon=True)
         timer.start()

@@ -17,7 +17,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from dlion.config import ExperimentConfig
+from dlion.config import ExperimentConfig, load_config
 from dlion.engines import netns
 from dlion.engines.transport import gloo_bind_address, reachable_address, store_host
 from helpers import small_config
@@ -95,6 +95,21 @@ def _finish(procs: list[subprocess.Popen[str]], timeout_s: float) -> list[str]:
                 p.communicate()
 
 
+def _run_on_hosts(
+    plan: netns.Plan, argv: list[str], cwd: Path, timeout_s: float
+) -> tuple[list[int], list[str]]:
+    """The README's multi-host command on every host (node rank R on host R, HOST0 = host
+    0's address), as it says to do in namespaces."""
+    host0 = plan.workers[0].address  # exists only inside namespace PREFIX-0
+    procs = []
+    for r in range(len(plan.workers)):
+        on_r = [host0 if a == "HOST0" else a for a in argv]
+        on_r[on_r.index("--node-rank") + 1] = str(r)
+        procs.append(_on_host(plan, r, on_r, cwd))
+    outputs = _finish(procs, timeout_s)
+    return [p.returncode for p in procs], outputs
+
+
 @pytest.mark.slow
 @needs_netns
 def test_readme_multihost_command_runs_with_each_host_in_its_own_namespace(
@@ -102,18 +117,13 @@ def test_readme_multihost_command_runs_with_each_host_in_its_own_namespace(
 ) -> None:
     cfg = two_hosts()
     (tmp_path / "my-cluster.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # As the README says for namespaces.
+    argv = [*readme_multihost_command(), "--set", "engine.shaping=kernel"]
     with cluster_up(cfg, "dh") as plan:
-        host0 = plan.workers[0].address  # exists only inside namespace dh-0
-        procs = []
-        for r in range(2):
-            argv = [host0 if a == "HOST0" else a for a in readme_multihost_command()]
-            argv[argv.index("--node-rank") + 1] = str(r)
-            argv += ["--set", "engine.shaping=kernel"]  # as the README says for namespaces
-            procs.append(_on_host(plan, r, argv, tmp_path))
-        outputs = _finish(procs, 150)
+        codes, outputs = _run_on_hosts(plan, argv, tmp_path, 150)
         pipes = {r.site: netns.pipe_bytes(plan, r.site) for r in plan.routers}
-    for r, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"host {r}:\n{out[-3000:]}"
+    for r, (code, out) in enumerate(zip(codes, outputs, strict=True)):
+        assert code == 0, f"host {r}:\n{out[-3000:]}"
     run = tmp_path / "runs" / "multi"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tta_s"] is not None and summary["final_acc"] >= cfg.train.target_acc
@@ -121,3 +131,29 @@ def test_readme_multihost_command_runs_with_each_host_in_its_own_namespace(
     assert re.search(r"time to 90\.00%", outputs[0]), outputs[0][-2000:]
     # The training traffic crossed the routers' shaped pipes, both ways.
     assert pipes["a"]["b"] > 100_000 and pipes["b"]["a"] > 100_000, pipes
+
+
+@pytest.mark.slow
+@needs_netns
+def test_probe_across_torchrun_hosts_measures_the_tc_rates(tmp_path: Path) -> None:
+    """`-m dlion probe` in place of `-m dlion.worker` in the README's command: each host
+    times its own steps, the links are measured between the hosts; host 0 writes the
+    config, one worker entry per rank."""
+    cfg = two_hosts()
+    (tmp_path / "my-cluster.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    argv = readme_multihost_command()
+    i = argv.index("dlion.worker")
+    argv[i : i + 1] = ["dlion", "probe"]
+    argv[argv.index("--out") + 1] = "probed.yaml"
+    argv += ["--repeats", "5", "--mb-per-pair", "1.5"]
+    with cluster_up(cfg, "dp") as plan:
+        codes, outputs = _run_on_hosts(plan, argv, tmp_path, 150)
+    for r, (code, out) in enumerate(zip(codes, outputs, strict=True)):
+        assert code == 0, f"host {r}:\n{out[-3000:]}"
+    probed = load_config(str(tmp_path / "probed.yaml"))
+    assert [(w.site, w.count) for w in probed.cluster.workers] == [("a", 1), ("b", 1)]
+    assert all(w.capacity_gflops > 0 for w in probed.cluster.workers)
+    (link,) = probed.cluster.links
+    # tc: a 20 Mbit/s pipe each way between the two hosts' sites.
+    assert tuple(link.sites or ()) == ("a", "b")
+    assert link.bandwidth_mbps == pytest.approx(20, rel=0.10), outputs[0][-2000:]

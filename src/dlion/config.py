@@ -315,6 +315,13 @@ class EngineConfig(_Strict):
         "the last N receiver-timed rates (a receiver woken late only overstates a rate), so "
         "a slower link is followed at the next timed send and a faster one after N.",
     )
+    delivery_max_rise: float = Field(
+        2.0,
+        gt=1,
+        description="dist (shaping kernel or none): one acknowledgement raises a link's "
+        "estimate at most this many times (late receiver wake-ups overstate rates in runs; "
+        "a drop is followed at once).",
+    )
     bandwidth_ema: float = Field(
         0.5,
         gt=0,

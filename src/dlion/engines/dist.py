@@ -244,25 +244,32 @@ class DistContext(WorkerContext):
         """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate
         follows the last `engine.delivery_window` such rates (`delivery_estimate`)."""
         window = self._deliveries.setdefault(peer, [])
+        first = not window
         window.append(nbytes / seconds)
         del window[: -self._worker.cfg.engine.delivery_window]
-        self._bandwidth[peer] = delivery_estimate(window)
+        engine = self._worker.cfg.engine
+        # The first measurement replaces the configured speed whatever it says.
+        previous = None if first else self._bandwidth[peer]
+        self._bandwidth[peer] = delivery_estimate(window, previous, engine.delivery_max_rise)
 
 
-def delivery_estimate(rates: list[float]) -> float:
-    """A link's bandwidth from its last few receiver-timed rates: the smallest.
+def delivery_estimate(rates: list[float], previous: float | None, max_rise: float) -> float:
+    """A link's bandwidth from its last few receiver-timed rates: the smallest, and at
+    most `max_rise` x the `previous` estimate (None: no cap).
 
-    The receiver's timing errs one way only: a frame is timed from its length's arrival
-    to its last byte, and a receiver thread that wakes late (the host is busy) finds part
-    of the frame, or all of it, already buffered, which shortens the span and overstates
-    the rate (readings 10-400x the tc rate were seen at load average 12-15). Nothing on
-    the receiving side makes a span longer than the link did while the link stays busy.
-    So the smallest of the window is the rate the link proved it has, and a link that
-    slowed down is followed at the first timed frame; one that sped up after N of them.
+    The receiver's timing errs one way: a frame is timed from its length's arrival to its
+    last byte, and a receiver thread that wakes late (the host is busy) finds part of the
+    frame, or all of it, already buffered, which shortens the span and overstates the rate
+    (readings 10-400x the tc rate, at load average 10-15). Nothing on the receiving side
+    makes a span longer than the link did. So the smallest of the window is what the link
+    proved, and a slower link is followed at its first timed frame. A run of late
+    readings can still fill the window, so a rise is followed at most `max_rise` x per
+    acknowledgement: a link 10x faster is reached after log(10) / log(max_rise) of them.
     (The median of 3, before: two overstated readings in a row moved the estimate 100x.)"""
     if not rates:
         raise ValueError("delivery_estimate: no rates")
-    return min(rates)
+    low = min(rates)
+    return low if previous is None else min(low, max_rise * previous)
 
 
 class DistWorker:
