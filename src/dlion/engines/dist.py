@@ -12,10 +12,10 @@ The strategy is the same coroutine the sim runs; only the context differs:
   real links) the receiver times every large frame from its length's arrival to its last
   byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that, so a
   link whose rate changes mid-run is followed within a few sends. The configured speeds
-  are not even the start: when the links are formed, each worker sends every peer two
-  frames of `engine.probe_bytes` back to back, and the receiver's time for the second
-  (from the first's last byte to its own: the link stays busy, so the receiver's wake-up
-  does not enter it) seeds the estimate. Without it a link configured 10x too slow would
+  are not even the start: when the links are formed, each worker sends every peer four
+  frames of `engine.probe_bytes` back to back, and the median of the receiver's rates for
+  the last three (the first opens the connection's window and wakes the receiving thread)
+  seeds the estimate. Without it a link configured 10x too slow would
   stay so: the strategy sizes its messages to the estimate, and frames below
   `engine.measure_min_bytes` are never timed;
 - membership: peers are dropped when their link fails (a killed process resets its
@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -67,8 +68,10 @@ from dlion.strategies import get_strategy, parse_options
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
-# The two frames each worker sends every peer when the links are formed (engine traffic).
+# The frames each worker sends every peer when the links are formed (engine traffic): one
+# to open the connection, then three timed ones whose median seeds the estimate.
 PROBE_TAG = "__probe"
+PROBE_FRAMES = 4
 
 
 class Keys:
@@ -254,22 +257,21 @@ class DistContext(WorkerContext):
 
 
 def delivery_estimate(rates: list[float], previous: float | None, max_rise: float) -> float:
-    """A link's bandwidth from its last few receiver-timed rates: the smallest, and at
+    """A link's bandwidth from its last few receiver-timed rates: their median, and at
     most `max_rise` x the `previous` estimate (None: no cap).
 
-    The receiver's timing errs one way: a frame is timed from its length's arrival to its
-    last byte, and a receiver thread that wakes late (the host is busy) finds part of the
-    frame, or all of it, already buffered, which shortens the span and overstates the rate
-    (readings 10-400x the tc rate, at load average 10-15). Nothing on the receiving side
-    makes a span longer than the link did. So the smallest of the window is what the link
-    proved, and a slower link is followed at its first timed frame. A run of late
-    readings can still fill the window, so a rise is followed at most `max_rise` x per
-    acknowledgement: a link 10x faster is reached after log(10) / log(max_rise) of them.
-    (The median of 3, before: two overstated readings in a row moved the estimate 100x.)"""
+    A single reading misleads either way on a loaded host: a receiver thread that wakes
+    late finds part of a frame, or all of it, already buffered, which shortens the span
+    and overstates the rate (10-400x the tc rate at load average 10-15); a sender stalled
+    mid-frame lengthens it (down to 0.4x). The median absorbs one outlier of either kind,
+    so a changed link is followed at the second timed frame after the change. Late
+    wake-ups come in runs, though (two or three in a row filled the window and moved the
+    estimate 100x), so a rise is followed at most `max_rise` x per acknowledgement: a
+    link 10x faster is reached after log(10) / log(max_rise) of them; a drop at once."""
     if not rates:
         raise ValueError("delivery_estimate: no rates")
-    low = min(rates)
-    return low if previous is None else min(low, max_rise * previous)
+    middle = statistics.median(rates)
+    return middle if previous is None else min(middle, max_rise * previous)
 
 
 class DistWorker:
@@ -345,7 +347,7 @@ class DistWorker:
         # decoded; the last byte of a peer's first probe frame. Sender side: answers to our
         # probes, (bytes, seconds) per peer.
         self._arrival: dict[int, tuple[int, float, float]] = {}
-        self._probe_first: dict[int, float] = {}
+        self._probe_rates: dict[int, list[float]] = {}
         self._probed: dict[int, tuple[int, float]] = {}
         self._probe_answers = threading.Condition()
         self.ctx._on_record = lambda r, event, fields: self.log.write(
@@ -411,14 +413,15 @@ class DistWorker:
         self.store.set(Keys.ready(self.rank), "1")
 
     def _probe_links(self, peers: list[int]) -> None:
-        """Seed every link's estimate with a measurement, not the config (module doc): two
-        frames of `engine.probe_bytes` to each peer at once, then the receivers' answers."""
+        """Seed every link's estimate with a measurement, not the config (module doc):
+        PROBE_FRAMES frames of `engine.probe_bytes` to each peer at once, then the
+        receivers' answers."""
         size = self.cfg.engine.probe_bytes
         if self.transport.on_timing is None or size == 0 or not peers:
             return
         values = torch.zeros(max(1, size // 4))
         for peer in peers:
-            for seq in (0, 1):
+            for seq in range(PROBE_FRAMES):
                 probe = Message(self.rank, peer, PROBE_TAG, Dense(values), 0.0, {"seq": seq})
                 self.transport.send(peer, encode(probe), due=0.0)
         deadline = time.time() + self.cfg.engine.startup_timeout
@@ -601,15 +604,19 @@ class DistWorker:
         self.transport.send(peer, encode(ack), due=0.0)
 
     def _answer_probe(self, peer: int, msg: Message, arrival: tuple[int, float, float]) -> None:
-        """Receiver thread: the first probe frame marks its last byte; the second's bytes
-        over the time from that mark to its own last byte are the link's rate."""
-        nbytes, _, last = arrival
-        if msg.meta.get("seq") == 0:
-            self._probe_first[peer] = last
+        """Receiver thread: the first probe frame opens the connection's window and wakes
+        this thread; each later one is timed as any frame (its length's arrival to its
+        last byte) and the median of those rates answers the probe (a single frame on a
+        loaded host reads 0.5-1.4x the tc rate, either way)."""
+        nbytes, first, last = arrival
+        seq = int(msg.meta.get("seq", 0))
+        if seq == 0 or last <= first:
             return
-        first_end = self._probe_first.pop(peer, None)
-        if first_end is not None and last > first_end:
-            self._acknowledge(peer, nbytes, last - first_end, probe=True)
+        rates = self._probe_rates.setdefault(peer, [])
+        rates.append(nbytes / (last - first))
+        if seq == PROBE_FRAMES - 1:
+            rate = statistics.median(self._probe_rates.pop(peer))
+            self._acknowledge(peer, nbytes, nbytes / rate, probe=True)
 
     def _delivered(self, msg: Message) -> None:
         """On the loop: `msg.src` timed one of our frames; the link estimate follows it."""
