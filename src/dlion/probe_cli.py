@@ -191,10 +191,10 @@ def _across_torchrun(
 
     from dlion import probe as p
     from dlion.probe_worker import run_links
-    from dlion.worker import _store_from_env
+    from dlion.worker import store_from_env
 
     timeout = link_args["timeout_s"]
-    job_factory, _, _ = _store_from_env(world, rank, timeout)
+    job_factory, _, _ = store_from_env(world, rank, timeout)
 
     def factory() -> dist.Store:
         return dist.PrefixStore("probe/", job_factory())
