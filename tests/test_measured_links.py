@@ -56,16 +56,15 @@ def _link_rates(out: Path, rank: int, peer: int, event: str = "link_rate") -> li
     return [e for e in events if e["event"] == event and e["peer"] == peer]
 
 
-def test_the_estimate_is_the_median_of_recent_rates_and_rises_at_most_twofold() -> None:
-    # One late receiver wake-up (400) or stalled sender (8) in a 20 link's readings: 20ish.
-    assert delivery_estimate([20.0, 400.0, 21.0], 20.0, 2.0) == 21.0
-    assert delivery_estimate([20.0, 8.0, 21.0], 20.0, 2.0) == 20.0
-    # A drop is followed at its second reading, at once; a first measurement replaces the
-    # configured speed whatever it says.
-    assert delivery_estimate([20.0, 2.1, 2.0], 20.0, 2.0) == 2.1
+def test_the_estimate_is_the_smallest_recent_rate_and_rises_at_most_twofold() -> None:
+    # Late receiver wake-ups overstate: 400 and 90 are such readings of a 20 link.
+    assert delivery_estimate([20.0, 400.0, 90.0], 20.0, 2.0) == 20.0
+    # A drop is followed at once; a first measurement replaces the configured speed
+    # whatever it says.
+    assert delivery_estimate([20.0, 400.0, 2.0], 20.0, 2.0) == 2.0
     assert delivery_estimate([400.0], None, 2.0) == 400.0
-    # A run of late readings: 20 -> 40, not 400.
-    assert delivery_estimate([20.0, 400.0, 1000.0], 20.0, 2.0) == 40.0
+    # A run of three late readings: 20 -> 40, not 90.
+    assert delivery_estimate([400.0, 90.0, 1000.0], 20.0, 2.0) == 40.0
     with pytest.raises(ValueError, match="no rates"):
         delivery_estimate([], None, 2.0)
 
@@ -143,10 +142,12 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     fast, slow = 20 * MBPS, 2 * MBPS
     settled = statistics.median(r["estimate"] for r in before[-5:])
     assert settled == pytest.approx(fast, rel=0.4), before[-5:]
-    # The median of the last three timed frames: the new rate from the third send after
-    # the change (the first may have been part-sent at the old rate), and it stays there.
-    for r in after[3:8]:
-        assert r["estimate"] == pytest.approx(slow, rel=0.4), after[:8]
+    # The smallest of the last three timed frames: the new rate from the second send after
+    # the change (the first may have been part-sent at the old rate), and it stays there,
+    # never above it; a sender stalled mid-frame may read low once (0.4x seen).
+    window = [r["estimate"] for r in after[2:8]]
+    assert statistics.median(window) == pytest.approx(slow, rel=0.4), after[:8]
+    assert all(0.3 * slow < e < 1.4 * slow for e in window), after[:8]
 
 
 @needs_netns

@@ -312,10 +312,10 @@ class EngineConfig(_Strict):
     delivery_window: int = Field(
         3,
         ge=1,
-        description="dist (shaping kernel or none): a link's estimate is the median of the "
-        "last N receiver-timed rates, so one outlier (a receiver thread woken late, a "
-        "sender stalled) never moves it and a changed link is followed after N // 2 + 1 "
-        "sends (a rise also at most delivery_max_rise x per send).",
+        description="dist (shaping kernel or none): a link's estimate is the smallest of "
+        "the last N receiver-timed rates (a receiver woken late overstates a rate, in runs), "
+        "so a slower link is followed at the next timed send and a faster one after N (and "
+        "at most delivery_max_rise x per send).",
     )
     delivery_max_rise: float = Field(
         2.0,

@@ -257,21 +257,25 @@ class DistContext(WorkerContext):
 
 
 def delivery_estimate(rates: list[float], previous: float | None, max_rise: float) -> float:
-    """A link's bandwidth from its last few receiver-timed rates: their median, and at
+    """A link's bandwidth from its last few receiver-timed rates: the smallest, and at
     most `max_rise` x the `previous` estimate (None: no cap).
 
-    A single reading misleads either way on a loaded host: a receiver thread that wakes
-    late finds part of a frame, or all of it, already buffered, which shortens the span
-    and overstates the rate (10-400x the tc rate at load average 10-15); a sender stalled
-    mid-frame lengthens it (down to 0.4x). The median absorbs one outlier of either kind,
-    so a changed link is followed at the second timed frame after the change. Late
-    wake-ups come in runs, though (two or three in a row filled the window and moved the
-    estimate 100x), so a rise is followed at most `max_rise` x per acknowledgement: a
-    link 10x faster is reached after log(10) / log(max_rise) of them; a drop at once."""
+    A single reading misleads on a loaded host, mostly one way: a receiver thread that
+    wakes late finds part of a frame, or all of it, already buffered, which shortens the
+    span and overstates the rate (10-2500x the tc rate at load average 12-16, more than
+    half the readings of 20-30 kB frames in some runs); a sender stalled mid-frame
+    lengthens it, rarely and less (down to 0.4x). Overstated readings steer the sender to
+    frames the link cannot carry in time, which then queue in the kernel; understated
+    ones only shrink a few messages. So the estimate is the smallest of the window (a
+    slower link is followed at its first timed frame), and since late wake-ups come in
+    runs that can fill the window, a rise is followed at most `max_rise` x per
+    acknowledgement (a link 10x faster is reached after log(10) / log(max_rise) of them).
+    (The median of 3, before: runs of late readings moved the estimate 10-100x and
+    slowed DLion 2-3x on a 4 Mbit/s pipe; RESULTS.md section 15b.)"""
     if not rates:
         raise ValueError("delivery_estimate: no rates")
-    middle = statistics.median(rates)
-    return middle if previous is None else min(middle, max_rise * previous)
+    low = min(rates)
+    return low if previous is None else min(low, max_rise * previous)
 
 
 class DistWorker:
