@@ -122,7 +122,7 @@ def probe(
     if torchrun is not None:
         fits, rates = _across_torchrun(fit, links, link_args, *torchrun)
         if torchrun[0] != 0:
-            return  # rank 0 writes the config
+            _leave_now()  # rank 0 writes the config
     elif links:
         rates = p.measure_links(cluster.size, netns_prefix=netns, **link_args)
     scale = cfg.engine.time_scale
@@ -140,6 +140,16 @@ def probe(
     header = f"# dlion probe {config}: measured step model" + (" and links\n" if rates else "\n")
     out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     console.print(f"wrote {out}")
+    if torchrun is not None:
+        _leave_now()
+
+
+def _leave_now() -> None:
+    """Exit 0 at once: the pair groups' threads still block in gloo, and an interpreter
+    that finalizes around them aborts (SIGABRT), which torchrun reports as a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _report_fit(
