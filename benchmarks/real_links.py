@@ -157,7 +157,9 @@ def slowed_link(args: argparse.Namespace) -> list[dict[str, Any]]:
         changed: dict[str, float] = {}
         out = args.out / f"dist-{rep}"
 
-        def slow_down(out: Path = out, changed: dict[str, float] = changed) -> None:
+        def slow_down(
+            out: Path = out, changed: dict[str, float] = changed, plan: netns.Plan = plan
+        ) -> None:
             # The run's clock starts at t0_wall (the first line of metrics.jsonl).
             metrics = out / "metrics.jsonl"
             while not (metrics.is_file() and "t0_wall" in metrics.read_text()):
