@@ -1,16 +1,15 @@
 """Links followed, not assumed: without transport pacing the dist engine times each large
 frame at its receiver and feeds the acknowledged rate into the sender's `ctx.bandwidth`.
 
-On loopback (no shaping) the estimate leaves the configured speed; on kernel-shaped links
-(`dlion netns`, root) it matches the tc rate, and follows a tc class change mid-run within
-a few sends.
+Every link is probed when it forms, so the estimate starts from a measurement. On loopback
+(no shaping) the estimate leaves the configured speed; on kernel-shaped links (`dlion
+netns`, root) a link configured 10x too slow starts at its tc rate, and the estimate
+follows a tc class change mid-run within a few sends.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import threading
@@ -24,9 +23,10 @@ import pytest
 from dlion.cluster import MBPS
 from dlion.config import ExperimentConfig
 from dlion.engines import netns
+from dlion.engines.dist import delivery_estimate
 from dlion.engines.launcher import run_dist
 from helpers import small_config
-from test_netns import SKIP, _free_subnet, _leftovers
+from netns_fixtures import cluster_up, needs_netns
 
 
 def _config(shaping: str, max_time: float) -> ExperimentConfig:
@@ -50,10 +50,23 @@ def _config(shaping: str, max_time: float) -> ExperimentConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"hidden": [256]})})
 
 
-def _link_rates(out: Path, rank: int, peer: int) -> list[dict[str, Any]]:
+def _link_rates(out: Path, rank: int, peer: int, event: str = "link_rate") -> list[dict[str, Any]]:
     path = out / "workers" / f"rank-{rank}.jsonl"
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e for e in events if e["event"] == "link_rate" and e["peer"] == peer]
+    return [e for e in events if e["event"] == event and e["peer"] == peer]
+
+
+def test_the_estimate_is_the_smallest_recent_rate_and_rises_at_most_twofold() -> None:
+    # Late receiver wake-ups overstate: 400 and 90 are such readings of a 20 link.
+    assert delivery_estimate([20.0, 400.0, 90.0], 20.0, 2.0) == 20.0
+    # A drop is followed at once; a first measurement replaces the configured speed
+    # whatever it says.
+    assert delivery_estimate([20.0, 400.0, 2.0], 20.0, 2.0) == 2.0
+    assert delivery_estimate([400.0], None, 2.0) == 400.0
+    # A run of three late readings: 20 -> 40, not 90.
+    assert delivery_estimate([400.0, 90.0, 1000.0], 20.0, 2.0) == 40.0
+    with pytest.raises(ValueError, match="no rates"):
+        delivery_estimate([], None, 2.0)
 
 
 def test_loopback_links_are_measured_not_taken_from_the_config(tmp_path: Path) -> None:
@@ -63,32 +76,22 @@ def test_loopback_links_are_measured_not_taken_from_the_config(tmp_path: Path) -
     assert len(rates) >= 3, rates
     configured = 20 * MBPS
     # Loopback moves far more than the configured 20 Mbit/s, and the estimate shows it.
-    assert rates[-1]["estimate"] > 3 * configured, rates[-1]
+    # (Its readings on a loaded host scatter 50-8000 Mbit/s: the CPUs, not the link.)
+    estimates = [r["estimate"] for r in rates]
+    assert statistics.median(estimates) > 2 * configured, estimates
     assert all(r["measured"] > 0 for r in rates)
-
-
-needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
+    # Both links were probed when they formed, before any training traffic.
+    for rank, peer in ((0, 1), (1, 0)):
+        (probe,) = _link_rates(tmp_path, rank, peer, "link_probe")
+        # (Its 32 kB frames read the CPUs of a loaded host, not the loopback: no bound.)
+        assert probe["measured"] > 0 and probe["configured"] == configured
 
 
 @pytest.fixture()
 def two_shaped() -> Iterator[tuple[netns.Plan, ExperimentConfig]]:
-    prefix = f"dm{os.getpid() % 1_000_000}"
-    old = os.environ.get(netns.STATE_DIR_ENV)
-    state = Path(f"/tmp/dlion-netns-links-{os.getpid()}")
-    os.environ[netns.STATE_DIR_ENV] = str(state)
     cfg = _config("kernel", 12.0)
-    try:
-        plan = netns.up(netns.plan_for(cfg, prefix, _free_subnet()))
+    with cluster_up(cfg, "dm") as plan:
         yield plan, cfg
-    finally:
-        netns.down(prefix)
-        left = _leftovers(prefix)
-        shutil.rmtree(state, ignore_errors=True)
-        if old is None:
-            os.environ.pop(netns.STATE_DIR_ENV, None)
-        else:
-            os.environ[netns.STATE_DIR_ENV] = old
-        assert left == [], f"left behind: {left}"
 
 
 def set_peer_rate(plan: netns.Plan, rank: int, peer: int, mbps: float) -> None:
@@ -139,7 +142,37 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     fast, slow = 20 * MBPS, 2 * MBPS
     settled = statistics.median(r["estimate"] for r in before[-5:])
     assert settled == pytest.approx(fast, rel=0.4), before[-5:]
-    # The median of the last three timed frames: the new rate from the third send after
-    # the change (the first may have been part-sent at the old rate), and it stays there.
-    for r in after[3:8]:
-        assert r["estimate"] == pytest.approx(slow, rel=0.4), after[:8]
+    # The smallest of the last three timed frames: the new rate from the second send after
+    # the change (the first may have been part-sent at the old rate), and it stays there,
+    # never above it; a sender stalled mid-frame may read low once (0.4x seen).
+    window = [r["estimate"] for r in after[2:8]]
+    assert statistics.median(window) == pytest.approx(slow, rel=0.4), after[:8]
+    assert all(0.3 * slow < e < 1.4 * slow for e in window), after[:8]
+
+
+@needs_netns
+def test_a_link_configured_ten_times_too_slow_starts_at_its_real_rate(tmp_path: Path) -> None:
+    """Configured 2 Mbit/s, shaped at 20 by tc: the probe when the link forms, not the
+    config, is where the estimate starts, and the timed sends keep it there."""
+    cfg = _config("kernel", 3.0)
+    slow = cfg.model_copy(
+        update={
+            "cluster": cfg.cluster.model_copy(
+                update={
+                    "sites": [cfg.cluster.sites[0].model_copy(update={"intra_bandwidth_mbps": 2})]
+                }
+            )
+        }
+    )
+    with cluster_up(slow, "dw") as plan:
+        for rank, peer in ((0, 1), (1, 0)):
+            set_peer_rate(plan, rank, peer, 20.0)
+        run_dist(slow, out_dir=tmp_path, progress=False, netns=plan.prefix)
+    for rank, peer in ((0, 1), (1, 0)):
+        (probe,) = _link_rates(tmp_path, rank, peer, "link_probe")
+        assert probe["configured"] == pytest.approx(2 * MBPS)
+        # Near tc's 20, not the config's 2: a fresh connection on a loaded host reads 0.5-1.4x
+        # of the tc rate (RESULTS.md section 15b).
+        assert 8 * MBPS < probe["measured"] < 40 * MBPS, probe
+        rates = _link_rates(tmp_path, rank, peer)
+        assert rates and all(r["estimate"] > 8 * MBPS for r in rates), rates[:5]

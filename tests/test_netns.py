@@ -5,10 +5,8 @@ kernel-shaped links, and a teardown that leaves nothing behind.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from dlion.config import ExperimentConfig
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 from helpers import small_config
+from netns_fixtures import cluster_up, free_subnet, leftovers, needs_netns
 
 
 def three_workers(time_scale: float = 1.0, nic_mbps: float | None = None) -> ExperimentConfig:
@@ -311,73 +310,12 @@ def test_cli_status_down_and_bad_input(
 # ----------------------------------------------------------------------------- as root
 
 
-def _netns_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found (iproute2)"
-    probe = f"dlionprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    try:
-        htb = subprocess.run(
-            ["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb"],
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    if htb.returncode != 0:
-        return f"tc htb unavailable: {htb.stderr.strip()}"
-    return None
-
-
-SKIP = _netns_unavailable()
-needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
-
-
-def _free_subnet() -> str:
-    """A /24 in 10.77.0.0/16 that no address on this host overlaps."""
-    used = netns._root_networks()
-    for i in range(1, 255):
-        net = ipaddress.ip_network(f"10.77.{i}.0/24")
-        if not any(net.overlaps(u) for u in used):
-            return str(net)
-    raise RuntimeError("no free /24 in 10.77.0.0/16")
-
-
-def _leftovers(prefix: str) -> list[str]:
-    names = netns.existing_namespaces()
-    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
-    found = [n for n in names if n.startswith(f"{prefix}-")]
-    found += [line.split("@")[0].split()[0] for line in links.splitlines()]
-    return [n for n in found if n.startswith(f"{prefix}-")]
-
-
 @pytest.fixture(scope="module")
 def shaped() -> Iterator[tuple[netns.Plan, ExperimentConfig]]:
     """The three-worker cluster up in namespaces; always torn down, and checked to be gone."""
-    prefix = f"dt{os.getpid() % 1_000_000}"
-    old = os.environ.get(netns.STATE_DIR_ENV)
-    state = Path(f"/tmp/dlion-netns-test-{os.getpid()}")
-    os.environ[netns.STATE_DIR_ENV] = str(state)
     cfg = three_workers()
-    try:
-        plan = netns.up(plan_of(cfg, prefix, _free_subnet()))
+    with cluster_up(cfg, "dt") as plan:
         yield plan, cfg
-    finally:
-        netns.down(prefix)
-        left = _leftovers(prefix)
-        shutil.rmtree(state, ignore_errors=True)
-        if old is None:
-            os.environ.pop(netns.STATE_DIR_ENV, None)
-        else:
-            os.environ[netns.STATE_DIR_ENV] = old
-        assert left == [], f"left behind: {left}"
 
 
 _SERVER = """
@@ -545,14 +483,14 @@ def test_up_refuses_names_taken_and_down_is_exact_and_idempotent(
     other = f"do{os.getpid() % 1_000_000}"
     with pytest.raises(netns.NetnsError, match="overlaps"):
         netns.up(plan_of(cfg, other, plan.subnet))
-    assert _leftovers(other) == [] and netns.read_state(other) is None
+    assert leftovers(other) == [] and netns.read_state(other) is None
     # A second, separate prefix via the CLI: up, status, down twice.
-    assert main(["netns", "up", "homogeneous", "--prefix", other, "--subnet", _free_subnet()]) == 0
+    assert main(["netns", "up", "homogeneous", "--prefix", other, "--subnet", free_subnet()]) == 0
     # 6 worker namespaces, 1 router namespace, its port on the core bridge, the bridge.
-    assert netns.read_state(other) is not None and len(_leftovers(other)) == 6 + 1 + 1 + 1
+    assert netns.read_state(other) is not None and len(leftovers(other)) == 6 + 1 + 1 + 1
     assert main(["netns", "status", "--prefix", other]) == 0
     assert f"{other}-5" in capsys.readouterr().out
     assert main(["netns", "down", "--prefix", other]) == 0
     assert main(["netns", "down", "--prefix", other]) == 0
     assert "nothing to remove" in capsys.readouterr().out.splitlines()[-1]
-    assert _leftovers(other) == [] and netns.read_state(other) is None
+    assert leftovers(other) == [] and netns.read_state(other) is None

@@ -4,8 +4,6 @@ transport against the tc rates."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,6 @@ import yaml
 from dlion.cli import main
 from dlion.cluster import MBPS
 from dlion.config import ExperimentConfig, config_from_dict, load_config
-from dlion.engines import netns
 from dlion.errors import BadInput
 from dlion.probe import (
     PairRate,
@@ -26,7 +23,8 @@ from dlion.probe import (
     measure_step_times,
     measured_config,
 )
-from test_netns import SKIP, _free_subnet, _leftovers, three_workers
+from netns_fixtures import cluster_up, needs_netns
+from test_netns import three_workers
 
 
 def test_fit_recovers_overhead_and_per_sample_cost() -> None:
@@ -105,28 +103,11 @@ def test_probe_on_loopback_measures_every_pair() -> None:
     assert all(r.bytes_per_s > 1e6 and 0 < r.latency_s < 1 for r in rates)
 
 
-needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
-
-
 @pytest.fixture()
 def shaped_three() -> Iterator[tuple[str, ExperimentConfig]]:
-    prefix = f"dq{os.getpid() % 1_000_000}"
-    old = os.environ.get(netns.STATE_DIR_ENV)
-    state = Path(f"/tmp/dlion-netns-probe-{os.getpid()}")
-    os.environ[netns.STATE_DIR_ENV] = str(state)
     cfg = three_workers()
-    try:
-        netns.up(netns.plan_for(cfg, prefix, _free_subnet()))
-        yield prefix, cfg
-    finally:
-        netns.down(prefix)
-        left = _leftovers(prefix)
-        shutil.rmtree(state, ignore_errors=True)
-        if old is None:
-            os.environ.pop(netns.STATE_DIR_ENV, None)
-        else:
-            os.environ[netns.STATE_DIR_ENV] = old
-        assert left == [], f"left behind: {left}"
+    with cluster_up(cfg, "dq") as plan:
+        yield plan.prefix, cfg
 
 
 @needs_netns

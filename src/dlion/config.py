@@ -300,12 +300,29 @@ class EngineConfig(_Strict):
         "by their receiver and acknowledged, feeding the sender's per-link bandwidth "
         "estimate; smaller ones cross in a few packets at line rate and would overstate it.",
     )
+    probe_bytes: int = Field(
+        32_768,
+        ge=0,
+        description="dist (shaping kernel or none): when the links are formed, each worker "
+        "sends every peer four frames of this size; the median of the receiver's rates for "
+        "the last three seeds the link's estimate, so a wrong configured speed never steers "
+        "the first sends (32 kB: 65 ms on 4 Mbit/s, long enough to time); 0: start from "
+        "the config.",
+    )
     delivery_window: int = Field(
         3,
         ge=1,
-        description="dist (shaping kernel or none): a link's estimate is the median of the "
-        "last N receiver-timed rates, so one outlier (a receiver thread woken late) never "
-        "moves it and a changed link is followed after N // 2 + 1 sends.",
+        description="dist (shaping kernel or none): a link's estimate is the smallest of "
+        "the last N receiver-timed rates (a receiver woken late overstates a rate, in runs), "
+        "so a slower link is followed at the next timed send and a faster one after N (and "
+        "at most delivery_max_rise x per send).",
+    )
+    delivery_max_rise: float = Field(
+        2.0,
+        gt=1,
+        description="dist (shaping kernel or none): one acknowledgement raises a link's "
+        "estimate at most this many times (late receiver wake-ups overstate rates in runs; "
+        "a drop is followed at once).",
     )
     bandwidth_ema: float = Field(
         0.5,

@@ -198,15 +198,7 @@ def measure_links(
             procs.append(
                 subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             )
-        _wait_keys(store, [KEY_READY.format(rank=r) for r in range(n)], procs, timeout_s)
-        rates: list[PairRate] = []
-        for k, (i, j) in enumerate(ordered_pairs(n)):
-            store.set(KEY_GO.format(k=k), "1")
-            _wait_keys(store, [KEY_BW.format(k=k), KEY_LAT.format(k=k)], procs, timeout_s)
-            bw = float(store.get(KEY_BW.format(k=k)).decode())
-            lat = float(store.get(KEY_LAT.format(k=k)).decode())
-            rates.append(PairRate(i, j, bw, lat))
-        store.set(KEY_END, "1")
+        rates = drive_pairs(store, n, procs, timeout_s)
         for p in procs:
             p.wait(timeout=timeout_s)
         return rates
@@ -215,6 +207,22 @@ def measure_links(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def drive_pairs(
+    store: Any, n: int, procs: list[subprocess.Popen[bytes]], timeout_s: float
+) -> list[PairRate]:
+    """The master's part: start each ordered pair in turn, collect its rates, end."""
+    _wait_keys(store, [KEY_READY.format(rank=r) for r in range(n)], procs, timeout_s)
+    rates: list[PairRate] = []
+    for k, (i, j) in enumerate(ordered_pairs(n)):
+        store.set(KEY_GO.format(k=k), "1")
+        _wait_keys(store, [KEY_BW.format(k=k), KEY_LAT.format(k=k)], procs, timeout_s)
+        bw = float(store.get(KEY_BW.format(k=k)).decode())
+        lat = float(store.get(KEY_LAT.format(k=k)).decode())
+        rates.append(PairRate(i, j, bw, lat))
+    store.set(KEY_END, "1")
+    return rates
 
 
 def _wait_keys(store: Any, keys: list[str], procs: list[subprocess.Popen[bytes]], t: float) -> None:
@@ -234,15 +242,26 @@ def _wait_keys(store: Any, keys: list[str], procs: list[subprocess.Popen[bytes]]
 
 
 def measured_config(
-    cfg: ExperimentConfig, fit: StepFit, flops: int, rates: list[PairRate]
+    cfg: ExperimentConfig, fit: StepFit | list[StepFit], flops: int, rates: list[PairRate]
 ) -> dict[str, Any]:
-    """The config (as plain data) with this host's step model and the measured links."""
+    """The config (as plain data) with the measured step model and links. `fit`: this
+    host's, for every worker; or one per rank (each rank timed on its own host, under
+    torchrun), which writes one worker entry per rank (`count` expanded)."""
     raw = cfg.model_dump(mode="json")
     scale = cfg.engine.time_scale
-    capacity = fit.samples_per_s * flops / 1e9
-    for w in raw["cluster"]["workers"]:
-        w["capacity_gflops"] = _round(capacity)
-        w["step_overhead_ms"] = _round(fit.overhead_s * 1e3)
+    if isinstance(fit, list):
+        expanded = []
+        for w in raw["cluster"]["workers"]:
+            expanded += [{**w, "count": 1} for _ in range(w["count"])]
+        if len(expanded) != len(fit):
+            raise BadInput(f"probe: {len(fit)} step fits for {len(expanded)} workers")
+        raw["cluster"]["workers"] = expanded
+        fits = fit
+    else:
+        fits = [fit] * len(raw["cluster"]["workers"])
+    for w, f in zip(raw["cluster"]["workers"], fits, strict=True):
+        w["capacity_gflops"] = _round(f.samples_per_s * flops / 1e9)
+        w["step_overhead_ms"] = _round(f.overhead_s * 1e3)
     sites: list[str] = []
     for w in cfg.cluster.workers:
         sites += [w.site] * w.count

@@ -3,19 +3,31 @@ a config with the measured cluster (method: dlion/probe.py).
 
     dlion probe digits-hetero --out cluster.yaml
     dlion netns up mycluster.yaml && dlion probe mycluster.yaml --netns dlion --out c.yaml
+
+Across the hosts of a torchrun job (the same command as training, `-m dlion probe` for
+`-m dlion.worker`), every rank times steps on its own host and the links are measured
+between the ranks; rank 0 writes the config, one worker entry per rank:
+
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 1 --master-addr HOST0 \
+        --master-port 29500 -m dlion probe my-cluster.yaml --out probed.yaml
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
     from dlion.cluster import Cluster
+    from dlion.config import ExperimentConfig
+    from dlion.probe import PairRate, StepFit
 
 # Above this relative miss on any timed batch size the user is told the line fits poorly.
 POOR_FIT = 0.10
@@ -85,15 +97,70 @@ def probe(
     fit_on = _ints(batches, "batches") if batches else sorted({max(1, b // 4), b, 2 * b})
     check_on = _ints(holdout, "holdout") if holdout else sorted({max(1, b // 2), 3 * b // 2})
     check_on = [c for c in check_on if c not in fit_on]
+    torchrun = _torchrun_rank()
+    if torchrun is not None:
+        from dlion.errors import BadInput
+        from dlion.preflight import check_world_size
+
+        if netns is not None:
+            raise BadInput("--netns: not under torchrun (each rank is already on its own host)")
+        # Before any step is timed: every rank fails alike, at once.
+        check_world_size(torchrun[1], Cluster.from_config(cfg.cluster).size)
     times = p.measure_step_times(cfg, fit_on + check_on, repeats)
     fit = p.fit_step_time(fit_on, [times[b] for b in fit_on])
     flops = p.flops_per_sample(cfg)
+    _report_fit(cfg, fit, times, fit_on, flops)
+    cluster = Cluster.from_config(cfg.cluster)
+    link_args = {
+        "bytes_per_pair": int(mb_per_pair * 1e6),
+        "frames": frames,
+        "pings": pings,
+        "timeout_s": timeout,
+    }
+    fits: p.StepFit | list[p.StepFit] = fit
+    rates: list[p.PairRate] = []
+    if torchrun is not None:
+        fits, rates = _across_torchrun(fit, links, link_args, *torchrun)
+        if torchrun[0] != 0:
+            _leave_now()  # rank 0 writes the config
+    elif links:
+        rates = p.measure_links(cluster.size, netns_prefix=netns, **link_args)
+    scale = cfg.engine.time_scale
+    for r in rates:
+        expected = _configured_rate(cluster, r.src, r.dst)
+        measured = r.bytes_per_s * scale
+        console.print(
+            f"  {r.src} -> {r.dst}: {measured / MBPS:9.2f} Mbit/s (config "
+            f"{expected / MBPS:.2f}, {measured / expected - 1:+.1%}), latency "
+            f"{r.latency_s / scale * 1e3:.3f} ms"
+        )
+    raw = p.measured_config(cfg, fits, flops, rates)
+    config_from_dict(raw)  # what we write must load
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# dlion probe {config}: measured step model" + (" and links\n" if rates else "\n")
+    out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    console.print(f"wrote {out}")
+    if torchrun is not None:
+        _leave_now()
+
+
+def _leave_now() -> None:
+    """Exit 0 at once: the pair groups' threads still block in gloo, and an interpreter
+    that finalizes around them aborts (SIGABRT), which torchrun reports as a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _report_fit(
+    cfg: ExperimentConfig, fit: StepFit, times: dict[int, float], fit_on: list[int], flops: int
+) -> None:
     console.print(
         f"step time ({cfg.engine.threads} thread(s)): {fit.overhead_s * 1e3:.3f} ms + "
         f"b x {1e6 / fit.samples_per_s:.2f} us ({fit.samples_per_s * flops / 1e9:.3g} GFLOP/s "
         f"at {flops} FLOPs/sample)"
     )
-    for b in sorted(set(fit_on + check_on)):
+    for b in sorted(times):
         kind = "fit" if b in fit_on else "held out"
         err = fit.predict(b) / times[b] - 1
         console.print(
@@ -106,32 +173,66 @@ def probe(
             f"  warning: the line misses a measured step by {worst:.0%}: step times are not "
             "linear over these batch sizes; fit on the range you train at (--batches)"
         )
-    cluster = Cluster.from_config(cfg.cluster)
-    rates: list[p.PairRate] = []
-    if links:
-        rates = p.measure_links(
-            cluster.size,
-            netns_prefix=netns,
-            bytes_per_pair=int(mb_per_pair * 1e6),
-            frames=frames,
-            pings=pings,
-            timeout_s=timeout,
-        )
-    scale = cfg.engine.time_scale
-    for r in rates:
-        expected = _configured_rate(cluster, r.src, r.dst)
-        measured = r.bytes_per_s * scale
-        console.print(
-            f"  {r.src} -> {r.dst}: {measured / MBPS:9.2f} Mbit/s (config "
-            f"{expected / MBPS:.2f}, {measured / expected - 1:+.1%}), latency "
-            f"{r.latency_s / scale * 1e3:.3f} ms"
-        )
-    raw = p.measured_config(cfg, fit, flops, rates)
-    config_from_dict(raw)  # what we write must load
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# dlion probe {config}: measured step model" + (" and links\n" if rates else "\n")
-    out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    console.print(f"wrote {out}")
+
+
+def _torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    from dlion.errors import BadInput
+
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise BadInput("probe: RANK and WORLD_SIZE must be set under torchrun") from None
+
+
+def _across_torchrun(
+    fit: StepFit,
+    links: bool,
+    link_args: dict[str, Any],
+    rank: int,
+    world: int,
+) -> tuple[list[StepFit], list[PairRate]]:
+    """This rank's part of a probe across torchrun's hosts: publish its step fit, measure
+    the links with the others (rank 0 drives the pairs); rank 0 returns every rank's fit
+    and the rates."""
+    import torch.distributed as dist
+
+    from dlion import probe as p
+    from dlion.probe_worker import run_links
+    from dlion.worker import store_from_env
+
+    timeout = link_args["timeout_s"]
+    job_factory, _, _ = store_from_env(world, rank, timeout)
+
+    def factory() -> dist.Store:
+        return dist.PrefixStore("probe/", job_factory())
+
+    store = factory()
+    store.set(f"fit/{rank}", json.dumps([fit.overhead_s, fit.samples_per_s]))
+    rates: list[PairRate] = []
+    if links and world > 1:
+        driver = None
+        if rank == 0:
+
+            def drive() -> None:
+                rates.extend(p.drive_pairs(factory(), world, [], timeout))
+
+            driver = threading.Thread(target=drive, name="probe-driver", daemon=True)
+            driver.start()
+        run_links(rank, world, factory, **link_args)
+        if driver is not None:
+            driver.join(timeout)
+    if rank != 0:
+        return [], []
+    fits = []
+    for r in range(world):
+        store.wait([f"fit/{r}"])
+        overhead, speed = json.loads(store.get(f"fit/{r}").decode())
+        fits.append(p.StepFit(overhead, speed, fit.batches, ()))
+        console.print(f"  rank {r}: {overhead * 1e3:.3f} ms + b x {1e6 / speed:.2f} us")
+    return fits, rates
 
 
 def _configured_rate(cluster: Cluster, src: int, dst: int) -> float:

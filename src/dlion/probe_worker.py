@@ -14,6 +14,7 @@ import datetime
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -50,6 +51,22 @@ def main(argv: list[str]) -> int:
     def store_factory() -> dist.Store:
         return dist.TCPStore(host, port, None, False, timeout=timeout)
 
+    run_links(rank, world, store_factory, bytes_per_pair, frames, pings, timeout_s)
+    return 0
+
+
+def run_links(
+    rank: int,
+    world: int,
+    store_factory: Callable[[], dist.Store],
+    bytes_per_pair: int,
+    frames: int,
+    pings: int,
+    timeout_s: float,
+) -> None:
+    """This rank's part of the link measurement (module doc), through `store_factory`'s
+    store (the probe's own, or a torchrun job's)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     store = store_factory()
     recv = _Receiver()
     transport: PairTransport
@@ -100,7 +117,6 @@ def main(argv: list[str]) -> int:
         else:
             store.set(KEY_BW.format(k=k), repr(_bandwidth(recv, src, frames, timeout_s)))
     store.wait([KEY_END], timeout)
-    return 0
 
 
 def _bandwidth(recv: _Receiver, src: int, frames: int, timeout_s: float) -> float:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 TORCHRUN_ERROR_GRACE_S = 1.0
 
 
-def _store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactory, str, bool]:
+def store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactory, str, bool]:
     """(a factory of clients of the job's store, run id, launched by torchrun)."""
     import torch.distributed as dist
 
@@ -114,7 +114,7 @@ def run(argv: list[str]) -> int:
         print(f"{cfg.name}: {world} workers under torchrun, loading data and model", flush=True)
     from dlion.engines.dist import DistWorker
 
-    factory, run_id, torchrun = _store_from_env(world, rank, cfg.engine.startup_timeout)
+    factory, run_id, torchrun = store_from_env(world, rank, cfg.engine.startup_timeout)
     worker = DistWorker(
         cfg,
         rank,

@@ -16,12 +16,22 @@ first bytes), then, for a frame that does not fit, the rest in one more operatio
 small message costs one gloo operation, and the receiver lands the rest of a large one
 straight in the buffer the message is decoded from (comm/codec.py takes tensors from it
 without copying).
+
+Which address gloo listens on: by default gloo binds to whatever this host's name resolves
+to, which on many hosts is a loopback address (Debian's 127.0.1.1, a container's
+127.0.0.1, a network namespace's host name) that no other machine can reach. So, unless
+GLOO_SOCKET_IFNAME names an interface, each pair group listens on the local address the
+kernel would use to reach the job's store (`reachable_address`): the one interface the
+other hosts of the job can reach too.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import os
 import queue
+import socket
 import threading
 import time
 import warnings
@@ -142,6 +152,35 @@ class _PeerLink:
             self.transport.on_failure(self.peer, why)
 
 
+def store_host(store: dist.Store) -> str | None:
+    """The host of the TCPStore under `store` (through PrefixStores), if it is one."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store.host if isinstance(store, dist.TCPStore) else None
+
+
+def reachable_address(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent: a UDP connect
+    only picks the route and its source address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))  # any port: nothing is sent
+        return str(s.getsockname()[0])
+
+
+def gloo_bind_address(store: dist.Store) -> str | None:
+    """Where this process's gloo groups listen (module doc); None: gloo's default
+    (GLOO_SOCKET_IFNAME is set, or the store is not a TCPStore)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    host = store_host(store)
+    if host is None:
+        return None
+    address = reachable_address(socket.gethostbyname(host) if ":" not in host else host)
+    # A store on loopback means a one-host job: the peers are on loopback too.
+    return address if not ipaddress.ip_address(address).is_loopback else "127.0.0.1"
+
+
 class PairTransport:
     """This worker's links to its peers; `connect` one peer at a time, then `send` frames."""
 
@@ -176,6 +215,20 @@ class PairTransport:
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
         self._links: dict[int, _PeerLink] = {}
         self._lock = threading.Lock()
+        self._bind: tuple[str | None] | None = None  # gloo_bind_address, found once
+
+    def _gloo(self, prefix: dist.Store, me: int) -> dist.ProcessGroup:
+        """A two-rank gloo group whose device listens where the peers can reach it."""
+        with self._lock:
+            if self._bind is None:
+                self._bind = (gloo_bind_address(prefix),)
+            address = self._bind[0]
+        if address is None:  # gloo's default (it reads GLOO_SOCKET_IFNAME itself)
+            return dist.ProcessGroupGloo(prefix, me, 2, self.timeout)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self.timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+        return dist.ProcessGroupGloo(prefix, me, 2, options)
 
     def connect(self, peer: int, incarnation: str) -> None:
         """Form the pair group with `peer` (blocks until the peer does the same).
@@ -191,7 +244,7 @@ class PairTransport:
         if self.backend == "nccl":
             group: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, me, 2)
         else:
-            group = dist.ProcessGroupGloo(prefix, me, 2, self.timeout)
+            group = self._gloo(prefix, me)
         with self._lock:
             self._links[peer] = _PeerLink(self, peer, group)
 

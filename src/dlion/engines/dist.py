@@ -11,7 +11,13 @@ The strategy is the same coroutine the sim runs; only the context differs:
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
   real links) the receiver times every large frame from its length's arrival to its last
   byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that, so a
-  link whose rate changes mid-run is followed within a few sends;
+  link whose rate changes mid-run is followed within a few sends. The configured speeds
+  are not even the start: when the links are formed, each worker sends every peer four
+  frames of `engine.probe_bytes` back to back, and the median of the receiver's rates for
+  the last three (the first opens the connection's window and wakes the receiving thread)
+  seeds the estimate. Without it a link configured 10x too slow would
+  stay so: the strategy sizes its messages to the estimate, and frames below
+  `engine.measure_min_bytes` are never timed;
 - membership: peers are dropped when their link fails (a killed process resets its
   connections at once), when they announce leaving (SIGTERM), or when their heartbeat in
   the job's store is older than `engine.peer_timeout`. A dropped peer wakes every receive
@@ -76,6 +82,10 @@ from dlion.report import MetricsLog
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
+# The frames each worker sends every peer when the links are formed (engine traffic): one
+# to open the connection, then three timed ones whose median seeds the estimate.
+PROBE_TAG = "__probe"
+PROBE_FRAMES = 4
 
 
 def resolve_backend(name: str) -> str:
@@ -159,13 +169,38 @@ class DistContext(WorkerContext):
         return await self._worker.allreduce_sum(vector, sorted(ranks), epoch)
 
     def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
-        """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate is the
-        median of the last `engine.delivery_window` such rates (robust to one late wake-up
-        of a receiver thread, and quick to follow a link that changed)."""
+        """The receiver timed `nbytes` to `peer` arriving over `seconds`: the estimate
+        follows the last `engine.delivery_window` such rates (`delivery_estimate`)."""
         window = self._deliveries.setdefault(peer, [])
+        first = not window
         window.append(nbytes / seconds)
         del window[: -self._worker.cfg.engine.delivery_window]
-        self._bandwidth[peer] = statistics.median(window)
+        engine = self._worker.cfg.engine
+        # The first measurement replaces the configured speed whatever it says.
+        previous = None if first else self._bandwidth[peer]
+        self._bandwidth[peer] = delivery_estimate(window, previous, engine.delivery_max_rise)
+
+
+def delivery_estimate(rates: list[float], previous: float | None, max_rise: float) -> float:
+    """A link's bandwidth from its last few receiver-timed rates: the smallest, and at
+    most `max_rise` x the `previous` estimate (None: no cap).
+
+    A single reading misleads on a loaded host, mostly one way: a receiver thread that
+    wakes late finds part of a frame, or all of it, already buffered, which shortens the
+    span and overstates the rate (10-2500x the tc rate at load average 12-16, more than
+    half the readings of 20-30 kB frames in some runs); a sender stalled mid-frame
+    lengthens it, rarely and less (down to 0.4x). Overstated readings steer the sender to
+    frames the link cannot carry in time, which then queue in the kernel; understated
+    ones only shrink a few messages. So the estimate is the smallest of the window (a
+    slower link is followed at its first timed frame), and since late wake-ups come in
+    runs that can fill the window, a rise is followed at most `max_rise` x per
+    acknowledgement (a link 10x faster is reached after log(10) / log(max_rise) of them).
+    (The median of 3, before: runs of late readings moved the estimate 10-100x and
+    slowed DLion 2-3x on a 4 Mbit/s pipe; RESULTS.md section 15b.)"""
+    if not rates:
+        raise ValueError("delivery_estimate: no rates")
+    low = min(rates)
+    return low if previous is None else min(low, max_rise * previous)
 
 
 class DistWorker:
@@ -242,6 +277,13 @@ class DistWorker:
         if events is not None:
             events.unlink(missing_ok=True)  # a new run in an old directory starts clean
         self.log = MetricsLog(events)
+        # Receiver threads: the last frame's (bytes, first, last) per peer, until it is
+        # decoded; the last byte of a peer's first probe frame. Sender side: answers to our
+        # probes, (bytes, seconds) per peer.
+        self._arrival: dict[int, tuple[int, float, float]] = {}
+        self._probe_rates: dict[int, list[float]] = {}
+        self._probed: dict[int, tuple[int, float]] = {}
+        self._probe_answers = threading.Condition()
         self.ctx._on_record = lambda r, event, fields: self.log.write(
             event, t=self.ctx.now(), rank=r, **fields
         )
@@ -285,7 +327,38 @@ class DistWorker:
                 peer=peer,
                 why=errors.get(peer, "refused or missing"),
             )
+        self._probe_links(sorted(self.live))
         self.store.set(Keys.ready(self.rank), "1")
+
+    def _probe_links(self, peers: list[int]) -> None:
+        """Seed every link's estimate with a measurement, not the config (module doc):
+        PROBE_FRAMES frames of `engine.probe_bytes` to each peer at once, then the
+        receivers' answers."""
+        size = self.cfg.engine.probe_bytes
+        if self.transport.on_timing is None or size == 0 or not peers:
+            return
+        values = torch.zeros(max(1, size // 4))
+        for peer in peers:
+            for seq in range(PROBE_FRAMES):
+                probe = Message(self.rank, peer, PROBE_TAG, Dense(values), 0.0, {"seq": seq})
+                self.transport.send(peer, encode(probe), due=0.0)
+        deadline = time.time() + self.cfg.engine.startup_timeout
+        with self._probe_answers:
+            self._probe_answers.wait_for(
+                lambda: all(p in self._probed or not self.transport.has_link(p) for p in peers),
+                max(0.0, deadline - time.time()),
+            )
+            answers = dict(self._probed)
+        for peer, (nbytes, seconds) in sorted(answers.items()):
+            self.ctx.observe_delivery(peer, nbytes, seconds)
+            self.log.write(
+                "link_probe",
+                t=0.0,
+                rank=self.rank,
+                peer=peer,
+                measured=nbytes / seconds,
+                configured=self.expected_rates[(self.rank, peer)] / self.scale,
+            )
 
     def _connect_all(self, peers: list[int]) -> dict[int, str]:
         """Form the pair groups with `peers` in parallel; returns {peer: error} for failures."""
@@ -486,12 +559,31 @@ class DistWorker:
         raise CollectiveFailed(f"{what}: {why}")
 
     def _on_timing(self, peer: int, nbytes: int, first: float, last: float) -> None:
-        """Receiver thread: acknowledge a large frame's delivery time to its sender."""
-        if nbytes < self.cfg.engine.measure_min_bytes or last <= first:
-            return
-        meta = {"bytes": float(nbytes), "seconds": last - first}
+        """Receiver thread: a frame arrived whole; it is acknowledged once decoded."""
+        self._arrival[peer] = (nbytes, first, last)
+
+    def _acknowledge(self, peer: int, nbytes: int, seconds: float, probe: bool = False) -> None:
+        """Receiver thread: tell `peer` how long `nbytes` of its took to arrive."""
+        meta = {"bytes": float(nbytes), "seconds": seconds}
+        if probe:
+            meta["probe"] = 1.0
         ack = Message(self.rank, peer, DELIVERY_TAG, Control("delivered"), 0.0, meta)
         self.transport.send(peer, encode(ack), due=0.0)
+
+    def _answer_probe(self, peer: int, msg: Message, arrival: tuple[int, float, float]) -> None:
+        """Receiver thread: the first probe frame opens the connection's window and wakes
+        this thread; each later one is timed as any frame (its length's arrival to its
+        last byte) and the median of those rates answers the probe (a single frame on a
+        loaded host reads 0.5-1.4x the tc rate, either way)."""
+        nbytes, first, last = arrival
+        seq = int(msg.meta.get("seq", 0))
+        if seq == 0 or last <= first:
+            return
+        rates = self._probe_rates.setdefault(peer, [])
+        rates.append(nbytes / (last - first))
+        if seq == PROBE_FRAMES - 1:
+            rate = statistics.median(self._probe_rates.pop(peer))
+            self._acknowledge(peer, nbytes, nbytes / rate, probe=True)
 
     def _delivered(self, msg: Message) -> None:
         """On the loop: `msg.src` timed one of our frames; the link estimate follows it."""
@@ -515,9 +607,26 @@ class DistWorker:
         try:
             msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
         except BadFrame as err:
+            self._arrival.pop(peer, None)
             self._from_thread(self._reject, peer, str(err))
-        else:
-            self._from_thread(self._deliver, msg)
+            return
+        arrival = self._arrival.pop(peer, None)
+        if msg.tag == PROBE_TAG:
+            if arrival is not None:
+                self._answer_probe(peer, msg, arrival)
+            return
+        if msg.tag == DELIVERY_TAG and msg.meta.get("probe"):
+            nbytes, seconds = int(msg.meta.get("bytes", 0)), float(msg.meta.get("seconds", 0))
+            if nbytes > 0 and seconds > 0:
+                with self._probe_answers:
+                    self._probed[peer] = (nbytes, seconds)
+                    self._probe_answers.notify_all()
+            return
+        if arrival is not None:
+            nbytes, first, last = arrival
+            if nbytes >= self.cfg.engine.measure_min_bytes and last > first:
+                self._acknowledge(peer, nbytes, last - first)
+        self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
         # Joiners are linked before they are members: their state requests must get through.
