@@ -19,7 +19,7 @@ import yaml
 
 from dlion.config import ExperimentConfig, load_config
 from dlion.engines import netns
-from dlion.engines.transport import gloo_bind_address, reachable_address, store_host
+from dlion.comm.transport import gloo_bind_address, reachable_address, store_host
 from helpers import small_config
 from netns_fixtures import cluster_up, needs_netns
 
