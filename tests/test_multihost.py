@@ -17,9 +17,9 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from dlion.comm.transport import gloo_bind_address, reachable_address, store_host
 from dlion.config import ExperimentConfig, load_config
 from dlion.engines import netns
-from dlion.comm.transport import gloo_bind_address, reachable_address, store_host
 from helpers import small_config
 from netns_fixtures import cluster_up, needs_netns
 
