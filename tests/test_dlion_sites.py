@@ -100,6 +100,14 @@ def test_pipe_residual_with_z_goes_dense_over_half_and_keeps_the_rest() -> None:
     assert torch.equal(pipe.squares, torch.tensor([0.0, 0.0, 0.0, 2.0]))
 
 
+def test_pipe_residual_resumes_with_its_squares() -> None:
+    """A resumed leader's test sees the sums of squares it had: 2^2 = 4 > 2 passes, and a
+    malformed saved tensor is ignored (zeros)."""
+    pipe = PipeResidual(2, torch.tensor([2.0, 2.0]), torch.tensor([2.0, 5.0]))
+    assert pipe.take(2, dense_fraction=1.5, z=1.0).indices.tolist() == [0]  # type: ignore[union-attr]
+    assert torch.equal(PipeResidual(2, None, torch.ones(3)).squares, torch.zeros(2))
+
+
 def test_pipe_residual_loses_nothing_and_puts_back_what_failed() -> None:
     """Per pipe: everything sent + the residual = every site sum added (error feedback);
     an undelivered update is owed again."""

@@ -203,6 +203,12 @@ def site_losses(losses: dict[int, float], groups: dict[str, list[int]]) -> dict[
     return {s: sum(losses[r] for r in rs) / len(rs) for s, rs in groups.items()}
 
 
+def _restored_or_zeros(numel: int, restored: torch.Tensor | None) -> torch.Tensor:
+    if restored is not None and restored.shape == (numel,) and restored.is_floating_point():
+        return restored.to(torch.float32).clone()
+    return torch.zeros(numel)
+
+
 class PipeResidual:
     """What a site owes one remote site: site sums are added as they come, and each send
     takes the top-k entries of the accumulation (error feedback: the rest stays).
@@ -213,12 +219,15 @@ class PipeResidual:
     first): under pure noise r_i^2 / v_i is about chi-square with one degree of freedom,
     while a consistent drift of n updates gives n. The rest keeps accumulating."""
 
-    def __init__(self, numel: int, restored: torch.Tensor | None = None) -> None:
-        # A resumed leader continues with the residual its checkpoint carried.
-        self.residual = torch.zeros(numel)
-        if restored is not None and restored.shape == (numel,) and restored.is_floating_point():
-            self.residual = restored.to(torch.float32).clone()
-        self.squares = torch.zeros(numel)  # not checkpointed: a resumed pipe starts at zero
+    def __init__(
+        self,
+        numel: int,
+        restored: torch.Tensor | None = None,
+        restored_squares: torch.Tensor | None = None,
+    ) -> None:
+        # A resumed leader continues with the residual (and squares) its checkpoint carried.
+        self.residual = _restored_or_zeros(numel, restored)
+        self.squares = _restored_or_zeros(numel, restored_squares)
 
     def add(self, update: torch.Tensor) -> None:
         self.residual += update
@@ -379,14 +388,21 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     if pipe.task is not None:
                         pipe.task.cancel()
                     ctx.drop_state(f"residual.{pipe.site}")
+                    ctx.drop_state(f"squares.{pipe.site}")
                 pipes.clear()
             ctx.record("leader_changed", iteration=t, site=my_site, leader=leader)
             was_leader = is_leader
         if is_leader:
             for s in groups:
                 if s != my_site and s not in pipes:
-                    pipe = _Pipe(s, PipeResidual(numel, ctx.restored_state(f"residual.{s}")))
+                    residual = PipeResidual(
+                        numel,
+                        ctx.restored_state(f"residual.{s}"),
+                        ctx.restored_state(f"squares.{s}"),
+                    )
+                    pipe = _Pipe(s, residual)
                     ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)
+                    ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)
                     pipe.task = asyncio.ensure_future(_pump(ctx, pipe, opt))
                     pipes[s] = pipe
             for s, pipe in pipes.items():
