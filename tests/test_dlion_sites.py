@@ -65,6 +65,49 @@ def test_pipe_residual_sends_the_largest_accumulated_entries() -> None:
     assert isinstance(empty, Sparse) and empty.indices.numel() == 0
 
 
+def test_pipe_residual_sends_only_significant_entries_with_z() -> None:
+    """r^2 > z^2 * v, v the sum of squares since the last send. Two updates:
+    entry 0: 1 + 1 = 2, v = 2, r^2 = 4 > 2 (a consistent drift);
+    entry 1: 3 - 3 = 0, v = 18 (pure noise: never);
+    entry 2: 5 - 1 = 4, v = 26, r^2 = 16 < 26 (large but noisy: kept, though top-k would
+    send it first); entry 3: 0 + 0.5, v = 0.25, r^2 = 0.25, not > 0.25 (one update alone)."""
+    pipe = PipeResidual(4)
+    pipe.add(torch.tensor([1.0, 3.0, 5.0, 0.0]))
+    pipe.add(torch.tensor([1.0, -3.0, -1.0, 0.5]))
+    payload = pipe.take(2, z=1.0)  # budget 2, one significant entry: one goes
+    assert isinstance(payload, Sparse)
+    assert payload.indices.tolist() == [0] and payload.values.tolist() == [2.0]
+    assert torch.equal(pipe.residual, torch.tensor([0.0, 0.0, 4.0, 0.5]))
+    assert torch.equal(pipe.squares, torch.tensor([0.0, 18.0, 26.0, 0.25]))
+    # z = 0.5: entry 2 now passes (16 > 0.25 * 26 = 6.5), entry 3 too (0.25 > 0.0625).
+    payload = pipe.take(1, z=0.5)
+    assert isinstance(payload, Sparse) and payload.indices.tolist() == [2]
+    # Without z: plain top-k by magnitude.
+    pipe = PipeResidual(4)
+    pipe.add(torch.tensor([1.0, 3.0, 5.0, 0.0]))
+    pipe.add(torch.tensor([1.0, -3.0, -1.0, 0.5]))
+    assert pipe.take(1).indices.tolist() == [2]  # type: ignore[union-attr]
+
+
+def test_pipe_residual_with_z_goes_dense_over_half_and_keeps_the_rest() -> None:
+    pipe = PipeResidual(4)
+    pipe.add(torch.tensor([1.0, 2.0, 3.0, 1.0]))
+    pipe.add(torch.tensor([1.0, 2.0, 3.0, -1.0]))  # 0, 1, 2 significant; 3 is noise
+    payload = pipe.take(4, dense_fraction=0.5, z=1.0)
+    assert isinstance(payload, Dense)
+    assert payload.values.tolist() == [2.0, 4.0, 6.0, 0.0]
+    assert torch.equal(pipe.residual, torch.zeros(4))  # entry 3 accumulated to 0
+    assert torch.equal(pipe.squares, torch.tensor([0.0, 0.0, 0.0, 2.0]))
+
+
+def test_pipe_residual_resumes_with_its_squares() -> None:
+    """A resumed leader's test sees the sums of squares it had: 2^2 = 4 > 2 passes, and a
+    malformed saved tensor is ignored (zeros)."""
+    pipe = PipeResidual(2, torch.tensor([2.0, 2.0]), torch.tensor([2.0, 5.0]))
+    assert pipe.take(2, dense_fraction=1.5, z=1.0).indices.tolist() == [0]  # type: ignore[union-attr]
+    assert torch.equal(PipeResidual(2, None, torch.ones(3)).squares, torch.zeros(2))
+
+
 def test_pipe_residual_loses_nothing_and_puts_back_what_failed() -> None:
     """Per pipe: everything sent + the residual = every site sum added (error feedback);
     an undelivered update is owed again."""
@@ -76,7 +119,7 @@ def test_pipe_residual_loses_nothing_and_puts_back_what_failed() -> None:
         update = torch.randn(200, generator=gen)
         pipe.add(update)
         added += update
-        payload = pipe.take([0, 3, 20, 150][it % 4])
+        payload = pipe.take([0, 3, 20, 150][it % 4], z=1.0 if it % 2 else None)
         if it % 7 == 3:
             pipe.put_back(payload)  # the destination was gone
         else:
