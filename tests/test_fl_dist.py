@@ -42,7 +42,7 @@ from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_di
 from dlion.fl.engine import run_fl
 from fl_helpers import tiny
 from helpers import small_config
-from test_netns import SKIP, _free_subnet, _leftovers
+from netns_fixtures import free_subnet, leftovers, needs_netns
 
 DLION = [sys.executable, "-m", "dlion"]
 
@@ -327,8 +327,6 @@ def test_a_crashed_client_rejoins_a_served_job_and_ctrl_c_checkpoints(tmp_path: 
 
 # ----------------------------------------------------------------------------- separate hosts
 
-needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"netns: {SKIP}")
-
 
 @pytest.fixture
 def hosts() -> Iterator[netns.Plan]:
@@ -346,11 +344,11 @@ def hosts() -> Iterator[netns.Plan]:
     )
     try:
         yield netns.up(
-            netns.make_plan(cluster, time_scale=1.0, prefix=prefix, subnet=_free_subnet())
+            netns.make_plan(cluster, time_scale=1.0, prefix=prefix, subnet=free_subnet())
         )
     finally:
         netns.down(prefix)
-        left = _leftovers(prefix)
+        left = leftovers(prefix)
         shutil.rmtree(state, ignore_errors=True)
         if old is None:
             os.environ.pop(netns.STATE_DIR_ENV, None)
