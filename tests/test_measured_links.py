@@ -110,6 +110,7 @@ def set_peer_rate(plan: netns.Plan, rank: int, peer: int, mbps: float) -> None:
 
 
 @needs_netns
+@pytest.mark.timing
 def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     two_shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
 
 
 @needs_netns
+@pytest.mark.timing
 def test_a_link_configured_ten_times_too_slow_starts_at_its_real_rate(tmp_path: Path) -> None:
     """Configured 2 Mbit/s, shaped at 20 by tc: the probe when the link forms, not the
     config, is where the estimate starts, and the timed sends keep it there."""
