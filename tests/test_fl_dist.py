@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import torch
 from safetensors.torch import load_file
 
 from dlion.cli import main
-from dlion.cluster import Cluster
 from dlion.comm.codec import encode
 from dlion.comm.job import Fault
 from dlion.comm.messages import Control, Dense, Message
@@ -42,7 +40,7 @@ from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_di
 from dlion.fl.engine import run_fl
 from fl_helpers import tiny
 from helpers import small_config
-from netns_fixtures import free_subnet, leftovers, needs_netns
+from netns_fixtures import cluster_up, needs_netns
 
 DLION = [sys.executable, "-m", "dlion"]
 
@@ -332,29 +330,13 @@ def test_a_crashed_client_rejoins_a_served_job_and_ctrl_c_checkpoints(tmp_path: 
 def hosts() -> Iterator[netns.Plan]:
     """Four namespaces on one bridge (a server host and three client hosts); always torn
     down, and checked to be gone."""
-    prefix = f"fl{os.getpid() % 1_000_000}"
-    old = os.environ.get(netns.STATE_DIR_ENV)
-    state = Path(f"/tmp/dlion-netns-fl-{os.getpid()}")
-    os.environ[netns.STATE_DIR_ENV] = str(state)
-    cluster = Cluster.from_config(
-        small_config(
-            sites=[{"name": "a", "intra_bandwidth_mbps": 1000}],
-            workers=[{"site": "a", "capacity_gflops": 1.0, "count": 4}],
-        ).cluster
+    cfg = small_config(
+        sites=[{"name": "a", "intra_bandwidth_mbps": 1000}],
+        workers=[{"site": "a", "capacity_gflops": 1.0, "count": 4}],
+        engine={"time_scale": 1.0},
     )
-    try:
-        yield netns.up(
-            netns.make_plan(cluster, time_scale=1.0, prefix=prefix, subnet=free_subnet())
-        )
-    finally:
-        netns.down(prefix)
-        left = leftovers(prefix)
-        shutil.rmtree(state, ignore_errors=True)
-        if old is None:
-            os.environ.pop(netns.STATE_DIR_ENV, None)
-        else:
-            os.environ[netns.STATE_DIR_ENV] = old
-        assert left == [], f"left behind: {left}"
+    with cluster_up(cfg, "fl") as plan:
+        yield plan
 
 
 @needs_netns
