@@ -62,9 +62,10 @@ def test_help_and_listing_do_not_import_torch(argv: list[str]) -> None:
 
 
 def test_builtin_strategy_list_is_the_registry() -> None:
-    from dlion.strategies import _BUILTIN, REGISTRY
+    from dlion.registry import BUILTIN, REGISTRY, load_builtins
 
-    registry = [(s.name, s.summary) for s in REGISTRY.values() if s.name in _BUILTIN]
+    load_builtins()
+    registry = [(s.name, s.summary) for s in REGISTRY.values() if s.name in BUILTIN]
     assert list(BUILTIN_STRATEGIES) == registry
 
 

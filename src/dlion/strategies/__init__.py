@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from dlion.registry import (
-    BUILTIN,
     REGISTRY,
     StrategySpec,
     get_strategy,
@@ -50,8 +49,6 @@ for _spec in (
     StrategySpec("sparseloco", sparseloco.SUMMARY, sparseloco.Options, sparseloco.worker),
 ):
     register_builtin(_spec)
-
-_BUILTIN = BUILTIN  # the name earlier code and tests use
 
 __all__ = [
     "REGISTRY",
