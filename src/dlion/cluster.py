@@ -166,10 +166,10 @@ class Cluster:
         pipe it adds a cap of that pair alone on top of the pipe (relative values scale the
         pipe's bandwidth), so it can slow the pair, never speed it past the pipe."""
         capacity: dict[int, Trace] = {}
-        for i, spec in enumerate(dyn.capacity):
-            trace = build_trace(spec, horizon, f"dynamics.capacity.{i}")
-            base = 1e9 if spec.absolute else self.workers[spec.worker].capacity_flops
-            capacity[spec.worker] = trace.scaled(base)
+        for i, cap in enumerate(dyn.capacity):
+            trace = build_trace(cap, horizon, f"dynamics.capacity.{i}")
+            base = 1e9 if cap.absolute else self.workers[cap.worker].capacity_flops
+            capacity[cap.worker] = trace.scaled(base)
         bandwidth: dict[Resource, Trace] = {}
         routes = dict(self._routes)
         for i, spec in enumerate(dyn.bandwidth):
@@ -241,13 +241,13 @@ class Cluster:
             if link.sites is not None:
                 site_links[frozenset(link.sites)] = value
             elif link.workers is not None:
-                a, b = link.workers
-                if not (0 <= a < len(workers) and 0 <= b < len(workers)) or a == b:
+                ra, rb = link.workers
+                if not (0 <= ra < len(workers) and 0 <= rb < len(workers)) or ra == rb:
                     raise ConfigError(
                         f"cluster.links.{i}.workers: ranks must be two different workers "
                         f"in 0..{len(workers) - 1}, got {list(link.workers)}"
                     )
-                pair_links[frozenset((a, b))] = value
+                pair_links[frozenset((ra, rb))] = value
         links: dict[tuple[int, int], Link] = {}
         routes: dict[tuple[int, int], tuple[Resource, ...]] = {}
         shared: dict[Resource, float] = {}

@@ -55,7 +55,7 @@ def load_callable(reference: str, field: str) -> Callable[..., Any]:
     obj = load_object(reference, field)
     if not callable(obj):
         raise ConfigError(f"{field}: {reference!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def call_user(fn: Callable[..., Any], field: str, *args: Any, **kwargs: Any) -> Any:

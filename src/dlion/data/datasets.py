@@ -242,7 +242,7 @@ def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
             dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp", delete=False
         ) as handle:
             tmp_name = handle.name
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
         os.replace(tmp_name, cache_file)
         tmp_name = None
     except OSError:

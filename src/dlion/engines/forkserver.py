@@ -36,7 +36,7 @@ def enabled() -> bool:
     return os.environ.get("DLION_FORKSERVER", "1") != "0"
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
@@ -56,8 +56,10 @@ class ForkedWorker:
     the launcher uses. `returncode` follows Popen: negative for a signal."""
 
     def __init__(self, process: BaseProcess) -> None:
+        if process.pid is None:
+            raise ValueError("ForkedWorker: the process has not been started")
         self._process = process
-        self.pid = process.pid
+        self.pid: int = process.pid
         self.args = process.name
 
     def poll(self) -> int | None:

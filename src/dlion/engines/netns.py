@@ -254,10 +254,12 @@ def make_plan(
         nic = None if w.nic_bytes_per_s is None else _bps(w.nic_bytes_per_s, time_scale)
         classes = []
         for p in peers:
-            shared = cluster.is_shared(w.rank, p)
-            via = cluster.workers[p].site if shared else None
+            shared_pair = cluster.is_shared(w.rank, p)
+            via = cluster.workers[p].site if shared_pair else None
             # A peer behind a site pipe is shaped on the routers: unshaped here.
-            link = UNSHAPED_BPS if shared else _bps(cluster.link(w.rank, p).bandwidth, time_scale)
+            link = (
+                UNSHAPED_BPS if shared_pair else _bps(cluster.link(w.rank, p).bandwidth, time_scale)
+            )
             if nic is None:
                 rate, ceil, parent = link, link, "1:"
             else:
@@ -506,7 +508,7 @@ def _root_networks() -> list[ipaddress.IPv4Network]:
     nets = []
     for iface in json.loads(out or "[]"):
         for a in iface.get("addr_info", []):
-            nets.append(ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False))
+            nets.append(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
     return nets
 
 

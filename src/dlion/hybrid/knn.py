@@ -86,6 +86,13 @@ class KnnRouter(nn.Module):
     """The memory (standardised inputs and gains) and k as buffers, so the router is saved
     with the other weights as safetensors."""
 
+    # Buffers (register_buffer below), declared for the type checker.
+    mean: torch.Tensor
+    std: torch.Tensor
+    memory: torch.Tensor
+    targets: torch.Tensor
+    k: torch.Tensor
+
     def __init__(self, in_features: int, size: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_features))

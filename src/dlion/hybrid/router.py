@@ -14,6 +14,10 @@ class Router(nn.Module):
     weights), then an MLP to `outputs` logits. One logit (the paper's router): higher means
     "send to the cloud", returned as (n,). Two (the gain router, `gain.py`): (n, 2)."""
 
+    # Buffers (register_buffer below), declared for the type checker.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self, in_features: int, hidden: Sequence[int], seed: int, outputs: int = 1
     ) -> None:

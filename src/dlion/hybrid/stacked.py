@@ -156,6 +156,11 @@ class StackedRouter(nn.Module):
     safetensors with the run; the chosen lambda goes to run.json's info).
     forward(x, edge_logits) -> send scores (n,)."""
 
+    # Buffers (register_buffer below), declared for the type checker.
+    mean: torch.Tensor
+    std: torch.Tensor
+    weights: torch.Tensor
+
     def __init__(self, fold_edges: Sequence[SplitModel], num_classes: int) -> None:
         super().__init__()
         self.fold_edges = nn.ModuleList(fold_edges)

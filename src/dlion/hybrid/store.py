@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_name) then rename over `path`: readers never see half a file."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -146,7 +147,7 @@ def save_run(run: HybridRun, run_dir: Path) -> None:
             k: v.detach().contiguous() for k, v in _module(run.models, role).state_dict().items()
         }
         meta = {"format": FORMAT, "role": role, "config_hash": digest}
-        _write_atomic(path, lambda tmp, s=state, m=meta: save_file(s, tmp, metadata=m))
+        _write_atomic(path, partial(save_file, state, metadata=meta))
         files[path.name] = _sha256(path)
     config_text = yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False)
     _write_atomic(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))

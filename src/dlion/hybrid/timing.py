@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch.utils import benchmark
@@ -81,7 +82,7 @@ def measure_components(models: HybridModels, x: torch.Tensor) -> MeasuredCompone
     parts = {}
     for name in ("router", "knn", "entropy"):
         score = scorer(models, name)
-        parts[name] = _median_s(lambda s=score: s(one, features, logits))
+        parts[name] = _median_s(partial(score, one, features, logits))
     return MeasuredComponents(
         edge_s=_median_s(lambda: models.edge.features_and_logits(one)),
         router_s=parts["router"],

@@ -345,7 +345,7 @@ def train_stacked_router(
     mean, std, weights = fit_stacked(features, cloud_correct.double() - edge_correct.double(), lam)
     router.set_fit(mean, std, weights)
     router.eval()
-    info = {
+    info: dict[str, object] = {
         "lambda": "inf" if math.isinf(lam) else lam,
         "cv_routed_acc": {("inf" if math.isinf(k) else str(k)): v for k, v in cv.items()},
         "weights": weights.tolist(),

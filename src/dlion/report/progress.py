@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -151,7 +152,8 @@ class TrainProgress:
             return
         if self._progress is None or self._task is None:
             return
-        fields: dict[str, object] = {"sim_time": f"{sim_time:.1f}", "iteration": iteration}
+        # Any: the type of rich's own `**fields` (what a Rich column may show).
+        fields: dict[str, Any] = {"sim_time": f"{sim_time:.1f}", "iteration": iteration}
         # Keep the last shown accuracy when this update carries none.
         if acc is not None:
             fields["acc"] = f"{acc:.4f}"

@@ -262,14 +262,24 @@ class Sparta(Policy):
         if not chosen:
             return {}
         total = sum(t.dt_s for t in chosen)
+        frequency_mhz = sum(t.mhz * t.dt_s for t in chosen) / total
+        heat_scale = sum(t.heat_scale * t.dt_s for t in chosen) / total
+        progress_rate = progress_done / t_s if t_s > 0 else None
         learned = {
-            "frequency_mhz": sum(t.mhz * t.dt_s for t in chosen) / total,
-            "heat_scale": sum(t.heat_scale * t.dt_s for t in chosen) / total,
-            "progress_rate": progress_done / t_s if t_s > 0 else None,
+            "frequency_mhz": frequency_mhz,
+            "heat_scale": heat_scale,
+            "progress_rate": progress_rate,
         }
         table = self.ctx.table
         if self.opts.learn and table is not None:
-            table.update(self.ctx.app, self.ctx.ambient_c, weight=self.opts.table_weight, **learned)
+            table.update(
+                self.ctx.app,
+                self.ctx.ambient_c,
+                weight=self.opts.table_weight,
+                frequency_mhz=frequency_mhz,
+                heat_scale=heat_scale,
+                progress_rate=progress_rate,
+            )
             table.save()
         return {"learned": learned, "started_from_table": self.from_table}
 

@@ -128,7 +128,7 @@ def write_multimodal_npz(path: str | Path, data: MultimodalData) -> Path:
     arrays = {PREFIX + name: x for name, x in data.modalities.items()}
     if data.labels is not None:
         arrays[LABELS] = data.labels
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
     return path
 
 

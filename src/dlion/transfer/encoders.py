@@ -21,6 +21,10 @@ class Standardize(nn.Module):
     """(x - mean) / std with per-channel (time series) or per-feature statistics as buffers,
     so the saved weights carry the normalization they were trained with."""
 
+    # Buffers (register_buffer below), declared for the type checker.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-FEW_LABEL = "few-label"
-ZERO_LABEL = "zero-label"
+FEW_LABEL: Final = "few-label"
+ZERO_LABEL: Final = "zero-label"
 
 # Trains a head on (features, labels) in place.
 FitHead = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]

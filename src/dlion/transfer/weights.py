@@ -59,6 +59,9 @@ def write_run(
 ) -> None:
     """The source model, the transferred target encoder, the few-label heads (keys `k<k>.`)
     and meta.json with the config and input shapes needed to rebuild them."""
+    last = source.head[-1] if isinstance(source.head, nn.Sequential) else None
+    if not isinstance(last, nn.Linear):
+        raise TypeError("write_run: the source head must end in an nn.Linear (build_head)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = {"format": "dlion-transfer", "source": cfg.data.source, "target": cfg.data.target}
     _save_tensors(out_dir / SOURCE_WEIGHTS, source.state_dict(), tag)
@@ -70,7 +73,7 @@ def write_run(
         "config": cfg.model_dump(mode="json"),
         "source_shape": list(source_shape),
         "target_shape": list(target_shape),
-        "num_classes": int(source.head[-1].out_features),
+        "num_classes": int(last.out_features),
         "files": [SOURCE_WEIGHTS, TARGET_WEIGHTS, HEAD_WEIGHTS],
     }
     write_json_atomic(out_dir / META, meta)
