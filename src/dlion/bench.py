@@ -86,7 +86,7 @@ class Suite(BaseModel):
     description: str = ""
     scenarios: list[str] = Field(min_length=1, description="Shipped names or YAML paths.")
     variants: dict[str, list[str]] = Field(
-        default_factory=lambda: {"default": []},
+        default_factory=lambda: {"default": list[str]()},
         min_length=1,
         description="Named lists of --set overrides (e.g. one per dataset) applied to each "
         "scenario; a run's scenario key is 'scenario/variant' when there are several.",

@@ -30,7 +30,8 @@ from dlion.outdir import default_dir, open_output, resume_output
 try:  # typer >= 0.29 vendors click; older versions use click itself
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click.exceptions import UsageError
+    # Checked against one typer: click is absent with a new one, typer._click with an old.
+    from click.exceptions import UsageError  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 
 app = typer.Typer(

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, TypedDict
 
 import typer
 from rich.console import Console
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 POOR_FIT = 0.10
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+class _LinkArgs(TypedDict):
+    """The link measurement's settings (probe.measure_links, probe_worker.run_links)."""
+
+    bytes_per_pair: int
+    frames: int
+    pings: int
+    timeout_s: float
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -111,7 +120,7 @@ def probe(
     flops = p.flops_per_sample(cfg)
     _report_fit(cfg, fit, times, fit_on, flops)
     cluster = Cluster.from_config(cfg.cluster)
-    link_args = {
+    link_args: _LinkArgs = {
         "bytes_per_pair": int(mb_per_pair * 1e6),
         "frames": frames,
         "pings": pings,
@@ -190,7 +199,7 @@ def _torchrun_rank() -> tuple[int, int] | None:
 def _across_torchrun(
     fit: StepFit,
     links: bool,
-    link_args: dict[str, Any],
+    link_args: _LinkArgs,
     rank: int,
     world: int,
 ) -> tuple[list[StepFit], list[PairRate]]:

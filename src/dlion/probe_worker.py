@@ -140,7 +140,8 @@ def _latency(
         start = time.perf_counter()
         transport.send(dst, b"P", due=0.0)
         with recv.lock:
-            if not recv.lock.wait_for(lambda b=before: recv.pongs.get(dst, 0) > b, timeout_s):
+            # mypy cannot infer the type of a lambda with a default argument.
+            if not recv.lock.wait_for(lambda b=before: recv.pongs.get(dst, 0) > b, timeout_s):  # type: ignore[misc]
                 raise TimeoutError(f"no pong from {dst}")
         best = min(best, time.perf_counter() - start)
     return best / 2

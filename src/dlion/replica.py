@@ -104,7 +104,7 @@ class Replica:
     @property
     def x(self) -> torch.Tensor:
         """This shard's inputs as one tensor (tensor-backed data only)."""
-        return self.data.batch(self.indices)[0]  # type: ignore[return-value]
+        return self.data.batch(self.indices)[0]
 
     @property
     def y(self) -> torch.Tensor:

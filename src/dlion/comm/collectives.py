@@ -8,7 +8,14 @@ from typing import Any, Protocol
 
 import torch
 
-from dlion.comm.messages import VALUE_BYTES, Dense, Message, Payload, RecvResult
+from dlion.comm.messages import (
+    VALUE_BYTES,
+    Dense,
+    Message,
+    Payload,
+    RecvResult,
+    dense_values,
+)
 
 
 class WorkerContext(Protocol):
@@ -59,7 +66,7 @@ async def _exchange(
     )
     if not isinstance(got, Message):
         raise CollectiveFailed(f"ring all-reduce step {tag}: {got}")
-    return got.payload.values  # type: ignore[union-attr]
+    return dense_values(got)
 
 
 async def ring_allreduce(
@@ -222,7 +229,7 @@ async def sharded_allreduce(
     parts = {me: mine}
     for r, msg in zip(others, got, strict=True):
         if isinstance(msg, Message):
-            parts[r] = msg.payload.values  # type: ignore[union-attr]
+            parts[r] = dense_values(msg)
             metas[r] = dict(msg.meta)
         else:
             lost.append(r)
@@ -238,7 +245,7 @@ async def sharded_allreduce(
     out = [summed if r == me else shards[ranks.index(r)].clone() for r in ranks]
     for r, msg in zip(others, got, strict=True):
         if isinstance(msg, Message):
-            out[ranks.index(r)] = msg.payload.values  # type: ignore[union-attr]
+            out[ranks.index(r)] = dense_values(msg)
         elif r not in lost:
             lost.append(r)
     await asyncio.gather(*sends)

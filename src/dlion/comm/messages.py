@@ -150,6 +150,16 @@ class ViewChanged:
 RecvResult = Message | Timeout | PeerGone | ViewChanged
 
 
+def dense_values(msg: Message) -> torch.Tensor:
+    """The tensor of a message whose protocol step sends a Dense payload."""
+    if not isinstance(msg.payload, Dense):
+        raise TypeError(
+            f"message {msg.tag!r} from rank {msg.src}: expected a Dense payload, "
+            f"got {type(msg.payload).__name__}"
+        )
+    return msg.payload.values
+
+
 def tensor_problem(payload: Payload, numel: int | None) -> str | None:
     """Why a received tensor payload must be rejected (wrong size, dtype, non-finite), or None."""
     if isinstance(payload, Dense):

@@ -142,7 +142,8 @@ class _PeerLink:
                 return
             if self.transport.on_timing is not None:
                 self.transport.on_timing(self.peer, n, first, last)
-            self.transport.on_frame(self.peer, memoryview(buf.cpu().numpy()))
+            # numpy's stub gives ndarray the buffer protocol only for Python >= 3.12.
+            self.transport.on_frame(self.peer, memoryview(buf.cpu().numpy()))  # type: ignore[arg-type]
 
     def _fail(self, why: str) -> None:
         # gloo appends advice meant for collective users; the first sentence is the news.
@@ -223,12 +224,14 @@ class PairTransport:
             if self._bind is None:
                 self._bind = (gloo_bind_address(prefix),)
             address = self._bind[0]
+        # torch's stubs type ProcessGroupGloo as a c10d Backend without send/recv (it has
+        # them at run time) and lack _Options, the options class its constructor takes.
         if address is None:  # gloo's default (it reads GLOO_SOCKET_IFNAME itself)
-            return dist.ProcessGroupGloo(prefix, me, 2, self.timeout)
-        options = dist.ProcessGroupGloo._Options()
+            return dist.ProcessGroupGloo(prefix, me, 2, self.timeout)  # type: ignore[return-value]
+        options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         options._timeout = self.timeout
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
-        return dist.ProcessGroupGloo(prefix, me, 2, options)
+        return dist.ProcessGroupGloo(prefix, me, 2, options)  # type: ignore[return-value]
 
     def connect(self, peer: int, incarnation: str) -> None:
         """Form the pair group with `peer` (blocks until the peer does the same).
@@ -242,7 +245,8 @@ class PairTransport:
         prefix = dist.PrefixStore(f"pair/{lo}-{hi}/{incarnation}/", self.store_factory())
         me = 0 if self.rank == lo else 1
         if self.backend == "nccl":
-            group: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, me, 2)
+            # torch's stub: NCCL's `options` has no default (it has one), and it is a Backend.
+            group: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, me, 2)  # type: ignore[call-arg,assignment]
         else:
             group = self._gloo(prefix, me)
         with self._lock:

@@ -57,10 +57,12 @@ class CollectiveGroups:
         """Blocks until all `size` members have called it with the same `key`."""
         # A store client per group: a rendezvous given up on may still block in its own.
         store = dist.PrefixStore(f"coll/{key}/", self._store_factory())
+        # torch's stubs type these two as c10d Backends without send/recv/allreduce (they
+        # have them at run time) and give NCCL's `options` no default (it has one).
         if self.backend == "nccl":
-            group: dist.ProcessGroup = dist.ProcessGroupNCCL(store, index, size)
+            group: dist.ProcessGroup = dist.ProcessGroupNCCL(store, index, size)  # type: ignore[call-arg,assignment]
         else:
-            group = dist.ProcessGroupGloo(store, index, size, self.timeout)
+            group = dist.ProcessGroupGloo(store, index, size, self.timeout)  # type: ignore[assignment]
         with self._lock:
             # Only the newest membership's group stays in use; older ones are retired.
             self._retired.extend(self._groups.values())

@@ -474,8 +474,12 @@ class DistWorker:
         fut: asyncio.Future[None] = self.loop.create_future()
         self._inflight.setdefault(dst, set()).add(fut)
 
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
         def sent() -> None:
-            self._from_thread(lambda: fut.done() or fut.set_result(None))
+            self._from_thread(resolve)
 
         if not self.transport.send(dst, frame, due=start + latency, on_sent=sent):
             self._inflight[dst].discard(fut)
@@ -825,7 +829,8 @@ class DistWorker:
         }
         msg = Message(self.rank, -1, "snapshot", Dense(ctx.replica.model_state()), ctx.now(), meta)
         with contextlib.suppress(Exception):
-            self.store.set(Keys.snapshot(k, self.rank), encode(msg))
+            # torch's stub types the value as str; the store takes bytes (binary-safe).
+            self.store.set(Keys.snapshot(k, self.rank), encode(msg))  # type: ignore[arg-type]
 
 
 def _settle(done: asyncio.Future[None], work: torch.futures.Future[Any]) -> None:

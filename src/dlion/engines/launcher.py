@@ -49,6 +49,7 @@ from dlion.comm.job import (
     store_get_json,
     store_has,
 )
+from dlion.comm.messages import dense_values
 from dlion.config import ExperimentConfig
 from dlion.dynamics import membership_schedule
 from dlion.engines import forkserver
@@ -326,7 +327,7 @@ class Coordinator:
                 msg = decode(self.store.get(key), 1 << 31)
             except BadFrame:
                 continue
-            self._last[r] = (msg.payload.values, msg.meta)  # type: ignore[union-attr]
+            self._last[r] = (dense_values(msg), msg.meta)
             self.store.delete_key(key)
 
     def _evaluate(self, params: torch.Tensor) -> tuple[float, float]:

@@ -341,7 +341,7 @@ def run_sim(
         asyncio.set_event_loop(loop)
         engine = _SimEngine(cfg, loop)
         engine.checkpointer = checkpointer
-        loop.set_task_factory(engine.task_factory)  # type: ignore[arg-type]
+        loop.set_task_factory(engine.task_factory)
         if out_dir is not None and not resume:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_config(out_dir, cfg)
@@ -350,8 +350,7 @@ def run_sim(
             shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
         # A replay logs to memory until it has matched its checkpoint (then the file is
         # cut back to the checkpoint's history and appended to).
-        logged = out_dir is not None and not resume
-        engine.log = MetricsLog(out_dir / "metrics.jsonl" if logged else None)
+        engine.log = MetricsLog(None if out_dir is None or resume else out_dir / "metrics.jsonl")
         text = description or f"{cfg.name} {label or spec.name}"
         with engine.log, TrainProgress(text, cfg.train.max_time, enabled=progress) as bar:
             # Wall time of the training loop alone (data loading and setup excluded).

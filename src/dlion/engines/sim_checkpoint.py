@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,9 @@ class _SimEngine(Protocol):
     """What a checkpoint reads from the sim engine (engines/sim.py) and restores into it;
     a protocol, so this module does not import the engine that imports it."""
 
-    contexts: list[WorkerContext]
+    @property
+    def contexts(self) -> Sequence[WorkerContext]: ...  # read only: the engine's are SimContexts
+
     log: MetricsLog
     running: set[int]
     believed: dict[int, int]

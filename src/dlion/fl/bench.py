@@ -21,7 +21,7 @@ import json
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,7 +76,7 @@ class FLSuite(BaseModel):
     description: str = ""
     scenarios: list[str] = Field(min_length=1, description="FL config names or YAML paths.")
     variants: dict[str, list[str]] = Field(
-        default_factory=lambda: {"default": []},
+        default_factory=lambda: {"default": list[str]()},
         min_length=1,
         description="Named --set override lists applied to each scenario.",
     )
@@ -222,6 +222,14 @@ def _config(base: FLConfig, algorithm: str, options: dict[str, Any], seed: int) 
     return FLConfig.model_validate({**raw, "train": {**raw["train"], "seed": seed}})
 
 
+class _Scored(TypedDict):
+    """One grid point of the search and its pilot runs' means."""
+
+    options: dict[str, Any]
+    acc: float
+    tta_penalized: float
+
+
 def _search(
     suite: FLSuite,
     chosen: list[SuiteAlgorithm],
@@ -245,7 +253,7 @@ def _search(
     tuned: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"seeds": search.seeds, "settings": search.settings, "algorithms": {}}
     for algo in searched:
-        scored = []
+        scored: list[_Scored] = []
         for n, point in enumerate(algo.grid_points()):
             accs, ttas = [], []
             for key, base in bases.items():

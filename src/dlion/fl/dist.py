@@ -131,7 +131,7 @@ class _DistFLContext(ClientContext):
             rank=rank,
             world=list(range(size)),
             sites=["server"] + ["client"] * (size - 1),
-            replica=replica,  # type: ignore[arg-type]  (clients start without a model)
+            replica=replica,  # type: ignore[arg-type]  # clients start without a model
             global_batch=proc.cfg.local.batch_size,
             recv_timeout=_IDLE_RECV_S,
             bandwidth_seed={p: proc.link_rate(p) for p in peers},

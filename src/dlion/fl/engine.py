@@ -111,7 +111,7 @@ class _Context(ClientContext):
             rank=rank,
             world=list(range(engine.cluster.size)),
             sites=["server"] + ["client"] * (engine.cluster.size - 1),
-            replica=replica,  # type: ignore[arg-type]  (clients start without a model)
+            replica=replica,  # type: ignore[arg-type]  # clients start without a model
             global_batch=engine.cfg.local.batch_size,
             recv_timeout=_IDLE_RECV_S,
             bandwidth_seed={p: engine.cluster.link(rank, p).bandwidth for p in peers},

@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from dlion.comm.messages import Control, Dense, Message, Timeout, tensor_problem
+from dlion.comm.messages import (
+    Control,
+    Dense,
+    Message,
+    Timeout,
+    dense_values,
+    tensor_problem,
+)
 from dlion.context import WorkerContext
 from dlion.errors import SimulationError
 from dlion.fl.base import Algorithm, ServerState, Update
@@ -304,7 +311,7 @@ class Server:
             self.stats.reject(problem)
             self.ctx.record("rejected", client=src, why=problem)
             return
-        values = msg.payload.values  # type: ignore[union-attr]  (a Dense: screened above)
+        values = dense_values(msg)  # a Dense: screened above
         delta, clipped = self.norms.screen(values)
         if delta is None:
             self.stats.reject("norm above bound")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -52,7 +53,7 @@ def plot_accuracy_vs_time(
     return path
 
 
-def _line_style(index: int, label: str) -> dict[str, object]:
+def _line_style(index: int, label: str) -> dict[str, Any]:  # Any: matplotlib's **kwargs
     """A distinct look per line: the default 10-colour cycle repeats in a 12-strategy bench.
     The ideal bound is a dotted black reference; DLion itself is drawn thicker."""
     if label == "ideal":

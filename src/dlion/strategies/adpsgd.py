@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlion.comm.messages import Control, Dense, Message
+from dlion.comm.messages import Control, Dense, Message, dense_values
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
 
@@ -210,7 +210,7 @@ async def _serve_after_own(ctx: WorkerContext, state: _State, msg: Message) -> b
 
 def _reply_average(ctx: WorkerContext, msg: Message) -> Coroutine[object, object, bool]:
     """Average with the requester now (no await: atomic), then send the result back."""
-    average = pairwise_average(ctx.replica.model_state(), msg.payload.values)  # type: ignore[union-attr]
+    average = pairwise_average(ctx.replica.model_state(), dense_values(msg))
     ctx.replica.set_model_state(average)
     return ctx.send(msg.src, f"avg-rep{int(msg.meta['seq'])}", Dense(average))
 

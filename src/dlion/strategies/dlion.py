@@ -401,8 +401,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         ctx.restored_state(f"squares.{s}"),
                     )
                     pipe = _Pipe(s, residual)
-                    ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)
-                    ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)
+                    # mypy cannot infer the type of a lambda with a default argument.
+                    ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)  # type: ignore[misc]
+                    ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)  # type: ignore[misc]
                     pipe.task = asyncio.ensure_future(_pump(ctx, pipe, opt))
                     pipes[s] = pipe
             for s, pipe in pipes.items():
@@ -427,8 +428,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 delay = opt.max_delay
                 if delay is None and opt.lockstep_slack is not None and s != my_site:
                     paces = site_iteration_times(groups, known, G, len(ranks))
-                    if paces.get(s) is not None and paces.get(my_site) is not None:
-                        slow = paces[s] > (1 + opt.lockstep_slack) * paces[my_site]
+                    pace, my_pace = paces.get(s), paces.get(my_site)
+                    if pace is not None and my_pace is not None:
+                        slow = pace > (1 + opt.lockstep_slack) * my_pace
                         delay = None if slow else 1
                 if s in pipes:
                     pipes[s].lockstep = delay is not None

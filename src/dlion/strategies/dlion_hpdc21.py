@@ -231,7 +231,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if p not in links or links[p][0] != ctx.incarnation(p):
                 link = LinkResidual(numel, ctx.restored_state(f"residual.{p}"))
                 links[p] = (ctx.incarnation(p), link)
-                ctx.keep_state(f"residual.{p}", lambda link=link: link.residual)
+                # mypy cannot infer the type of a lambda with a default argument.
+                ctx.keep_state(f"residual.{p}", lambda link=link: link.residual)  # type: ignore[misc]
             if opt.pge:
                 k = link_budget_entries(
                     ctx.bandwidth(p),

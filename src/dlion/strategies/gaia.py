@@ -67,7 +67,7 @@ from collections.abc import Callable, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlion.comm.messages import Dense, Message, Sparse
+from dlion.comm.messages import Dense, Message, Sparse, dense_values
 from dlion.context import WorkerContext
 from dlion.strategies.allreduce import equal_batches
 
@@ -238,7 +238,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         parts = {me: weighted[a:b]}
         for (r, _, _), msg in zip(others, got, strict=True):
             if isinstance(msg, Message):
-                parts[r] = msg.payload.values  # type: ignore[union-attr]
+                parts[r] = dense_values(msg)
             else:
                 lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))
@@ -310,7 +310,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         total[a:b] += combined
         for (r, s, e), msg in zip(others, got, strict=True):
             if isinstance(msg, Message):
-                total[s:e] += msg.payload.values  # type: ignore[union-attr]
+                total[s:e] += dense_values(msg)
             else:
                 lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))

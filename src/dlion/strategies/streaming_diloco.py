@@ -144,7 +144,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if p == 0:
                 vector = torch.cat([vector, ctx.replica.buffers * weight])
             tag = f"sd{epoch}.{step}"
-            task = asyncio.ensure_future(
+            task: asyncio.Future[torch.Tensor] = asyncio.ensure_future(
                 ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
             )
             pending.append((step + opt.tau, p, task))

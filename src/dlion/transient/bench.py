@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from dlion.config import ExperimentConfig, load_config, with_changes
 from dlion.errors import DlionError
@@ -343,6 +343,16 @@ def run_bench(
 # ----------------------------------------------------------------------------- perf
 
 
+class _PerfSample(TypedDict):
+    """One random configuration that the step model is profiled on."""
+
+    capacity: float  # GFLOP/s per worker
+    batch: int
+    hidden: list[int]
+    workers: int
+    bandwidth: int  # Mb/s
+
+
 def perf_bench(
     catalog: Catalog,
     out_dir: Path,
@@ -357,7 +367,7 @@ def perf_bench(
     split (fit on <= 4 workers, predict 8). Checkpoint model: real atomic safetensors writes
     of growing size on this machine; fit on some sizes, error on the others."""
     rng = random.Random(seed)
-    samples = []
+    samples: list[_PerfSample] = []
     for _ in range(configs):
         samples.append(
             {
