@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dlion.comm.codec import BadFrame, decode, encode
-from dlion.comm.messages import Control, Dense, Message, Scalar, Sparse
+from dlion.comm.messages import Control, Dense, Message, Scalar, Sparse, dense_values
 
 LIMIT = 1 << 20
 
@@ -123,3 +123,16 @@ def test_an_empty_sparse_payload_round_trips() -> None:
     frame = bytearray(encode(Message(0, 1, "g", empty, 0.0)))
     got = decode(memoryview(frame), max_bytes=1 << 20).payload
     assert isinstance(got, Sparse) and got.indices.numel() == 0 and got.numel == 10
+
+
+def test_dense_values_refuses_any_other_payload() -> None:
+    """A Dense-protocol step (ring and sharded all-reduce, Gaia, AD-PSGD, the FL server) reads
+    the tensor through dense_values: a Sparse of one entry used to broadcast into the sum
+    silently, and a Quantized gave its `values` method instead of a tensor."""
+    values = torch.tensor([1.0, 2.0])
+    assert dense_values(Message(0, 1, "t", Dense(values), 0.0)) is values
+    sparse = Sparse(torch.tensor([3]), torch.tensor([5.0]), 8)
+    with pytest.raises(TypeError, match="'t' from rank 0: expected a Dense payload, got Sparse"):
+        dense_values(Message(0, 1, "t", sparse, 0.0))
+    with pytest.raises(TypeError, match="got Scalar"):
+        dense_values(Message(2, 1, "t", Scalar(1.0), 0.0))
