@@ -52,6 +52,7 @@ import torch.distributed as dist
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.collectives import CollectiveFailed, ring_bytes
+from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger
 from dlion.comm.job import (
     Keys,
     call_from_thread,
@@ -284,6 +285,10 @@ class DistWorker:
         self._probe_rates: dict[int, list[float]] = {}
         self._probed: dict[int, tuple[int, float]] = {}
         self._probe_answers = threading.Condition()
+        # Sends that end when their bytes have crossed (comm/delivery.py): the sender's
+        # ledger (on the loop) and the receiver threads' count of acknowledged frames.
+        self.delivery = DeliveryLedger()
+        self._received: dict[int, int] = {}
         self.ctx._on_record = lambda r, event, fields: self.log.write(
             event, t=self.ctx.now(), rank=r, **fields
         )
@@ -473,6 +478,9 @@ class DistWorker:
             return done - start
         fut: asyncio.Future[None] = self.loop.create_future()
         self._inflight.setdefault(dst, set()).add(fut)
+        index, crossed = self.delivery.on_send(
+            dst, len(frame), start + latency, self.ctx.bandwidth(dst)
+        )
 
         def sent() -> None:
             self._from_thread(lambda: fut.done() or fut.set_result(None))
@@ -486,9 +494,27 @@ class DistWorker:
             # _peer_gone may have dropped dst's whole set (waking this future) meanwhile.
             self._inflight.get(dst, set()).discard(fut)
         # gloo reports a send done once the socket took it (up to megabytes of buffer), not
-        # once it arrived: that time would inflate the bandwidth estimate far above the
-        # link's. Report none here: the receiver's acknowledgement feeds the estimate.
+        # once it arrived: the send ends when its bytes have crossed (comm/delivery.py).
+        await self._until_crossed(dst, index, crossed)
+        # That time comes from the estimate itself: report none, the receiver's
+        # acknowledgement feeds the estimate.
         return 0.0
+
+    async def _until_crossed(self, dst: int, index: int, crossed: float) -> None:
+        """The rest of a send on a real link: its modelled crossing time, then the window
+        of acknowledged frames (comm/delivery.py)."""
+        wait = crossed - time.monotonic()
+        if wait > 0 and dst in self.linked:
+            await asyncio.sleep(wait)
+        timeout = self.cfg.engine.peer_timeout
+        if dst in self.linked and not await self.delivery.wait(dst, index, timeout):
+            self.log.write(
+                "ack_timeout",
+                t=self.ctx.now(),
+                rank=self.rank,
+                peer=dst,
+                unacknowledged=self.delivery.unacknowledged(dst),
+            )
 
     # ---------------------------------------------------------------- native all-reduce
     async def allreduce_sum(
@@ -562,13 +588,28 @@ class DistWorker:
         """Receiver thread: a frame arrived whole; it is acknowledged once decoded."""
         self._arrival[peer] = (nbytes, first, last)
 
-    def _acknowledge(self, peer: int, nbytes: int, seconds: float, probe: bool = False) -> None:
-        """Receiver thread: tell `peer` how long `nbytes` of its took to arrive."""
-        meta = {"bytes": float(nbytes), "seconds": seconds}
+    def _acknowledge(
+        self, peer: int, nbytes: int, seconds: float, probe: bool = False, count: int = 0
+    ) -> None:
+        """Receiver thread: tell `peer` how long `nbytes` of its took to arrive (seconds 0:
+        not timed) and how many acknowledged frames of its have arrived (`count`)."""
+        meta = {"bytes": float(nbytes), "seconds": seconds, "n": float(count)}
         if probe:
             meta["probe"] = 1.0
         ack = Message(self.rank, peer, DELIVERY_TAG, Control("delivered"), 0.0, meta)
-        self.transport.send(peer, encode(ack), due=0.0)
+        self.transport.send(peer, encode(ack), due=0.0, urgent=True)
+
+    def _count_arrival(self, peer: int, arrival: tuple[int, float, float] | None) -> None:
+        """Receiver thread: a data frame from `peer` arrived; acknowledge it if it is one
+        its sender counts (comm/delivery.py), with its timing if it is large enough."""
+        if arrival is None or arrival[0] < ACK_MIN_BYTES:
+            return
+        nbytes, first, last = arrival
+        count = self._received.get(peer, 0) + 1
+        self._received[peer] = count
+        timed = nbytes >= self.cfg.engine.measure_min_bytes and last > first
+        spanned = self.transport.timed_bytes(nbytes)
+        self._acknowledge(peer, spanned, last - first if timed else 0.0, count=count)
 
     def _answer_probe(self, peer: int, msg: Message, arrival: tuple[int, float, float]) -> None:
         """Receiver thread: the first probe frame opens the connection's window and wakes
@@ -580,13 +621,15 @@ class DistWorker:
         if seq == 0 or last <= first:
             return
         rates = self._probe_rates.setdefault(peer, [])
-        rates.append(nbytes / (last - first))
+        rates.append(self.transport.timed_bytes(nbytes) / (last - first))
         if seq == PROBE_FRAMES - 1:
             rate = statistics.median(self._probe_rates.pop(peer))
             self._acknowledge(peer, nbytes, nbytes / rate, probe=True)
 
     def _delivered(self, msg: Message) -> None:
-        """On the loop: `msg.src` timed one of our frames; the link estimate follows it."""
+        """On the loop: `msg.src` received (and may have timed) one of our frames: the
+        window of sends opens, and the link estimate follows the timing."""
+        self.delivery.on_ack(msg.src, int(msg.meta.get("n", 0)))
         nbytes, seconds = int(msg.meta.get("bytes", 0)), float(msg.meta.get("seconds", 0.0))
         if nbytes <= 0 or not seconds > 0:
             return
@@ -607,7 +650,8 @@ class DistWorker:
         try:
             msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
         except BadFrame as err:
-            self._arrival.pop(peer, None)
+            # Still acknowledged: its sender counted it.
+            self._count_arrival(peer, self._arrival.pop(peer, None))
             self._from_thread(self._reject, peer, str(err))
             return
         arrival = self._arrival.pop(peer, None)
@@ -622,10 +666,8 @@ class DistWorker:
                     self._probed[peer] = (nbytes, seconds)
                     self._probe_answers.notify_all()
             return
-        if arrival is not None:
-            nbytes, first, last = arrival
-            if nbytes >= self.cfg.engine.measure_min_bytes and last > first:
-                self._acknowledge(peer, nbytes, last - first)
+        if msg.tag != DELIVERY_TAG:
+            self._count_arrival(peer, arrival)
         self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
@@ -649,6 +691,7 @@ class DistWorker:
             return
         self.linked.discard(peer)
         self.transport.drop(peer)
+        self.delivery.reset(peer)
         if peer not in self.live:  # a joiner that never became a member: nothing to tell
             self.log.write("joiner_lost", t=self.ctx.now(), rank=self.rank, peer=peer, why=why)
             return
@@ -731,6 +774,7 @@ class DistWorker:
 
     def _link_joiner(self, peer: int, inc: int) -> None:
         label = pair_label(self.rank, self.incarnation, peer, inc)
+        self._received[peer] = 0  # a new link: its sender counts from 1 again
         try:
             self.transport.connect(peer, incarnation=label)
         except Exception as err:  # the joiner died during its start-up: it never joins
@@ -747,6 +791,7 @@ class DistWorker:
     def _linked(self, peer: int, inc: int) -> None:
         self.peer_inc[peer] = inc
         self.linked.add(peer)
+        self.delivery.reset(peer)
         self.log.write("joiner_linked", t=self.ctx.now(), rank=self.rank, peer=peer, inc=inc)
 
     def _admit(self, peer: int, since: int, epoch: int) -> None:
