@@ -9,9 +9,12 @@ The strategy is the same coroutine the sim runs; only the context differs:
   (comm/transport.py), paced per link and NIC by comm/shaping.py;
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
-  real links) the receiver times every large frame from its length's arrival to its last
-  byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that, so a
-  link whose rate changes mid-run is followed within a few sends. The configured speeds
+  real links) the receiver times every large frame from its first chunk's arrival to its
+  last byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that,
+  so a link whose rate changes mid-run is followed within a few sends. A send there ends
+  when its bytes have crossed, as in the sim, not when the kernel took them
+  (comm/delivery.py: the estimate's crossing time, then at most one acknowledged frame
+  beyond), so messages sized to the estimate cannot queue up in socket buffers. The configured speeds
   are not even the start: when the links are formed, each worker sends every peer four
   frames of `engine.probe_bytes` back to back, and the median of the receiver's rates for
   the last three (the first opens the connection's window and wakes the receiving thread)
