@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 
-from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger, crossing_time, window_open
+from dlion.comm.delivery import (
+    ACK_MIN_BYTES,
+    DeliveryLedger,
+    crossing_time,
+    reading_counts,
+    window_open,
+)
 
 
 def test_crossing_time_queues_behind_the_previous_frame() -> None:
@@ -77,3 +83,12 @@ def test_a_missing_acknowledgement_times_out_and_a_reset_wakes_waiters() -> None
         return timed_out, woken
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+def test_small_frames_feed_the_estimate_only_when_they_take_long_enough_to_time() -> None:
+    # 16 kB and up always; an 8 kB frame (4 kB timed) at 4 Mbit/s estimated is 8 ms: no;
+    # at 2 Mbit/s (or a link now slower than its estimate says) 16 ms: yes.
+    assert reading_counts(20_000, 15_912, 5e6, 16_384)
+    assert not reading_counts(8_192, 4_104, 500_000.0, 16_384)
+    assert reading_counts(8_192, 4_104, 250_000.0, 16_384)
+    assert not reading_counts(8_192, 4_104, 0.0, 16_384)

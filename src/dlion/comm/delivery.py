@@ -9,9 +9,9 @@ side):
 
 - every data frame of at least `ACK_MIN_BYTES` is acknowledged by its receiver, which
   counts such frames per link and sends the count back (ahead of any queued data frame,
-  so an acknowledgement waits behind at most the one frame in progress); frames of at
-  least `engine.measure_min_bytes` also carry the receiver's timing of the frame, which
-  feeds the bandwidth estimate (engines/dist.py);
+  so an acknowledgement waits behind at most the one frame in progress), with the
+  receiver's timing of the frame, which feeds the bandwidth estimate (engines/dist.py)
+  when the frame is long enough to time (`reading_counts`);
 - a send of n bytes ends at the latest of: the transport handed it to the kernel; its
   crossing time by the current estimate B of the link, `crossing_time` = max(leave,
   busy) + n / B, where busy is when the link's previous frame crosses by the same
@@ -40,9 +40,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-# Frames that do not fit the transport's first block (comm/transport.py FIRST_BLOCK) are
-# acknowledged: control messages and acknowledgements themselves are smaller.
+# Frames above 1 kB are acknowledged: control messages and acknowledgements are smaller.
 ACK_MIN_BYTES = 1024
+# A receiver's timing of a frame smaller than `engine.measure_min_bytes` counts when the
+# sender's estimate says its timed part takes at least this long: thread wake-ups on a
+# loaded host move a span by milliseconds, so a 1 ms span reads anything, a 10 ms one
+# within about 10-20%.
+MIN_TIMED_SPAN_S = 0.01
 
 
 def crossing_time(leave: float, busy: float, nbytes: int, rate: float) -> float:
@@ -51,6 +55,19 @@ def crossing_time(leave: float, busy: float, nbytes: int, rate: float) -> float:
     if rate <= 0:
         raise ValueError(f"crossing_time: rate must be positive, got {rate}")
     return max(leave, busy) + nbytes / rate
+
+
+def reading_counts(frame: int, timed: int, estimate: float, min_frame: int) -> bool:
+    """Does the receiver's timing of `timed` bytes of a `frame`-byte frame feed the link's
+    estimate? Yes for frames of at least `min_frame` bytes (`engine.measure_min_bytes`),
+    and for smaller ones whose timed part takes at least MIN_TIMED_SPAN_S at `estimate`
+    bytes/s. Why the second: a strategy that sizes its messages to the estimate sends
+    small ones on a slow link; when that link slows further (a tc class change to a
+    tenth), only small frames cross it, and without them the estimate would stay 10x too
+    high all run (RESULTS.md section 15c: the site-b leader's 3-15 kB messages). An
+    estimate that is too high only makes the span look shorter, so a link that slowed is
+    still caught once its frames take MIN_TIMED_SPAN_S at the old rate."""
+    return frame >= min_frame or (estimate > 0 and timed / estimate >= MIN_TIMED_SPAN_S)
 
 
 def window_open(index: int, acked: int) -> bool:

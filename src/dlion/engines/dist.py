@@ -9,18 +9,18 @@ The strategy is the same coroutine the sim runs; only the context differs:
   (comm/transport.py), paced per link and NIC by comm/shaping.py;
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
-  real links) the receiver times every large frame from its first chunk's arrival to its
-  last byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that,
-  so a link whose rate changes mid-run is followed within a few sends. A send there ends
-  when its bytes have crossed, as in the sim, not when the kernel took them
-  (comm/delivery.py: the estimate's crossing time, then at most one acknowledged frame
-  beyond), so messages sized to the estimate cannot queue up in socket buffers. The configured speeds
-  are not even the start: when the links are formed, each worker sends every peer four
-  frames of `engine.probe_bytes` back to back, and the median of the receiver's rates for
-  the last three (the first opens the connection's window and wakes the receiving thread)
-  seeds the estimate. Without it a link configured 10x too slow would
-  stay so: the strategy sizes its messages to the estimate, and frames below
-  `engine.measure_min_bytes` are never timed;
+  real links) the receiver times each frame from its first chunk's arrival to its last
+  byte and acknowledges (bytes, seconds) to the sender, whose estimate follows the frames
+  long enough to time (`reading_counts`), so a link whose rate changes mid-run is
+  followed within a few sends. A send there ends when its bytes have crossed, as in the
+  sim, not when the kernel took them (comm/delivery.py: the estimate's crossing time,
+  then at most one acknowledged frame beyond), so messages sized to the estimate cannot
+  queue up in socket buffers. The configured speeds are not even the start: when the
+  links are formed, each worker sends every peer four frames of `engine.probe_bytes`
+  back to back, and the median of the receiver's rates for the last three (the first
+  opens the connection's window and wakes the receiving thread) seeds the estimate.
+  Without it a link configured 10x too slow would stay so: the strategy sizes its
+  messages to the estimate, and frames too short to time are never timed;
 - membership: peers are dropped when their link fails (a killed process resets its
   connections at once), when they announce leaving (SIGTERM), or when their heartbeat in
   the job's store is older than `engine.peer_timeout`. A dropped peer wakes every receive
@@ -55,7 +55,7 @@ import torch.distributed as dist
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.collectives import CollectiveFailed, ring_bytes
-from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger
+from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger, reading_counts
 from dlion.comm.job import (
     Keys,
     call_from_thread,
@@ -592,11 +592,19 @@ class DistWorker:
         self._arrival[peer] = (nbytes, first, last)
 
     def _acknowledge(
-        self, peer: int, nbytes: int, seconds: float, probe: bool = False, count: int = 0
+        self,
+        peer: int,
+        nbytes: int,
+        seconds: float,
+        probe: bool = False,
+        count: int = 0,
+        frame: int = 0,
     ) -> None:
-        """Receiver thread: tell `peer` how long `nbytes` of its took to arrive (seconds 0:
-        not timed) and how many acknowledged frames of its have arrived (`count`)."""
+        """Receiver thread: tell `peer` how long `nbytes` of its `frame`-byte frame took
+        to arrive (seconds 0: not timed) and how many acknowledged frames of its have
+        arrived (`count`)."""
         meta = {"bytes": float(nbytes), "seconds": seconds, "n": float(count)}
+        meta["frame"] = float(frame or nbytes)
         if probe:
             meta["probe"] = 1.0
         ack = Message(self.rank, peer, DELIVERY_TAG, Control("delivered"), 0.0, meta)
@@ -610,9 +618,8 @@ class DistWorker:
         nbytes, first, last = arrival
         count = self._received.get(peer, 0) + 1
         self._received[peer] = count
-        timed = nbytes >= self.cfg.engine.measure_min_bytes and last > first
         spanned = self.transport.timed_bytes(nbytes)
-        self._acknowledge(peer, spanned, last - first if timed else 0.0, count=count)
+        self._acknowledge(peer, spanned, max(0.0, last - first), count=count, frame=nbytes)
 
     def _answer_probe(self, peer: int, msg: Message, arrival: tuple[int, float, float]) -> None:
         """Receiver thread: the first probe frame opens the connection's window and wakes
@@ -634,7 +641,11 @@ class DistWorker:
         window of sends opens, and the link estimate follows the timing."""
         self.delivery.on_ack(msg.src, int(msg.meta.get("n", 0)))
         nbytes, seconds = int(msg.meta.get("bytes", 0)), float(msg.meta.get("seconds", 0.0))
+        frame = int(msg.meta.get("frame", nbytes))
         if nbytes <= 0 or not seconds > 0:
+            return
+        estimate, least = self.ctx.bandwidth(msg.src), self.cfg.engine.measure_min_bytes
+        if not reading_counts(frame, nbytes, estimate, least):
             return
         self.ctx.observe_delivery(msg.src, nbytes, seconds)
         self.log.write(
