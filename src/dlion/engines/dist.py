@@ -63,6 +63,7 @@ from dlion.comm.job import (
     check_membership,
     connect_all,
     first_line,
+    heartbeat_stale,
     member_record,
     pair_label,
     register,
@@ -750,8 +751,8 @@ class DistWorker:
                     if store_has(store, Keys.left(peer, self.peer_inc[peer])):
                         self._from_thread(self._peer_gone, peer, "left")
                     elif store_has(store, Keys.heartbeat(peer)):
-                        seen = float(store_get_json(store, Keys.heartbeat(peer))["wall"])
-                        if time.time() - seen > timeout:
+                        record = store_get_json(store, Keys.heartbeat(peer))
+                        if heartbeat_stale(record, self.peer_inc[peer], time.time(), timeout):
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
                             )
