@@ -223,6 +223,8 @@ class _PeerLink:
                 out[filled : filled + size] = buf[:size]
                 post(buf)
                 filled += size
+            if filled < n:
+                return  # dropped mid-frame: never deliver part of one
             self._arrived(n, first, last, out)
 
     def _recv_blocks(self) -> None:
