@@ -15,6 +15,7 @@ from dlion.comm.job import (
     check_membership,
     claim_rank,
     decide,
+    heartbeat_stale,
     host_store,
     job_store,
     member_record,
@@ -98,3 +99,19 @@ def test_cancel_others_outlasts_a_task_that_swallows_its_cancellation() -> None:
 
     asyncio.run(main())
     assert ended == ["swallowed"]
+
+
+def test_a_previous_incarnations_heartbeat_never_makes_a_joiner_stale() -> None:
+    # Rank 2 crashed at wall 100 (its last beat, incarnation 0) and rejoined as
+    # incarnation 1; at wall 108 the members have linked the joiner, which has not beaten
+    # yet. The old record is 8 s old, past the 5 s timeout, but it is not the joiner's.
+    old = {"wall": 100.0, "incarnation": 0}
+    assert not heartbeat_stale(old, 1, now=108.0, timeout=5.0)
+    # The same record is stale for the incarnation that wrote it, and the joiner's own
+    # record is judged like any other.
+    assert heartbeat_stale(old, 0, now=108.0, timeout=5.0)
+    assert not heartbeat_stale({"wall": 106.0, "incarnation": 1}, 1, now=108.0, timeout=5.0)
+    assert heartbeat_stale({"wall": 102.0, "incarnation": 1}, 1, now=108.0, timeout=5.0)
+    assert not heartbeat_stale(None, 1, now=108.0, timeout=5.0)
+    # Records written before incarnations were recorded count as incarnation 0.
+    assert heartbeat_stale({"wall": 100.0}, 0, now=108.0, timeout=5.0)

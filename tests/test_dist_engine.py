@@ -148,8 +148,22 @@ def test_a_replacement_joins_from_a_live_peer_and_training_goes_on(tmp_path: Pat
         assert admit["peer"] == 2 and admit["late"] is False
     evals = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "eval"]
     after = [e["iteration"] for e in evals if e["t"] > join["t"] + 1.0]
-    assert len(after) >= 2 and after[-1] > join["since"]
+    # A stall was seen once under load (survivors at 51, the joiner admitted from 101; 9
+    # runs at load 7-13 did not repeat it). One cause found since: a previous life's
+    # stale heartbeat made members drop the joiner (comm/job.py heartbeat_stale). On
+    # failure, show what every rank logged about the join.
+    assert len(after) >= 2 and after[-1] > join["since"], _join_story(tmp_path, after)
     assert result.summary["final_acc"] > 0.9
+
+
+def _join_story(out: Path, iterations: list[int]) -> str:
+    """The membership events of every rank's log and the evaluated iterations."""
+    lines = [f"eval iterations after the join: {iterations}"]
+    skip = {"wdb", "link_rate", "link_probe", "collective_group"}
+    for path in sorted((out / "workers").glob("rank-*.jsonl")):
+        events = [e for e in read_events(path) if e["event"] not in skip]
+        lines.append(f"{path.name}: {events[-12:]}")
+    return "\n".join(lines)
 
 
 def test_torchrun_launches_the_same_job(tmp_path: Path) -> None:

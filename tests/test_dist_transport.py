@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dlion.cluster import Cluster
 from dlion.comm.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
-from dlion.comm.transport import FIRST_BLOCK, PairTransport
+from dlion.comm.transport import CHUNK, FIRST_BLOCK, RECV_DEPTH, PairTransport, chunk_frame
 from helpers import small_config
 
 
@@ -119,7 +119,7 @@ def test_frames_arrive_in_order_and_not_before_their_due_time() -> None:
 
 
 def test_frames_below_and_above_the_first_block_arrive_whole() -> None:
-    # A frame that fits the first block is one gloo operation; a larger one is two.
+    # Small frames and ones just past the first block (the NCCL wire's) arrive intact.
     pair = _Pair()
     sizes = [1, FIRST_BLOCK - 9, FIRST_BLOCK - 8, FIRST_BLOCK - 7, 5000]
     sent = [bytes((i + j) % 251 for j in range(n)) for i, n in enumerate(sizes)]
@@ -166,3 +166,69 @@ def test_a_quiet_pair_stays_connected_past_the_startup_timeout() -> None:
     pair.wait_for(lambda: len(pair.frames[1]) == 1)
     assert bytes(pair.frames[1][0][1]) == b"still there"
     assert pair.failures == {0: [], 1: []}
+
+
+def test_frames_around_the_chunk_size_arrive_whole_and_in_order() -> None:
+    # gloo's wire: length and first bytes in one operation of at most CHUNK bytes, the rest
+    # in CHUNK-sized ones; more operations than the receives posted ahead (RECV_DEPTH).
+    pair = _Pair()
+    sizes = [
+        0,
+        CHUNK - 9,
+        CHUNK - 8,
+        CHUNK - 7,
+        2 * CHUNK - 8,
+        3 * CHUNK + 5,
+        RECV_DEPTH * CHUNK * 2,
+    ]
+    sent = [bytes((i + j) % 251 for j in range(n)) for i, n in enumerate(sizes)] * 3
+    for frame in sent:
+        assert pair.t[0].send(1, frame, due=0.0)
+    pair.wait_for(lambda: len(pair.frames[1]) == len(sent), timeout=30.0)
+    assert [bytes(f) for _, f in pair.frames[1]] == sent
+    assert pair.failures == {0: [], 1: []}
+
+
+def test_chunk_frame_splits_after_the_length() -> None:
+    frame = bytes(range(256)) * 40  # 10,240 bytes: CHUNK - 8, CHUNK, the rest
+    blocks = chunk_frame(frame)
+    assert [b.numel() for b in blocks] == [CHUNK, CHUNK, 10_240 - (2 * CHUNK - 8)]
+    assert int.from_bytes(bytes(blocks[0][:8].tolist()), "little") == 10_240
+    assert b"".join(bytes(b.tolist()) for b in blocks)[8:] == frame
+    assert [b.numel() for b in chunk_frame(b"abc")] == [11]
+
+
+def test_a_frame_crosses_without_waiting_for_the_receiving_thread() -> None:
+    """The receiver keeps receives posted ahead, so a frame's bytes flow while its thread
+    is busy. (The old wire posted the rest's receive only once the length had arrived:
+    gloo sends an operation once the receive is posted, so the sender waited mid-frame for
+    that notice, which on a busy pair queues behind the reverse traffic.)"""
+    release = threading.Event()
+    pair = _Pair()
+    sent_at: dict[str, float] = {}
+
+    def slow(peer: int, frame: memoryview) -> None:
+        if len(frame) == 1:
+            release.wait(10.0)  # the receiving thread is busy with the first frame
+
+    pair.t[1].on_frame = slow
+    assert pair.t[0].send(1, b"x", due=0.0)
+    time.sleep(0.2)  # the receiver is inside `slow` now
+    frame = b"y" * (100 * 1024)  # 25 chunks: within the receives posted ahead
+    pair.t[0].send(1, frame, due=0.0, on_sent=lambda: sent_at.setdefault("t", time.monotonic()))
+    pair.wait_for(lambda: "t" in sent_at, timeout=5.0)
+    assert not release.is_set()  # left the sender while the receiver was still busy
+    release.set()
+
+
+def test_an_urgent_frame_goes_ahead_of_the_queued_ones() -> None:
+    pair = _Pair()
+    later = time.monotonic() + 0.3
+    for i in range(3):
+        assert pair.t[0].send(1, bytes([i]) * 10, due=later)
+    assert pair.t[0].send(1, b"u", due=0.0, urgent=True)
+    pair.wait_for(lambda: len(pair.frames[1]) == 4)
+    order = [bytes(f) for _, f in pair.frames[1]]
+    # The sender may already hold frame 0 (waiting for its due time); never frames 1-2.
+    assert order.index(b"u") <= 1, order
+    assert [f for f in order if f != b"u"] == [bytes([i]) * 10 for i in range(3)]

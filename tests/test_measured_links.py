@@ -4,7 +4,8 @@ frame at its receiver and feeds the acknowledged rate into the sender's `ctx.ban
 Every link is probed when it forms, so the estimate starts from a measurement. On loopback
 (no shaping) the estimate leaves the configured speed; on kernel-shaped links (`dlion
 netns`, root) a link configured 10x too slow starts at its tc rate, and the estimate
-follows a tc class change mid-run within a few sends.
+follows a tc class change mid-run within a few sends while the other direction keeps
+reading its own rate (no frame waits mid-way behind the reverse traffic).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def test_loopback_links_are_measured_not_taken_from_the_config(tmp_path: Path) -
     estimates = [r["estimate"] for r in rates]
     assert statistics.median(estimates) > 2 * configured, estimates
     assert all(r["measured"] > 0 for r in rates)
+    # Every acknowledged send was acknowledged (a send waits for the one before it).
+    for rank in (0, 1):
+        log = (tmp_path / "workers" / f"rank-{rank}.jsonl").read_text()
+        assert '"ack_timeout"' not in log
     # Both links were probed when they formed, before any training traffic.
     for rank, peer in ((0, 1), (1, 0)):
         (probe,) = _link_rates(tmp_path, rank, peer, "link_probe")
@@ -149,6 +154,14 @@ def test_the_estimate_follows_a_link_slowed_to_a_tenth_mid_run(
     window = [r["estimate"] for r in after[2:8]]
     assert statistics.median(window) == pytest.approx(slow, rel=0.4), after[:8]
     assert all(0.3 * slow < e < 1.4 * slow for e in window), after[:8]
+    # The other direction, 1 -> 0, still runs at 20 Mbit/s, and reads so. (With the old
+    # wire, each frame 1 -> 0 waited mid-way for gloo's recv-ready notice from 0, which
+    # queued behind 0's frames on the slowed link: 1 -> 0 read 1.8-2.3 Mbit/s.)
+    back = [r["measured"] for r in _link_rates(tmp_path, 1, 0) if r["wall"] > changed["wall"]]
+    assert len(back) >= 6 and statistics.median(back) > 0.6 * fast, back
+    # Sends end when their bytes have crossed: no acknowledgement went missing.
+    events = (tmp_path / "workers" / "rank-0.jsonl").read_text()
+    assert '"ack_timeout"' not in events
 
 
 @needs_netns
@@ -177,4 +190,10 @@ def test_a_link_configured_ten_times_too_slow_starts_at_its_real_rate(tmp_path: 
         # of the tc rate (RESULTS.md section 15b).
         assert 8 * MBPS < probe["measured"] < 40 * MBPS, probe
         rates = _link_rates(tmp_path, rank, peer)
-        assert rates and all(r["estimate"] > 8 * MBPS for r in rates), rates[:5]
+        # The estimate stays near tc's rate: a single reading of a frame whose sender or
+        # receiver was descheduled can read low (0.22x seen at load 5-8), which the
+        # smallest-of-window rule passes on until it rises back (2x per send), so such
+        # dips are brief.
+        estimates = [r["estimate"] for r in rates]
+        assert rates and statistics.median(estimates) > 14 * MBPS, rates[:5]
+        assert sum(e < 10 * MBPS for e in estimates) <= 0.25 * len(estimates), estimates

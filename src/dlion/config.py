@@ -296,9 +296,10 @@ class EngineConfig(_Strict):
     measure_min_bytes: int = Field(
         16_384,
         ge=1,
-        description="dist (shaping kernel or none): frames at least this large are timed "
-        "by their receiver and acknowledged, feeding the sender's per-link bandwidth "
-        "estimate; smaller ones cross in a few packets at line rate and would overstate it.",
+        description="dist (shaping kernel or none): the receiver's timing of frames at "
+        "least this large feeds the sender's per-link bandwidth estimate; a smaller one's "
+        "only if it takes 10 ms or more at the estimate (comm/delivery.py): a few packets "
+        "cross at line rate and would overstate it.",
     )
     probe_bytes: int = Field(
         32_768,

@@ -144,6 +144,20 @@ def store_has(store: dist.Store, key: str) -> bool:
     return bool(store.check([key]))
 
 
+def heartbeat_stale(
+    beat: dict[str, Any] | None, incarnation: int, now: float, timeout: float
+) -> bool:
+    """Is a peer of `incarnation` silent for more than `timeout` s, by its heartbeat record
+    `beat` (None: none yet) at wall time `now`? A record of an earlier incarnation counts
+    as none: a worker that rejoins shares its rank's key with its previous life, whose
+    last beat (the crash) is already old when the members link the new one, before its
+    own first beat; reading it dropped the joiner at some members only, so the members
+    disagreed on who takes part from its admission on (a dist job stalled there)."""
+    if beat is None or int(beat.get("incarnation", 0)) < incarnation:
+        return False
+    return now - float(beat["wall"]) > timeout
+
+
 def parse_address(text: str, option: str) -> tuple[str, int]:
     """HOST:PORT -> (host, port); BadInput naming `option` otherwise."""
     host, _, port = text.rpartition(":")

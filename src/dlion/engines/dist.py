@@ -9,15 +9,18 @@ The strategy is the same coroutine the sim runs; only the context differs:
   (comm/transport.py), paced per link and NIC by comm/shaping.py;
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
-  real links) the receiver times every large frame from its length's arrival to its last
-  byte and acknowledges (bytes, seconds) to the sender, whose estimate follows that, so a
-  link whose rate changes mid-run is followed within a few sends. The configured speeds
-  are not even the start: when the links are formed, each worker sends every peer four
-  frames of `engine.probe_bytes` back to back, and the median of the receiver's rates for
-  the last three (the first opens the connection's window and wakes the receiving thread)
-  seeds the estimate. Without it a link configured 10x too slow would
-  stay so: the strategy sizes its messages to the estimate, and frames below
-  `engine.measure_min_bytes` are never timed;
+  real links) the receiver times each frame from its first chunk's arrival to its last
+  byte and acknowledges (bytes, seconds) to the sender, whose estimate follows the frames
+  long enough to time (`reading_counts`), so a link whose rate changes mid-run is
+  followed within a few sends. A send there ends when its bytes have crossed, as in the
+  sim, not when the kernel took them (comm/delivery.py: the estimate's crossing time,
+  then at most one acknowledged frame beyond), so messages sized to the estimate cannot
+  queue up in socket buffers. The configured speeds are not even the start: when the
+  links are formed, each worker sends every peer four frames of `engine.probe_bytes`
+  back to back, and the median of the receiver's rates for the last three (the first
+  opens the connection's window and wakes the receiving thread) seeds the estimate.
+  Without it a link configured 10x too slow would stay so: the strategy sizes its
+  messages to the estimate, and frames too short to time are never timed;
 - membership: peers are dropped when their link fails (a killed process resets its
   connections at once), when they announce leaving (SIGTERM), or when their heartbeat in
   the job's store is older than `engine.peer_timeout`. A dropped peer wakes every receive
@@ -52,6 +55,7 @@ import torch.distributed as dist
 from dlion.cluster import Cluster
 from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.collectives import CollectiveFailed, ring_bytes
+from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger, reading_counts
 from dlion.comm.job import (
     Keys,
     call_from_thread,
@@ -59,6 +63,7 @@ from dlion.comm.job import (
     check_membership,
     connect_all,
     first_line,
+    heartbeat_stale,
     member_record,
     pair_label,
     register,
@@ -284,6 +289,10 @@ class DistWorker:
         self._probe_rates: dict[int, list[float]] = {}
         self._probed: dict[int, tuple[int, float]] = {}
         self._probe_answers = threading.Condition()
+        # Sends that end when their bytes have crossed (comm/delivery.py): the sender's
+        # ledger (on the loop) and the receiver threads' count of acknowledged frames.
+        self.delivery = DeliveryLedger()
+        self._received: dict[int, int] = {}
         self.ctx._on_record = lambda r, event, fields: self.log.write(
             event, t=self.ctx.now(), rank=r, **fields
         )
@@ -473,6 +482,9 @@ class DistWorker:
             return done - start
         fut: asyncio.Future[None] = self.loop.create_future()
         self._inflight.setdefault(dst, set()).add(fut)
+        index, crossed = self.delivery.on_send(
+            dst, len(frame), start + latency, self.ctx.bandwidth(dst)
+        )
 
         def resolve() -> None:
             if not fut.done():
@@ -490,9 +502,27 @@ class DistWorker:
             # _peer_gone may have dropped dst's whole set (waking this future) meanwhile.
             self._inflight.get(dst, set()).discard(fut)
         # gloo reports a send done once the socket took it (up to megabytes of buffer), not
-        # once it arrived: that time would inflate the bandwidth estimate far above the
-        # link's. Report none here: the receiver's acknowledgement feeds the estimate.
+        # once it arrived: the send ends when its bytes have crossed (comm/delivery.py).
+        await self._until_crossed(dst, index, crossed)
+        # That time comes from the estimate itself: report none, the receiver's
+        # acknowledgement feeds the estimate.
         return 0.0
+
+    async def _until_crossed(self, dst: int, index: int, crossed: float) -> None:
+        """The rest of a send on a real link: its modelled crossing time, then the window
+        of acknowledged frames (comm/delivery.py)."""
+        wait = crossed - time.monotonic()
+        if wait > 0 and dst in self.linked:
+            await asyncio.sleep(wait)
+        timeout = self.cfg.engine.peer_timeout
+        if dst in self.linked and not await self.delivery.wait(dst, index, timeout):
+            self.log.write(
+                "ack_timeout",
+                t=self.ctx.now(),
+                rank=self.rank,
+                peer=dst,
+                unacknowledged=self.delivery.unacknowledged(dst),
+            )
 
     # ---------------------------------------------------------------- native all-reduce
     async def allreduce_sum(
@@ -566,13 +596,35 @@ class DistWorker:
         """Receiver thread: a frame arrived whole; it is acknowledged once decoded."""
         self._arrival[peer] = (nbytes, first, last)
 
-    def _acknowledge(self, peer: int, nbytes: int, seconds: float, probe: bool = False) -> None:
-        """Receiver thread: tell `peer` how long `nbytes` of its took to arrive."""
-        meta = {"bytes": float(nbytes), "seconds": seconds}
+    def _acknowledge(
+        self,
+        peer: int,
+        nbytes: int,
+        seconds: float,
+        probe: bool = False,
+        count: int = 0,
+        frame: int = 0,
+    ) -> None:
+        """Receiver thread: tell `peer` how long `nbytes` of its `frame`-byte frame took
+        to arrive (seconds 0: not timed) and how many acknowledged frames of its have
+        arrived (`count`)."""
+        meta = {"bytes": float(nbytes), "seconds": seconds, "n": float(count)}
+        meta["frame"] = float(frame or nbytes)
         if probe:
             meta["probe"] = 1.0
         ack = Message(self.rank, peer, DELIVERY_TAG, Control("delivered"), 0.0, meta)
-        self.transport.send(peer, encode(ack), due=0.0)
+        self.transport.send(peer, encode(ack), due=0.0, urgent=True)
+
+    def _count_arrival(self, peer: int, arrival: tuple[int, float, float] | None) -> None:
+        """Receiver thread: a data frame from `peer` arrived; acknowledge it if it is one
+        its sender counts (comm/delivery.py), with its timing if it is large enough."""
+        if arrival is None or arrival[0] < ACK_MIN_BYTES:
+            return
+        nbytes, first, last = arrival
+        count = self._received.get(peer, 0) + 1
+        self._received[peer] = count
+        spanned = self.transport.timed_bytes(nbytes)
+        self._acknowledge(peer, spanned, max(0.0, last - first), count=count, frame=nbytes)
 
     def _answer_probe(self, peer: int, msg: Message, arrival: tuple[int, float, float]) -> None:
         """Receiver thread: the first probe frame opens the connection's window and wakes
@@ -584,15 +636,21 @@ class DistWorker:
         if seq == 0 or last <= first:
             return
         rates = self._probe_rates.setdefault(peer, [])
-        rates.append(nbytes / (last - first))
+        rates.append(self.transport.timed_bytes(nbytes) / (last - first))
         if seq == PROBE_FRAMES - 1:
             rate = statistics.median(self._probe_rates.pop(peer))
             self._acknowledge(peer, nbytes, nbytes / rate, probe=True)
 
     def _delivered(self, msg: Message) -> None:
-        """On the loop: `msg.src` timed one of our frames; the link estimate follows it."""
+        """On the loop: `msg.src` received (and may have timed) one of our frames: the
+        window of sends opens, and the link estimate follows the timing."""
+        self.delivery.on_ack(msg.src, int(msg.meta.get("n", 0)))
         nbytes, seconds = int(msg.meta.get("bytes", 0)), float(msg.meta.get("seconds", 0.0))
+        frame = int(msg.meta.get("frame", nbytes))
         if nbytes <= 0 or not seconds > 0:
+            return
+        estimate, least = self.ctx.bandwidth(msg.src), self.cfg.engine.measure_min_bytes
+        if not reading_counts(frame, nbytes, estimate, least):
             return
         self.ctx.observe_delivery(msg.src, nbytes, seconds)
         self.log.write(
@@ -611,7 +669,8 @@ class DistWorker:
         try:
             msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
         except BadFrame as err:
-            self._arrival.pop(peer, None)
+            # Still acknowledged: its sender counted it.
+            self._count_arrival(peer, self._arrival.pop(peer, None))
             self._from_thread(self._reject, peer, str(err))
             return
         arrival = self._arrival.pop(peer, None)
@@ -626,10 +685,8 @@ class DistWorker:
                     self._probed[peer] = (nbytes, seconds)
                     self._probe_answers.notify_all()
             return
-        if arrival is not None:
-            nbytes, first, last = arrival
-            if nbytes >= self.cfg.engine.measure_min_bytes and last > first:
-                self._acknowledge(peer, nbytes, last - first)
+        if msg.tag != DELIVERY_TAG:
+            self._count_arrival(peer, arrival)
         self._from_thread(self._deliver, msg)
 
     def _deliver(self, msg: Message) -> None:
@@ -653,6 +710,7 @@ class DistWorker:
             return
         self.linked.discard(peer)
         self.transport.drop(peer)
+        self.delivery.reset(peer)
         if peer not in self.live:  # a joiner that never became a member: nothing to tell
             self.log.write("joiner_lost", t=self.ctx.now(), rank=self.rank, peer=peer, why=why)
             return
@@ -697,8 +755,8 @@ class DistWorker:
                     if store_has(store, Keys.left(peer, self.peer_inc[peer])):
                         self._from_thread(self._peer_gone, peer, "left")
                     elif store_has(store, Keys.heartbeat(peer)):
-                        seen = float(store_get_json(store, Keys.heartbeat(peer))["wall"])
-                        if time.time() - seen > timeout:
+                        record = store_get_json(store, Keys.heartbeat(peer))
+                        if heartbeat_stale(record, self.peer_inc[peer], time.time(), timeout):
                             self._from_thread(
                                 self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
                             )
@@ -735,6 +793,7 @@ class DistWorker:
 
     def _link_joiner(self, peer: int, inc: int) -> None:
         label = pair_label(self.rank, self.incarnation, peer, inc)
+        self._received[peer] = 0  # a new link: its sender counts from 1 again
         try:
             self.transport.connect(peer, incarnation=label)
         except Exception as err:  # the joiner died during its start-up: it never joins
@@ -751,6 +810,7 @@ class DistWorker:
     def _linked(self, peer: int, inc: int) -> None:
         self.peer_inc[peer] = inc
         self.linked.add(peer)
+        self.delivery.reset(peer)
         self.log.write("joiner_linked", t=self.ctx.now(), rank=self.rank, peer=peer, inc=inc)
 
     def _admit(self, peer: int, since: int, epoch: int) -> None:
