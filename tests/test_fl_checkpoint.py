@@ -13,7 +13,7 @@ import yaml
 from dlion.cli import main
 from dlion.fl.checkpoint import CheckpointError, load_checkpoint
 from dlion.fl.config import FLConfig, with_fl_changes
-from dlion.fl.engine import run_fl
+from dlion.jobs.fl_sim import run_fl
 from fl_helpers import tiny
 
 

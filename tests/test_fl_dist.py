@@ -37,7 +37,7 @@ from dlion.errors import BadInput
 from dlion.fl.checkpoint import CheckpointError
 from dlion.fl.config import FLConfig, with_fl_changes
 from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_dist
-from dlion.fl.engine import run_fl
+from dlion.jobs.fl_sim import run_fl
 from fl_helpers import tiny
 from helpers import small_config
 from netns_fixtures import cluster_up, needs_netns

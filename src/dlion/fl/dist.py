@@ -102,7 +102,13 @@ from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig, config_hash, load_fl_config
-from dlion.fl.engine import FLRunResult, build_fl_model, client_replica, write_partition
+from dlion.fl.job import (
+    FLRunResult,
+    build_fl_model,
+    client_replica,
+    server_replica,
+    write_partition,
+)
 from dlion.fl.population import make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.models import train_flops_per_sample
@@ -247,18 +253,7 @@ class FLProcess:
         self._template = model
         replica: Replica | None = None
         if rank == SERVER:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            n_train = len(self.dataset.y_train)
-            probe = torch.randperm(n_train, generator=g)[: min(cfg.server.probe_samples, n_train)]
-            replica = Replica.from_tensors(
-                model,
-                self.dataset.x_train[probe],
-                self.dataset.y_train[probe],
-                lr=cfg.local.lr,
-                momentum=0.0,
-                weight_decay=0.0,
-                seed=cfg.train.seed,
-            )
+            replica = server_replica(cfg, self.dataset, model)
             self._template = build_fl_model(cfg, self.dataset)
         self.ctx = _DistFLContext(self, replica)
         nic = cfg.server.nic_mbps * MBPS / self.scale if rank == SERVER else None
