@@ -123,7 +123,6 @@ def train(
     from dlion.config import load_config
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
-    from dlion.preflight import check_strategy
     from dlion.report.finish import finish_run, summary_lines
     from dlion.report.metrics import warn_diverged
 
@@ -154,10 +153,9 @@ def train(
     if strategy is not None and strategy != load_config(config).strategy.name:
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
+    # The whole config, strategy options included, is checked before anything is written or
+    # any process starts (the data, model and user code next, in run_dist / run_sim).
     cfg = load_config(config, overrides)
-    # The whole config is checked before anything is written or any process starts (the
-    # data, model and user code next, in run_dist / run_sim).
-    check_strategy(cfg)
     if netns is not None and cfg.engine.name != "dist":
         raise BadInput("--netns: only for the dist engine (--engine dist)")
     if cfg.engine.name == "dist" and stop_at is not None:

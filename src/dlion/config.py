@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from dlion.errors import ConfigError
+from dlion.registry import check_options
 from dlion.strict_yaml import INT64_MAX, strict_load
 
 
@@ -839,10 +840,14 @@ def _read_yaml(source: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any
 
 
 def load_config(source: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load and validate a config from a YAML path or shipped scenario name, with overrides."""
+    """Load and validate a config from a YAML path or shipped scenario name, with overrides.
+    The strategy's options are validated here too, through the registry (plugins from
+    DLION_PLUGINS loaded): a typo is one line before any process of a job starts."""
     raw, origin = _read_yaml(source)
     raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, origin)
+    cfg = config_from_dict(raw, origin)
+    check_options(cfg.strategy.name, cfg.strategy.options)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:

@@ -27,6 +27,7 @@ from dlion.config import (
     source_identity,
 )
 from dlion.errors import ConfigError
+from dlion.registry import check_fl_options
 
 FL_PRESETS = "fl/scenarios"  # shipped FL configs, inside the dlion package
 
@@ -287,8 +288,11 @@ def _read(source: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def load_fl_config(source: str, overrides: list[str] | None = None) -> FLConfig:
+    """Load and validate an FL config, the algorithm's options too (through the registry)."""
     raw = apply_overrides(_read(source), overrides or [])
-    return fl_config_from_dict(raw, source)
+    cfg = fl_config_from_dict(raw, source)
+    check_fl_options(cfg.algorithm.name, cfg.algorithm.options)
+    return cfg
 
 
 def fl_config_from_dict(raw: dict[str, Any], origin: str = "config") -> FLConfig:
