@@ -11,9 +11,9 @@ traces (compute time integrates the capacity; flows in flight are re-rated when 
 bandwidth changes), and workers leave, crash or join on a schedule. The engine is the
 membership authority: a departing worker's coroutines (and every task they started) are
 cancelled; peers learn of a `leave` at once and of a `crash` after `engine.peer_timeout`
-(WorkerContext._peer_left); a joining worker fetches the current model from a live peer
+(WorkerContext.peer_left); a joining worker fetches the current model from a live peer
 (WorkerContext.join_from_live_peer) and is admitted from an iteration no live worker has
-started (WorkerContext._peer_joined). Evaluation averages over the running workers.
+started (WorkerContext.peer_joined). Evaluation averages over the running workers.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from dlion.cluster import Cluster
 from dlion.comm.messages import Message
 from dlion.config import ExperimentConfig, MembershipEvent, initially_absent, write_config
+from dlion.context import worker_setup
 from dlion.dynamics import membership_schedule
 from dlion.engines.network import all_to_all_rates
 from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
@@ -62,23 +63,8 @@ class RunResult:
 
 class SimContext(VirtualContext):
     def __init__(self, engine: _SimEngine, rank: int, replica: Replica) -> None:
-        cluster = engine.cluster
-        peers = [r for r in range(cluster.size) if r != rank]
-        super().__init__(
-            engine.runtime,
-            rank=rank,
-            world=list(range(cluster.size)),
-            sites=[w.site for w in cluster.workers],
-            replica=replica,
-            global_batch=engine.global_batch,
-            recv_timeout=engine.cfg.engine.recv_timeout,
-            bandwidth_seed={p: engine.expected_rates[(rank, p)] for p in peers},
-            latency={p: cluster.link(rank, p).latency for p in peers},
-            bandwidth_ema=engine.cfg.engine.bandwidth_ema,
-            header_bytes=engine.cfg.engine.header_bytes,
-            seed=engine.cfg.train.seed,
-            step_overhead=cluster.workers[rank].step_overhead_s,
-        )
+        setup = worker_setup(engine.cfg, engine.cluster, rank, engine.expected_rates)
+        super().__init__(engine.runtime, replica=replica, **setup)
         self._engine = engine
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
@@ -122,15 +108,14 @@ class _SimEngine:
         self.worker: Any = None
         self.options: Any = None
         for ctx in self.contexts:
-            ctx._set_view({r: 0 for r in self.running if r != ctx.rank}, 0)
+            ctx.set_view({r: 0 for r in self.running if r != ctx.rank}, 0)
         # Parameters already evaluated (this round or earlier) and their (acc, loss): identical
         # replicas (all-reduce, or no update since the last round) are evaluated once.
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
         self.log: MetricsLog
         self.checkpointer: SimCheckpointer | None = None
         for ctx in self.contexts:
-            ctx._on_record = runtime.record
-            ctx._on_iteration = self._iteration_done
+            ctx.set_hooks(runtime.record, self._iteration_done)
 
     # ------------------------------------------------------------------ membership
     def live_contexts(self) -> list[SimContext]:
@@ -190,7 +175,7 @@ class _SimEngine:
         self.believed.pop(rank, None)
         self.epoch += 1
         for ctx in self.live_contexts():
-            ctx._peer_left(rank, self.epoch)
+            ctx.peer_left(rank, self.epoch)
 
     def join(self, rank: int) -> None:
         """A new or returning worker is ready: a fresh process with its data shard, which
@@ -200,9 +185,8 @@ class _SimEngine:
         self.retired_rejected += old.rejected
         self.incarnation[rank] += 1
         ctx = SimContext(self, rank, make_replica(self.cfg, self.prep, rank))
-        ctx._on_record = self.runtime.record
-        ctx._on_iteration = self._iteration_done
-        ctx._set_view({r: s for r, s in self.believed.items() if r != rank}, self.epoch)
+        ctx.set_hooks(self.runtime.record, self._iteration_done)
+        ctx.set_view({r: s for r, s in self.believed.items() if r != rank}, self.epoch)
         self.contexts[rank] = ctx
         self.running.add(rank)
         self._log_membership(rank, "join_started")
@@ -215,8 +199,8 @@ class _SimEngine:
         since = max((c.iteration for c in others), default=ctx.iteration) + 1
         self.epoch += 1
         for c in others:
-            c._peer_joined(ctx.rank, since, self.epoch)
-        ctx._set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
+            c.peer_joined(ctx.rank, since, self.epoch)
+        ctx.set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
         ctx.iteration = since
         self.believed[ctx.rank] = since
         self._log_membership(ctx.rank, "join", donor=donor, since=since)

@@ -154,7 +154,7 @@ class _FLJob:
         self.contexts: list[_Context] = [_Context(self, SERVER, self.server_replica)]
         self.contexts += [_Context(self, r, None) for r in range(1, self.cluster.size)]
         for ctx in self.contexts:
-            ctx._on_record = runtime.record
+            ctx.set_hooks(runtime.record)
 
     def deliver(self, src: int, dst: int, sessions: tuple[int, int], msg: Message) -> None:
         if (self.sessions[src], self.sessions[dst]) == sessions:
