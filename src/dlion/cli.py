@@ -369,12 +369,12 @@ def list_strategies() -> None:
 @app.command("scenarios")
 def list_scenarios() -> None:
     """List the shipped scenario presets."""
-    from dlion.config import load_config, shipped_scenarios
+    from dlion.config import config_from_dict, read_config_source, shipped_scenarios
 
     names = shipped_scenarios()
     width = max(len(n) for n in names) + 2
-    for name in names:
-        print(f"{name:<{width}}{load_config(name).description}")
+    for name in names:  # (not load_config: checking strategy options would load torch)
+        print(f"{name:<{width}}{config_from_dict(*read_config_source(name)).description}")
 
 
 @dataclass(frozen=True)

@@ -97,21 +97,18 @@ from dlion.comm.shaping import LinkShaper
 from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
 from dlion.errors import BadInput, SimulationError
-from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig, config_hash, load_fl_config
 from dlion.fl.job import (
     FLRunResult,
-    build_fl_model,
+    FLSetup,
     client_replica,
     server_replica,
     write_partition,
 )
-from dlion.fl.population import make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.models import train_flops_per_sample
 from dlion.replica import Replica
 from dlion.report import EvalPoint, MetricsLog, time_to_accuracy, write_json_atomic
 from dlion.timescale import TimeScale
@@ -198,7 +195,7 @@ class _DistFLContext(ClientContext):
         self._proc.transport.send(SERVER, encode(left), due=time.monotonic())
 
 
-class FLProcess:
+class FLProcess(FLSetup):
     """One process of an FL dist job: the server (rank 0) or client `rank`."""
 
     def __init__(
@@ -231,12 +228,7 @@ class FLProcess:
         self.stop_reason: str | None = None
         self._stopped = threading.Event()
         self._ending = False
-        d = cfg.data
-        self.dataset = cached_dataset(
-            d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
-        )
-        self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
-        self.profiles = make_population(cfg)
+        super().__init__(cfg)
         self.peers = list(range(1, self.size)) if rank == SERVER else [SERVER]
         self.incarnation = 0  # a client's: which registration of its id this process is
         self.peer_inc: dict[int, int] = {}  # the server's view: each linked client's
@@ -249,13 +241,7 @@ class FLProcess:
         self.signalled = 0  # the signal that stopped this process, if any
         self._decided: set[tuple[int, int]] = set()
         self._connected: dict[int, int] = {}  # server: client -> incarnation linked
-        model = build_fl_model(cfg, self.dataset)
-        self.flops = train_flops_per_sample(model, self.dataset.input_shape)
-        self._template = model
-        replica: Replica | None = None
-        if rank == SERVER:
-            replica = server_replica(cfg, self.dataset, model)
-            self._template = build_fl_model(cfg, self.dataset)
+        replica = server_replica(cfg, self.dataset, self.model) if rank == SERVER else None
         self.ctx = _DistFLContext(self, replica)
         nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
@@ -291,7 +277,7 @@ class FLProcess:
     def make_client_replica(self) -> Replica:
         shard = self.shards[self.rank - 1]
         return client_replica(
-            self.cfg, self._template, self.dataset, shard, self.rank, self.ctx.now()
+            self.cfg, self.template, self.dataset, shard, self.rank, self.ctx.now()
         )
 
     def _heartbeat(self, store: dist.Store) -> None:
@@ -570,10 +556,6 @@ class FLProcess:
             bytes_before = int(restored.meta.get("bytes_sent", 0))
             vanished_before = int(restored.meta.get("vanished", 0))
             self.departures[:0] = list(restored.meta.get("departures", []))
-        x_eval, y_eval = self.dataset.x_test, self.dataset.y_test
-        limit = cfg.evaluation.max_test_samples
-        if limit is not None and limit < len(x_eval):
-            x_eval, y_eval = x_eval[:limit], y_eval[:limit]
         if out_dir is not None:
             write_partition(out_dir / "partition.json", cfg, self.dataset, self.shards)
         self.log.write(
@@ -616,7 +598,7 @@ class FLProcess:
                 {**totals, "departures": self.departures},  # type: ignore[dict-item]
             )
             seconds = time.perf_counter() - began
-            size = path.stat().st_size + path.with_suffix(".safetensors").stat().st_size
+            size = sum(f.stat().st_size for f in path.iterdir())
             self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
 
         task = asyncio.ensure_future(server.run())
@@ -631,7 +613,7 @@ class FLProcess:
         while True:
             start = time.perf_counter()
             if last is None or not torch.equal(last[0], state.model):
-                last = (state.model.clone(), replica.evaluate(x_eval, y_eval))
+                last = (state.model.clone(), replica.evaluate(self.x_eval, self.y_eval))
             eval_wall += time.perf_counter() - start
             acc, loss = last[1]
             now = round(self.ctx.now(), 6)

@@ -15,9 +15,10 @@ import torch
 
 from dlion.cluster import MBPS, Cluster, Link, Worker
 from dlion.data import Dataset
+from dlion.experiment import cached_dataset
 from dlion.fl.config import FLConfig
-from dlion.fl.population import ClientProfile
-from dlion.models import build_model
+from dlion.fl.population import ClientProfile, make_population, split_clients
+from dlion.models import build_model, train_flops_per_sample
 from dlion.replica import Replica
 from dlion.report import EvalPoint, write_json_atomic
 
@@ -67,6 +68,29 @@ def client_replica(
         # A fresh batch order per task: the seed mixes rank and start time.
         seed=cfg.train.seed * 1_000_003 + rank * 7919 + int(now * 1000),
     )
+
+
+class FLSetup:
+    """What every process of an FL job builds from the config, alike: the data and its
+    split over the clients, their profiles, the server's model (and a template for the
+    clients'), its training FLOPs per sample, and the evaluation set."""
+
+    def __init__(self, cfg: FLConfig) -> None:
+        d = cfg.data
+        # The same per-process cache as the other engines (fixed split seed 0).
+        self.dataset = cached_dataset(
+            d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
+        )
+        self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
+        self.profiles: list[ClientProfile] = make_population(cfg)
+        self.model = build_fl_model(cfg, self.dataset)
+        self.flops = train_flops_per_sample(self.model, self.dataset.input_shape)
+        self.template = build_fl_model(cfg, self.dataset)
+        x_eval, y_eval = self.dataset.x_test, self.dataset.y_test
+        limit = cfg.evaluation.max_test_samples
+        if limit is not None and limit < len(x_eval):
+            x_eval, y_eval = x_eval[:limit], y_eval[:limit]
+        self.x_eval, self.y_eval = x_eval, y_eval
 
 
 def server_replica(cfg: FLConfig, dataset: Dataset, model: torch.nn.Module) -> Replica:

@@ -21,22 +21,19 @@ import yaml
 from dlion.comm.messages import Control, Message
 from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
 from dlion.errors import BadInput
-from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import Algorithm, ServerState
 from dlion.fl.checkpoint import load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig
 from dlion.fl.job import (
     FLRunResult,
-    build_fl_model,
+    FLSetup,
     client_replica,
     server_replica,
     star_cluster,
     write_partition,
 )
-from dlion.fl.population import ClientProfile, make_population, split_clients
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.models import train_flops_per_sample
 from dlion.replica import Replica
 from dlion.report import (
     EvalPoint,
@@ -118,28 +115,14 @@ class _Context(VirtualContext, ClientContext):
         job.runtime.loop.call_later(latency, job.contexts[SERVER].mailbox.deliver, left)
 
 
-class _FLJob:
+class _FLJob(FLSetup):
     """The population (server, clients, star links) and its state on the runtime."""
 
     def __init__(self, cfg: FLConfig, t0: float) -> None:
+        super().__init__(cfg)
         self.cfg = cfg
-        d = cfg.data
-        # The same per-process cache as the other engines (fixed split seed 0).
-        self.dataset = cached_dataset(
-            d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
-        )
-        self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
-        self.profiles: list[ClientProfile] = make_population(cfg)
         self.cluster = star_cluster(cfg, self.profiles)
-        server_model = build_fl_model(cfg, self.dataset)
-        self.flops = train_flops_per_sample(server_model, self.dataset.input_shape)
-        self._template = build_fl_model(cfg, self.dataset)
-        x_eval, y_eval = self.dataset.x_test, self.dataset.y_test
-        limit = cfg.evaluation.max_test_samples
-        if limit is not None and limit < len(x_eval):
-            x_eval, y_eval = x_eval[:limit], y_eval[:limit]
-        self.x_eval, self.y_eval = x_eval, y_eval
-        self.server_replica = server_replica(cfg, self.dataset, server_model)
+        self.server_replica = server_replica(cfg, self.dataset, self.model)
         self.t0 = t0  # virtual time at which this (possibly resumed) run starts
         self.models_held = 0
         self.peak_models_held = 0
@@ -162,7 +145,7 @@ class _FLJob:
 
     def make_client_replica(self, rank: int) -> Replica:
         return client_replica(
-            self.cfg, self._template, self.dataset, self.shards[rank - 1], rank, self.runtime.now()
+            self.cfg, self.template, self.dataset, self.shards[rank - 1], rank, self.runtime.now()
         )
 
     def probe_loss(self, state: ServerState) -> float:
