@@ -370,7 +370,7 @@ def _ctx() -> _Ctx:
 
 def test_kept_strategy_state_is_read_at_checkpoint_time_and_restored_once() -> None:
     ctx = _ctx()
-    ctx._restored = {"residual.1": torch.ones(3)}  # as a resumed dist worker has it
+    ctx.restore_state({"residual.1": torch.ones(3)})  # as a resumed dist worker has it
     link = LinkResidual(3, ctx.restored_state("residual.1"))
     assert torch.equal(link.residual, torch.ones(3))
     assert ctx.restored_state("residual.1") is None  # handed out once

@@ -203,6 +203,20 @@ GOOD_CLUSTER = "cluster:\n  sites: [{name: a}]\n  workers: [{site: a, capacity_g
 # tmp_path/payload as given. "{path}" in a fragment stands for the config's path.
 BAD_CASES: list[tuple[str, str, list[str], list[str]]] = [
     ("preset", HETERO, ["bogus=1"], ["bogus", "Extra inputs"]),
+    # Strategy options are checked when the config loads, through the registry.
+    (
+        "preset",
+        HETERO,
+        ["strategy.options.wbd=false"],
+        ["strategy.options.wbd", "(strategy dlion)"],
+    ),
+    (
+        "preset",
+        HETERO,
+        ["strategy.name=gaia", "strategy.options={}", "strategy.options.threshold=-1"],
+        ["strategy.options.threshold"],
+    ),
+    ("preset", HETERO, ["strategy.name=nope"], ["strategy.name", "unknown strategy 'nope'"]),
     ("preset", HETERO, ["train.bogus=1"], ["train.bogus"]),
     ("preset", HETERO, ["train.seed=abc"], ["train.seed", "integer"]),
     ("preset", HETERO, ["train.seed=1.5"], ["train.seed"]),

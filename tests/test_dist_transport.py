@@ -12,6 +12,7 @@ import torch.distributed as dist
 from dlion.cluster import Cluster
 from dlion.comm.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
 from dlion.comm.transport import CHUNK, FIRST_BLOCK, RECV_DEPTH, PairTransport, chunk_frame
+from dlion.timescale import UNIT, TimeScale
 from helpers import small_config
 
 
@@ -50,14 +51,16 @@ def test_a_shared_pipe_is_paced_as_this_senders_slice_of_it() -> None:
         links=[{"sites": ["a", "b"], "bandwidth_mbps": 8.0, "latency_ms": 0.0}],
     )
     cluster = Cluster.from_config(cfg.cluster)
-    shaper = worker_shaper(cluster, 0, scale=1.0)
+    shaper = worker_shaper(cluster, 0, scale=UNIT)
     assert shaper.reserve(2, 0.0, 100_064) == pytest.approx(0.200128)
     assert shaper.reserve(3, 0.0, 100_064) == pytest.approx(0.400256)
     assert shaper.reserve(1, 0.0, 100_064) == pytest.approx(100_064 / 125e6)  # intra-site
     # Rank 1's slice is its own: it does not queue behind rank 0's messages.
-    assert worker_shaper(cluster, 1, scale=1.0).reserve(2, 0.0, 100_064) == pytest.approx(0.200128)
-    assert worker_shaper(cluster, 0, scale=2.0).reserve(2, 0.0, 100_064) == pytest.approx(0.400256)
-    assert pacer_rate(cluster, ("site", "a", "b"), 0.0, 1.0) == 0.5e6
+    assert worker_shaper(cluster, 1, scale=UNIT).reserve(2, 0.0, 100_064) == pytest.approx(0.200128)
+    assert worker_shaper(cluster, 0, scale=TimeScale(2.0)).reserve(
+        2, 0.0, 100_064
+    ) == pytest.approx(0.400256)
+    assert pacer_rate(cluster, ("site", "a", "b"), 0.0, UNIT) == 0.5e6
 
 
 class _Pair:

@@ -12,6 +12,7 @@ from dlion.errors import ConfigError
 from dlion.fl import ALGORITHMS, build_algorithm
 from dlion.fl import fedasmu as asmu
 from dlion.fl.base import ServerState, Update
+from dlion.fl.config import load_fl_config
 from dlion.fl.fedasync import staleness_weight
 from dlion.fl.fedavg import weighted_average
 
@@ -200,3 +201,14 @@ def test_registry_and_option_errors() -> None:
         build_algorithm("fedbuff", {"k": 0}, 2)
     with pytest.raises(ConfigError, match=r"algorithm.options.bogus"):
         build_algorithm("fedasync", {"bogus": 1}, 2)
+
+
+def test_algorithm_options_are_checked_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError, match=r"^algorithm.options.bogus: .*\(algorithm fedasmu\)$"):
+        load_fl_config("fl-digits", ["algorithm.options.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^algorithm.options.server: fedasmu-noserver fixes"):
+        load_fl_config(
+            "fl-digits", ["algorithm.name=fedasmu-noserver", "algorithm.options.server=true"]
+        )
+    with pytest.raises(ConfigError, match="unknown FL algorithm 'fedsgd'"):
+        load_fl_config("fl-digits", ["algorithm.name=fedsgd"])

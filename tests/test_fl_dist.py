@@ -37,7 +37,7 @@ from dlion.errors import BadInput
 from dlion.fl.checkpoint import CheckpointError
 from dlion.fl.config import FLConfig, with_fl_changes
 from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_dist
-from dlion.fl.engine import run_fl
+from dlion.jobs.fl_sim import run_fl
 from fl_helpers import tiny
 from helpers import small_config
 from netns_fixtures import cluster_up, needs_netns
@@ -206,13 +206,13 @@ def test_sigterm_checkpoints_and_resume_continues_the_run(tmp_path: Path) -> Non
     assert proc.returncode == 143, out.decode()[-2000:]
     first = json.loads((run / "summary.json").read_text())
     assert first["stop_reason"] == "interrupted"
-    metas = sorted((run / "checkpoint").glob("ckpt-*.json"))
+    metas = sorted((run / "checkpoint").glob("*/meta.json"))
     assert 1 <= len(metas) <= 3
-    meta = json.loads(metas[-1].read_text())
+    meta = json.loads(metas[-1].read_text())["state"]
     # The last checkpoint is the state at the stop, not the last periodic one.
     assert meta["version"] == first["iterations"] > 0
     assert meta["time"] == pytest.approx(first["time_s"], abs=1e-6) and meta["time"] >= 1.6
-    tensors = load_file(str(run / "checkpoint" / meta["tensors_file"]))
+    tensors = load_file(str(metas[-1].parent / "tensors.safetensors"))
     assert tensors["algo.cache"].shape[1] == tensors["model"].numel()
     events = _events(run / "metrics.jsonl")
     assert [e["signal"] for e in events if e["event"] == "signal"] == ["SIGTERM"]
@@ -319,7 +319,7 @@ def test_a_crashed_client_rejoins_a_served_job_and_ctrl_c_checkpoints(tmp_path: 
     assert s["stop_reason"] == "interrupted"
     assert [(j["rank"], j["incarnation"]) for j in s["joins"]] == [(2, 1)]
     assert [(d["rank"], d["incarnation"]) for d in s["departures"]] == [(2, 0)]
-    meta = json.loads(sorted((run / "checkpoint").glob("ckpt-*.json"))[-1].read_text())
+    meta = json.loads(sorted((run / "checkpoint").glob("*/meta.json"))[-1].read_text())["state"]
     assert meta["version"] == s["iterations"] and meta["departures"] == s["departures"]
 
 

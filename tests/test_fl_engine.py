@@ -14,8 +14,8 @@ import torch
 
 from dlion.fl import ALGORITHMS
 from dlion.fl.config import FLConfig
-from dlion.fl.engine import run_fl
 from dlion.fl.population import ClientProfile, make_population, split_clients
+from dlion.jobs.fl_sim import run_fl
 from fl_helpers import tiny
 
 
@@ -107,7 +107,7 @@ def test_client_vanishing_mid_upload_leaves_the_model_unchanged(monkeypatch: Any
         p.off = 1.2
         return [p]
 
-    monkeypatch.setattr("dlion.fl.engine.make_population", population)
+    monkeypatch.setattr("dlion.fl.job.make_population", population)
     result = run_fl(cfg, progress=False)
     s = result.summary
     assert s["server"]["merged"] == 0 and s["server"]["uploads"] == 0
@@ -119,7 +119,7 @@ def test_client_vanishing_mid_upload_leaves_the_model_unchanged(monkeypatch: Any
     ).model
     assert torch.equal(result.model, initial)  # bit for bit the initial model
     # The same client staying online uploads and the model moves.
-    monkeypatch.setattr("dlion.fl.engine.make_population", make_population)
+    monkeypatch.setattr("dlion.fl.job.make_population", make_population)
     assert (
         run_fl(
             cfg.model_copy(

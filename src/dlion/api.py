@@ -46,9 +46,11 @@ def run(
     if engine is not None:
         extra.insert(0, f"engine.name={engine}")
     cfg = _resolve(config, extra)
-    from dlion.preflight import check_strategy
+    from dlion.registry import check_options
 
-    check_strategy(cfg)  # a typo in strategy options: one ConfigError before anything runs
+    # A typo in strategy options: one ConfigError before anything runs (a loaded file is
+    # checked by load_config; a dict or config object here).
+    check_options(cfg.strategy.name, cfg.strategy.options)
     if out is not None:
         from dlion.outdir import open_output
 

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,14 +191,18 @@ def latest_step_dir(root: Path) -> Path:
     return root / name
 
 
-def load_latest(root: Path, config_hash: str) -> Checkpoint:
+def load_latest(root: Path, config_hash: str, finite: Container[str] | None = None) -> Checkpoint:
     """The checkpoint `root/latest` names, fully verified (see load_checkpoint)."""
-    return load_checkpoint(latest_step_dir(root), config_hash)
+    return load_checkpoint(latest_step_dir(root), config_hash, finite)
 
 
-def load_checkpoint(step_dir: Path, config_hash: str) -> Checkpoint:
+def load_checkpoint(
+    step_dir: Path, config_hash: str, finite: Container[str] | None = None
+) -> Checkpoint:
     """Read and verify one step directory; CheckpointError (one line) if it cannot be used.
-    Reads only: nothing on disk changes, whatever the outcome."""
+    Reads only: nothing on disk changes, whatever the outcome. `finite`: the tensors that
+    may not hold NaN or Inf (default: every floating one; an algorithm's state may use
+    Inf as "not known yet")."""
     meta_path = step_dir / META
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -236,6 +240,7 @@ def load_checkpoint(step_dir: Path, config_hash: str) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{tensors_path}: unreadable safetensors ({exc})") from None
     for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        checked = finite is None or key in finite
+        if checked and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{tensors_path}: tensor {key!r} contains NaN or Inf")
     return Checkpoint(step_dir, step, state, tensors)

@@ -124,7 +124,6 @@ def train(
     from dlion.config import load_config
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
-    from dlion.preflight import check_strategy
     from dlion.report.finish import finish_run, summary_lines
     from dlion.report.metrics import warn_diverged
 
@@ -155,10 +154,9 @@ def train(
     if strategy is not None and strategy != load_config(config).strategy.name:
         # The file's strategy options belong to the file's strategy: start from defaults.
         overrides = [f"strategy.name={strategy}", "strategy.options={}", *overrides]
+    # The whole config, strategy options included, is checked before anything is written or
+    # any process starts (the data, model and user code next, in run_dist / run_sim).
     cfg = load_config(config, overrides)
-    # The whole config is checked before anything is written or any process starts (the
-    # data, model and user code next, in run_dist / run_sim).
-    check_strategy(cfg)
     if netns is not None and cfg.engine.name != "dist":
         raise BadInput("--netns: only for the dist engine (--engine dist)")
     if cfg.engine.name == "dist" and stop_at is not None:
@@ -372,12 +370,12 @@ def list_strategies() -> None:
 @app.command("scenarios")
 def list_scenarios() -> None:
     """List the shipped scenario presets."""
-    from dlion.config import load_config, shipped_scenarios
+    from dlion.config import config_from_dict, read_config_source, shipped_scenarios
 
     names = shipped_scenarios()
     width = max(len(n) for n in names) + 2
-    for name in names:
-        print(f"{name:<{width}}{load_config(name).description}")
+    for name in names:  # (not load_config: checking strategy options would load torch)
+        print(f"{name:<{width}}{config_from_dict(*read_config_source(name)).description}")
 
 
 @dataclass(frozen=True)

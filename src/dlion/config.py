@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from dlion.errors import ConfigError
+from dlion.registry import check_options
 from dlion.strict_yaml import INT64_MAX, strict_load
 
 
@@ -755,15 +756,16 @@ def shipped_scenarios() -> list[str]:
     return shipped_names("scenarios")
 
 
-def read_source(source: str, folder: str, what: str) -> str:
-    """Text of a user's YAML file, or of the preset of that name shipped in `folder`."""
+def read_source(source: str, folder: str, what: str, preset: str | None = None) -> str:
+    """Text of a user's YAML file, or of the preset of that name shipped in `folder`
+    (`preset`: what the error calls one; default: the folder's name, singular)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return read_text_file(path, what)
     if source in shipped_names(folder):
         return (resources.files("dlion") / folder / f"{source}.yaml").read_text()
     known = ", ".join(shipped_names(folder))
-    preset = folder.removesuffix("s")
+    preset = preset or folder.removesuffix("s")
     raise ConfigError(f"{source}: not a {what} file or a shipped {preset} ({known})")
 
 
@@ -816,34 +818,41 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(source: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
-    """Read a YAML path, or a shipped scenario name; returns (raw dict, where it came from).
+def read_config_source(
+    source: str, folder: str = "scenarios", preset: str = "scenario", _chain: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], str]:
+    """Read a YAML path, or the name of a preset shipped in `folder` (scenarios; FL configs
+    too); returns (raw dict, where it came from).
 
     A config may start with `extends: NAME_OR_PATH` to take another config as its base
     (a path is relative to the extending file) and change only what differs.
     """
     if source_identity(source) in map(source_identity, _chain):
         raise ConfigError(f"{source}: extends itself ({' -> '.join([*_chain, source])})")
-    raw = parse_yaml_mapping(read_source(source, "scenarios", "config"), source)
+    raw = parse_yaml_mapping(read_source(source, folder, "config", preset), source)
     parent = raw.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str) or not parent:
-            raise ConfigError(f"{source}: extends: expected a scenario name or YAML path")
+            raise ConfigError(f"{source}: extends: expected a {preset} name or YAML path")
         path = Path(source)
         if path.is_file() and not Path(parent).is_absolute():
             relative = path.parent / parent
             if relative.exists():
                 parent = str(relative)
-        base, _ = _read_yaml(parent, (*_chain, source))
+        base, _ = read_config_source(parent, folder, preset, (*_chain, source))
         raw = _deep_merge(base, raw)
     return raw, source
 
 
 def load_config(source: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load and validate a config from a YAML path or shipped scenario name, with overrides."""
-    raw, origin = _read_yaml(source)
+    """Load and validate a config from a YAML path or shipped scenario name, with overrides.
+    The strategy's options are validated here too, through the registry (plugins from
+    DLION_PLUGINS loaded): a typo is one line before any process of a job starts."""
+    raw, origin = read_config_source(source)
     raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, origin)
+    cfg = config_from_dict(raw, origin)
+    check_options(cfg.strategy.name, cfg.strategy.options)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:

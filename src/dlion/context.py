@@ -3,6 +3,11 @@
 A strategy is an `async def worker(ctx, options)`; it computes gradients, sends and
 receives typed messages, and updates `ctx.replica`. It never touches an engine directly,
 so the same code runs on the virtual clock of the sim and on real processes.
+
+The engine side is public and explicit too (section "engine side" below): the hooks an
+engine attaches, the membership changes its authority announces, the link estimates it
+measures and the state a resumed worker gets back. `worker_setup` is the one place that
+says what a strategy job's worker is told about itself and its peers, for every engine.
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +34,11 @@ from dlion.comm.messages import (
     tensor_problem,
 )
 from dlion.replica import Replica
+from dlion.timescale import UNIT, TimeScale
+
+if TYPE_CHECKING:
+    from dlion.cluster import Cluster
+    from dlion.config import ExperimentConfig
 
 # A tag no message carries: a guarded wait for it ends only at a membership change.
 VIEW_TAG = "__view"
@@ -313,19 +323,37 @@ class WorkerContext(ABC):
         """A message already delivered with this tag, without waiting."""
         return self.mailbox.take(src, tag)
 
-    # ---------------------------------------------------------------- membership changes
-    # Called by the engine's membership authority (the sim's event schedule; a rendezvous
-    # or heartbeat layer in a distributed engine). Engine-agnostic: they only update this
-    # worker's view and wake whoever waits on it.
+    # ---------------------------------------------------------------- engine side
+    # Called by engines, never by strategies. Membership changes come from the engine's
+    # membership authority (the sim's event schedule; a rendezvous or heartbeat layer in a
+    # distributed engine); they only update this worker's view and wake whoever waits on it.
 
-    def _peer_left(self, rank: int, epoch: int) -> None:
+    def set_hooks(
+        self,
+        on_record: Callable[[int, str, dict[str, Any]], None],
+        on_iteration: Callable[[int], None] | None = None,
+    ) -> None:
+        """Where this worker's events go (`record`: rank, event, fields) and whom its
+        finished iterations are told (`iteration_done`: rank)."""
+        self._on_record = on_record
+        self._on_iteration = on_iteration
+
+    def set_bandwidth(self, peer: int, bytes_per_s: float) -> None:
+        """Replace the estimate of the link to `peer` (an engine that measures it itself)."""
+        self._bandwidth[peer] = bytes_per_s
+
+    def restore_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Strategy state from a checkpoint, handed out once each by `restored_state`."""
+        self._restored = dict(tensors)
+
+    def peer_left(self, rank: int, epoch: int) -> None:
         """`rank` is gone (announced, or detected after the peer timeout): it leaves
         `peers()`, receives waiting on it return PeerGone, guarded receives ViewChanged."""
         self.epoch = epoch
         self.mailbox.peer_left(rank)
         self.mailbox.view_changed(epoch)
 
-    def _peer_joined(self, rank: int, since: int, epoch: int) -> None:
+    def peer_joined(self, rank: int, since: int, epoch: int) -> None:
         """`rank` (new or returning) is live and takes part from iteration `since` on."""
         self.epoch = epoch
         if rank not in self._world:
@@ -335,7 +363,7 @@ class WorkerContext(ABC):
         self.mailbox.peer_joined(rank)
         self.mailbox.view_changed(epoch)
 
-    def _set_view(self, live: dict[int, int], epoch: int, own_since: int = 0) -> None:
+    def set_view(self, live: dict[int, int], epoch: int, own_since: int = 0) -> None:
         """Initial view of a worker that starts now: live peers with their `since`
         iteration; every other rank of the world is gone until it joins. `own_since`:
         the iteration this worker is admitted from (0 for a worker present from the start)."""
@@ -423,3 +451,32 @@ class WorkerContext(ABC):
         self.last_loss = loss
         if self._on_iteration is not None:
             self._on_iteration(self.rank)
+
+
+def worker_setup(
+    cfg: ExperimentConfig,
+    cluster: Cluster,
+    rank: int,
+    rates: Mapping[tuple[int, int], float],
+    scale: TimeScale = UNIT,
+) -> dict[str, Any]:
+    """WorkerContext's arguments (all but the replica) for worker `rank` of a strategy job,
+    on any engine: the world and sites, the global batch, and what it is told of its links
+    (`rates`: bytes/s per (src, dst) pair it expects, the all-to-all shares of
+    engines/network.py; latencies from the config). Every time and rate is in the
+    engine's units: `scale` stretches scenario time into them (the sim's is 1)."""
+    peers = [r for r in range(cluster.size) if r != rank]
+    e = cfg.engine
+    return {
+        "rank": rank,
+        "world": list(range(cluster.size)),
+        "sites": [w.site for w in cluster.workers],
+        "global_batch": cfg.train.batch_per_worker * cluster.size,
+        "recv_timeout": scale.wall(e.recv_timeout),
+        "bandwidth_seed": {p: scale.rate(rates[(rank, p)]) for p in peers},
+        "latency": {p: scale.wall(cluster.link(rank, p).latency) for p in peers},
+        "bandwidth_ema": e.bandwidth_ema,
+        "header_bytes": e.header_bytes,
+        "seed": cfg.train.seed,
+        "step_overhead": scale.wall(cluster.workers[rank].step_overhead_s),
+    }

@@ -42,6 +42,7 @@ from typing import Any
 from dlion.cluster import MBPS
 from dlion.config import ExperimentConfig
 from dlion.errors import BadInput, DlionError
+from dlion.timescale import TimeScale
 
 # Store keys of a probe run (the worker side is dlion/probe_worker.py).
 KEY_GO = "go/{k}"  # the master starts ordered pair k
@@ -248,7 +249,7 @@ def measured_config(
     host's, for every worker; or one per rank (each rank timed on its own host, under
     torchrun), which writes one worker entry per rank (`count` expanded)."""
     raw = cfg.model_dump(mode="json")
-    scale = cfg.engine.time_scale
+    scale = TimeScale(cfg.engine.time_scale)
     if isinstance(fit, list):
         expanded = []
         for w in raw["cluster"]["workers"]:
@@ -273,8 +274,8 @@ def measured_config(
         return raw
     links = []
     for (a, b), members in sorted(groups.items()):
-        mbps = statistics.mean(r.bytes_per_s for r in members) * scale / MBPS
-        ms = statistics.mean(r.latency_s for r in members) / scale * 1e3
+        mbps = scale.scenario_rate(statistics.mean(r.bytes_per_s for r in members)) / MBPS
+        ms = scale.scenario(statistics.mean(r.latency_s for r in members)) * 1e3
         links.append({"sites": [a, b], "bandwidth_mbps": _round(mbps), "latency_ms": _round(ms)})
     # Per-pair entries of the input are replaced by what was measured between their sites.
     raw["cluster"]["links"] = links

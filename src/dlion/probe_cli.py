@@ -95,6 +95,7 @@ def probe(
     from dlion import probe as p
     from dlion.cluster import MBPS, Cluster
     from dlion.config import config_from_dict, load_config
+    from dlion.timescale import TimeScale
 
     cfg = load_config(config, list(set_ or []))
     if links and netns is not None:  # a prefix that is not up fails now, not after the steps
@@ -134,14 +135,14 @@ def probe(
             _leave_now()  # rank 0 writes the config
     elif links:
         rates = p.measure_links(cluster.size, netns_prefix=netns, **link_args)
-    scale = cfg.engine.time_scale
+    scale = TimeScale(cfg.engine.time_scale)
     for r in rates:
         expected = _configured_rate(cluster, r.src, r.dst)
-        measured = r.bytes_per_s * scale
+        measured = scale.scenario_rate(r.bytes_per_s)
         console.print(
             f"  {r.src} -> {r.dst}: {measured / MBPS:9.2f} Mbit/s (config "
             f"{expected / MBPS:.2f}, {measured / expected - 1:+.1%}), latency "
-            f"{r.latency_s / scale * 1e3:.3f} ms"
+            f"{scale.scenario(r.latency_s) * 1e3:.3f} ms"
         )
     raw = p.measured_config(cfg, fits, flops, rates)
     config_from_dict(raw)  # what we write must load

@@ -1,7 +1,9 @@
-"""The registry of training strategies, by name: what the CLI, config checks and both
-engines look strategies up in. It imports no strategy: the built-ins register themselves
-when `dlion.strategies` is imported, which the first lookup does (so the engines' import
-graph holds no algorithm, and a new strategy touches no engine).
+"""The registry of training strategies and FL algorithms, by name: what the CLI, config
+loading and the engines look them up in. It imports no algorithm (nor anything that
+imports the config, so config loading can use it): the built-ins register themselves
+when `dlion.strategies` (or `dlion.fl`) is imported, which the first lookup does (so the
+engines' import graph holds no algorithm, and a new strategy touches no engine).
+Options are validated when a config is loaded (`check_options`, `check_fl_options`).
 
 Plugins: `register_strategy` adds a strategy from the user's code; modules named in the
 `DLION_PLUGINS` environment variable (comma-separated, importable from the current
@@ -16,16 +18,20 @@ import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from dlion.context import WorkerContext
 from dlion.errors import ConfigError
 
-# The package whose import registers the built-in strategies (strategies/__init__.py).
+# The packages whose import registers the built-in strategies (strategies/__init__.py)
+# and FL algorithms (fl/__init__.py).
 BUILTIN_PACKAGE = "dlion.strategies"
+FL_PACKAGE = "dlion.fl"
+
+# A strategy: `async def worker(ctx: WorkerContext, options)` (context.py).
+Worker = Callable[[Any, Any], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class StrategySpec:
     name: str
     summary: str
     options_model: type[BaseModel]
-    worker: Callable[[WorkerContext, Any], Awaitable[None]]
+    worker: Worker
 
 
 REGISTRY: dict[str, StrategySpec] = {}
@@ -53,7 +59,7 @@ def load_builtins() -> None:
 
 def register_strategy(
     name: str,
-    worker: Callable[[WorkerContext, Any], Awaitable[None]],
+    worker: Worker,
     options_model: type[BaseModel] | None = None,
     summary: str = "",
 ) -> StrategySpec:
@@ -108,10 +114,64 @@ def get_strategy(name: str) -> StrategySpec:
 
 def parse_options(spec: StrategySpec, options: dict[str, Any]) -> BaseModel:
     """Validate `strategy.options` against the strategy's own model; errors name the field."""
+    return _validate(spec.options_model, options, "strategy.options", f"strategy {spec.name}")
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Config loading: strategy `name` exists (plugins loaded) and `options` validate;
+    ConfigError naming the field otherwise."""
+    parse_options(get_strategy(name), options)
+
+
+def _validate(model: type[BaseModel], options: dict[str, Any], field: str, what: str) -> BaseModel:
     try:
-        return spec.options_model.model_validate(options)
+        return model.model_validate(options)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"strategy.options.{loc}: {msg} (strategy {spec.name})") from None
+        raise ConfigError(f"{field}.{loc}: {msg} ({what})") from None
+
+
+# ============================================================================ FL algorithms
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    name: str
+    summary: str
+    options_model: type[BaseModel]
+    factory: Callable[[Any, int], Any]  # (options, number of clients) -> fl.base.Algorithm
+    fixed: dict[str, Any] = field(default_factory=dict)  # options a variant pins (ablations)
+
+
+FL_ALGORITHMS: dict[str, AlgorithmSpec] = {}
+
+
+def register_fl_builtin(spec: AlgorithmSpec) -> None:
+    """Called by dlion.fl for each algorithm it ships."""
+    FL_ALGORITHMS[spec.name] = spec
+
+
+def get_fl_algorithm(name: str) -> AlgorithmSpec:
+    importlib.import_module(FL_PACKAGE)
+    if name not in FL_ALGORITHMS:
+        known = ", ".join(FL_ALGORITHMS)
+        raise ConfigError(f"algorithm.name: unknown FL algorithm {name!r} (choose from {known})")
+    return FL_ALGORITHMS[name]
+
+
+def parse_fl_options(spec: AlgorithmSpec, options: dict[str, Any]) -> BaseModel:
+    """Validate `algorithm.options` (a variant's pinned options may not be set otherwise)."""
+    clash = sorted(k for k in spec.fixed if k in options and options[k] != spec.fixed[k])
+    if clash:
+        raise ConfigError(
+            f"algorithm.options.{clash[0]}: {spec.name} fixes it to {spec.fixed[clash[0]]}"
+        )
+    merged = {**options, **spec.fixed}
+    return _validate(spec.options_model, merged, "algorithm.options", f"algorithm {spec.name}")
+
+
+def check_fl_options(name: str, options: dict[str, Any]) -> None:
+    """Config loading: FL algorithm `name` exists and `options` validate."""
+    parse_fl_options(get_fl_algorithm(name), options)

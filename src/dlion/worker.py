@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from dlion.cluster import Cluster
 from dlion.config import load_config
 from dlion.errors import BadInput
-from dlion.preflight import check_strategy, check_world_size
+from dlion.preflight import check_world_size
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -103,7 +103,6 @@ def run(argv: list[str]) -> int:
     # Before torch is imported and any store or peer is touched: every rank fails alike,
     # with the same line, within a second.
     check_world_size(world, Cluster.from_config(cfg.cluster).size)
-    check_strategy(cfg)  # loads DLION_PLUGINS too
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
     try:
         incarnation = int(os.environ.get("DLION_INCARNATION", "0"))

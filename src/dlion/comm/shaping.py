@@ -23,6 +23,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dlion.cluster import Cluster, Resource
+from dlion.timescale import TimeScale
 
 
 @dataclass
@@ -75,13 +76,13 @@ def senders_sharing(cluster: Cluster, resource: Resource) -> int:
     return 1
 
 
-def pacer_rate(cluster: Cluster, resource: Resource, t: float, scale: float) -> float:
+def pacer_rate(cluster: Cluster, resource: Resource, t: float, scale: TimeScale) -> float:
     """Bytes per wall second of one sender's pacer for `resource` at scenario time `t`: a
     link's bandwidth, a shared resource's slice (see the module docstring)."""
-    return cluster.resource_capacity(resource, t) / senders_sharing(cluster, resource) / scale
+    return scale.rate(cluster.resource_capacity(resource, t) / senders_sharing(cluster, resource))
 
 
-def worker_shaper(cluster: Cluster, rank: int, scale: float) -> LinkShaper:
+def worker_shaper(cluster: Cluster, rank: int, scale: TimeScale) -> LinkShaper:
     """The transport shaper of worker `rank`: its routes' pacers (at t = 0) and its NIC."""
     nic = cluster.workers[rank].nic_bytes_per_s
     paths = {p: cluster.route(rank, p) for p in range(cluster.size) if p != rank}
@@ -90,6 +91,6 @@ def worker_shaper(cluster: Cluster, rank: int, scale: float) -> LinkShaper:
     }
     return LinkShaper(
         rates,
-        None if nic is None else nic / scale,
+        None if nic is None else scale.rate(nic),
         paths,
     )

@@ -76,7 +76,7 @@ from dlion.comm.messages import Control, Dense, Message
 from dlion.comm.shaping import pacer_rate, worker_shaper
 from dlion.comm.transport import PairTransport
 from dlion.config import ExperimentConfig
-from dlion.context import ComputeResult, WorkerContext
+from dlion.context import ComputeResult, WorkerContext, worker_setup
 from dlion.engines.collective import CollectiveGroups, group_key
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.network import all_to_all_rates
@@ -84,6 +84,7 @@ from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.registry import get_strategy, parse_options
 from dlion.report import MetricsLog
+from dlion.timescale import TimeScale
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
@@ -124,23 +125,10 @@ class DistContext(WorkerContext):
     strategy sees consistent units: wall seconds and bytes per wall second."""
 
     def __init__(self, worker: DistWorker, replica: Any) -> None:
-        cfg, cluster, rank = worker.cfg, worker.cluster, worker.rank
-        scale = cfg.engine.time_scale
-        peers = [r for r in range(cluster.size) if r != rank]
-        super().__init__(
-            rank=rank,
-            world=list(range(cluster.size)),
-            sites=[w.site for w in cluster.workers],
-            replica=replica,
-            global_batch=cfg.train.batch_per_worker * cluster.size,
-            recv_timeout=cfg.engine.recv_timeout * scale,
-            bandwidth_seed={p: worker.expected_rates[(rank, p)] / scale for p in peers},
-            latency={p: cluster.link(rank, p).latency * scale for p in peers},
-            bandwidth_ema=cfg.engine.bandwidth_ema,
-            header_bytes=cfg.engine.header_bytes,
-            seed=cfg.train.seed,
-            step_overhead=cluster.workers[rank].step_overhead_s * scale,
+        setup = worker_setup(
+            worker.cfg, worker.cluster, worker.rank, worker.expected_rates, worker.time_scale
         )
+        super().__init__(replica=replica, **setup)
         self._worker = worker
         self.overruns = 0
         self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
@@ -157,7 +145,8 @@ class DistContext(WorkerContext):
         w = self._worker
         # Capacity traces are in scenario time: the step starts at now / time_scale.
         flops = w.flops_per_sample * batch_size
-        target = w.scale * w.cluster.compute_time(self.rank, flops, start=self.now() / w.scale)
+        scale = w.time_scale
+        target = scale.wall(w.cluster.compute_time(self.rank, flops, scale.scenario(self.now())))
         if target > measured:
             await asyncio.sleep(target - measured)
         else:
@@ -182,8 +171,8 @@ class DistContext(WorkerContext):
         del window[: -self._worker.cfg.engine.delivery_window]
         engine = self._worker.cfg.engine
         # The first measurement replaces the configured speed whatever it says.
-        previous = None if first else self._bandwidth[peer]
-        self._bandwidth[peer] = delivery_estimate(window, previous, engine.delivery_max_rise)
+        previous = None if first else self.bandwidth(peer)
+        self.set_bandwidth(peer, delivery_estimate(window, previous, engine.delivery_max_rise))
 
 
 def delivery_estimate(rates: list[float], previous: float | None, max_rise: float) -> float:
@@ -230,7 +219,7 @@ class DistWorker:
         self._store_factory = store_factory
         self.store = store_factory()
         self.run_id = run_id
-        self.scale = cfg.engine.time_scale
+        self.time_scale = TimeScale(cfg.engine.time_scale)
         # The scenario's capacity and bandwidth traces apply here as in the sim (scaled).
         self.cluster = Cluster.from_config(cfg.cluster).with_dynamics(
             cfg.dynamics, cfg.train.max_time
@@ -259,7 +248,7 @@ class DistWorker:
         self._stop_reason: str | None = None
         self._stopped = threading.Event()
         self._leaving = False
-        self.shaper = worker_shaper(self.cluster, rank, self.scale)
+        self.shaper = worker_shaper(self.cluster, rank, self.time_scale)
         self.collectives = CollectiveGroups(
             store_factory,
             backend=self.backend,
@@ -293,8 +282,8 @@ class DistWorker:
         # ledger (on the loop) and the receiver threads' count of acknowledged frames.
         self.delivery = DeliveryLedger()
         self._received: dict[int, int] = {}
-        self.ctx._on_record = lambda r, event, fields: self.log.write(
-            event, t=self.ctx.now(), rank=r, **fields
+        self.ctx.set_hooks(
+            lambda r, event, fields: self.log.write(event, t=self.ctx.now(), rank=r, **fields)
         )
 
     # ---------------------------------------------------------------- start-up
@@ -366,7 +355,7 @@ class DistWorker:
                 rank=self.rank,
                 peer=peer,
                 measured=nbytes / seconds,
-                configured=self.expected_rates[(self.rank, peer)] / self.scale,
+                configured=self.time_scale.rate(self.expected_rates[(self.rank, peer)]),
             )
 
     def _connect_all(self, peers: list[int]) -> dict[int, str]:
@@ -472,9 +461,9 @@ class DistWorker:
         latency = self.ctx.latency(dst) if mode != "none" else 0.0
         if mode == "transport":
             # Bandwidth traces are in scenario time, like the sim's.
-            t = self.ctx.now() / self.scale
+            t = self.time_scale.scenario(self.ctx.now())
             for r in self.cluster.route(self.rank, dst):
-                self.shaper.set_rate(r, pacer_rate(self.cluster, r, t, self.scale))
+                self.shaper.set_rate(r, pacer_rate(self.cluster, r, t, self.time_scale))
             done = self.shaper.reserve(dst, start, len(frame))
             if not self.transport.send(dst, frame, due=done + latency):
                 return 0.0
@@ -717,7 +706,7 @@ class DistWorker:
         self.live.discard(peer)
         # Epochs count the membership changes this worker has learned of; every survivor
         # learns of the same departures, so they agree on the number.
-        self.ctx._peer_left(peer, self.ctx.epoch + 1)
+        self.ctx.peer_left(peer, self.ctx.epoch + 1)
         for fut in self._inflight.pop(peer, set()):
             if not fut.done():
                 fut.set_result(None)
@@ -732,7 +721,7 @@ class DistWorker:
 
     def _monitor(self) -> None:
         """Heartbeats, leave notices, stale peers, the stop flag, evaluation snapshots."""
-        every = self.cfg.evaluation.every_s * self.scale
+        every = self.time_scale.wall(self.cfg.evaluation.every_s)
         beat = self.cfg.engine.heartbeat_s
         timeout = self.cfg.engine.peer_timeout
         next_snapshot = 0
@@ -818,9 +807,9 @@ class DistWorker:
         if peer in self.live or peer not in self.linked:
             return
         self.live.add(peer)
-        self.ctx._peer_joined(peer, since, max(epoch, self.ctx.epoch + 1))
+        self.ctx.peer_joined(peer, since, max(epoch, self.ctx.epoch + 1))
         # The joiner starts sending only after every member has acknowledged: anything it
-        # sent before our _peer_joined would be dropped as its previous life's leftovers.
+        # sent before our peer_joined would be dropped as its previous life's leftovers.
         self.store.set(Keys.acked(peer, self.peer_inc[peer], self.rank), "1")
         late = self.ctx.iteration >= since
         self.log.write(
@@ -837,7 +826,7 @@ class DistWorker:
         """This worker is (re)joining: take the current model from a live member, then pick
         the iteration it takes part from, far enough ahead that every member hears of it
         first (engine.join_margin_s of the fastest member's progress), and publish it."""
-        self.ctx._set_view(dict.fromkeys(self.linked, 0), 0)
+        self.ctx.set_view(dict.fromkeys(self.linked, 0), 0)
         donor = await self.ctx.join_from_live_peer()
         beats = [store_get_json(self.store, Keys.heartbeat(p)) for p in sorted(self.linked)]
         margin_s = self.cfg.engine.join_margin_s
@@ -849,7 +838,7 @@ class DistWorker:
             since = max(since, int(beat["iteration"] + ahead) + 1)
             epoch = max(epoch, int(beat["epoch"]) + 1)
         self.live = set(self.linked)
-        self.ctx._set_view(dict.fromkeys(self.live, 0), epoch, since)
+        self.ctx.set_view(dict.fromkeys(self.live, 0), epoch, since)
         self.ctx.iteration = since
         self.store.set(
             Keys.since(self.rank, self.incarnation),

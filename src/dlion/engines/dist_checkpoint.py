@@ -134,11 +134,13 @@ class WorkerCheckpointer:
             ctx.rng.setstate((version, tuple(internal), gauss))
         except (ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt.path}: does not fit this replica ({exc})") from None
-        ctx._restored = {
-            k.removeprefix("strategy."): v
-            for k, v in ckpt.tensors.items()
-            if k.startswith("strategy.")
-        }
+        ctx.restore_state(
+            {
+                k.removeprefix("strategy."): v
+                for k, v in ckpt.tensors.items()
+                if k.startswith("strategy.")
+            }
+        )
         ctx.iteration = start
         self.step = ckpt.step + 1
         return ckpt

@@ -70,6 +70,7 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
+from dlion.timescale import TimeScale
 
 # A worker process: forked from the fork server, or a `python -m dlion.worker` (netns).
 WorkerProcess = subprocess.Popen[bytes] | ForkedWorker
@@ -115,7 +116,7 @@ class Coordinator:
         self.label = label or cfg.strategy.name
         self.processes = processes
         self.faults = sorted(faults or [], key=lambda f: f.at)
-        self.scale = cfg.engine.time_scale
+        self.time_scale = TimeScale(cfg.engine.time_scale)
         self.size = Cluster.from_config(cfg.cluster).size
         self.prep = prep if prep is not None else prepare(cfg, self.size)
         self._eval_replica = make_replica(cfg, self.prep, 0)
@@ -285,7 +286,7 @@ class Coordinator:
         return time.time() - seen > self.cfg.engine.peer_timeout
 
     def _inject_faults(self) -> None:
-        while self.faults and self.faults[0].at * self.scale <= self.now():
+        while self.faults and self.time_scale.wall(self.faults[0].at) <= self.now():
             fault = self.faults.pop(0)
             if fault.signal == "JOIN":
                 self._start_joiner(fault)
@@ -305,8 +306,8 @@ class Coordinator:
         if rank not in self.out:
             # Its departure may not be visible yet (a crash is seen when the process is
             # reaped): try again shortly, for up to the peer timeout.
-            if self.now() < fault.at * self.scale + self.cfg.engine.peer_timeout:
-                later = Fault(rank, fault.at + 0.05 / self.scale, "JOIN")
+            if self.now() < self.time_scale.wall(fault.at) + self.cfg.engine.peer_timeout:
+                later = Fault(rank, fault.at + self.time_scale.scenario(0.05), "JOIN")
                 self.faults = sorted([*self.faults, later], key=lambda f: f.at)
             else:
                 self.log.write("join_skipped", t=self.now(), rank=rank, why="still a member")
@@ -352,7 +353,7 @@ class Coordinator:
         accs = [a for a, _ in results]
         metas = [meta for _, meta in self._last.values()]
         return EvalPoint(
-            t=round(k * self.cfg.evaluation.every_s * self.scale, 9),
+            t=round(self.time_scale.wall(k * self.cfg.evaluation.every_s), 9),
             iteration=round(sum(self._last[r][1]["iteration"] for r in live) / len(live)),
             mean_acc=sum(accs) / len(accs),
             min_acc=worst(accs, self.cfg.evaluation.higher_better),
@@ -363,8 +364,8 @@ class Coordinator:
     # ---------------------------------------------------------------- the run
     def run(self, *, progress: bool = True, description: str | None = None) -> RunResult:
         cfg = self.cfg
-        every = cfg.evaluation.every_s * self.scale
-        horizon = cfg.train.max_time * self.scale
+        every = self.time_scale.wall(cfg.evaluation.every_s)
+        horizon = self.time_scale.wall(cfg.train.max_time)
         # Snapshots are published on the grid; read each a little after it is due.
         grace = min(0.5 * every, 0.25 + 2 * cfg.engine.heartbeat_s)
         points: list[EvalPoint] = []
@@ -377,7 +378,7 @@ class Coordinator:
                 seed=cfg.train.seed,
                 workers=self.size,
                 engine="dist",
-                time_scale=self.scale,
+                time_scale=self.time_scale.factor,
                 backend=resolve_backend(cfg.engine.backend),
                 shaping=cfg.engine.shaping,
                 netns=self.netns,
@@ -474,9 +475,9 @@ class Coordinator:
             or shown[-1].bytes_sent,
             "workers": self.size,
             "rejected_messages": int(sum(f.get("rejected", 0) for f in finals.values())),
-            "time_scale": self.scale,
+            "time_scale": self.time_scale.factor,
             # Scenario seconds (wall / time_scale): what to compare with the sim's prediction.
-            "tta_scenario_s": None if tta is None else tta / self.scale,
+            "tta_scenario_s": None if tta is None else self.time_scale.scenario(tta),
             "backend": resolve_backend(cfg.engine.backend),
             "shaping": cfg.engine.shaping,
             "netns": self.netns,

@@ -60,6 +60,7 @@ from typing import Any
 from dlion.cluster import Cluster
 from dlion.config import ExperimentConfig
 from dlion.errors import BadInput, DlionError
+from dlion.timescale import TimeScale
 
 DEFAULT_PREFIX = "dlion"
 DEFAULT_SUBNET = "10.77.0.0/24"
@@ -214,7 +215,7 @@ def check_prefix(prefix: str) -> str:
 
 
 def _bps(bytes_per_s: float, time_scale: float) -> int:
-    return max(1, round(bytes_per_s * 8 / time_scale))
+    return max(1, round(TimeScale(time_scale).rate(bytes_per_s * 8)))
 
 
 def _quantum(rate_bps: int) -> int:

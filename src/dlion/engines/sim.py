@@ -11,21 +11,17 @@ traces (compute time integrates the capacity; flows in flight are re-rated when 
 bandwidth changes), and workers leave, crash or join on a schedule. The engine is the
 membership authority: a departing worker's coroutines (and every task they started) are
 cancelled; peers learn of a `leave` at once and of a `crash` after `engine.peer_timeout`
-(WorkerContext._peer_left); a joining worker fetches the current model from a live peer
+(WorkerContext.peer_left); a joining worker fetches the current model from a live peer
 (WorkerContext.join_from_live_peer) and is admitted from an iteration no live worker has
-started (WorkerContext._peer_joined). Evaluation averages over the running workers.
+started (WorkerContext.peer_joined). Evaluation averages over the running workers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
-import gc
-import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +31,11 @@ import torch
 from dlion.cluster import Cluster
 from dlion.comm.messages import Message
 from dlion.config import ExperimentConfig, MembershipEvent, initially_absent, write_config
-from dlion.context import ComputeResult, WorkerContext
+from dlion.context import worker_setup
 from dlion.dynamics import membership_schedule
-from dlion.engines.network import Network, all_to_all_rates
+from dlion.engines.network import all_to_all_rates
+from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
 from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
-from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
 from dlion.registry import get_strategy, parse_options
 from dlion.replica import Replica
@@ -65,64 +61,32 @@ class RunResult:
     replicas: list[Replica] = field(repr=False, default_factory=list)
 
 
-# The rank whose worker created a task: every task a worker starts (background sends,
-# server roles) inherits it, so a departure cancels exactly that worker's tasks.
-_OWNER: contextvars.ContextVar[int | None] = contextvars.ContextVar("dlion_owner", default=None)
-
-
-class SimContext(WorkerContext):
+class SimContext(VirtualContext):
     def __init__(self, engine: _SimEngine, rank: int, replica: Replica) -> None:
-        cluster = engine.cluster
-        peers = [r for r in range(cluster.size) if r != rank]
-        super().__init__(
-            rank=rank,
-            world=list(range(cluster.size)),
-            sites=[w.site for w in cluster.workers],
-            replica=replica,
-            global_batch=engine.global_batch,
-            recv_timeout=engine.cfg.engine.recv_timeout,
-            bandwidth_seed={p: engine.expected_rates[(rank, p)] for p in peers},
-            latency={p: cluster.link(rank, p).latency for p in peers},
-            bandwidth_ema=engine.cfg.engine.bandwidth_ema,
-            header_bytes=engine.cfg.engine.header_bytes,
-            seed=engine.cfg.train.seed,
-            step_overhead=cluster.workers[rank].step_overhead_s,
-        )
+        setup = worker_setup(engine.cfg, engine.cluster, rank, engine.expected_rates)
+        super().__init__(engine.runtime, replica=replica, **setup)
         self._engine = engine
-
-    def now(self) -> float:
-        return self._engine.loop.time()
-
-    async def compute(self, batch_size: int) -> ComputeResult:
-        start = time.perf_counter()
-        grad, loss = self.replica.gradient(batch_size)
-        self._engine.compute_wall_s += time.perf_counter() - start
-        flops = self._engine.prep.flops_per_sample * batch_size
-        seconds = self._engine.cluster.compute_time(self.rank, flops, self.now())
-        await asyncio.sleep(seconds)
-        return ComputeResult(grad, loss, batch_size, seconds)
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
         engine = self._engine
-        seconds = await engine.network.transfer(self.rank, dst, wire_bytes)
+        seconds = await engine.runtime.network.transfer(self.rank, dst, wire_bytes)
         latency = engine.cluster.link(self.rank, dst).latency
         engine.loop.call_later(latency, engine.deliver, dst, engine.incarnation[dst], msg)
         return seconds
 
 
 class _SimEngine:
-    def __init__(self, cfg: ExperimentConfig, loop: asyncio.AbstractEventLoop) -> None:
+    """The strategy job on the virtual runtime: every worker runs the strategy."""
+
+    def __init__(self, cfg: ExperimentConfig, runtime: VirtualRuntime, prep: Prepared) -> None:
         self.cfg = cfg
-        self.loop = loop
-        self.cluster = Cluster.from_config(cfg.cluster).with_dynamics(
-            cfg.dynamics, cfg.train.max_time
-        )
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.cluster = runtime.cluster
         self.global_batch = cfg.train.batch_per_worker * self.cluster.size
-        self.prep: Prepared = prepare(cfg, self.cluster.size)
-        self.network = Network(loop, self.cluster)
+        self.prep = prep
         # What each worker is told to expect per link (shared pipes split all-to-all).
         self.expected_rates = all_to_all_rates(self.cluster)
-        self.compute_wall_s = 0.0
         self.contexts = [
             SimContext(self, r, make_replica(cfg, self.prep, r)) for r in range(self.cluster.size)
         ]
@@ -139,40 +103,21 @@ class _SimEngine:
         self.incarnation = [0] * self.cluster.size
         self.epoch = 0
         self.membership: list[dict[str, Any]] = []
-        self.tasks: dict[int, set[asyncio.Task[Any]]] = {r: set() for r in range(self.cluster.size)}
         self.retired_bytes = 0  # bytes sent by incarnations that have left
         self.retired_rejected = 0
         self.worker: Any = None
         self.options: Any = None
-        self.failures: list[BaseException] = []
         for ctx in self.contexts:
-            ctx._set_view({r: 0 for r in self.running if r != ctx.rank}, 0)
-        self.eval_wall_s = 0.0
+            ctx.set_view({r: 0 for r in self.running if r != ctx.rank}, 0)
         # Parameters already evaluated (this round or earlier) and their (acc, loss): identical
         # replicas (all-reduce, or no update since the last round) are evaluated once.
         self._eval_cache: list[tuple[torch.Tensor, tuple[float, float]]] = []
-        self.stop = asyncio.Event()
         self.log: MetricsLog
         self.checkpointer: SimCheckpointer | None = None
         for ctx in self.contexts:
-            ctx._on_record = self._record
-            ctx._on_iteration = self._iteration_done
+            ctx.set_hooks(runtime.record, self._iteration_done)
 
     # ------------------------------------------------------------------ membership
-    def task_factory(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        coro: Any,
-        context: contextvars.Context | None = None,
-    ) -> asyncio.Task[Any]:
-        """Create a task and file it under the worker that started it."""
-        owner = context.get(_OWNER, None) if context is not None else _OWNER.get()
-        task = asyncio.Task(coro, loop=loop, context=context)
-        if owner is not None:
-            self.tasks[owner].add(task)
-            task.add_done_callback(self.tasks[owner].discard)
-        return task
-
     def live_contexts(self) -> list[SimContext]:
         return [self.contexts[r] for r in sorted(self.running)]
 
@@ -182,17 +127,7 @@ class _SimEngine:
             self.contexts[dst].mailbox.deliver(msg)
 
     def start_worker(self, rank: int, joining: bool) -> None:
-        context = contextvars.copy_context()
-        context.run(_OWNER.set, rank)
-        task = self.loop.create_task(
-            self._run_worker(self.contexts[rank], joining), context=context
-        )
-        task.add_done_callback(self._worker_done)
-
-    def _worker_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failures.append(task.exception())  # type: ignore[arg-type]
-            self.stop.set()
+        self.runtime.spawn(self._run_worker(self.contexts[rank], joining), owner=rank)
 
     async def _run_worker(self, ctx: SimContext, joining: bool) -> None:
         if joining:
@@ -211,14 +146,11 @@ class _SimEngine:
         try:
             action(*args)
         except Exception as exc:  # re-raised by _main once the loop stops
-            self.failures.append(exc)
-            self.stop.set()
+            self.runtime.fail(exc)
 
     def _stop_worker(self, rank: int) -> None:
         self.running.discard(rank)
-        for task in list(self.tasks[rank]):
-            task.cancel()
-        self.tasks[rank].clear()
+        self.runtime.cancel_owned(rank)
 
     def leave(self, rank: int) -> None:
         """Announced departure: peers learn at once."""
@@ -243,7 +175,7 @@ class _SimEngine:
         self.believed.pop(rank, None)
         self.epoch += 1
         for ctx in self.live_contexts():
-            ctx._peer_left(rank, self.epoch)
+            ctx.peer_left(rank, self.epoch)
 
     def join(self, rank: int) -> None:
         """A new or returning worker is ready: a fresh process with its data shard, which
@@ -253,9 +185,8 @@ class _SimEngine:
         self.retired_rejected += old.rejected
         self.incarnation[rank] += 1
         ctx = SimContext(self, rank, make_replica(self.cfg, self.prep, rank))
-        ctx._on_record = self._record
-        ctx._on_iteration = self._iteration_done
-        ctx._set_view({r: s for r, s in self.believed.items() if r != rank}, self.epoch)
+        ctx.set_hooks(self.runtime.record, self._iteration_done)
+        ctx.set_view({r: s for r, s in self.believed.items() if r != rank}, self.epoch)
         self.contexts[rank] = ctx
         self.running.add(rank)
         self._log_membership(rank, "join_started")
@@ -268,8 +199,8 @@ class _SimEngine:
         since = max((c.iteration for c in others), default=ctx.iteration) + 1
         self.epoch += 1
         for c in others:
-            c._peer_joined(ctx.rank, since, self.epoch)
-        ctx._set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
+            c.peer_joined(ctx.rank, since, self.epoch)
+        ctx.set_view({c.rank: self.believed[c.rank] for c in others}, self.epoch, since)
         ctx.iteration = since
         self.believed[ctx.rank] = since
         self._log_membership(ctx.rank, "join", donor=donor, since=since)
@@ -284,19 +215,16 @@ class _SimEngine:
         del self._eval_cache[: -len(self.contexts)]  # remember one round's worth
         return result
 
-    def _record(self, rank: int, event: str, fields: dict[str, Any]) -> None:
-        self.log.write(event, t=self.loop.time(), rank=rank, **fields)
-
     def _iteration_done(self, rank: int) -> None:
         cap = self.cfg.train.max_iterations
         if cap is not None and min(c.iteration for c in self.live_contexts()) >= cap:
-            self.stop.set()
+            self.runtime.stop.set()
 
     def evaluate(self) -> EvalPoint:
         start = time.perf_counter()
         live = self.live_contexts()  # departed workers' replicas no longer count
         results = [self._evaluate_replica(c.replica) for c in live]
-        self.eval_wall_s += time.perf_counter() - start
+        self.runtime.eval_wall_s += time.perf_counter() - start
         accs = [a for a, _ in results]
         return EvalPoint(
             t=round(self.loop.time(), 9),  # the eval grid is k * every_s; drop float dust
@@ -336,12 +264,11 @@ def run_sim(
     options = parse_options(spec, cfg.strategy.options)
     # Before anything is written: a resume verifies its checkpoint here.
     checkpointer = SimCheckpointer(cfg, out_dir, resume=resume, stop_at=stop_at)
-    loop = VirtualTimeLoop()
-    try:
-        asyncio.set_event_loop(loop)
-        engine = _SimEngine(cfg, loop)
+    cluster = Cluster.from_config(cfg.cluster).with_dynamics(cfg.dynamics, cfg.train.max_time)
+    prep = prepare(cfg, cluster.size)
+    with virtual_runtime(cluster, flops_per_sample=prep.flops_per_sample) as runtime:
+        engine = _SimEngine(cfg, runtime, prep)
         engine.checkpointer = checkpointer
-        loop.set_task_factory(engine.task_factory)
         if out_dir is not None and not resume:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_config(out_dir, cfg)
@@ -350,18 +277,15 @@ def run_sim(
             shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
         # A replay logs to memory until it has matched its checkpoint (then the file is
         # cut back to the checkpoint's history and appended to).
-        engine.log = MetricsLog(None if out_dir is None or resume else out_dir / "metrics.jsonl")
-        text = description or f"{cfg.name} {label or spec.name}"
-        with engine.log, TrainProgress(text, cfg.train.max_time, enabled=progress) as bar:
-            # Wall time of the training loop alone (data loading and setup excluded).
-            wall_start = time.perf_counter()
-            with _quiet_gc():
-                engine.worker, engine.options = spec.worker, options
-                points = loop.run_until_complete(_main(engine, bar))
-            wall = time.perf_counter() - wall_start
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
+        log_path = None if out_dir is None or resume else out_dir / "metrics.jsonl"
+        runtime.log = engine.log = MetricsLog(log_path)
+        engine.worker, engine.options = spec.worker, options
+        points = runtime.run(
+            lambda bar: _main(engine, bar),
+            text=description or f"{cfg.name} {label or spec.name}",
+            max_time=cfg.train.max_time,
+            progress=progress,
+        )
     last = points[-1]
     summary: dict[str, Any] = {
         **run_summary(
@@ -377,11 +301,7 @@ def run_sim(
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,
-        "wall_s": wall,
-        "compute_wall_s": engine.compute_wall_s,
-        "eval_wall_s": engine.eval_wall_s,
-        # Peak resident memory of this process so far (KiB on Linux), for scale-out reports.
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **runtime.cost_fields(),
     }
     if summary_fields is not None:
         summary.update(summary_fields(engine.membership, last.t))
@@ -404,25 +324,10 @@ def run_sim(
         summary,
         points,
         engine.log.events,
-        wall,
-        engine.compute_wall_s,
+        runtime.wall_s,
+        runtime.compute_wall_s,
         [c.replica for c in engine.contexts],
     )
-
-
-@contextlib.contextmanager
-def _quiet_gc() -> Iterator[None]:
-    """Fewer cyclic-GC passes during the event loop: setup objects (data, replicas) are
-    frozen out of the collector's scans and young-generation passes are rarer. With 32
-    workers this cut the loop's wall time by about a quarter; results are unaffected."""
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
@@ -441,32 +346,25 @@ async def _main(engine: _SimEngine, bar: TrainProgress) -> list[EvalPoint]:
         engine.start_worker(rank, joining=False)
     _schedule_dynamics(engine)
     points: list[EvalPoint] = []
-    try:
-        while True:
-            point = engine.evaluate()
-            points.append(point)
-            engine.log.write("eval", **point.__dict__)
-            bar.update(point.t, point.iteration, point.mean_acc)
-            if engine.checkpointer is not None and engine.checkpointer.after_eval(engine, points):
-                break  # stop_at: halted here, after a checkpoint
-            higher = cfg.evaluation.higher_better
-            reached = reached_target(point.mean_acc, cfg.train.target_acc, higher)
-            if engine.stop.is_set() or point.t >= cfg.train.max_time:
-                break
-            if reached and cfg.train.stop_at_target:
-                break
-            # Evaluate at exact multiples of every_s, so all strategies share the time grid.
-            next_eval = min((len(points)) * cfg.evaluation.every_s, cfg.train.max_time)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(engine.stop.wait(), next_eval - engine.loop.time())
-    finally:
-        # Workers and anything they started (background sends) stop with the run.
-        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
-    if engine.failures:
-        raise engine.failures[0]
+
+    def step() -> bool:
+        """One evaluation point; True when the run ends there."""
+        point = engine.evaluate()
+        points.append(point)
+        engine.log.write("eval", **point.__dict__)
+        bar.update(point.t, point.iteration, point.mean_acc)
+        if engine.checkpointer is not None and engine.checkpointer.after_eval(engine, points):
+            return True  # stop_at: halted here, after a checkpoint
+        higher = cfg.evaluation.higher_better
+        reached = reached_target(point.mean_acc, cfg.train.target_acc, higher)
+        if engine.runtime.stop.is_set() or point.t >= cfg.train.max_time:
+            return True
+        return reached and cfg.train.stop_at_target
+
+    # Evaluate at exact multiples of every_s, so all strategies share the time grid.
+    await engine.runtime.evaluate_until(
+        step, lambda: min(len(points) * cfg.evaluation.every_s, cfg.train.max_time)
+    )
     if engine.checkpointer is not None:
         engine.checkpointer.finished(points)
         if engine.checkpointer.halted_at is not None:
@@ -484,7 +382,7 @@ def _schedule_dynamics(engine: _SimEngine) -> None:
     loop = engine.loop
     for t in engine.cluster.bandwidth_change_times():
         if t < engine.cfg.train.max_time:
-            loop.call_at(t, engine.network.rerate)
+            loop.call_at(t, engine.runtime.network.rerate)
     actions = {"leave": engine.leave, "crash": engine.crash, "join": engine.join}
     for ev in engine.schedule:
         if ev.ready_s < engine.cfg.train.max_time:

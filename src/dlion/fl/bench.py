@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dlion.config import format_validation_error, parse_yaml_mapping, read_source
 from dlion.errors import ConfigError
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
-from dlion.fl.engine import run_fl
+from dlion.jobs.fl_sim import run_fl
 from dlion.outdir import same_config
 from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
 from dlion.strict_yaml import strict_load

@@ -117,7 +117,7 @@ def train_fl(
     force: bool = False,
 ) -> None:
     from dlion.fl.config import load_fl_config
-    from dlion.fl.engine import run_fl
+    from dlion.jobs.fl_sim import run_fl
     from dlion.outdir import default_dir, open_output, resume_output
     from dlion.report import plot_accuracy_vs_time
 

@@ -7,10 +7,8 @@ model sections of experiment configs; `extends:` and `--set a.b=v` work as there
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +21,12 @@ from dlion.config import (
     apply_overrides,
     format_validation_error,
     parse_yaml_mapping,
+    read_config_source,
     read_text_file,
-    source_identity,
+    shipped_names,
 )
 from dlion.errors import ConfigError
+from dlion.registry import check_fl_options
 
 FL_PRESETS = "fl/scenarios"  # shipped FL configs, inside the dlion package
 
@@ -221,19 +221,7 @@ class FLConfig(_Strict):
 
 
 def fl_presets() -> list[str]:
-    root = resources.files("dlion") / FL_PRESETS
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def _source_text(source: str) -> str:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return read_text_file(path, "config")
-    if source in fl_presets():
-        return (resources.files("dlion") / FL_PRESETS / f"{source}.yaml").read_text()
-    raise ConfigError(
-        f"{source}: not a config file or a shipped FL config ({', '.join(fl_presets())})"
-    )
+    return shipped_names(FL_PRESETS)
 
 
 def is_fl_source(source: str) -> bool:
@@ -261,34 +249,13 @@ def is_fl_source(source: str) -> bool:
     return raw.get("kind") == "fl"
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _read(source: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    if source_identity(source) in map(source_identity, chain):
-        raise ConfigError(f"{source}: extends itself ({' -> '.join([*chain, source])})")
-    raw = parse_yaml_mapping(_source_text(source), source)
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if not isinstance(parent, str) or not parent:
-        raise ConfigError(f"{source}: extends: expected an FL config name or YAML path")
-    path = Path(source)
-    if path.is_file() and not Path(parent).is_absolute() and (path.parent / parent).exists():
-        parent = str(path.parent / parent)
-    return _deep_merge(_read(parent, (*chain, source)), raw)
-
-
 def load_fl_config(source: str, overrides: list[str] | None = None) -> FLConfig:
-    raw = apply_overrides(_read(source), overrides or [])
-    return fl_config_from_dict(raw, source)
+    """Load and validate an FL config, the algorithm's options too (through the registry)."""
+    raw, _ = read_config_source(source, FL_PRESETS, "FL config")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = fl_config_from_dict(raw, source)
+    check_fl_options(cfg.algorithm.name, cfg.algorithm.options)
+    return cfg
 
 
 def fl_config_from_dict(raw: dict[str, Any], origin: str = "config") -> FLConfig:

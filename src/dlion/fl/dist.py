@@ -97,17 +97,21 @@ from dlion.comm.shaping import LinkShaper
 from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
 from dlion.errors import BadInput, SimulationError
-from dlion.experiment import cached_dataset
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig, config_hash, load_fl_config
-from dlion.fl.engine import FLRunResult, build_fl_model, client_replica, write_partition
-from dlion.fl.population import make_population, split_clients
+from dlion.fl.job import (
+    FLRunResult,
+    FLSetup,
+    client_replica,
+    server_replica,
+    write_partition,
+)
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.models import train_flops_per_sample
 from dlion.replica import Replica
 from dlion.report import EvalPoint, MetricsLog, time_to_accuracy, write_json_atomic
+from dlion.timescale import TimeScale
 from dlion.worker import process_main, say
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
@@ -126,7 +130,7 @@ class _DistFLContext(ClientContext):
         self._proc = proc
         rank, size = proc.rank, proc.size
         peers = proc.peers
-        lat = proc.cfg.clients.latency_ms / 1e3 * proc.scale
+        lat = proc.time_scale.wall(proc.cfg.clients.latency_ms / 1e3)
         super().__init__(
             rank=rank,
             world=list(range(size)),
@@ -153,7 +157,7 @@ class _DistFLContext(ClientContext):
         self.compute_wall_s += measured
         p = self._proc
         gflops = p.profiles[self.rank - 1].gflops
-        target = p.scale * p.flops * batch_size / (gflops * 1e9)
+        target = p.time_scale.wall(p.flops * batch_size / (gflops * 1e9))
         if target > measured:
             await asyncio.sleep(target - measured)
         return ComputeResult(grad, loss, batch_size, max(target, measured))
@@ -163,9 +167,9 @@ class _DistFLContext(ClientContext):
 
     # ---------------------------------------------------------------- client parts
     def online_span(self, t: float) -> tuple[float, float]:
-        scale = self._proc.scale
-        start, end = self._proc.profiles[self.rank - 1].online_span(t / scale)
-        return start * scale, end * scale
+        scale = self._proc.time_scale
+        start, end = self._proc.profiles[self.rank - 1].online_span(scale.scenario(t))
+        return scale.wall(start), scale.wall(end)
 
     @property
     def num_samples(self) -> int:
@@ -191,7 +195,7 @@ class _DistFLContext(ClientContext):
         self._proc.transport.send(SERVER, encode(left), due=time.monotonic())
 
 
-class FLProcess:
+class FLProcess(FLSetup):
     """One process of an FL dist job: the server (rank 0) or client `rank`."""
 
     def __init__(
@@ -208,13 +212,13 @@ class FLProcess:
         self.cfg = cfg
         self.rank = rank
         self.size = cfg.clients.count + 1
-        self.scale = cfg.engine.time_scale
+        self.time_scale = TimeScale(cfg.engine.time_scale)
         self.out_dir = out_dir
         self.run_id = run_id
         self.secret = shared_secret(cfg.engine.secret)
         self.restored = restored
         # Wall seconds already run before this (resumed) part: the clock continues.
-        self.offset = 0.0 if restored is None else restored.time * self.scale
+        self.offset = 0.0 if restored is None else self.time_scale.wall(restored.time)
         self._store_factory = store_factory
         self.store = store_factory()
         self.t0 = time.time()
@@ -224,12 +228,7 @@ class FLProcess:
         self.stop_reason: str | None = None
         self._stopped = threading.Event()
         self._ending = False
-        d = cfg.data
-        self.dataset = cached_dataset(
-            d.name, d.path, 0, d.test_fraction, d.num_samples, d.num_features, d.num_classes
-        )
-        self.shards = split_clients(self.dataset.y_train.numpy(), cfg)
-        self.profiles = make_population(cfg)
+        super().__init__(cfg)
         self.peers = list(range(1, self.size)) if rank == SERVER else [SERVER]
         self.incarnation = 0  # a client's: which registration of its id this process is
         self.peer_inc: dict[int, int] = {}  # the server's view: each linked client's
@@ -242,26 +241,9 @@ class FLProcess:
         self.signalled = 0  # the signal that stopped this process, if any
         self._decided: set[tuple[int, int]] = set()
         self._connected: dict[int, int] = {}  # server: client -> incarnation linked
-        model = build_fl_model(cfg, self.dataset)
-        self.flops = train_flops_per_sample(model, self.dataset.input_shape)
-        self._template = model
-        replica: Replica | None = None
-        if rank == SERVER:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            n_train = len(self.dataset.y_train)
-            probe = torch.randperm(n_train, generator=g)[: min(cfg.server.probe_samples, n_train)]
-            replica = Replica.from_tensors(
-                model,
-                self.dataset.x_train[probe],
-                self.dataset.y_train[probe],
-                lr=cfg.local.lr,
-                momentum=0.0,
-                weight_decay=0.0,
-                seed=cfg.train.seed,
-            )
-            self._template = build_fl_model(cfg, self.dataset)
+        replica = server_replica(cfg, self.dataset, self.model) if rank == SERVER else None
         self.ctx = _DistFLContext(self, replica)
-        nic = cfg.server.nic_mbps * MBPS / self.scale if rank == SERVER else None
+        nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
         e = cfg.engine
         self.transport = PairTransport(
@@ -269,7 +251,9 @@ class FLProcess:
             rank,
             backend="gloo",
             # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
-            timeout_s=max(e.startup_timeout, e.peer_timeout, 2 * cfg.train.max_time * self.scale),
+            timeout_s=max(
+                e.startup_timeout, e.peer_timeout, self.time_scale.wall(2 * cfg.train.max_time)
+            ),
             max_frame_bytes=int(e.max_message_mb * 1e6),
             on_frame=self._on_frame,
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
@@ -281,19 +265,19 @@ class FLProcess:
             if rank != SERVER or restored is None:
                 path.unlink(missing_ok=True)  # a resumed server appends to its history
         self.log = MetricsLog(path)
-        self.ctx._on_record = lambda r, event, fields: self.log.write(
-            event, t=self.ctx.now(), rank=r, **fields
+        self.ctx.set_hooks(
+            lambda r, event, fields: self.log.write(event, t=self.ctx.now(), rank=r, **fields)
         )
 
     def link_rate(self, peer: int) -> float:
         """Bytes per wall second of the link to `peer` (the client's side of the star)."""
         c = peer if self.rank == SERVER else self.rank
-        return self.profiles[c - 1].bandwidth_mbps * MBPS / self.scale
+        return self.time_scale.rate(self.profiles[c - 1].bandwidth_mbps * MBPS)
 
     def make_client_replica(self) -> Replica:
         shard = self.shards[self.rank - 1]
         return client_replica(
-            self.cfg, self._template, self.dataset, shard, self.rank, self.ctx.now()
+            self.cfg, self.template, self.dataset, shard, self.rank, self.ctx.now()
         )
 
     def _heartbeat(self, store: dist.Store) -> None:
@@ -541,12 +525,11 @@ class FLProcess:
             raise task.exception()  # type: ignore[misc]
 
     async def _server_main(self) -> None:
-        cfg, scale, out_dir = self.cfg, self.scale, self.out_dir
+        cfg, scale, out_dir = self.cfg, self.time_scale, self.out_dir
         self._stop_event = asyncio.Event()
         if self.stop_reason is not None:
             self._stop_event.set()
-        assert self.ctx._replica is not None
-        replica = self.ctx._replica
+        replica = self.ctx.replica  # the server's is always there
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
         )
@@ -561,7 +544,7 @@ class FLProcess:
 
         state.probe_loss = probe_loss
         # The server's timeout is a config time: stretched like every other.
-        timeout = cfg.server.task_timeout_s * scale
+        timeout = scale.wall(cfg.server.task_timeout_s)
         scaled = cfg.model_copy(
             update={"server": cfg.server.model_copy(update={"task_timeout_s": timeout})}
         )
@@ -573,10 +556,6 @@ class FLProcess:
             bytes_before = int(restored.meta.get("bytes_sent", 0))
             vanished_before = int(restored.meta.get("vanished", 0))
             self.departures[:0] = list(restored.meta.get("departures", []))
-        x_eval, y_eval = self.dataset.x_test, self.dataset.y_test
-        limit = cfg.evaluation.max_test_samples
-        if limit is not None and limit < len(x_eval):
-            x_eval, y_eval = x_eval[:limit], y_eval[:limit]
         if out_dir is not None:
             write_partition(out_dir / "partition.json", cfg, self.dataset, self.shards)
         self.log.write(
@@ -590,7 +569,7 @@ class FLProcess:
             parameters=server.numel,
             flops_per_sample=self.flops,
             engine="dist",
-            time_scale=scale,
+            time_scale=scale.factor,
             version=state.version,
             linked=sorted(self.live),
         )
@@ -612,20 +591,20 @@ class FLProcess:
             path = save_checkpoint(
                 out_dir / "checkpoint",
                 cfg,
-                now / scale,
+                scale.scenario(now),
                 state,
                 algo,
                 server,
                 {**totals, "departures": self.departures},  # type: ignore[dict-item]
             )
             seconds = time.perf_counter() - began
-            size = path.stat().st_size + path.with_suffix(".safetensors").stat().st_size
+            size = sum(f.stat().st_size for f in path.iterdir())
             self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
 
         task = asyncio.ensure_future(server.run())
         stopper = asyncio.ensure_future(self._stop_event.wait())
-        every, max_wall = cfg.evaluation.every_s * scale, cfg.train.max_time * scale
-        ckpt_every = None if cfg.checkpoint.every_s is None else cfg.checkpoint.every_s * scale
+        every, max_wall = scale.wall(cfg.evaluation.every_s), scale.wall(cfg.train.max_time)
+        ckpt_every = None if cfg.checkpoint.every_s is None else scale.wall(cfg.checkpoint.every_s)
         next_ckpt = None if ckpt_every is None else (self.offset // ckpt_every + 1) * ckpt_every
         points: list[EvalPoint] = []
         eval_wall = 0.0
@@ -634,7 +613,7 @@ class FLProcess:
         while True:
             start = time.perf_counter()
             if last is None or not torch.equal(last[0], state.model):
-                last = (state.model.clone(), replica.evaluate(x_eval, y_eval))
+                last = (state.model.clone(), replica.evaluate(self.x_eval, self.y_eval))
             eval_wall += time.perf_counter() - start
             acc, loss = last[1]
             now = round(self.ctx.now(), 6)
@@ -704,8 +683,8 @@ class FLProcess:
             "joins": self.joins,
             "peak_models_held": None,  # one process per client: at most one model each
             "rejected_messages": sum(server.stats.rejected.values()) + self.ctx.rejected,
-            "time_scale": scale,
-            "tta_scenario_s": None if tta is None else tta / scale,
+            "time_scale": scale.factor,
+            "tta_scenario_s": None if tta is None else scale.scenario(tta),
             "wall_s": self.ctx.now() - self.offset,
             "compute_wall_s": float(sum(b.get("compute_wall_s", 0.0) for b in beats)),
             "eval_wall_s": eval_wall,
@@ -804,10 +783,10 @@ def run_fl_dist(
         t0 = float(store.get(Keys.T0).decode()) if store_has(store, Keys.T0) else time.time()
         pending = sorted(faults or [], key=lambda f: f.at)
         # A stuck server is stopped well after its own deadline.
-        limit = cfg.train.max_time * e.time_scale + e.peer_timeout + 60.0
+        limit = TimeScale(e.time_scale).wall(cfg.train.max_time) + e.peer_timeout + 60.0
         while procs[SERVER].poll() is None:
             now = time.time() - t0
-            while pending and pending[0].at * e.time_scale <= now:
+            while pending and TimeScale(e.time_scale).wall(pending[0].at) <= now:
                 f = pending.pop(0)
                 if procs[f.rank].poll() is None:
                     procs[f.rank].send_signal(f.signum)
