@@ -140,9 +140,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             p = (step // period) % opt.fragments
             weight = batch / ctx.global_batch
             idx = frags[p]
-            vector = (state.model[idx] - ctx.replica.flat[idx]) * weight
-            if p == 0:
-                vector = torch.cat([vector, ctx.replica.buffers * weight])
+            async with ctx.charged("axpy", 2 * idx.numel(), 2):
+                vector = (state.model[idx] - ctx.replica.flat[idx]) * weight
+                if p == 0:
+                    vector = torch.cat([vector, ctx.replica.buffers * weight])
             tag = f"sd{epoch}.{step}"
             task = asyncio.ensure_future(
                 ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
@@ -157,17 +158,20 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 epoch = None  # re-form before the next step
                 break
             idx = frags[p]
-            theta, momentum = outer_nesterov(
-                state.model[idx],
-                total[: idx.numel()],
-                state.momentum[idx],
-                opt.outer_lr,
-                opt.outer_momentum,
-            )
-            state.model[idx] = theta
-            state.momentum[idx] = momentum
-            flat = ctx.replica.flat
-            flat[idx] = merge(flat[idx], theta, opt.alpha)
+            # The outer step (an SGD-with-momentum step), then the merge (two axpys).
+            async with ctx.charged("sgd", idx.numel()):
+                theta, momentum = outer_nesterov(
+                    state.model[idx],
+                    total[: idx.numel()],
+                    state.momentum[idx],
+                    opt.outer_lr,
+                    opt.outer_momentum,
+                )
+                state.model[idx] = theta
+                state.momentum[idx] = momentum
+            async with ctx.charged("axpy", 2 * idx.numel(), 2):
+                flat = ctx.replica.flat
+                flat[idx] = merge(flat[idx], theta, opt.alpha)
             if p == 0 and ctx.replica.buffers.numel():
                 state.model[numel:] = total[idx.numel() :]
                 buffers = ctx.replica.buffers
