@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
+import os
 import platform
 import sys
 import time
@@ -26,7 +28,7 @@ import torch
 from dlion.config import load_config
 from dlion.optim import FlatSGD
 from dlion.probe import fit_step_time, flops_per_sample, measure_step_times
-from dlion.vector_cost import KINDS, Fit, fit_op
+from dlion.vector_cost import KINDS, Fit, OpCost, fit_op
 
 SIZES = [1_000, 4_000, 17_226, 65_536, 262_144]
 STEP_BATCHES = [8, 32, 64]
@@ -63,6 +65,15 @@ def _op(kind: str, n: int) -> tuple[Callable[[], object], int]:
             return q.to(torch.float32) * scale
 
         return quant, n
+    if kind == "adamw_tensor":
+        # The step over 6 tensors (the digits MLP's layout: 3 weights, 3 biases) holding
+        # the same n elements; its excess over the 1-tensor step, per extra tensor, is this
+        # kind's cost (`time_adamw_tensor` subtracts).
+        bounds = [0, n // 3, n // 3 + 8, 2 * n // 3, 2 * n // 3 + 8, n - 2, n]
+        parts = [torch.nn.Parameter(x[a:b].clone()) for a, b in itertools.pairwise(bounds)]
+        for q in parts:
+            q.grad = torch.randn(q.shape, generator=g)
+        return torch.optim.AdamW(parts, lr=0.01, foreach=False).step, n
     p = torch.nn.Parameter(x.clone())
     p.grad = y.clone()
     if kind == "sgd":
@@ -89,6 +100,17 @@ def time_kind(kind: str, repeats: int) -> tuple[list[int], list[float]]:
     return [numel for _, numel in ops], quartiles
 
 
+def time_adamw_tensor(repeats: int) -> Fit:
+    """Per extra tensor: (6-tensor step - 1-tensor step) / 5, the median over the sizes;
+    no per-element part (the elements are the same)."""
+    _, six = time_kind("adamw_tensor", repeats)
+    _, one = time_kind("adamw", repeats)
+    extra = sorted((a - b) / 5 for a, b in zip(six, one, strict=True))
+    median = extra[len(extra) // 2]
+    spread = max(abs(e - median) / median for e in extra)
+    return Fit(OpCost(max(median, 0.0), 0.0), spread)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=200)
@@ -99,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| kind | fixed (us) | per element (ns) | max fit error | measured at {SIZES} (us) |")
     print("|---|---:|---:|---:|---|")
     for kind in KINDS:
+        if kind == "adamw_tensor":
+            fit = fits[kind] = time_adamw_tensor(args.repeats)
+            print(f"| {kind} | {fit.cost.fixed_s * 1e6:.2f} | 0 | {fit.max_rel_error * 100:.1f}% |")
+            continue
         sizes, seconds = time_kind(kind, args.repeats)
         fit = fits[kind] = fit_op(sizes, seconds)
         shown = ", ".join(f"{t * 1e6:.1f}" for t in seconds)
@@ -135,8 +161,9 @@ Command: OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/vector_cost.py 
     --repeats {rep} --write src/dlion/vector_cost_host.py
 Machine: {platform.machine()} container, {platform.processor() or "cpu"} ({platform.system()}),
 2 cores shared with parallel work, torch {torch.__version__} CPU, 1 thread,
-Python {sys.version.split()[0]}; {today}. Sizes {SIZES}; lower quartile of each size's
-repeats. Regenerate with the command above; RESULTS.md section 12c has the table.
+Python {sys.version.split()[0]}; {today}; load average {os.getloadavg()[0]:.1f}.
+Sizes {SIZES}; lower quartile of each size's repeats.
+Regenerate with the command above; RESULTS.md section 12c has the table.
 """
 
 # kind: (fixed seconds per call, seconds per element)

@@ -450,10 +450,13 @@ class WorkerContext(ABC):
 
     async def apply(self, grad: torch.Tensor) -> None:
         """One optimizer step of the replica with `grad` (`replica.apply`), charged as
-        the optimizer it is: SGD with momentum as `sgd`, anything else as `adamw`."""
-        kind, ops = self.replica.optimizer_cost
-        async with self.charged(kind, self.replica.numel, ops):
+        the optimizer it is: SGD with momentum as `sgd`, anything else as `adamw` plus
+        `adamw_tensor` for each parameter tensor beyond the first."""
+        kind, tensors = self.replica.optimizer_cost
+        async with self.charged(kind, self.replica.numel):
             self.replica.apply(grad)
+        if kind == "adamw" and tensors > 1:
+            await self.charge("adamw_tensor", 0, tensors - 1)
 
     # ---------------------------------------------------------------- bookkeeping
     def record(self, event: str, **fields: Any) -> None:

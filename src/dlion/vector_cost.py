@@ -48,7 +48,8 @@ KINDS: dict[str, str] = {
     "scan": "abs / threshold scan with a nonzero gather (Gaia's significance filter)",
     "quant": "quantize to a few bits with a scale, then dequantize",
     "sgd": "one SGD-with-momentum optimizer step (FlatSGD)",
-    "adamw": "one AdamW optimizer step (torch.optim.AdamW, foreach off)",
+    "adamw": "one AdamW optimizer step over one tensor (torch.optim.AdamW, foreach off)",
+    "adamw_tensor": "each tensor beyond the first in one AdamW step (a fixed cost per call)",
 }
 
 
