@@ -252,8 +252,9 @@ def test_dist_sleeps_the_scaled_model_minus_the_real_work(
         real_time=True,
     )
     # Modelled: 4 (time scale) x 2 (k) x 1 ms = 8 ms of wall time. The real work inside the
-    # block takes 3 ms (a fake perf_counter), so the context sleeps the other 5 ms.
-    clock = iter([100.0, 100.003, 200.0, 200.020])
+    # block takes 3 ms (a fake perf_counter), so the context sleeps the other 5 ms; the
+    # sleep overshoots by 1 ms (5.0 -> 5.006 is 6 ms), a credit the next charge uses.
+    clock = iter([100.0, 100.003, 5.0, 5.006, 200.0, 200.020, 300.0, 300.002, 6.0, 6.005])
     monkeypatch.setattr("dlion.context.time.perf_counter", lambda: next(clock))
     slept: list[float] = []
 
@@ -266,11 +267,15 @@ def test_dist_sleeps_the_scaled_model_minus_the_real_work(
     async def run() -> None:
         async with ctx.charged("axpy", 5):
             pass
-        async with ctx.charged("axpy", 5):  # real work 20 ms > 8 ms: an overrun, no sleep
+        # Real work 20 ms > 8 ms: an overrun, not credited; the 1 ms credit is kept.
+        async with ctx.charged("axpy", 5):
+            pass
+        # Real work 2 ms: 6 ms left, less the 1 ms credit: a 5 ms sleep.
+        async with ctx.charged("axpy", 5):
             pass
 
     asyncio.run(run())
-    assert capacities == [2.0, 2.0]  # capacity read at scenario time now / time_scale
-    assert slept == [pytest.approx(0.005, rel=1e-9)]
-    assert ctx.charged_s == pytest.approx(0.016, rel=1e-12)
+    assert capacities == [2.0, 2.0, 2.0]  # capacity read at scenario time now / time_scale
+    assert slept == [pytest.approx(0.005, rel=1e-9), pytest.approx(0.005, rel=1e-9)]
+    assert ctx.charged_s == pytest.approx(0.024, rel=1e-12)
     assert ctx.charge_overruns == 1

@@ -176,6 +176,10 @@ class WorkerContext(ABC):
         self.vector: VectorCharger | None = None
         self.charged_s = 0.0  # modelled seconds of vector work paid (context seconds)
         self.charge_overruns = 0  # dist: charges whose real work outlasted the model
+        # dist: modelled seconds still owed; negative when a sleep overshot (the excess is
+        # credited to the next charges, so many short sleeps do not add up their wake-up
+        # delays). An overrun is not credited: real work beyond the model stays visible.
+        self._vector_debt = 0.0
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -434,13 +438,17 @@ class WorkerContext(ABC):
             return
         modelled = charger.seconds(kind, numel, ops, self.now())
         self.charged_s += modelled
-        wait = modelled
-        if charger.real_time:
-            wait = modelled - (time.perf_counter() - start)
-            if wait < 0:
-                self.charge_overruns += 1
-        if wait > 0:
-            await asyncio.sleep(wait)
+        if not charger.real_time:
+            await asyncio.sleep(modelled)
+            return
+        left = modelled - (time.perf_counter() - start)
+        if left < 0:
+            self.charge_overruns += 1
+        self._vector_debt += max(left, 0.0)
+        if self._vector_debt > 0:
+            slept = time.perf_counter()
+            await asyncio.sleep(self._vector_debt)
+            self._vector_debt -= time.perf_counter() - slept
 
     async def charge(self, kind: str, numel: int, ops: int = 1) -> None:
         """Pay for vector work whose real cost is negligible here or already paid (a
