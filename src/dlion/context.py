@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ from dlion.comm.messages import (
 )
 from dlion.replica import Replica
 from dlion.timescale import UNIT, TimeScale
+from dlion.vector_cost import VectorCharger
 
 if TYPE_CHECKING:
     from dlion.cluster import Cluster
@@ -179,6 +182,14 @@ class WorkerContext(ABC):
         # back to its strategy, once each.
         self._kept: dict[str, Callable[[], torch.Tensor]] = {}
         self._restored: dict[str, torch.Tensor] = {}
+        # Vector work (charged): set by the engine; None = vector work is free.
+        self.vector: VectorCharger | None = None
+        self.charged_s = 0.0  # modelled seconds of vector work paid (context seconds)
+        self.charge_overruns = 0  # dist: charges whose real work outlasted the model
+        # dist: modelled seconds still owed; negative when a sleep overshot (the excess is
+        # credited to the next charges, so many short sleeps do not add up their wake-up
+        # delays). An overrun is not credited: real work beyond the model stays visible.
+        self._vector_debt = 0.0
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -439,6 +450,49 @@ class WorkerContext(ABC):
         """State named `name` from the checkpoint this worker resumed from (None if there is
         none); each name is handed out once, so a later re-creation starts fresh."""
         return self._restored.pop(name, None)
+
+    # ---------------------------------------------------------------- vector work
+    @asynccontextmanager
+    async def charged(self, kind: str, numel: int, ops: int = 1) -> AsyncIterator[None]:
+        """Pay for the vector work done inside the block (`dlion.vector_cost`): `ops`
+        calls of `kind` over `numel` elements in all. The sim advances this worker's clock
+        by the modelled seconds at the end of the block; the dist engine sleeps what the
+        real work left of them (an overrun is counted when it took longer). Free when
+        the run turns charging off (`engine.charge_vector_work: false`)."""
+        start = time.perf_counter()
+        yield
+        charger = self.vector
+        if charger is None:
+            return
+        modelled = charger.seconds(kind, numel, ops, self.now())
+        self.charged_s += modelled
+        if not charger.real_time:
+            await asyncio.sleep(modelled)
+            return
+        left = modelled - (time.perf_counter() - start)
+        if left < 0:
+            self.charge_overruns += 1
+        self._vector_debt += max(left, 0.0)
+        if self._vector_debt > 0:
+            slept = time.perf_counter()
+            await asyncio.sleep(self._vector_debt)
+            self._vector_debt -= time.perf_counter() - slept
+
+    async def charge(self, kind: str, numel: int, ops: int = 1) -> None:
+        """Pay for vector work whose real cost is negligible here or already paid (a
+        block with nothing in it): `async with self.charged(...)` is preferred."""
+        async with self.charged(kind, numel, ops):
+            pass
+
+    async def apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step of the replica with `grad` (`replica.apply`), charged as
+        the optimizer it is: SGD with momentum as `sgd`, anything else as `adamw` plus
+        `adamw_tensor` for each parameter tensor beyond the first."""
+        kind, tensors = self.replica.optimizer_cost
+        async with self.charged(kind, self.replica.numel):
+            self.replica.apply(grad)
+        if kind == "adamw" and tensors > 1:
+            await self.charge("adamw_tensor", 0, tensors - 1)
 
     # ---------------------------------------------------------------- bookkeeping
     def record(self, event: str, **fields: Any) -> None:

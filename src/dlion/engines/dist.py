@@ -85,6 +85,7 @@ from dlion.experiment import make_replica, prepare
 from dlion.registry import get_strategy, parse_options
 from dlion.report import MetricsLog
 from dlion.timescale import TimeScale
+from dlion.vector_cost import charger_for
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
@@ -118,6 +119,8 @@ class WorkerCounters:
     overruns: int
     status: str  # "stopped", "left" or "failed"
     error: str | None = None
+    charged_s: float = 0.0  # modelled wall seconds of vector work paid (vector_cost.py)
+    charge_overruns: int = 0  # charges whose real work outlasted the modelled time
 
 
 class DistContext(WorkerContext):
@@ -131,6 +134,14 @@ class DistContext(WorkerContext):
         super().__init__(replica=replica, **setup)
         self._worker = worker
         self.overruns = 0
+        self.vector = charger_for(
+            worker.cfg,
+            worker.cluster,
+            worker.rank,
+            worker.flops_per_sample,
+            time_scale=worker.time_scale,
+            real_time=True,
+        )
         self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
 
     def now(self) -> float:
@@ -405,6 +416,8 @@ class DistWorker:
                 self.ctx.overruns,
                 status,
                 error,
+                self.ctx.charged_s,
+                self.ctx.charge_overruns,
             )
             with contextlib.suppress(Exception):
                 self.store.set(

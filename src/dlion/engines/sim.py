@@ -49,6 +49,7 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
+from dlion.vector_cost import charger_for
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SimContext(VirtualContext):
         setup = worker_setup(engine.cfg, engine.cluster, rank, engine.expected_rates)
         super().__init__(engine.runtime, replica=replica, **setup)
         self._engine = engine
+        self.vector = charger_for(engine.cfg, engine.cluster, rank, engine.prep.flops_per_sample)
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
         engine = self._engine
@@ -301,6 +303,8 @@ def run_sim(
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,
+        # Modelled seconds of vector work paid, summed over the workers (vector_cost.py).
+        "vector_charged_s": sum(c.charged_s for c in engine.contexts),
         **runtime.cost_fields(),
     }
     if summary_fields is not None:

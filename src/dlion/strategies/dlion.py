@@ -327,7 +327,8 @@ async def _pump(ctx: WorkerContext, pipe: _Pipe, opt: Options) -> None:
             )
         else:
             k = pipe.residual.residual.numel()
-        payload = pipe.residual.take(k, opt.dense_fraction, opt.significance_z)
+        async with ctx.charged("topk", pipe.residual.residual.numel()):
+            payload = pipe.residual.take(k, opt.dense_fraction, opt.significance_z)
         if not await ctx.send(dst, REMOTE_TAG, payload, dict(pipe.meta)):
             pipe.residual.put_back(payload)
             ctx.record("pipe_send_failed", site=pipe.site, peer=dst)
@@ -442,13 +443,15 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     if not isinstance(msg, Message):
                         ctx.record("remote_wait_timeout", site=s, iteration=t, why=repr(msg))
                         break
-                    absorb(msg, remote)
+                    async with ctx.charged("axpy", numel):
+                        absorb(msg, remote)
         for tag, size in ((REMOTE_TAG, numel), (MODEL_TAG, model_numel)):
             while isinstance(msg := await ctx.recv(None, tag, timeout=0.0, numel=size), Message):
                 if not is_leader:
                     spawn(ctx.send(leader, tag, msg.payload, msg.meta))
                 elif tag == REMOTE_TAG:
-                    absorb(msg, remote)
+                    async with ctx.charged("axpy", numel):
+                        absorb(msg, remote)
                 else:
                     best = msg.payload.to_dense(model_numel)  # type: ignore[union-attr]
                     delta = opt.dkt_gamma * (best - ctx.replica.model_state())
@@ -460,9 +463,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         if is_leader:
             meta |= knowledge_meta(known, [r for r in known if ctx.site(r) != my_site])
         sync_start = ctx.now()
-        vector = weighted + remote if is_leader else weighted
+        # The weighting above and the leader's addition of the remote updates.
+        async with ctx.charged("axpy", numel, 2 if is_leader else 1):
+            vector = weighted + remote if is_leader else weighted
         got = await sharded_allreduce(ctx, vector, f"dl{t}", mates, meta)
-        ctx.replica.apply(got.total)
+        await ctx.apply(got.total)
         iteration_s = result.seconds + (ctx.now() - sync_start)
         for r in got.lost:
             lost.add((r, ctx.incarnation(r)))
@@ -479,7 +484,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             pipe_meta = {"it": float(t), "src": float(me)} | knowledge_meta(known, mates)
             for s, pipe in pipes.items():
                 if s in groups:
-                    pipe.residual.add(own)
+                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                        pipe.residual.add(own)
                     pipe.budget_s = opt.rho * iteration_s
                     pipe.meta = pipe_meta
                     pipe.fresh.set()
@@ -495,7 +501,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 msg = await ctx.recv(leader, tag, numel=model_numel)
                 delta = msg.payload.to_dense(model_numel) if isinstance(msg, Message) else None  # type: ignore[union-attr]
             if delta is not None:
-                ctx.replica.set_model_state(ctx.replica.model_state() + delta)
+                async with ctx.charged("axpy", model_numel):
+                    ctx.replica.set_model_state(ctx.replica.model_state() + delta)
         if is_leader and opt.dkt and t > 0 and t % opt.dkt_every == 0 and len(groups) > 1:
             losses = site_losses({r: v[1] for r, v in known.items()}, groups)
             if losses is not None:
