@@ -135,6 +135,14 @@ class Options(SharedOptions):
         "consistent updates gives r^2 / v = n. None: plain top-k of the accumulation "
         "(faster when sites hold skewed data: RESULTS.md section 14b).",
     )
+    agreement_gate: bool = Field(
+        True,
+        description="With significance_z: each pipe's test uses z x max(0, a), a the cosine "
+        "between this site's own recent updates and those received from that remote site "
+        "(decayed sums, see `agreement`): sites whose data agree (IID) keep the full test, "
+        "sites whose updates disagree (skewed data) send the plain top-k, which carries what "
+        "the receiver's own data lacks without delay. False: z everywhere.",
+    )
     max_delay: int | None = Field(
         None,
         ge=1,
@@ -272,6 +280,26 @@ class PipeResidual:
             self.squares += dense * dense
 
 
+AGREEMENT_DECAY = 0.99  # per own iteration: sums over about the last 100 iterations
+
+
+def agreement(own: torch.Tensor, received: torch.Tensor) -> float:
+    """Cosine between a site's own decayed update sum and the decayed sum of what one remote
+    site sent it; 0 while either is zero (nothing measured yet)."""
+    norm = float(own.norm()) * float(received.norm())
+    if norm <= 0.0:
+        return 0.0
+    return float(torch.dot(own, received)) / norm
+
+
+def gated_z(z: float | None, cosine: float) -> float | None:
+    """The significance threshold of one pipe: z while the two sites' long-run updates point
+    the same way (cosine > 0), None (plain top-k) when they do not or nothing is measured."""
+    if z is None or cosine <= 0.0:
+        return None
+    return z
+
+
 def knowledge_meta(known: dict[int, tuple[float, float]], ranks: Sequence[int]) -> dict[str, float]:
     """Speeds and loss EMAs of `ranks` as message metadata: {"s<r>": speed, "l<r>": loss}."""
     meta: dict[str, float] = {}
@@ -304,6 +332,8 @@ class _Pipe:
         self.budget_s = 0.0  # time budget of the next message
         self.lockstep = False  # the leader waits for this pipe's updates (budget net of latency)
         self.meta: dict[str, float] = {}  # iteration and the site's speeds and losses
+        self.z: float | None = None  # the significance threshold of the next message
+        self.received = torch.zeros(residual.residual.numel())  # decayed sum from the site
         self.task: asyncio.Task[None] | None = None
 
 
@@ -327,7 +357,7 @@ async def _pump(ctx: WorkerContext, pipe: _Pipe, opt: Options) -> None:
             )
         else:
             k = pipe.residual.residual.numel()
-        payload = pipe.residual.take(k, opt.dense_fraction, opt.significance_z)
+        payload = pipe.residual.take(k, opt.dense_fraction, pipe.z)
         if not await ctx.send(dst, REMOTE_TAG, payload, dict(pipe.meta)):
             pipe.residual.put_back(payload)
             ctx.record("pipe_send_failed", site=pipe.site, peer=dst)
@@ -352,6 +382,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     iteration_s: float | None = None  # compute + all-reduce of the last iteration
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
+    own_sum = torch.zeros(numel)  # leader: decayed sum of the site's own updates
     was_leader = False
     overheads: dict[int, float] = {}  # fixed per-step costs of the site's members (wdb.py)
     background: set[asyncio.Task[bool]] = set()
@@ -362,9 +393,12 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         task.add_done_callback(background.discard)
 
     def absorb(msg: Message, into: torch.Tensor) -> None:
-        into += msg.payload.to_dense(numel)  # type: ignore[union-attr]
+        update = msg.payload.to_dense(numel)  # type: ignore[union-attr]
+        into += update
         known.update(read_knowledge(msg.meta))
         src_site = ctx.site(int(msg.meta.get("src", msg.src)))
+        if src_site in pipes:
+            pipes[src_site].received += update
         latest[src_site] = max(latest.get(src_site, -1), int(msg.meta.get("it", -1)))
 
     if ctx.peer_since(me) > 0:
@@ -474,12 +508,20 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
 
         if is_leader and pipes:
             own = got.total - remote  # this site's sum alone: the remote ones go back nowhere
+            own_sum.mul_(AGREEMENT_DECAY).add_(own)
             pipe_meta = {"it": float(t), "src": float(me)} | knowledge_meta(known, mates)
             for s, pipe in pipes.items():
                 if s in groups:
                     pipe.residual.add(own)
                     pipe.budget_s = opt.rho * iteration_s
                     pipe.meta = pipe_meta
+                    pipe.z = opt.significance_z
+                    if opt.agreement_gate:
+                        pipe.z = gated_z(opt.significance_z, agreement(own_sum, pipe.received))
+                        if t % 100 == 0:
+                            cosine = agreement(own_sum, pipe.received)
+                            ctx.record("agreement", iteration=t, site=s, cosine=cosine)
+                    pipe.received.mul_(AGREEMENT_DECAY)
                     pipe.fresh.set()
 
         # Knowledge transfer: the site applies the delta its leader announced.
