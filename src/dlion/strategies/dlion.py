@@ -324,7 +324,9 @@ def read_knowledge(meta: dict[str, float]) -> dict[int, tuple[float, float]]:
 class _Pipe:
     """A leader's sending side towards one remote site."""
 
-    def __init__(self, site: str, residual: PipeResidual) -> None:
+    def __init__(
+        self, site: str, residual: PipeResidual, received: torch.Tensor | None = None
+    ) -> None:
         self.site = site
         self.residual = residual
         self.fresh = asyncio.Event()  # a new site sum was added since the last send
@@ -333,7 +335,8 @@ class _Pipe:
         self.lockstep = False  # the leader waits for this pipe's updates (budget net of latency)
         self.meta: dict[str, float] = {}  # iteration and the site's speeds and losses
         self.z: float | None = None  # the significance threshold of the next message
-        self.received = torch.zeros(residual.residual.numel())  # decayed sum from the site
+        # Decayed sum of what the remote site sent (for `agreement`); a resumed leader's own.
+        self.received = _restored_or_zeros(residual.residual.numel(), received)
         self.task: asyncio.Task[None] | None = None
 
 
@@ -382,7 +385,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     iteration_s: float | None = None  # compute + all-reduce of the last iteration
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
-    own_sum = torch.zeros(numel)  # leader: decayed sum of the site's own updates
+    own_sum = _restored_or_zeros(numel, ctx.restored_state("own_sum"))  # leader: decayed
+    ctx.keep_state("own_sum", lambda: own_sum)  # sum of the site's own updates (agreement)
     was_leader = False
     overheads: dict[int, float] = {}  # fixed per-step costs of the site's members (wdb.py)
     background: set[asyncio.Task[bool]] = set()
@@ -423,6 +427,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         pipe.task.cancel()
                     ctx.drop_state(f"residual.{pipe.site}")
                     ctx.drop_state(f"squares.{pipe.site}")
+                    ctx.drop_state(f"received.{pipe.site}")
                 pipes.clear()
             ctx.record("leader_changed", iteration=t, site=my_site, leader=leader)
             was_leader = is_leader
@@ -434,9 +439,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         ctx.restored_state(f"residual.{s}"),
                         ctx.restored_state(f"squares.{s}"),
                     )
-                    pipe = _Pipe(s, residual)
+                    pipe = _Pipe(s, residual, ctx.restored_state(f"received.{s}"))
                     ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)
                     ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)
+                    ctx.keep_state(f"received.{s}", lambda p=pipe: p.received)
                     pipe.task = asyncio.ensure_future(_pump(ctx, pipe, opt))
                     pipes[s] = pipe
             for s, pipe in pipes.items():
