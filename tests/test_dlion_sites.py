@@ -102,11 +102,12 @@ def test_agreement_is_the_cosine_of_the_decayed_sums_and_zero_before_any() -> No
 
 
 def test_gated_z_keeps_the_test_only_while_the_sites_agree() -> None:
-    """The rule: z on a pipe whose two sites' long-run updates point the same way, plain
-    top-k (None) when they are orthogonal or opposed, and nothing when the test is off."""
+    """The rule: z unless the two sites' long-run updates are measured to oppose (cosine < 0:
+    plain top-k, None); nothing measured yet (0) keeps z; nothing when the test is off."""
     assert gated_z(1.0, 0.48) == 1.0
     assert gated_z(1.5, 0.01) == 1.5
-    assert gated_z(1.0, 0.0) is None
+    assert gated_z(1.0, 0.0) == 1.0
+    assert gated_z(1.0, -0.01) is None
     assert gated_z(1.0, -0.48) is None
     assert gated_z(None, 0.9) is None
 

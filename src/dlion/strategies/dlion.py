@@ -37,15 +37,16 @@ Rules, per iteration t of worker i in site s:
   0.1 and fails 2 of 3 seeds at lr 0.2 without the gate below. Gaia's filter (PAPERS.md
   section 1, baselines) also sends only significant updates, but relative to the weight,
   which does not scale with the gradient noise; this test needs no constant beyond z.
-- Agreement gate (`agreement_gate`, default on): the test runs on the pipe to site s only
-  while a = cos(O, R_s) > 0, O the decayed sum of this site's own updates and R_s that of
+- Agreement gate (`agreement_gate`, default on): the test runs on the pipe to site s
+  unless a = cos(O, R_s) < 0, O the decayed sum of this site's own updates and R_s that of
   the updates received from s (both decayed by AGREEMENT_DECAY = 0.99 per own iteration,
   so about the last 100 iterations: long enough for the noise, which grows as the square
   root of the window, to fall under a shared drift, which grows with it); otherwise the
-  pipe sends the plain top-k. Why: the test trades the remote noise against the remote
-  signal; when sites hold the same distribution the remote signal is what the site already
-  has (its noise is what hurts), when they hold skewed data the remote update carries what
-  the site lacks and must go without delay. Measured (microcloud-hetero, seed 0, lr 0.2):
+  pipe sends the plain top-k (a = 0 before anything is received: the test stays on).
+  Why: the test trades the remote noise against the remote signal; when sites hold the
+  same distribution the remote signal is what the site already has (its noise is what
+  hurts), when they hold skewed data the remote update carries what the site lacks and
+  must go without delay. Measured (microcloud-hetero, seed 0, lr 0.2):
   a stays at 0.35-0.54 on IID data and falls to -0.15..-0.78 on Dirichlet(0.1) data
   (RESULTS.md section 14c). The threshold is the sign; the decay is a choice (0.9, about
   10 iterations, gave IID cosines of -0.16..0.43, no separation), not fitted to a preset.
@@ -148,11 +149,11 @@ class Options(SharedOptions):
     )
     agreement_gate: bool = Field(
         True,
-        description="With significance_z: each pipe's test uses z x max(0, a), a the cosine "
-        "between this site's own recent updates and those received from that remote site "
-        "(decayed sums, see `agreement`): sites whose data agree (IID) keep the full test, "
-        "sites whose updates disagree (skewed data) send the plain top-k, which carries what "
-        "the receiver's own data lacks without delay. False: z everywhere.",
+        description="With significance_z: a pipe runs the test unless the cosine between this "
+        "site's own recent updates and those received from that remote site (decayed sums, "
+        "see `agreement`) is negative: sites whose data agree (IID) keep the test, sites "
+        "whose updates disagree (skewed data) send the plain top-k, which carries what the "
+        "receiver's own data lacks without delay. False: the test everywhere.",
     )
     max_delay: int | None = Field(
         None,
@@ -304,9 +305,9 @@ def agreement(own: torch.Tensor, received: torch.Tensor) -> float:
 
 
 def gated_z(z: float | None, cosine: float) -> float | None:
-    """The significance threshold of one pipe: z while the two sites' long-run updates point
-    the same way (cosine > 0), None (plain top-k) when they do not or nothing is measured."""
-    if z is None or cosine <= 0.0:
+    """The significance threshold of one pipe: z unless the two sites' long-run updates are
+    measured to disagree (cosine < 0: None, plain top-k). Nothing measured yet (0) keeps z."""
+    if z is None or cosine < 0.0:
         return None
     return z
 
