@@ -29,10 +29,12 @@ BASELINES = ["gaia", "halos", "adpsgd", "allreduce"]
 
 def load(dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
     out: dict[tuple[str, str], list[dict]] = {}
-    for d in dirs:
+    for d in dirs:  # a label in a later directory replaces the earlier one's runs
+        here: dict[tuple[str, str], list[dict]] = {}
         for f in sorted(d.glob("runs/*/*/seed*/summary.json")):
             s = json.loads(f.read_text())
-            out.setdefault((s["scenario"], f.parent.parent.name), []).append(s)
+            here.setdefault((s["scenario"], f.parent.parent.name), []).append(s)
+        out |= here
     return out
 
 
