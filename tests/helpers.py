@@ -18,6 +18,11 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Vector work free (issue 16 part 4 off): for tests that pin virtual times or regimes
+# computed from gradients and messages alone; tests/test_vector_cost.py pins the charges.
+FREE_VECTORS: dict[str, Any] = {"charge_vector_work": False}
+
+
 def small_config(
     *,
     workers: list[dict[str, Any]] | None = None,

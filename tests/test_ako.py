@@ -124,7 +124,10 @@ def _run_counting(
 
 
 def test_workers_never_wait_for_peers_by_default() -> None:
-    cfg = load_config("microcloud-hetero", ["train.max_time=0.5"])
+    # Timing pinned without vector charges (tests/test_vector_cost.py pins those).
+    cfg = load_config(
+        "microcloud-hetero", ["train.max_time=0.5", "engine.charge_vector_work=false"]
+    )
     _, counts = _run_counting(cfg, ako.Options())
     # Compute alone: 6.86 ms (site-a), 13.7 ms (site-b), 27.4 ms (site-c) per iteration.
     for rank, per_iteration in [(0, 0.0068608), (2, 0.0137216), (4, 0.0274432)]:

@@ -18,7 +18,7 @@ from dlion.strategies.dlion_hpdc21 import (
     link_budget_entries,
     wdb_batch_sizes,
 )
-from helpers import small_config
+from helpers import FREE_VECTORS, small_config
 
 # ------------------------------------------------------------------------------ WDB
 
@@ -124,6 +124,7 @@ def test_pge_messages_fit_the_link_time_budget_in_sim() -> None:
         strategy="dlion-hpdc21",
         options={"dkt": False, "wdb": False},
         train={"max_time": 1.0},
+        engine=FREE_VECTORS,
     )
     result = run_sim(cfg, progress=False)
     flops = result.events[0]["flops_per_sample"]
@@ -239,4 +240,7 @@ def test_dlion_beats_allreduce_on_microcloud_hetero() -> None:
         tta[name] = run_sim(cfg, progress=False).summary["tta_s"]
     assert tta["dlion"] is not None and tta["allreduce"] is not None
     assert tta["dlion-hpdc21"] is not None
-    assert tta["dlion"] * 2 <= tta["allreduce"] and tta["dlion-hpdc21"] * 2 <= tta["allreduce"]
+    # With vector work charged (issue 16 part 4) the paper's DLion pays five top-k
+    # selections per iteration and falls from 2x to about 1.98x ahead (9.0 s against
+    # 17.8 s): it must still beat all-reduce; the site-aware default keeps the 2x.
+    assert tta["dlion"] * 2 <= tta["allreduce"] and tta["dlion-hpdc21"] < tta["allreduce"]

@@ -26,7 +26,7 @@ from dlion.strategies.dlion import (
     site_leader,
     site_losses,
 )
-from helpers import run_counting, small_config
+from helpers import FREE_VECTORS, run_counting, small_config
 
 SITES = {0: "a", 1: "a", 2: "b", 3: "c", 4: "b"}
 
@@ -213,6 +213,7 @@ def _three_sites(**options: Any) -> Any:
         ],
         options=options,
         train={"max_time": 1.0, "stop_at_target": False},
+        engine=FREE_VECTORS,
     )
 
 

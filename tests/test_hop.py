@@ -25,7 +25,7 @@ from dlion.strategies.hop import (
     skip_target,
     stale_neighbours,
 )
-from helpers import registered, small_config
+from helpers import FREE_VECTORS, registered, small_config
 
 # ------------------------------------------------------------------------------ graphs
 
@@ -155,6 +155,7 @@ HETERO = [
 def _hetero_run(skip_threshold: int | None, backup: int, max_time: float, seed: int = 0) -> Any:
     cfg = small_config(
         workers=HETERO,
+        engine=FREE_VECTORS,
         strategy="hop",
         options={
             "graph": "ring",

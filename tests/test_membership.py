@@ -17,7 +17,7 @@ from dlion.config import (
 )
 from dlion.engines.sim import run_sim
 from dlion.strategies import REGISTRY, get_strategy, parse_options
-from helpers import run_counting, small_config
+from helpers import FREE_VECTORS, run_counting, small_config
 
 LEAVE, CRASH, JOIN = 0.5, 0.9, 1.4
 PEER_TIMEOUT = 0.3
@@ -137,6 +137,7 @@ def _dlion_two_sites(dynamics: dict[str, Any], strategy: str = "dlion") -> Exper
         links=[{"sites": ["a", "b"], "bandwidth_mbps": 20, "latency_ms": 2}],
         strategy=strategy,
         train={"max_time": 2.0, "stop_at_target": False},
+        engine=FREE_VECTORS,  # the pipe sharing pinned below assumes overlapping sends
     )
     return with_dynamics(cfg, DynamicsConfig.model_validate(dynamics))
 

@@ -20,7 +20,7 @@ from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.strategies import diloco, get_strategy, halos, parse_options, sparseloco
 from dlion.strategies import streaming_diloco as sd
-from helpers import run_counting, small_config
+from helpers import FREE_VECTORS, run_counting, small_config
 
 # ------------------------------------------------------------------------------ DiLoCo
 
@@ -269,7 +269,9 @@ def test_halos_lps_applies_a_workers_updates_on_arrival_by_hand() -> None:
     the momentum step after every second one; the worker continues from the reply."""
     workers = [{"site": "a", "capacity_gflops": 1e-6}, {"site": "a", "capacity_gflops": 0.1}]
     opts = {"H": 3, "K": 1000, "lps_lr": 0.5, "lps_momentum": 0.9}
-    cfg = small_config(workers=workers, strategy="t-halos", train={"max_time": 0.3})
+    cfg = small_config(
+        workers=workers, strategy="t-halos", train={"max_time": 0.3}, engine=FREE_VECTORS
+    )
     options = parse_options(get_strategy("halos"), opts)
     result, counts = run_counting(cfg, halos.worker, options)
     assert counts[0] == 0 and counts[1] >= 9

@@ -11,7 +11,7 @@ from dlion.config import ExperimentConfig, load_config
 from dlion.engines.sim import run_sim
 from dlion.experiment import make_replica, prepare
 from dlion.strategies import ps
-from helpers import run_counting, small_config
+from helpers import FREE_VECTORS, run_counting, small_config
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -123,7 +123,9 @@ def test_asp_fast_worker_never_waits_for_the_slow_one(server_rank: int) -> None:
     """Capacities 1:10 (rank 0 slow): the fast worker does about 10x the iterations,
     whichever node holds the server role."""
     workers = [{"site": "a", "capacity_gflops": 0.002}, {"site": "a", "capacity_gflops": 0.02}]
-    cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 2.0})
+    cfg = small_config(
+        workers=workers, strategy="t-ps", train={"max_time": 2.0}, engine=FREE_VECTORS
+    )
     _, counts = run_counting(cfg, ps.asp_worker, ps.AspOptions(server_rank=server_rank))
     assert counts[0] >= 20
     assert 8.0 <= counts[1] / counts[0] <= 10.5
@@ -137,7 +139,9 @@ def test_asp_server_applies_each_gradient_on_arrival_with_weight_b_over_g(
     exactly the sequence x <- SGD step(x, lr_scale * b / G * g(x)) on the worker's batches,
     and the worker holds the server's latest model after each iteration."""
     workers = [{"site": "a", "capacity_gflops": 1e-6}, {"site": "a", "capacity_gflops": 0.02}]
-    cfg = small_config(workers=workers, strategy="t-ps", train={"max_time": 0.5})
+    cfg = small_config(
+        workers=workers, strategy="t-ps", train={"max_time": 0.5}, engine=FREE_VECTORS
+    )
     result, counts = run_counting(cfg, ps.asp_worker, ps.AspOptions(lr_scale=lr_scale))
     assert counts[0] == 0 and counts[1] > 10
     prep = prepare(cfg, 2)

@@ -16,7 +16,7 @@ from dlion.engines.sim import run_sim
 from dlion.engines.virtual_loop import VirtualTimeLoop
 from dlion.errors import SimulationError
 from dlion.models import build_model, train_flops_per_sample
-from helpers import registered, small_config
+from helpers import FREE_VECTORS, registered, small_config
 
 MBPS = 1e6 / 8
 HEADER = 64
@@ -245,6 +245,7 @@ def test_ring_allreduce_sums_exactly_and_takes_the_ring_time(n: int) -> None:
             workers=[{"site": "a", "capacity_gflops": 1.0, "count": n}],
             sites=sites,
             strategy="t-ring",
+            engine=FREE_VECTORS,
         )
         run_sim(cfg, progress=False)
     expected = torch.arange(size, dtype=torch.float32) * sum(range(1, n + 1))

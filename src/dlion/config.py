@@ -331,6 +331,13 @@ class EngineConfig(_Strict):
         description="Weight of the newest observed throughput in a worker's per-link "
         "bandwidth estimate (ctx.bandwidth); 1.0 trusts the last transfer alone.",
     )
+    charge_vector_work: bool = Field(
+        True,
+        description="Charge each strategy's vector work besides the gradient (optimizer "
+        "steps, sums, top-k, scans, quantization) from the calibrated cost model "
+        "(dlion.vector_cost); false: only gradients cost time (results before issue 16 "
+        "part 4).",
+    )
     # ---- dist engine only
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="dist transport: auto picks nccl when CUDA is available, else gloo."

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from dlion.comm.messages import (
     tensor_problem,
 )
 from dlion.replica import Replica
+from dlion.vector_cost import VectorCharger
 
 # A tag no message carries: a guarded wait for it ends only at a membership change.
 VIEW_TAG = "__view"
@@ -169,6 +172,10 @@ class WorkerContext(ABC):
         # back to its strategy, once each.
         self._kept: dict[str, Callable[[], torch.Tensor]] = {}
         self._restored: dict[str, torch.Tensor] = {}
+        # Vector work (charged): set by the engine; None = vector work is free.
+        self.vector: VectorCharger | None = None
+        self.charged_s = 0.0  # modelled seconds of vector work paid (context seconds)
+        self.charge_overruns = 0  # dist: charges whose real work outlasted the model
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -411,6 +418,45 @@ class WorkerContext(ABC):
         """State named `name` from the checkpoint this worker resumed from (None if there is
         none); each name is handed out once, so a later re-creation starts fresh."""
         return self._restored.pop(name, None)
+
+    # ---------------------------------------------------------------- vector work
+    @asynccontextmanager
+    async def charged(self, kind: str, numel: int, ops: int = 1) -> AsyncIterator[None]:
+        """Pay for the vector work done inside the block (`dlion.vector_cost`): `ops`
+        calls of `kind` over `numel` elements in all. The sim advances this worker's clock
+        by the modelled seconds at the end of the block; the dist engine sleeps what the
+        real work left of them (an overrun is counted when it took longer). Free when
+        the run turns charging off (`engine.charge_vector_work: false`)."""
+        start = time.perf_counter()
+        yield
+        charger = self.vector
+        if charger is None:
+            return
+        modelled = charger.seconds(kind, numel, ops, self.now())
+        self.charged_s += modelled
+        wait = modelled
+        if charger.real_time:
+            wait = modelled - (time.perf_counter() - start)
+            if wait < 0:
+                self.charge_overruns += 1
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def charge(self, kind: str, numel: int, ops: int = 1) -> None:
+        """Pay for vector work whose real cost is negligible here or already paid (a
+        block with nothing in it): `async with self.charged(...)` is preferred."""
+        async with self.charged(kind, numel, ops):
+            pass
+
+    async def apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step of the replica with `grad` (`replica.apply`), charged as
+        the optimizer it is: SGD with momentum as `sgd`, anything else as `adamw` plus
+        `adamw_tensor` for each parameter tensor beyond the first."""
+        kind, tensors = self.replica.optimizer_cost
+        async with self.charged(kind, self.replica.numel):
+            self.replica.apply(grad)
+        if kind == "adamw" and tensors > 1:
+            await self.charge("adamw_tensor", 0, tensors - 1)
 
     # ---------------------------------------------------------------- bookkeeping
     def record(self, event: str, **fields: Any) -> None:

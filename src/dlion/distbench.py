@@ -94,17 +94,22 @@ def parity(
                     "sim_bytes": sim["bytes_sent"],
                     "dist_bytes": real["bytes_sent"],
                     "compute_overruns": real["compute_overruns"],
+                    # Vector work (vector_cost.py), scenario seconds over all workers.
+                    "sim_vector_s": sim.get("vector_charged_s", 0.0),
+                    "dist_vector_s": real.get("vector_charged_s", 0.0),
+                    "charge_overruns": real.get("charge_overruns", 0),
                 }
             )
     table = "\n".join(
         [
             "| strategy | seed | sim TTA (s) | dist TTA (scenario s) | dist / sim | "
-            "sim acc | dist acc | compute overruns |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "sim acc | dist acc | compute overruns | vector s sim / dist | charge overruns |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *(
                 f"| {r['strategy']} | {r['seed']} | {_fmt(r['sim_tta_s'])} | "
                 f"{_fmt(r['dist_tta_scenario_s'])} | {_fmt(r['ratio'])} | "
-                f"{r['sim_final_acc']:.3f} | {r['dist_final_acc']:.3f} | {r['compute_overruns']} |"
+                f"{r['sim_final_acc']:.3f} | {r['dist_final_acc']:.3f} | {r['compute_overruns']} | "
+                f"{r['sim_vector_s']:.2f} / {r['dist_vector_s']:.2f} | {r['charge_overruns']} |"
                 for r in rows
             ),
         ]

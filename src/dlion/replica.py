@@ -13,6 +13,7 @@ from dlion.data.examples import Examples, TensorExamples
 from dlion.errors import DlionError
 from dlion.objective import Objective, build_objective
 from dlion.optim import (
+    FlatSGD,
     build_optimizer,
     flat_state,
     flat_state_numel,
@@ -174,6 +175,13 @@ class Replica:
         factor = self._factor(self.updates)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor if factor != 1.0 else base
+
+    @property
+    def optimizer_cost(self) -> tuple[str, int]:
+        """How an optimizer step is charged (dlion.vector_cost): its kind, `sgd` for
+        FlatSGD and `adamw` for anything else, and the tensors it steps one by one."""
+        kind = "sgd" if isinstance(self.optimizer, FlatSGD) else "adamw"
+        return kind, len(self._opt_params)
 
     def apply(self, grad: torch.Tensor) -> None:
         """One step of the configured optimizer with `grad` (a flat vector, usually the

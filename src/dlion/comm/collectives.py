@@ -92,7 +92,8 @@ async def ring_allreduce(
         got = await _exchange(
             ctx, right, left, f"{tag}/rs{step}", chunks[send_i], chunks[recv_i].numel(), epoch
         )
-        chunks[recv_i] = got + chunks[recv_i]
+        async with ctx.charged("axpy", chunks[recv_i].numel()):
+            chunks[recv_i] = got + chunks[recv_i]
     for step in range(n - 1):
         send_i, recv_i = (pos - step + 1) % n, (pos - step) % n
         chunks[recv_i] = await _exchange(
@@ -226,9 +227,10 @@ async def sharded_allreduce(
             metas[r] = dict(msg.meta)
         else:
             lost.append(r)
-    summed = torch.zeros_like(mine)
-    for r in sorted(parts):  # rank order: equal inputs give equal sums
-        summed += parts[r]
+    async with ctx.charged("sum", mine.numel() * len(parts)):
+        summed = torch.zeros_like(mine)
+        for r in sorted(parts):  # rank order: equal inputs give equal sums
+            summed += parts[r]
 
     ag = f"{tag}/ag"
     sends += [asyncio.ensure_future(ctx.send(r, ag, Dense(summed))) for r in others]

@@ -60,7 +60,10 @@ class Quantized:
 
     Entry j is `indices[j]` with value `scales[j // group] * quant_levels(codes[j])`: one
     float32 scale per `group` consecutive values (a chunk of a chunked top-k). On the
-    wire: int32 indices, the codes packed `bits` to a value, float32 scales."""
+    wire: int32 indices, the codes packed `bits` to a value, float32 scales.
+
+    Dense form: no indices (an empty `indices`) and `numel` codes, entry j is index j (a
+    low-bit copy of a whole vector: no index bytes on the wire)."""
 
     indices: torch.Tensor  # int64 in memory, int32 on the wire
     codes: torch.Tensor  # uint8 in memory, one per value; packed on the wire
@@ -70,9 +73,14 @@ class Quantized:
     group: int
 
     @property
+    def dense(self) -> bool:
+        return self.indices.numel() == 0 and self.codes.numel() == self.numel > 0
+
+    @property
     def nbytes(self) -> int:
         n = self.codes.numel()
-        return n * INDEX_BYTES + math.ceil(n * self.bits / 8) + self.scales.numel() * VALUE_BYTES
+        index_bytes = self.indices.numel() * INDEX_BYTES
+        return index_bytes + math.ceil(n * self.bits / 8) + self.scales.numel() * VALUE_BYTES
 
     def values(self) -> torch.Tensor:
         n = self.codes.numel()
@@ -80,6 +88,8 @@ class Quantized:
         return scale * quant_levels(self.codes, self.bits)
 
     def to_dense(self, numel: int) -> torch.Tensor:
+        if self.dense:
+            return self.values()
         out = torch.zeros(numel, dtype=torch.float32)
         out[self.indices] = self.values()
         return out
@@ -186,10 +196,11 @@ def _quantized_problem(payload: Quantized, numel: int | None) -> str | None:
         return f"quantized tensor of length {payload.numel}, expected {numel}"
     if payload.bits not in QUANT_BITS or payload.group < 1:
         return f"quantized tensor with bits={payload.bits}, group={payload.group}"
-    if payload.indices.numel() != n or payload.scales.numel() != math.ceil(n / payload.group):
+    indexed = payload.indices.numel() == n and not payload.dense
+    if not (indexed or payload.dense) or payload.scales.numel() != math.ceil(n / payload.group):
         return "quantized tensor has inconsistent index, code and scale counts"
     idx = payload.indices
-    if n and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= payload.numel):
         return "quantized tensor index out of range"
     if payload.codes.dtype != torch.uint8 or (n and int(payload.codes.max()) >= 2**payload.bits):
         return f"quantized codes are not {payload.bits}-bit"

@@ -79,6 +79,7 @@ from dlion.errors import ConfigError
 from dlion.experiment import make_replica, prepare
 from dlion.registry import get_strategy, parse_options
 from dlion.report import MetricsLog
+from dlion.vector_cost import charger_for
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"
@@ -112,6 +113,8 @@ class WorkerCounters:
     overruns: int
     status: str  # "stopped", "left" or "failed"
     error: str | None = None
+    charged_s: float = 0.0  # modelled wall seconds of vector work paid (vector_cost.py)
+    charge_overruns: int = 0  # charges whose real work outlasted the modelled time
 
 
 class DistContext(WorkerContext):
@@ -138,6 +141,9 @@ class DistContext(WorkerContext):
         )
         self._worker = worker
         self.overruns = 0
+        self.vector = charger_for(
+            cfg, cluster, rank, worker.flops_per_sample, time_scale=scale, real_time=True
+        )
         self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
 
     def now(self) -> float:
@@ -407,6 +413,8 @@ class DistWorker:
                 self.ctx.overruns,
                 status,
                 error,
+                self.ctx.charged_s,
+                self.ctx.charge_overruns,
             )
             with contextlib.suppress(Exception):
                 self.store.set(

@@ -480,6 +480,9 @@ class Coordinator:
             "shaping": cfg.engine.shaping,
             "netns": self.netns,
             "compute_overruns": int(sum(f.get("overruns", 0) for f in finals.values())),
+            # Vector work (vector_cost.py), in scenario seconds as the sim reports it.
+            "vector_charged_s": sum(f.get("charged_s", 0.0) for f in finals.values()) / self.scale,
+            "charge_overruns": int(sum(f.get("charge_overruns", 0) for f in finals.values())),
             "membership": sorted(self.changes, key=lambda d: (d["t"], d["rank"])),
             "stop_reason": reason,
             "wall_s": self.now(),

@@ -53,6 +53,7 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
+from dlion.vector_cost import charger_for
 
 
 @dataclass
@@ -89,6 +90,7 @@ class SimContext(WorkerContext):
             step_overhead=cluster.workers[rank].step_overhead_s,
         )
         self._engine = engine
+        self.vector = charger_for(engine.cfg, cluster, rank, engine.prep.flops_per_sample)
 
     def now(self) -> float:
         return self._engine.loop.time()
@@ -378,6 +380,8 @@ def run_sim(
         "workers": engine.cluster.size,
         "rejected_messages": engine.retired_rejected + sum(c.rejected for c in engine.contexts),
         "membership": engine.membership,
+        # Modelled seconds of vector work paid, summed over the workers (vector_cost.py).
+        "vector_charged_s": sum(c.charged_s for c in engine.contexts),
         "wall_s": wall,
         "compute_wall_s": engine.compute_wall_s,
         "eval_wall_s": engine.eval_wall_s,

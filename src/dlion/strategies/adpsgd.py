@@ -144,7 +144,7 @@ async def _train(ctx: WorkerContext, opt: Options, state: _State, timeout: float
             ctx.compute(batch), _average(ctx, opt, state, graph, timeout)
         )
         async with state.lock:
-            ctx.replica.apply(result.grad)
+            await ctx.apply(result.grad)
         ctx.iteration_done(result.loss)
 
 
@@ -173,7 +173,8 @@ async def _average(
                     await ctx.recv(peer, reply_tag, timeout=timeout, numel=numel) if sent else None
                 )
                 if isinstance(got, Message) and isinstance(got.payload, Dense):
-                    ctx.replica.set_model_state(got.payload.values)
+                    async with ctx.charged("axpy", numel):
+                        ctx.replica.set_model_state(got.payload.values)
                     return True
             finally:
                 state.initiating = False
@@ -212,7 +213,13 @@ def _reply_average(ctx: WorkerContext, msg: Message) -> Coroutine[object, object
     """Average with the requester now (no await: atomic), then send the result back."""
     average = pairwise_average(ctx.replica.model_state(), msg.payload.values)  # type: ignore[union-attr]
     ctx.replica.set_model_state(average)
-    return ctx.send(msg.src, f"avg-rep{int(msg.meta['seq'])}", Dense(average))
+    return _charged_reply(ctx, msg.src, f"avg-rep{int(msg.meta['seq'])}", average)
+
+
+async def _charged_reply(ctx: WorkerContext, dst: int, tag: str, average: torch.Tensor) -> bool:
+    """Pay for the averaging just done (its sum and the copy), then send the reply."""
+    await ctx.charge("axpy", 2 * average.numel(), 2)
+    return await ctx.send(dst, tag, Dense(average))
 
 
 def _spawn(state: _State, coro: Coroutine[object, object, bool]) -> None:

@@ -172,18 +172,21 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         ranks = sorted([me, *peers])
         batch = equal_batches(G, len(ranks))[ranks.index(me)]
         result = await ctx.compute(batch)
-        weighted = result.grad * (batch / G)
+        async with ctx.charged("axpy", numel):
+            weighted = result.grad * (batch / G)
 
         if (t - first) % opt.reprofile_every == 0 or any(p not in partitions for p in peers):
             partitions = _choose_partitions(ctx, opt, peers, result.seconds)
             ctx.record("ako", iteration=t, partitions=[partitions[p] for p in peers])
 
         for p in peers:
-            owed[p].add(weighted)
+            async with ctx.charged("axpy", numel):
+                owed[p].add(weighted)
             busy = p in in_flight and not in_flight[p].done()
             if busy:
                 continue  # the partition's turn waits; its gradient keeps accumulating
-            start, values = owed[p].take(partitions[p])
+            async with ctx.charged("axpy", numel // max(1, partitions[p])):
+                start, values = owed[p].take(partitions[p])
             meta = {"start": float(start), "it": float(t)}
             in_flight[p] = asyncio.ensure_future(ctx.send(p, TAG, Dense(values), meta))
 
@@ -201,8 +204,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         break
                     _absorb(ctx, msg, total, latest)
         while isinstance(msg := await ctx.recv(None, TAG, timeout=0.0), Message):
-            _absorb(ctx, msg, total, latest)
-        ctx.replica.apply(total)
+            async with ctx.charged("axpy", msg.nbytes // 4):
+                _absorb(ctx, msg, total, latest)
+        await ctx.apply(total)
 
         live = ctx.peers()
         for p in [p for p in owed if p not in live]:

@@ -48,10 +48,11 @@ async def worker(ctx: WorkerContext, options: Options) -> None:
         batch = equal_batches(ctx.global_batch, len(ranks))[ranks.index(ctx.rank)]
         result = await ctx.compute(batch)
         # Weight b_i / G so that the sum is the gradient of the global batch.
-        weighted = result.grad * (batch / ctx.global_batch)
         buffers = ctx.replica.buffers
-        if buffers.numel():
-            weighted = torch.cat([weighted, buffers * (batch / ctx.global_batch)])
+        async with ctx.charged("axpy", result.grad.numel() + buffers.numel()):
+            weighted = result.grad * (batch / ctx.global_batch)
+            if buffers.numel():
+                weighted = torch.cat([weighted, buffers * (batch / ctx.global_batch)])
         tag = f"ar{epoch}.{ctx.iteration}"
         try:
             total = await ctx.allreduce_sum(weighted, tag, ranks=ranks, epoch=epoch)
@@ -62,5 +63,5 @@ async def worker(ctx: WorkerContext, options: Options) -> None:
         if buffers.numel():
             buffers.copy_(total[ctx.replica.numel :])
             total = total[: ctx.replica.numel]
-        ctx.replica.apply(total)
+        await ctx.apply(total)
         ctx.iteration_done(result.loss)

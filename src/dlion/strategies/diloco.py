@@ -141,7 +141,7 @@ async def inner_step(ctx: WorkerContext, batch: int, epoch: int) -> bool:
     result = await ctx.compute(batch)
     if ctx.epoch != epoch:
         return False
-    ctx.replica.apply(result.grad)
+    await ctx.apply(result.grad)
     ctx.iteration_done(result.loss)
     return True
 
@@ -176,16 +176,20 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         if ctx.epoch != epoch:
             continue
         tag = f"dl{epoch}.{state.step}"
-        vector = weighted_delta(ctx, state, batch / ctx.global_batch)
+        async with ctx.charged("axpy", 2 * numel, 2):
+            vector = weighted_delta(ctx, state, batch / ctx.global_batch)
         try:
             total = await ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
         except CollectiveFailed as exc:
             ctx.record("collective_failed", tag=tag, why=str(exc))
             epoch = None  # re-form before the next round
             continue
-        theta, state.momentum = outer_nesterov(
-            state.model[:numel], total[:numel], state.momentum, opt.outer_lr, opt.outer_momentum
-        )
-        state.model = torch.cat([theta, total[numel:]])
+        # The outer step is an SGD-with-momentum step; then the replica takes the model.
+        async with ctx.charged("sgd", numel):
+            theta, state.momentum = outer_nesterov(
+                state.model[:numel], total[:numel], state.momentum, opt.outer_lr, opt.outer_momentum
+            )
+            state.model = torch.cat([theta, total[numel:]])
         state.step += 1
-        ctx.replica.set_model_state(state.model)
+        async with ctx.charged("axpy", numel):
+            ctx.replica.set_model_state(state.model)

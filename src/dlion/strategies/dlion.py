@@ -372,7 +372,8 @@ async def _pump(ctx: WorkerContext, pipe: _Pipe, opt: Options) -> None:
             )
         else:
             k = pipe.residual.residual.numel()
-        payload = pipe.residual.take(k, opt.dense_fraction, pipe.z)
+        async with ctx.charged("topk", pipe.residual.residual.numel()):
+            payload = pipe.residual.take(k, opt.dense_fraction, pipe.z)
         if not await ctx.send(dst, REMOTE_TAG, payload, dict(pipe.meta)):
             pipe.residual.put_back(payload)
             ctx.record("pipe_send_failed", site=pipe.site, peer=dst)
@@ -397,6 +398,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     iteration_s: float | None = None  # compute + all-reduce of the last iteration
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
+    gate = opt.agreement_gate and opt.significance_z is not None
+    absorb_ops = 2 if gate else 1  # a received update goes into remote (and received)
     own_sum = _restored_or_zeros(numel, ctx.restored_state("own_sum"))  # leader: decayed
     ctx.keep_state("own_sum", lambda: own_sum)  # sum of the site's own updates (agreement)
     was_leader = False
@@ -413,7 +416,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         into += update
         known.update(read_knowledge(msg.meta))
         src_site = ctx.site(int(msg.meta.get("src", msg.src)))
-        if src_site in pipes:
+        if gate and src_site in pipes:
             pipes[src_site].received += update
         latest[src_site] = max(latest.get(src_site, -1), int(msg.meta.get("it", -1)))
 
@@ -492,13 +495,15 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     if not isinstance(msg, Message):
                         ctx.record("remote_wait_timeout", site=s, iteration=t, why=repr(msg))
                         break
-                    absorb(msg, remote)
+                    async with ctx.charged("axpy", absorb_ops * numel, absorb_ops):
+                        absorb(msg, remote)
         for tag, size in ((REMOTE_TAG, numel), (MODEL_TAG, model_numel)):
             while isinstance(msg := await ctx.recv(None, tag, timeout=0.0, numel=size), Message):
                 if not is_leader:
                     spawn(ctx.send(leader, tag, msg.payload, msg.meta))
                 elif tag == REMOTE_TAG:
-                    absorb(msg, remote)
+                    async with ctx.charged("axpy", absorb_ops * numel, absorb_ops):
+                        absorb(msg, remote)
                 else:
                     best = msg.payload.to_dense(model_numel)  # type: ignore[union-attr]
                     delta = opt.dkt_gamma * (best - ctx.replica.model_state())
@@ -510,9 +515,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         if is_leader:
             meta |= knowledge_meta(known, [r for r in known if ctx.site(r) != my_site])
         sync_start = ctx.now()
-        vector = weighted + remote if is_leader else weighted
+        # The weighting above and the leader's addition of the remote updates.
+        async with ctx.charged("axpy", numel, 2 if is_leader else 1):
+            vector = weighted + remote if is_leader else weighted
         got = await sharded_allreduce(ctx, vector, f"dl{t}", mates, meta)
-        ctx.replica.apply(got.total)
+        await ctx.apply(got.total)
         iteration_s = result.seconds + (ctx.now() - sync_start)
         for r in got.lost:
             lost.add((r, ctx.incarnation(r)))
@@ -526,20 +533,24 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
 
         if is_leader and pipes:
             own = got.total - remote  # this site's sum alone: the remote ones go back nowhere
-            own_sum.mul_(AGREEMENT_DECAY).add_(own)
+            if gate:
+                async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
+                    own_sum.mul_(AGREEMENT_DECAY).add_(own)
             pipe_meta = {"it": float(t), "src": float(me)} | knowledge_meta(known, mates)
             for s, pipe in pipes.items():
                 if s in groups:
-                    pipe.residual.add(own)
+                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                        pipe.residual.add(own)
                     pipe.budget_s = opt.rho * iteration_s
                     pipe.meta = pipe_meta
                     pipe.z = opt.significance_z
-                    if opt.agreement_gate:
-                        pipe.z = gated_z(opt.significance_z, agreement(own_sum, pipe.received))
-                        if t % 100 == 0:
+                    if gate:
+                        async with ctx.charged("axpy", 4 * numel, 4):  # dot, two norms, decay
                             cosine = agreement(own_sum, pipe.received)
+                            pipe.received.mul_(AGREEMENT_DECAY)
+                        pipe.z = gated_z(opt.significance_z, cosine)
+                        if t % 100 == 0:
                             ctx.record("agreement", iteration=t, site=s, cosine=cosine)
-                    pipe.received.mul_(AGREEMENT_DECAY)
                     pipe.fresh.set()
 
         # Knowledge transfer: the site applies the delta its leader announced.
@@ -553,7 +564,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 msg = await ctx.recv(leader, tag, numel=model_numel)
                 delta = msg.payload.to_dense(model_numel) if isinstance(msg, Message) else None  # type: ignore[union-attr]
             if delta is not None:
-                ctx.replica.set_model_state(ctx.replica.model_state() + delta)
+                async with ctx.charged("axpy", model_numel):
+                    ctx.replica.set_model_state(ctx.replica.model_state() + delta)
         if is_leader and opt.dkt and t > 0 and t % opt.dkt_every == 0 and len(groups) > 1:
             losses = site_losses({r: v[1] for r, v in known.items()}, groups)
             if losses is not None:

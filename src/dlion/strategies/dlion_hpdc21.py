@@ -209,8 +209,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             msg = ctx.poll(src, tag)
             if msg is not None:
                 best = msg.payload.to_dense(ctx.replica.model_numel)  # type: ignore[union-attr]
-                merged = dkt_merge(ctx.replica.model_state(), best, opt.dkt_gamma)
-                ctx.replica.set_model_state(merged)
+                async with ctx.charged("axpy", 2 * ctx.replica.model_numel, 2):
+                    merged = dkt_merge(ctx.replica.model_state(), best, opt.dkt_gamma)
+                    ctx.replica.set_model_state(merged)
                 awaiting_model.remove((src, tag))
 
         batch = batches.get(me, max(1, G // len(ranks)))
@@ -223,7 +224,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         own_meta[t] = {"speed": speed, "loss": loss_ema}
         if ctx.step_overhead > 0:
             own_meta[t]["overhead"] = ctx.step_overhead
-        weighted = result.grad * (batch / G)
+        async with ctx.charged("axpy", numel):
+            weighted = result.grad * (batch / G)
 
         peers = exchange_peers(t)
         sends = []
@@ -240,7 +242,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                     ctx.header_bytes,
                     opt.min_link_fraction,
                 )
-                payload = links[p][1].step(weighted, k, opt.dense_fraction)
+                async with ctx.charged("topk", numel):
+                    payload = links[p][1].step(weighted, k, opt.dense_fraction)
+                await ctx.charge("axpy", 2 * numel, 2)  # the residual's add and clear
             else:
                 payload = Dense(weighted)
             sends.append(asyncio.ensure_future(ctx.send(p, f"g{t}", payload, own_meta[t])))
@@ -271,10 +275,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             await asyncio.gather(*in_flight.pop(src_it))
 
         # Own contribution plus peers', summed in rank order so equal inputs give equal sums.
-        total = torch.zeros(numel)
-        for r in sorted([me, *received]):
-            total += weighted if r == me else received[r]
-        ctx.replica.apply(total)
+        async with ctx.charged("sum", numel * (1 + len(received))):
+            total = torch.zeros(numel)
+            for r in sorted([me, *received]):
+                total += weighted if r == me else received[r]
+        await ctx.apply(total)
 
         if len(metas) > 1:
             speeds = {r: m["speed"] for r, m in metas.items() if "speed" in m}

@@ -226,7 +226,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         batch = equal_batches(G, len(ranks))[ranks.index(me)]
         result = await ctx.compute(batch)
         # Weight b_i / G: the sum over every worker of the cluster is the global-batch gradient.
-        weighted = result.grad * (batch / G)
+        async with ctx.charged("axpy", numel):
+            weighted = result.grad * (batch / G)
 
         # 1. Reduce-scatter inside the site: member r serves shard [s, e).
         tag = f"gaia/rs{t}"
@@ -242,9 +243,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             else:
                 lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))
-        local = torch.zeros(b - a)
-        for r in sorted(parts):  # rank order: the same inputs give the same sum
-            local += parts[r]
+        async with ctx.charged("sum", (b - a) * len(parts)):
+            local = torch.zeros(b - a)
+            for r in sorted(parts):  # rank order: the same inputs give the same sum
+                local += parts[r]
 
         # 2. Significance filter per remote site, routed to that site's server of each index.
         lr = ctx.replica.lr
@@ -253,7 +255,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if site == my_site:
                 continue
             filt = filters.setdefault(site, SignificanceFilter(numel))
-            filt.add(a, local)
+            async with ctx.charged("axpy", b - a):
+                filt.add(a, local)
             if opt.staleness is not None:
                 # Mirror clock: every iteration's message must go out, in order; wait for
                 # the previous one to this server to have left (bounded by the link).
@@ -266,7 +269,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             allowed = torch.zeros(numel, dtype=torch.bool)
             for _, s, e in free:
                 allowed[s:e] = True
-            idx, values = filt.take(ctx.replica.flat, lr, threshold, allowed)
+            async with ctx.charged("scan", numel):
+                idx, values = filt.take(ctx.replica.flat, lr, threshold, allowed)
             for r, s, e in free:
                 sel = (idx >= s) & (idx < e)
                 clock = opt.staleness is not None and _overlaps((s, e), (a, b))
@@ -314,7 +318,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             else:
                 lost.add((r, ctx.incarnation(r)))
                 ctx.record("peer_lost", peer=r, phase=tag, why=repr(msg))
-        ctx.replica.apply(total)
+        async with ctx.charged("sum", numel + (b - a) * len(others)):
+            pass  # the all-gather's pieces were added into `total` above
+        await ctx.apply(total)
         await asyncio.gather(*local_sends)
         t += 1
         ctx.iteration_done(result.loss)

@@ -218,7 +218,9 @@ class Node:
             got = await ctx.recv(None, "h.up", numel=ctx.replica.model_numel)
             if not isinstance(got, Message) or not isinstance(got.payload, Dense):
                 continue  # a quiet spell
-            reply = self.lps_apply(got.payload.values, got.meta.get("speed", 0.0))
+            # The LPS's delayed Nesterov step is an SGD-with-momentum step.
+            async with ctx.charged("sgd", self.numel):
+                reply = self.lps_apply(got.payload.values, got.meta.get("speed", 0.0))
             meta = {"fastest": self.lps.fastest}  # type: ignore[union-attr]
             tag = f"h.down{int(got.meta.get('seq', 0))}"
             self.spawn(ctx.send(got.src, tag, Dense(reply), meta))
@@ -228,20 +230,23 @@ class Node:
         assert self.lps is not None
         ctx = self.ctx
         self.take_roles()  # the GPS role may have come to this node since the last round
-        pushed = self.lps.opt.model.clone()
-        change = torch.cat([self.reference - pushed, self.lps.buffers])
+        async with ctx.charged("axpy", 2 * self.numel, 2):
+            pushed = self.lps.opt.model.clone()
+            change = torch.cat([self.reference - pushed, self.lps.buffers])
         self.updates = 0
         gps = longest_member(ctx)
         speed = self.lps.fastest
         if gps == ctx.rank and self.gps is not None:
-            reply: torch.Tensor | None = self.gps.apply(change, self.live_sites(), speed)
+            async with ctx.charged("sgd", self.numel):
+                reply: torch.Tensor | None = self.gps.apply(change, self.live_sites(), speed)
             fastest = self.gps.fastest
         else:
             reply, fastest = await self.request(gps, "h.push", "h.pull", change, speed)
         if reply is not None:
-            new, self.reference = lps_merge(
-                pushed, self.lps.opt.model, reply[: self.numel], self.opt.merge
-            )
+            async with ctx.charged("axpy", 3 * self.numel, 3):
+                new, self.reference = lps_merge(
+                    pushed, self.lps.opt.model, reply[: self.numel], self.opt.merge
+                )
             self.lps.opt.model = new
             self.lps.buffers = reply[self.numel :].clone()
             self.lps.fastest = max(self.lps.fastest, fastest)
@@ -255,7 +260,10 @@ class Node:
             if not isinstance(got, Message) or not isinstance(got.payload, Dense):
                 continue
             assert self.gps is not None
-            reply = self.gps.apply(got.payload.values, self.live_sites(), got.meta.get("speed", 0))
+            async with ctx.charged("sgd", self.numel):
+                reply = self.gps.apply(
+                    got.payload.values, self.live_sites(), got.meta.get("speed", 0)
+                )
             tag = f"h.pull{int(got.meta.get('seq', 0))}"
             self.spawn(ctx.send(got.src, tag, Dense(reply), {"fastest": self.gps.fastest}))
 
@@ -308,19 +316,22 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             speed = (
                 sample if speed is None else (1 - opt.speed_ema) * speed + opt.speed_ema * sample
             )
-            ctx.replica.apply(result.grad)
+            await ctx.apply(result.grad)
             ctx.iteration_done(result.loss)
-        update = torch.cat([start[:numel] - ctx.replica.flat, ctx.replica.buffers])
+        async with ctx.charged("axpy", numel):
+            update = torch.cat([start[:numel] - ctx.replica.flat, ctx.replica.buffers])
         lps = site_server(ctx, ctx.site(ctx.rank))
         assert speed is not None
         if lps == ctx.rank:
             node.take_roles()
-            reply: torch.Tensor | None = node.lps_apply(update, speed)
+            async with ctx.charged("sgd", numel):
+                reply: torch.Tensor | None = node.lps_apply(update, speed)
             told = node.lps.fastest  # type: ignore[union-attr]
         else:
             reply, told = await node.request(lps, "h.up", "h.down", update, speed)
         if reply is None:
             continue  # the LPS left or is silent: the next update carries this one too
         fastest = max(told, fastest or 0.0)
-        ctx.replica.set_model_state(reply)
-        start = reply.clone()
+        async with ctx.charged("axpy", 2 * numel, 2):
+            ctx.replica.set_model_state(reply)
+            start = reply.clone()

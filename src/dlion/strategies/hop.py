@@ -279,9 +279,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         await _wait_for_neighbours(ctx, queues, outboxes, t, opt, timeout, numel)
         newest = dict(queues.newest)
         used = queues.take(t, opt.staleness)
-        mixed = average_models(ctx.replica.model_state(), [used[j][1] for j in sorted(used)])
-        ctx.replica.set_model_state(mixed)
-        ctx.replica.apply(result.grad)
+        async with ctx.charged("sum", numel * (1 + len(used))):
+            mixed = average_models(ctx.replica.model_state(), [used[j][1] for j in sorted(used)])
+            ctx.replica.set_model_state(mixed)
+        await ctx.apply(result.grad)
         if opt.trace:
             ctx.record(
                 "hop",

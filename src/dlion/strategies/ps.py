@@ -179,7 +179,8 @@ async def _remote_worker(
         if isinstance(got.payload, Control):  # the server dropped us
             ctx.record("ps_dropped", server=server, why=got.payload.data.get("why", ""))
             return False
-        ctx.replica.set_model_state(got.payload.to_dense(numel))  # type: ignore[union-attr]
+        async with ctx.charged("axpy", numel):
+            ctx.replica.set_model_state(got.payload.to_dense(numel))  # type: ignore[union-attr]
         ctx.iteration_done(result.loss)
 
 
@@ -208,7 +209,9 @@ async def _bsp_server(ctx: WorkerContext, preferred: int, timeout: float) -> Non
             else:
                 ctx.record("ps_drop", worker=p, why="left")
         members = [p for p in members if p in grads]
-        ctx.replica.apply(bsp_aggregate(grads))
+        async with ctx.charged("sum", numel * len(grads)):
+            total = bsp_aggregate(grads)
+        await ctx.apply(total)
         ctx.iteration_done(mine.loss)
         serving = current_server(ctx, preferred) == ctx.rank
         if serving:
@@ -259,9 +262,9 @@ async def _asp_local_worker(ctx: WorkerContext, preferred: int, lr_scale: float)
     while current_server(ctx, preferred) == ctx.rank:
         batch = _my_batch(ctx)
         result = await ctx.compute(batch)
-        # Same node as the server: apply directly. No await in between, so this cannot
-        # interleave with the server role's updates.
-        ctx.replica.apply(result.grad * asp_weight(batch, ctx.global_batch, lr_scale))
+        # Same node as the server: apply directly. The step itself runs before the charge's
+        # wait, so it cannot interleave with the server role's updates.
+        await ctx.apply(result.grad * asp_weight(batch, ctx.global_batch, lr_scale))
         ctx.iteration_done(result.loss)
 
 
@@ -282,9 +285,7 @@ async def _asp_server(ctx: WorkerContext, preferred: int, lr_scale: float, timeo
         ):
             last_heard[got.src] = now  # a joiner, or a worker whose server left, is served too
             grad = got.payload.to_dense(numel)  # type: ignore[union-attr]
-            ctx.replica.apply(
-                grad * asp_weight(int(got.meta["samples"]), ctx.global_batch, lr_scale)
-            )
+            await ctx.apply(grad * asp_weight(int(got.meta["samples"]), ctx.global_batch, lr_scale))
             # Reply in the background: the server keeps serving while the bytes go out.
             _spawn(replies, ctx.send(got.src, "p", Dense(ctx.replica.model_state())))
         # Otherwise a Timeout, a membership change, or a gradient from a dropped worker that

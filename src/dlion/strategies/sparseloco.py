@@ -159,8 +159,16 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 break
         if ctx.epoch != epoch:
             continue
-        delta = state.model[:numel] - ctx.replica.flat
-        sent, kept = error_feedback_step(error, delta, opt.beta, opt.density, opt.chunk, opt.bits)
+        chunks = len(chunk_bounds(numel, opt.chunk))
+        # Delta, the decayed buffer and its remainder (axpy), the chunked top-k, the
+        # quantization of what is kept.
+        async with ctx.charged("axpy", 4 * numel, 4):
+            delta = state.model[:numel] - ctx.replica.flat
+        async with ctx.charged("topk", numel, chunks):
+            sent, kept = error_feedback_step(
+                error, delta, opt.beta, opt.density, opt.chunk, opt.bits
+            )
+        await ctx.charge("quant", sent.codes.numel(), chunks)
         tag = f"sl{epoch}.{state.step}"
         try:
             got = await ring_allgather(
@@ -182,8 +190,11 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         }
         if len(received) < len(got):
             ctx.record("rejected", tag=tag, why="not a quantized update with its batch")
-        update = mean_update(received)
-        theta = state.model[:numel] - opt.outer_lr * update
-        state.model = torch.cat([theta, buffers])
+        async with ctx.charged("sum", numel * len(received)):
+            update = mean_update(received)
+        async with ctx.charged("axpy", 2 * numel, 2):
+            theta = state.model[:numel] - opt.outer_lr * update
+            state.model = torch.cat([theta, buffers])
         state.step += 1
-        ctx.replica.set_model_state(state.model)
+        async with ctx.charged("axpy", numel):
+            ctx.replica.set_model_state(state.model)

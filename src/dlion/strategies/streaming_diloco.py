@@ -16,7 +16,16 @@ fragment, and the member merges it into its local one:
 Each fragment is thus synchronised once every H inner steps, one every H/P steps, so the
 peak bandwidth is 1/P of DiLoCo's and the all-reduce hides behind tau steps of compute.
 Paper constants: alpha 0.5, tau of a few steps; H here is small (default 20) as for
-DiLoCo. Left out: the paper's optional 4-bit outer gradients (the exchange is float32).
+DiLoCo.
+
+Low-bit outer gradients (`bits`, off by default: float32 and a ring all-reduce). With
+`bits` b in {1, 2, 4, 8} (the paper uses 4), each member sends its weighted fragment
+pseudo-gradient v quantized (`quantize_dense`): in chunks of `quant_chunk` consecutive
+entries, scale s = max |v| over the chunk, each entry the nearest of 2^b uniform levels
+over [-s, s] (deterministic rounding; no error feedback, as in the paper), on the wire
+b bits per entry plus one float32 scale per chunk. The quantized vectors are exchanged
+with a ring all-gather (each relayed unchanged, so every member decodes the same bytes)
+and every member sums the decoded vectors in rank order: the same sum everywhere.
 
 Buffers (BatchNorm running statistics and other float buffers): travel with fragment 0,
 averaged (weighted b_i / G) and merged with the same alpha.
@@ -36,7 +45,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from dlion.comm.collectives import CollectiveFailed, ring_allreduce
+from dlion.comm.collectives import CollectiveFailed, ring_allgather, ring_allreduce
+from dlion.comm.messages import QUANT_BITS, Quantized
 from dlion.context import WorkerContext
 from dlion.strategies.diloco import (
     adopt_leader,
@@ -60,11 +70,21 @@ class Options(BaseModel):
     )
     outer_lr: float = Field(0.7, gt=0, description="Outer Nesterov learning rate.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum.")
+    bits: int | None = Field(
+        None, description="Bits per outer-gradient entry (1, 2, 4 or 8; None: float32)."
+    )
+    quant_chunk: int = Field(
+        1024, ge=1, description="Entries sharing one float32 scale when `bits` is set."
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> Options:
         if self.H % self.fragments:
             raise ValueError(f"H ({self.H}) must be a multiple of fragments ({self.fragments})")
+        if self.bits is not None and self.bits not in QUANT_BITS:
+            raise ValueError(
+                f"bits must be one of {', '.join(map(str, QUANT_BITS))}, got {self.bits}"
+            )
         if self.tau >= self.H:
             raise ValueError(
                 f"tau ({self.tau}) must be below H ({self.H}): a fragment's "
@@ -108,6 +128,49 @@ def strided_fragments(sizes: list[int], fragments: int) -> list[torch.Tensor]:
     return [torch.cat(p) for p in parts]
 
 
+def quantize_dense(v: torch.Tensor, bits: int, chunk: int) -> Quantized:
+    """v in `bits` bits per entry, one scale per `chunk` consecutive entries (the chunk's
+    largest magnitude), each entry the nearest of 2**bits uniform levels over [-s, s]."""
+    n = v.numel()
+    top = 2**bits - 1
+    pad = (-n) % chunk
+    parts = torch.cat([v, torch.zeros(pad)]).reshape(-1, chunk)
+    scales = parts.abs().amax(dim=1)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((parts / safe[:, None] + 1.0) * (top / 2.0)).clamp(0, top)
+    # A zero chunk: the code nearest 0 (its value is 0 times the level anyway).
+    codes = torch.where(scales[:, None] > 0, codes, torch.full_like(codes, (top + 1) // 2))
+    codes = codes.reshape(-1)[:n].to(torch.uint8)
+    return Quantized(torch.zeros(0, dtype=torch.int64), codes, scales, n, bits, chunk)
+
+
+async def quantized_sum(
+    ctx: WorkerContext,
+    vector: torch.Tensor,
+    tag: str,
+    *,
+    ranks: list[int],
+    epoch: int | None,
+    bits: int,
+    chunk: int,
+) -> torch.Tensor:
+    """The sum over `ranks` of each member's `vector` quantized (`quantize_dense`),
+    exchanged by a ring all-gather and decoded and summed in rank order by every member.
+    Raises CollectiveFailed as the ring all-reduce does."""
+    n = vector.numel()
+    async with ctx.charged("quant", n):
+        payload = quantize_dense(vector, bits, chunk)
+    got = await ring_allgather(ctx, payload, {}, tag, ranks=ranks, epoch=epoch, numel=n)
+    async with ctx.charged("sum", n * len(got)):
+        total = torch.zeros(n)
+        for r in sorted(got):
+            q = got[r][0]
+            if not isinstance(q, Quantized):
+                raise CollectiveFailed(f"quantized sum {tag}: rank {r} sent {type(q).__name__}")
+            total += q.to_dense(n)
+    return total
+
+
 def merge(local: torch.Tensor, global_: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * local + (1 - alpha) * global."""
     return alpha * local + (1 - alpha) * global_
@@ -140,13 +203,24 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             p = (step // period) % opt.fragments
             weight = batch / ctx.global_batch
             idx = frags[p]
-            vector = (state.model[idx] - ctx.replica.flat[idx]) * weight
-            if p == 0:
-                vector = torch.cat([vector, ctx.replica.buffers * weight])
+            async with ctx.charged("axpy", 2 * idx.numel(), 2):
+                vector = (state.model[idx] - ctx.replica.flat[idx]) * weight
+                if p == 0:
+                    vector = torch.cat([vector, ctx.replica.buffers * weight])
             tag = f"sd{epoch}.{step}"
-            task = asyncio.ensure_future(
-                ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
-            )
+            if opt.bits is None:
+                exchange = ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
+            else:
+                exchange = quantized_sum(
+                    ctx,
+                    vector,
+                    tag,
+                    ranks=members,
+                    epoch=epoch,
+                    bits=opt.bits,
+                    chunk=opt.quant_chunk,
+                )
+            task = asyncio.ensure_future(exchange)
             pending.append((step + opt.tau, p, task))
         while pending and pending[0][0] <= step:
             _, p, task = pending.pop(0)
@@ -157,17 +231,20 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 epoch = None  # re-form before the next step
                 break
             idx = frags[p]
-            theta, momentum = outer_nesterov(
-                state.model[idx],
-                total[: idx.numel()],
-                state.momentum[idx],
-                opt.outer_lr,
-                opt.outer_momentum,
-            )
-            state.model[idx] = theta
-            state.momentum[idx] = momentum
-            flat = ctx.replica.flat
-            flat[idx] = merge(flat[idx], theta, opt.alpha)
+            # The outer step (an SGD-with-momentum step), then the merge (two axpys).
+            async with ctx.charged("sgd", idx.numel()):
+                theta, momentum = outer_nesterov(
+                    state.model[idx],
+                    total[: idx.numel()],
+                    state.momentum[idx],
+                    opt.outer_lr,
+                    opt.outer_momentum,
+                )
+                state.model[idx] = theta
+                state.momentum[idx] = momentum
+            async with ctx.charged("axpy", 2 * idx.numel(), 2):
+                flat = ctx.replica.flat
+                flat[idx] = merge(flat[idx], theta, opt.alpha)
             if p == 0 and ctx.replica.buffers.numel():
                 state.model[numel:] = total[idx.numel() :]
                 buffers = ctx.replica.buffers
