@@ -15,7 +15,10 @@ from dlion.config import MembershipEvent, with_membership
 from dlion.context import WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.strategies.dlion import (
+    AGREEMENT_DECAY,
     PipeResidual,
+    agreement,
+    gated_z,
     knowledge_meta,
     read_knowledge,
     site_groups,
@@ -87,6 +90,44 @@ def test_pipe_residual_sends_only_significant_entries_with_z() -> None:
     pipe.add(torch.tensor([1.0, 3.0, 5.0, 0.0]))
     pipe.add(torch.tensor([1.0, -3.0, -1.0, 0.5]))
     assert pipe.take(1).indices.tolist() == [2]  # type: ignore[union-attr]
+
+
+def test_agreement_is_the_cosine_of_the_decayed_sums_and_zero_before_any() -> None:
+    """own = [3, 4, 0] (norm 5), received = [4, 0, 3] (norm 5): dot 12, cosine 12 / 25."""
+    own, received = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([4.0, 0.0, 3.0])
+    assert agreement(own, received) == pytest.approx(0.48)
+    assert agreement(own, -received) == pytest.approx(-0.48)
+    assert agreement(own, torch.zeros(3)) == 0.0  # nothing received yet: no agreement
+    assert agreement(torch.zeros(3), received) == 0.0
+
+
+def test_gated_z_keeps_the_test_only_while_the_sites_agree() -> None:
+    """The rule: z unless the two sites' long-run updates are measured to oppose (cosine < 0:
+    plain top-k, None); nothing measured yet (0) keeps z; nothing when the test is off."""
+    assert gated_z(1.0, 0.48) == 1.0
+    assert gated_z(1.5, 0.01) == 1.5
+    assert gated_z(1.0, 0.0) == 1.0
+    assert gated_z(1.0, -0.01) is None
+    assert gated_z(1.0, -0.48) is None
+    assert gated_z(None, 0.9) is None
+
+
+def test_agreement_over_decayed_sums_separates_a_shared_drift_from_opposed_ones() -> None:
+    """Hand-computed with the module's decay d: own updates [1, 0] every iteration, remote
+    ones [1, 1] (IID-like: a shared drift) or [-1, 1] (skewed: opposed on the shared
+    entry). After n iterations both sums are (1 - d^n) / (1 - d) times the update, so the
+    cosine is that of the updates: 1/sqrt(2) and -1/sqrt(2); the gate follows its sign."""
+    d = AGREEMENT_DECAY
+    own, same, opposed = torch.zeros(2), torch.zeros(2), torch.zeros(2)
+    for _ in range(50):
+        own.mul_(d).add_(torch.tensor([1.0, 0.0]))
+        same.mul_(d).add_(torch.tensor([1.0, 1.0]))
+        opposed.mul_(d).add_(torch.tensor([-1.0, 1.0]))
+    assert float(own[0]) == pytest.approx((1 - d**50) / (1 - d), rel=1e-5)
+    assert agreement(own, same) == pytest.approx(2**-0.5, rel=1e-5)
+    assert agreement(own, opposed) == pytest.approx(-(2**-0.5), rel=1e-5)
+    assert gated_z(1.0, agreement(own, same)) == 1.0
+    assert gated_z(1.0, agreement(own, opposed)) is None
 
 
 def test_pipe_residual_with_z_goes_dense_over_half_and_keeps_the_rest() -> None:
