@@ -13,6 +13,7 @@ from dlion.context import WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.models import train_flops_per_sample
 from dlion.strategies import REGISTRY
+from dlion.timescale import TimeScale
 from dlion.vector_cost import (
     KINDS,
     HostLine,
@@ -248,7 +249,7 @@ def test_dist_sleeps_the_scaled_model_minus_the_real_work(
         capacity_at=capacity_at,
         flops_per_sample=1e6,
         batch=10,
-        time_scale=4.0,
+        time_scale=TimeScale(4.0),
         real_time=True,
     )
     # Modelled: 4 (time scale) x 2 (k) x 1 ms = 8 ms of wall time. The real work inside the
