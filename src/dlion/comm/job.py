@@ -136,6 +136,23 @@ def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+StoreFactory = Callable[[], "dist.Store"]
+
+
+def store_factory(host: str, port: int, run_id: str, timeout_s: float) -> StoreFactory:
+    """A maker of clients of the job `run_id`'s store on host:port (one per thread)."""
+
+    def factory() -> dist.Store:
+        return job_store(store_client(host, port, timeout_s), run_id)
+
+    return factory
+
+
+def store_timeout(value: float) -> datetime.timedelta:
+    """A store timeout."""
+    return datetime.timedelta(seconds=value)
+
+
 def store_get_json(store: dist.Store, key: str) -> dict[str, Any]:
     return json.loads(store.get(key).decode())
 

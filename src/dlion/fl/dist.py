@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
+import functools
 import json
 import os
 import resource
@@ -59,7 +59,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +67,11 @@ import torch.distributed as dist
 import yaml
 
 from dlion.cluster import MBPS
-from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.codec import encode
 from dlion.comm.job import (
     Fault,
     Keys,
-    call_from_thread,
-    cancel_others,
+    StoreFactory,
     claim_rank,
     connect_all,
     decide,
@@ -88,11 +86,14 @@ from dlion.comm.job import (
     reap,
     shared_secret,
     store_client,
+    store_factory,
     store_get_json,
     store_has,
+    store_timeout,
     wait_decision,
 )
 from dlion.comm.messages import Control, Message
+from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import LinkShaper
 from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
@@ -118,8 +119,6 @@ MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
 # Outside any job prefix: what a server hosting its own store publishes for its clients.
 RUN_KEY = "dlion/fl-run"
-
-StoreFactory = Callable[[], dist.Store]
 
 
 class _DistFLContext(ClientContext):
@@ -195,8 +194,10 @@ class _DistFLContext(ClientContext):
         self._proc.transport.send(SERVER, encode(left), due=time.monotonic())
 
 
-class FLProcess(FLSetup):
+class FLProcess(FLSetup, PeerProcess):
     """One process of an FL dist job: the server (rank 0) or client `rank`."""
+
+    ctx: _DistFLContext
 
     def __init__(
         self,
@@ -209,8 +210,8 @@ class FLProcess(FLSetup):
         restored: Restored | None = None,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
+        PeerProcess.__init__(self, rank, store_factory, peer_timeout=cfg.engine.peer_timeout)
         self.cfg = cfg
-        self.rank = rank
         self.size = cfg.clients.count + 1
         self.time_scale = TimeScale(cfg.engine.time_scale)
         self.out_dir = out_dir
@@ -219,16 +220,10 @@ class FLProcess(FLSetup):
         self.restored = restored
         # Wall seconds already run before this (resumed) part: the clock continues.
         self.offset = 0.0 if restored is None else self.time_scale.wall(restored.time)
-        self._store_factory = store_factory
-        self.store = store_factory()
         self.t0 = time.time()
         # Created now: links formed before the start queue their news on it.
         self.loop = asyncio.new_event_loop()
-        self._stop_event: asyncio.Event | None = None
-        self.stop_reason: str | None = None
-        self._stopped = threading.Event()
-        self._ending = False
-        super().__init__(cfg)
+        FLSetup.__init__(self, cfg)
         self.peers = list(range(1, self.size)) if rank == SERVER else [SERVER]
         self.incarnation = 0  # a client's: which registration of its id this process is
         self.peer_inc: dict[int, int] = {}  # the server's view: each linked client's
@@ -317,13 +312,10 @@ class FLProcess(FLSetup):
                 self.refused.append({**who, "t": round(self.ctx.now(), 6), "why": why})
                 self.log.write("refused", t=self.ctx.now(), **who, why=why)
                 continue
-            threading.Thread(target=self._link, args=(r, inc), daemon=True).start()
+            threading.Thread(target=self._link_client, args=(r, inc), daemon=True).start()
 
-    def _link(self, peer: int, inc: int) -> None:
-        try:
-            self.transport.connect(peer, incarnation=pair_label(SERVER, 0, peer, inc))
-        except Exception as err:  # it died while starting: it never took part
-            self.log.write("client_unreachable", t=self.ctx.now(), peer=peer, why=first_line(err))
+    def _link_client(self, peer: int, inc: int) -> None:
+        if not self._link(peer, pair_label(SERVER, 0, peer, inc), "client_unreachable"):
             return
         self._connected[peer] = inc
         self._from_thread(self._client_linked, peer, inc)
@@ -399,28 +391,18 @@ class FLProcess(FLSetup):
     # ---------------------------------------------------------------- the run
     def run(self) -> None:
         if self.rank != SERVER:
-            self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
+            self.store.wait([Keys.GO], store_timeout(self.cfg.engine.startup_timeout))
             self.t0 = float(self.store.get(Keys.T0).decode())
         # The common start is a moment ahead (a resumed run's clock starts at its offset).
         time.sleep(max(0.0, self.t0 + self.offset - time.time()))
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, signal.Signals(sig).name)
-        monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
-        monitor.start()
-        try:
-            main = self._server_main() if self.rank == SERVER else self._client_main()
-            loop.run_until_complete(main)
-        finally:
-            self._stopped.set()
-            self.log.close()
-            loop.close()
+        main = self._server_main() if self.rank == SERVER else self._client_main()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self._run_loop(main, {sig: functools.partial(self._on_signal, sig) for sig in signals})
 
-    def _on_signal(self, name: str) -> None:
-        self.signalled = getattr(signal, name)
-        self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=name)
-        self._stop("interrupted" if self.rank == SERVER else "left")
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signalled = sig
+        self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=sig.name)
+        self.stop("interrupted" if self.rank == SERVER else "left")
 
     # ---------------------------------------------------------------- transport
     async def transmit(self, dst: int, msg: Message) -> float:
@@ -432,22 +414,9 @@ class FLProcess(FLSetup):
         await asyncio.sleep(done - start)
         return done - start
 
-    def _on_frame(self, peer: int, frame: memoryview) -> None:
-        limit = self.transport.max_frame_bytes
-        try:
-            msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
-        except BadFrame as err:
-            self._from_thread(self._reject, peer, str(err))
-        else:
-            self._from_thread(self._deliver, msg)
-
     def _deliver(self, msg: Message) -> None:
         if msg.src in self.live:
             self.ctx.mailbox.deliver(msg)
-
-    def _reject(self, peer: int, why: str) -> None:
-        self.ctx.rejected += 1
-        self.ctx.record("rejected", src=peer, why=why)
 
     def _peer_gone(self, peer: int, why: str) -> None:
         """On the loop, once per peer and incarnation. The server abandons the client's
@@ -464,7 +433,7 @@ class FLProcess(FLSetup):
             ended = False
             with contextlib.suppress(Exception):
                 ended = store_has(self.store, Keys.STOP)
-            self._stop("stop" if ended else "server gone")
+            self.stop("stop" if ended else "server gone")
             return
         inc = self.peer_inc.get(peer, 0)
         self._connected.pop(peer, None)
@@ -473,62 +442,31 @@ class FLProcess(FLSetup):
         self.departures.append({"rank": peer, "incarnation": inc, "t": round(now, 6), "why": why})
         self.ctx.mailbox.deliver(Message(peer, SERVER, TO_SERVER, Control("left"), now))
 
-    def _stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if self._stop_event is not None:
-            self._stop_event.set()
-
-    def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
-        call_from_thread(self.loop, fn, *args)
-
-    def _monitor(self) -> None:
-        """Heartbeats, the stop flag, joins (server) and peers whose heartbeat went stale."""
-        e = self.cfg.engine
-        try:
-            store = self._store_factory()
-            while not self._stopped.is_set():
-                self._heartbeat(store)
-                if self.rank != SERVER and store_has(store, Keys.STOP):
-                    self._from_thread(self._stop, "stop")
-                if self.rank == SERVER:
-                    self.admit(store)
-                for peer in list(self.live):
-                    if not store_has(store, Keys.heartbeat(peer)):
-                        continue
-                    record = store_get_json(store, Keys.heartbeat(peer))
-                    if peer != SERVER:
-                        self.client_beats[peer] = record
-                    if time.time() - float(record["wall"]) > e.peer_timeout:
-                        why = f"no heartbeat for {e.peer_timeout:g} s"
-                        self._from_thread(self._peer_gone, peer, why)
-                self._stopped.wait(e.heartbeat_s)
-        except Exception as err:  # the store is gone: the job is over
-            self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
-            self._from_thread(self._stop, "store lost")
+    def _watch(self, store: dist.Store) -> float:
+        """Monitor thread: heartbeats, the stop flag, joins (server) and peers whose
+        heartbeat went stale."""
+        self._heartbeat(store)
+        if self.rank != SERVER and store_has(store, Keys.STOP):
+            self._from_thread(self.stop, "stop")
+        if self.rank == SERVER:
+            self.admit(store)
+        for peer in list(self.live):
+            record = self._check_heartbeat(store, peer, self.peer_inc.get(peer, 0))
+            if record is not None and peer != SERVER:
+                self.client_beats[peer] = record
+        return self.cfg.engine.heartbeat_s
 
     # ---------------------------------------------------------------- roles
     async def _client_main(self) -> None:
         cfg = self.cfg
-        self._stop_event = asyncio.Event()
-        if self.stop_reason is not None:
-            self._stop_event.set()
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
         )
-        task = asyncio.ensure_future(client(self.ctx, algo, cfg.local))
-        stopper = asyncio.ensure_future(self._stop_event.wait())
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        self._ending = True
-        await cancel_others()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        await self._until_stopped(asyncio.ensure_future(client(self.ctx, algo, cfg.local)))
 
     async def _server_main(self) -> None:
         cfg, scale, out_dir = self.cfg, self.time_scale, self.out_dir
-        self._stop_event = asyncio.Event()
-        if self.stop_reason is not None:
-            self._stop_event.set()
+        stop = self._stop_signal()
         replica = self.ctx.replica  # the server's is always there
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
@@ -602,7 +540,7 @@ class FLProcess(FLSetup):
             self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
 
         task = asyncio.ensure_future(server.run())
-        stopper = asyncio.ensure_future(self._stop_event.wait())
+        stopper = asyncio.ensure_future(stop.wait())
         every, max_wall = scale.wall(cfg.evaluation.every_s), scale.wall(cfg.train.max_time)
         ckpt_every = None if cfg.checkpoint.every_s is None else scale.wall(cfg.checkpoint.every_s)
         next_ckpt = None if ckpt_every is None else (self.offset // ckpt_every + 1) * ckpt_every
@@ -620,7 +558,7 @@ class FLProcess(FLSetup):
             point = EvalPoint(now, state.version, acc, acc, loss, bytes_sent())
             points.append(point)
             self.log.write("eval", **point.__dict__)
-            if self._stop_event.is_set():
+            if stop.is_set():
                 reason = self.stop_reason or "stopped"
                 break
             if next_ckpt is not None and now >= next_ckpt - 1e-9 and now < max_wall:
@@ -646,9 +584,7 @@ class FLProcess(FLSetup):
             self.store.set(Keys.STOP, reason)
         if reason == "interrupted":
             checkpoint(points[-1].t)  # the state as it was stopped: what --resume starts from
-        await cancel_others()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        await self._end_tasks(task)
         tta = time_to_accuracy(points, cfg.train.target_acc)
         self.log.write(
             "end", t=points[-1].t, tta_s=tta, reason=reason, server=server.stats.as_dict()
@@ -694,10 +630,6 @@ class FLProcess(FLSetup):
             torch.save(state.model.clone(), out_dir / "global_model.pt")
             write_json_atomic(out_dir / "summary.json", summary)
         self.summary = summary
-
-
-def _seconds(value: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=value)
 
 
 # ============================================================================ launcher
@@ -854,14 +786,7 @@ def _job_from_env() -> tuple[StoreFactory, str] | None:
     run_id = os.environ.get("DLION_RUN_ID", "")
     if not run_id:
         raise BadInput("DLION_RUN_ID must be set with DLION_STORE")
-    return _factory(host, port, run_id), run_id
-
-
-def _factory(host: str, port: int, run_id: str, timeout_s: float = 60.0) -> StoreFactory:
-    def factory() -> dist.Store:
-        return job_store(store_client(host, port, timeout_s), run_id)
-
-    return factory
+    return store_factory(host, port, run_id, 60.0), run_id
 
 
 def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> int:
@@ -878,7 +803,7 @@ def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> 
         run_id = secrets.token_hex(6)
         record = {"run_id": run_id, "config_hash": config_hash(cfg), "clients": cfg.clients.count}
         hosted.set(RUN_KEY, json.dumps(record))
-        job = (_factory(host, hosted.port, run_id, cfg.engine.startup_timeout), run_id)
+        job = (store_factory(host, hosted.port, run_id, cfg.engine.startup_timeout), run_id)
         print(
             f"{cfg.name}: FL server on {host}:{hosted.port}, waiting for "
             f"{cfg.clients.count} clients (`dlion fl client CONFIG --server {host}:{hosted.port} "
@@ -921,7 +846,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
         timeout = cfg.engine.startup_timeout
         try:
             root = store_client(host, port, timeout)
-            root.wait([RUN_KEY], _seconds(timeout))
+            root.wait([RUN_KEY], store_timeout(timeout))
         except Exception as err:
             raise BadInput(f"--server {server}: no FL server there ({first_line(err)})") from None
         record = json.loads(root.get(RUN_KEY).decode())
@@ -930,7 +855,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
                 f"--server {server}: the server runs another config (data, population, model "
                 "or algorithm differ); start the client with the server's config and --set"
             )
-        job = (_factory(host, port, record["run_id"], timeout), record["run_id"])
+        job = (store_factory(host, port, record["run_id"], timeout), record["run_id"])
     factory, run_id = job
     proc = FLProcess(cfg, client_id, factory, out_dir, run_id=run_id)
     say(f"client {client_id}: data built, registering")
