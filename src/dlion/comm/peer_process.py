@@ -1,18 +1,13 @@
-"""One process of a job on real processes, apart from its role: the store clients, the
-event loop with its monitor thread and signal handlers, frames from the transport, peer
-heartbeats and the stop.
-
-Both kinds of job build on it: a worker of a decentralized strategy (engines/dist.py) and
-the FL server or one client (fl/dist.py). Their roles, membership rules and what the
-monitor watches stay theirs: a subclass sets `ctx`, `log` and `transport` and defines
-`_deliver` (a decoded message, on the loop), `_peer_gone` (on the loop) and `_watch` (one
-round of the monitor thread).
-"""
+"""One process of a job on real processes, apart from its role: store clients, the loop
+with its monitor thread and signals, frames, peer heartbeats and links, the stop. Used by
+a strategy's worker (engines/dist.py) and the FL server or a client (fl/dist.py); a
+subclass sets `ctx`, `log` and `transport` and defines the three hooks."""
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -29,18 +24,16 @@ from dlion.comm.job import (
     store_get_json,
     store_has,
 )
+from dlion.comm.transport import PairTransport
 
 if TYPE_CHECKING:
     import torch.distributed as dist
 
     from dlion.comm.messages import Message
-    from dlion.comm.transport import PairTransport
     from dlion.report import MetricsLog
 
 
 class _Context(Protocol):
-    """What this module uses of a process's context."""
-
     rejected: int
 
     def now(self) -> float: ...
@@ -54,6 +47,7 @@ class PeerProcess(abc.ABC):
     ctx: _Context
     log: MetricsLog
     transport: PairTransport
+    incarnation: int  # which registration of its rank this process is
 
     def __init__(
         self, rank: int, store_factory: Callable[[], dist.Store], *, peer_timeout: float
@@ -70,7 +64,6 @@ class PeerProcess(abc.ABC):
         self._stopped = threading.Event()  # the run is over: the monitor thread ends
         self._ending = False  # the run is ending: links closing now are no news
 
-    # ---------------------------------------------------------------- hooks
     @abc.abstractmethod
     def _deliver(self, msg: Message) -> None:
         """On the loop: a decoded message from the transport."""
@@ -81,14 +74,10 @@ class PeerProcess(abc.ABC):
 
     @abc.abstractmethod
     def _watch(self, store: dist.Store) -> float:
-        """Monitor thread: one round (heartbeat, peers, flags); returns the seconds to the
-        next one."""
+        """Monitor thread: one round (heartbeat, peers, flags); the seconds to the next."""
 
-    # ---------------------------------------------------------------- the run
     def _run_loop(
-        self,
-        main: Coroutine[Any, Any, None],
-        signals: Mapping[signal.Signals, Callable[[], None]],
+        self, main: Coroutine[Any, Any, None], signals: Mapping[signal.Signals, Callable[[], None]]
     ) -> None:
         """Run `main` on this process's loop (made here if there is none yet) beside the
         monitor thread, with `signals` handled on the loop; close both and the log after."""
@@ -97,8 +86,7 @@ class PeerProcess(abc.ABC):
         asyncio.set_event_loop(loop)
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
-        monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
-        monitor.start()
+        threading.Thread(target=self._monitor, daemon=True, name="monitor").start()
         try:
             loop.run_until_complete(main)
         finally:
@@ -135,7 +123,6 @@ class PeerProcess(abc.ABC):
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
-    # ---------------------------------------------------------------- threads
     def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
         call_from_thread(self.loop, fn, *args)
 
@@ -150,6 +137,11 @@ class PeerProcess(abc.ABC):
             self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
             self._from_thread(self.stop, "store lost")
 
+    def _beat(self, store: dist.Store, **fields: float) -> None:
+        """Publish this process's heartbeat: wall time, incarnation and `fields`."""
+        beat = {"wall": time.time(), "incarnation": self.incarnation, **fields}
+        store.set(Keys.heartbeat(self.rank), json.dumps(beat))
+
     def _check_heartbeat(
         self, store: dist.Store, peer: int, incarnation: int
     ) -> dict[str, Any] | None:
@@ -162,6 +154,26 @@ class PeerProcess(abc.ABC):
             self._from_thread(self._peer_gone, peer, f"no heartbeat for {self.peer_timeout:g} s")
         return record
 
+    def _pair_transport(
+        self,
+        backend: str,
+        timeout_s: float,
+        max_message_mb: float,
+        on_timing: Callable[[int, int, float, float], None] | None = None,
+    ) -> PairTransport:
+        """Pair links whose frames, failures and refusals come to this process's handlers."""
+        return PairTransport(
+            self._store_factory,
+            self.rank,
+            backend=backend,
+            timeout_s=timeout_s,
+            max_frame_bytes=int(max_message_mb * 1e6),
+            on_frame=self._on_frame,
+            on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
+            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
+            on_timing=on_timing,
+        )
+
     def _link(self, peer: int, label: str, failed: str) -> bool:
         """A thread of its own: form the pair link `label` with `peer`; False (and the
         event `failed` logged) if the peer cannot be reached."""
@@ -172,7 +184,6 @@ class PeerProcess(abc.ABC):
             return False
         return True
 
-    # ---------------------------------------------------------------- frames
     def _on_frame(self, peer: int, frame: memoryview) -> None:
         """Receiver thread: decode off the loop, then deliver (or reject) on it."""
         limit = self.transport.max_frame_bytes

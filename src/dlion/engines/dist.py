@@ -71,7 +71,6 @@ from dlion.comm.job import (
 from dlion.comm.messages import Control, Dense, Message
 from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import pacer_rate, worker_shaper
-from dlion.comm.transport import PairTransport
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext, worker_setup
 from dlion.engines.collective import CollectiveGroups, group_key
@@ -247,15 +246,10 @@ class DistWorker(PeerProcess):
             backend=self.backend,
             timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
         )
-        self.transport = PairTransport(
-            store_factory,
-            rank,
-            backend=self.backend,
-            timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
-            max_frame_bytes=int(cfg.engine.max_message_mb * 1e6),
-            on_frame=self._on_frame,
-            on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
-            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
+        self.transport = self._pair_transport(
+            self.backend,
+            max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
+            cfg.engine.max_message_mb,
             # Paced sends measure themselves; real links are timed at the receiver.
             on_timing=None if cfg.engine.shaping == "transport" else self._on_timing,
         )
@@ -691,14 +685,7 @@ class DistWorker(PeerProcess):
         snapshots."""
         every = self.time_scale.wall(self.cfg.evaluation.every_s)
         now = time.time() - self.t0
-        beat_record = {
-            "wall": time.time(),
-            "t": now,
-            "iteration": self.ctx.iteration,
-            "epoch": self.ctx.epoch,
-            "incarnation": self.incarnation,
-        }
-        store.set(Keys.heartbeat(self.rank), json.dumps(beat_record))
+        self._beat(store, t=now, iteration=self.ctx.iteration, epoch=self.ctx.epoch)
         if store_has(store, Keys.STOP):
             self._from_thread(self.stop, "stop")
         self._watch_joins(store)

@@ -84,6 +84,23 @@ def _normal(obj: Any) -> Any:
     return json.loads(json.dumps(obj, allow_nan=False))
 
 
+def worker_snapshot(ctx: WorkerContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One worker's tensors (its replica's, then its strategy state's under "strategy.")
+    and counters, as both engines checkpoint them."""
+    tensors, cursor = ctx.replica.snapshot()
+    tensors.update({f"strategy.{k}": v for k, v in ctx.strategy_state().items()})
+    counters = {
+        "rank": ctx.rank,
+        "iteration": ctx.iteration,
+        "cursor": cursor,
+        "rng": ctx.rng.getstate(),
+        "bytes_sent": ctx.bytes_sent,
+        "messages_sent": ctx.messages_sent,
+        "rejected": ctx.rejected,
+    }
+    return tensors, counters
+
+
 def snapshot(
     engine: _SimEngine, points: list[EvalPoint]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -91,23 +108,9 @@ def snapshot(
     tensors: dict[str, torch.Tensor] = {}
     workers = []
     for ctx in engine.contexts:
-        rep_tensors, cursor = ctx.replica.snapshot()
-        for key, value in rep_tensors.items():
-            tensors[f"rank{ctx.rank}.{key}"] = value
-        for key, value in ctx.strategy_state().items():
-            tensors[f"rank{ctx.rank}.strategy.{key}"] = value
-        workers.append(
-            {
-                "rank": ctx.rank,
-                "iteration": ctx.iteration,
-                "cursor": cursor,
-                "rng": ctx.rng.getstate(),
-                "bytes_sent": ctx.bytes_sent,
-                "messages_sent": ctx.messages_sent,
-                "rejected": ctx.rejected,
-                "epoch": ctx.epoch,
-            }
-        )
+        own, worker = worker_snapshot(ctx)
+        tensors.update({f"rank{ctx.rank}.{key}": value for key, value in own.items()})
+        workers.append({**worker, "epoch": ctx.epoch})
     history = "".join(json.dumps(e) + "\n" for e in engine.log.events).encode()
     state = {
         "t": points[-1].t,

@@ -80,6 +80,7 @@ from dlion.comm.job import (
     host_store,
     job_store,
     last_line,
+    launched_job,
     member_record,
     pair_label,
     parse_address,
@@ -95,7 +96,6 @@ from dlion.comm.job import (
 from dlion.comm.messages import Control, Message
 from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import LinkShaper
-from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
 from dlion.errors import BadInput, SimulationError
 from dlion.fl import build_algorithm
@@ -111,7 +111,7 @@ from dlion.fl.job import (
 )
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.replica import Replica
-from dlion.report import EvalPoint, MetricsLog, time_to_accuracy, write_json_atomic
+from dlion.report import EvalPoint, MetricsLog, run_summary, time_to_accuracy, write_json_atomic
 from dlion.timescale import TimeScale
 from dlion.worker import process_main, say
 
@@ -241,19 +241,10 @@ class FLProcess(FLSetup, PeerProcess):
         nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
         e = cfg.engine
-        self.transport = PairTransport(
-            store_factory,
-            rank,
-            backend="gloo",
-            # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
-            timeout_s=max(
-                e.startup_timeout, e.peer_timeout, self.time_scale.wall(2 * cfg.train.max_time)
-            ),
-            max_frame_bytes=int(e.max_message_mb * 1e6),
-            on_frame=self._on_frame,
-            on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
-            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
-        )
+        # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
+        run_s = self.time_scale.wall(2 * cfg.train.max_time)
+        timeout_s = max(e.startup_timeout, e.peer_timeout, run_s)
+        self.transport = self._pair_transport("gloo", timeout_s, e.max_message_mb)
         path = None
         if out_dir is not None:
             path = out_dir / ("metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl")
@@ -277,16 +268,9 @@ class FLProcess(FLSetup, PeerProcess):
 
     def _heartbeat(self, store: dist.Store) -> None:
         ctx = self.ctx
-        beat = {
-            "wall": time.time(),
-            "incarnation": self.incarnation,
-            "iterations": ctx.iteration,
-            "bytes_sent": ctx.bytes_sent,
-            "vanished": ctx.vanished,
-            "compute_wall_s": ctx.compute_wall_s,
-            "rejected": ctx.rejected,
-        }
-        store.set(Keys.heartbeat(self.rank), json.dumps(beat))
+        counts = {"iterations": ctx.iteration, "bytes_sent": ctx.bytes_sent}
+        counts |= {"vanished": ctx.vanished, "rejected": ctx.rejected}
+        self._beat(store, **counts, compute_wall_s=ctx.compute_wall_s)
 
     # ---------------------------------------------------------------- start-up: server
     def admit(self, store: dist.Store | None = None) -> None:
@@ -590,20 +574,15 @@ class FLProcess(FLSetup, PeerProcess):
             "end", t=points[-1].t, tta_s=tta, reason=reason, server=server.stats.as_dict()
         )
         beats = self.client_beats.values()
-        final = points[-1]
         summary: dict[str, Any] = {
-            "scenario": cfg.name,
-            "strategy": cfg.algorithm.name,
-            "seed": cfg.train.seed,
-            "engine": "dist",
-            "target_acc": cfg.train.target_acc,
-            "tta_s": tta,
-            "final_acc": final.mean_acc,
-            "final_loss": final.mean_loss,
-            "time_s": final.t,
-            "bytes_sent": final.bytes_sent,
-            "final_min_acc": final.min_acc,
-            "iterations": final.iteration,
+            **run_summary(
+                points,
+                scenario=cfg.name,
+                strategy=cfg.algorithm.name,
+                seed=cfg.train.seed,
+                engine="dist",
+                target_acc=cfg.train.target_acc,
+            ),
             "clients": cfg.clients.count,
             "concurrency": cfg.clients.concurrency,
             "resumed_from_s": None if restored is None else restored.time,
@@ -633,12 +612,6 @@ class FLProcess(FLSetup, PeerProcess):
 
 
 # ============================================================================ launcher
-
-
-def prepare_resume(cfg: FLConfig, out_dir: Path) -> Restored:
-    """The checkpoint a resumed dist run starts from, checked against `cfg` (CheckpointError,
-    one line, before anything is started or written)."""
-    return load_checkpoint(out_dir, cfg)
 
 
 def run_fl_dist(
@@ -671,7 +644,7 @@ def run_fl_dist(
     engine = cfg.engine.model_copy(update={"name": "dist", "secret": None})
     cfg = cfg.model_copy(update={"engine": engine})
     if resume:
-        prepare_resume(cfg, out_dir)  # CheckpointError before anything is started
+        load_checkpoint(out_dir, cfg)  # CheckpointError before anything is started
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "global_model.pt"):
         (out_dir / name).unlink(missing_ok=True)
@@ -778,22 +751,11 @@ def run_fl_dist(
 # ============================================================================ process entry
 
 
-def _job_from_env() -> tuple[StoreFactory, str] | None:
-    """The launcher's store (DLION_STORE, DLION_RUN_ID), if this process was started by one."""
-    if "DLION_STORE" not in os.environ:
-        return None
-    host, port = parse_address(os.environ["DLION_STORE"], "DLION_STORE")
-    run_id = os.environ.get("DLION_RUN_ID", "")
-    if not run_id:
-        raise BadInput("DLION_RUN_ID must be set with DLION_STORE")
-    return store_factory(host, port, run_id, 60.0), run_id
-
-
 def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> int:
     """The server process: host the job's store on `listen` (HOST:PORT) unless a launcher
     gave one, admit clients, run, write the run's files. Returns the exit code."""
-    restored = prepare_resume(cfg, out_dir) if resume else None
-    job = _job_from_env()
+    restored = load_checkpoint(out_dir, cfg) if resume else None
+    job = launched_job(60.0)
     hosted = None
     if job is None:
         host, port = (cfg.engine.host, cfg.engine.port)
@@ -838,7 +800,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
     with the shared secret's proof, train until the server stops the run."""
     if not 1 <= client_id <= cfg.clients.count:
         raise BadInput(f"--client-id {client_id}: this config has clients 1..{cfg.clients.count}")
-    job = _job_from_env()
+    job = launched_job(60.0)
     if job is None:
         if server is None:
             raise BadInput("--server HOST:PORT is required (where `dlion fl serve` listens)")
