@@ -29,8 +29,9 @@ The strategy is the same coroutine the sim runs; only the context differs:
 The job's store (a torch.distributed TCPStore hosted by the launcher, or by torchrun's
 agent) carries everything that is not training traffic: registration with an optional
 shared-secret proof, heartbeats, leave notices, snapshots for evaluation, the stop flag
-and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py
-(shared with FL on real processes, fl/dist.py).
+and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py;
+the process's loop, monitor thread, heartbeat checks and stop: comm/peer_process.py (both
+shared with FL on real processes, fl/dist.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and it is built from the shared runtime parts in comm/:
   max_time, checkpoint period) is stretched by `engine.time_scale`; metrics are in wall
   seconds;
 - the job's store (comm/job.py) carries membership, the start time, heartbeats and the
-  stop flag.
+  stop flag; the process's loop, monitor thread and stop are comm/peer_process.py's.
 
 The server is the job's coordinator. Clients register (`claim_rank`: one process per
 client id) with a proof of the shared secret (`engine.secret` or DLION_SECRET: an HMAC
