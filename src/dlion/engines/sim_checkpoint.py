@@ -40,6 +40,7 @@ from dlion.checkpoint import (
 )
 from dlion.config import ExperimentConfig, write_config
 from dlion.context import WorkerContext
+from dlion.outdir import first_difference
 from dlion.report import EvalPoint, MetricsLog
 
 
@@ -126,24 +127,6 @@ def snapshot(
         "metrics_sha256": sha256(history).hexdigest(),
     }
     return tensors, _normal(state)
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b:
-                return f"{path}.{key}".lstrip(".")
-            found = _first_difference(a[key], b[key], f"{path}.{key}")
-            if found:
-                return found
-        return ""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return ""
-    return "" if a == b else path.lstrip(".") or "state"
 
 
 class SimCheckpointer:
@@ -242,7 +225,7 @@ class SimCheckpointer:
         if ckpt is None or out_dir is None:
             raise ValueError("no checkpoint to verify")
         tensors, state = snapshot(engine, points)
-        where = _first_difference(ckpt.state, state)
+        where = first_difference(ckpt.state, state, whole="state")
         if where:
             raise CheckpointError(
                 f"{ckpt.path}: the replay differs from the checkpoint at {where} "

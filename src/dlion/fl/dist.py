@@ -267,10 +267,15 @@ class FLProcess(FLSetup, PeerProcess):
         )
 
     def _heartbeat(self, store: dist.Store) -> None:
-        ctx = self.ctx
-        counts = {"iterations": ctx.iteration, "bytes_sent": ctx.bytes_sent}
-        counts |= {"vanished": ctx.vanished, "rejected": ctx.rejected}
-        self._beat(store, **counts, compute_wall_s=ctx.compute_wall_s)
+        c = self.ctx
+        self._beat(
+            store,
+            iterations=c.iteration,
+            bytes_sent=c.bytes_sent,
+            vanished=c.vanished,
+            compute_wall_s=c.compute_wall_s,
+            rejected=c.rejected,
+        )
 
     # ---------------------------------------------------------------- start-up: server
     def admit(self, store: dist.Store | None = None) -> None:
@@ -299,10 +304,9 @@ class FLProcess(FLSetup, PeerProcess):
             threading.Thread(target=self._link_client, args=(r, inc), daemon=True).start()
 
     def _link_client(self, peer: int, inc: int) -> None:
-        if not self._link(peer, pair_label(SERVER, 0, peer, inc), "client_unreachable"):
-            return
-        self._connected[peer] = inc
-        self._from_thread(self._client_linked, peer, inc)
+        if self._link(peer, pair_label(SERVER, 0, peer, inc), "client_unreachable"):
+            self._connected[peer] = inc
+            self._from_thread(self._client_linked, peer, inc)
 
     def _client_linked(self, peer: int, inc: int) -> None:
         """On the loop: a linked client takes part (again, for a new incarnation)."""
