@@ -266,17 +266,24 @@ def same_config(run_dir: Path, wanted: dict[str, Any], force: bool) -> bool:
     )
 
 
-def first_difference(a: Any, b: Any, path: str = "") -> str:
-    """Dotted path of the first place where two JSON-like values differ ("" if equal)."""
+def first_difference(a: Any, b: Any, path: str = "", whole: str = "config") -> str:
+    """Dotted path of the first place where two JSON-like values differ ("" if equal,
+    `whole` if they differ as a whole)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 return f"{path}.{key}".lstrip(".")
-            found = first_difference(a[key], b[key], f"{path}.{key}")
+            found = first_difference(a[key], b[key], f"{path}.{key}", whole)
             if found:
                 return found
         return ""
-    return "" if a == b else path.lstrip(".") or "config"
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{path}[{i}]", whole)
+            if found:
+                return found
+        return ""
+    return "" if a == b else path.lstrip(".") or whole
 
 
 def check_output_file(path: Path, *, force: bool = False, option: str = "--out") -> None:

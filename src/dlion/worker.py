@@ -20,7 +20,6 @@ multi-node runs, where only the failed node's group goes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import threading
@@ -51,34 +50,24 @@ def store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactor
     """(a factory of clients of the job's store, run id, launched by torchrun)."""
     import torch.distributed as dist
 
-    from dlion.comm.job import job_store
+    from dlion.comm.job import launched_job, store_factory, store_timeout
 
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if "DLION_STORE" in os.environ:
-        host, _, port_text = os.environ["DLION_STORE"].rpartition(":")
-        port = int(port_text)
-        run_id = os.environ["DLION_RUN_ID"]
-        torchrun = False
-    else:
-        try:
-            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        except (KeyError, ValueError):
-            raise BadInput(
-                "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
-            ) from None
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
-        torchrun = True
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        if not agent and rank == 0:
-            # Without torchrun's agent store, rank 0 hosts it (and must outlive the job).
-            master = dist.TCPStore(host, port, world, True, timeout=timeout)
-            port = master.port
-
-    def factory() -> dist.Store:
-        client = dist.TCPStore(host, port, None, False, timeout=timeout)
-        return job_store(client, run_id)
-
-    return factory, run_id, torchrun
+    launched = launched_job(timeout_s)
+    if launched is not None:
+        return (*launched, False)
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise BadInput(
+            "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
+        ) from None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if not agent and rank == 0:
+        # Without torchrun's agent store, rank 0 hosts it (and must outlive the job).
+        master = dist.TCPStore(host, port, world, True, timeout=store_timeout(timeout_s))
+        port = master.port
+    return store_factory(host, port, run_id, timeout_s), run_id, True
 
 
 def run(argv: list[str]) -> int:

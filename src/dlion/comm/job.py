@@ -136,6 +136,35 @@ def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+StoreFactory = Callable[[], "dist.Store"]
+
+
+def store_factory(host: str, port: int, run_id: str, timeout_s: float) -> StoreFactory:
+    """A maker of clients of the job `run_id`'s store on host:port (one per thread)."""
+
+    def factory() -> dist.Store:
+        return job_store(store_client(host, port, timeout_s), run_id)
+
+    return factory
+
+
+def launched_job(timeout_s: float) -> tuple[StoreFactory, str] | None:
+    """The store a launcher started this process with (DLION_STORE=HOST:PORT and
+    DLION_RUN_ID in the environment): (a factory of its clients, run id); None: none."""
+    if "DLION_STORE" not in os.environ:
+        return None
+    host, port = parse_address(os.environ["DLION_STORE"], "DLION_STORE")
+    run_id = os.environ.get("DLION_RUN_ID", "")
+    if not run_id:
+        raise BadInput("DLION_RUN_ID must be set with DLION_STORE")
+    return store_factory(host, port, run_id, timeout_s), run_id
+
+
+def store_timeout(value: float) -> datetime.timedelta:
+    """A store timeout."""
+    return datetime.timedelta(seconds=value)
+
+
 def store_get_json(store: dist.Store, key: str) -> dict[str, Any]:
     return json.loads(store.get(key).decode())
 

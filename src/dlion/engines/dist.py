@@ -29,15 +29,15 @@ The strategy is the same coroutine the sim runs; only the context differs:
 The job's store (a torch.distributed TCPStore hosted by the launcher, or by torchrun's
 agent) carries everything that is not training traffic: registration with an optional
 shared-secret proof, heartbeats, leave notices, snapshots for evaluation, the stop flag
-and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py
-(shared with FL on real processes, fl/dist.py).
+and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py;
+the process's loop, monitor thread, heartbeat checks and stop: comm/peer_process.py (both
+shared with FL on real processes, fl/dist.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import signal
 import statistics
@@ -58,23 +58,20 @@ from dlion.comm.collectives import CollectiveFailed, ring_bytes
 from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger, reading_counts
 from dlion.comm.job import (
     Keys,
-    call_from_thread,
-    cancel_others,
     check_membership,
     connect_all,
-    first_line,
-    heartbeat_stale,
     member_record,
     pair_label,
     register,
     shared_secret,
     store_get_json,
     store_has,
+    store_timeout,
     wait_decision,
 )
 from dlion.comm.messages import Control, Dense, Message
+from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import pacer_rate, worker_shaper
-from dlion.comm.transport import PairTransport
 from dlion.config import ExperimentConfig
 from dlion.context import ComputeResult, WorkerContext, worker_setup
 from dlion.engines.collective import CollectiveGroups, group_key
@@ -208,8 +205,10 @@ def delivery_estimate(rates: list[float], previous: float | None, max_rise: floa
     return low if previous is None else min(low, max_rise * previous)
 
 
-class DistWorker:
+class DistWorker(PeerProcess):
     """One worker process: store registration, pair links, heartbeats, the strategy loop."""
+
+    ctx: DistContext
 
     def __init__(
         self,
@@ -223,12 +222,8 @@ class DistWorker:
         resume: bool = False,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
+        super().__init__(rank, store_factory, peer_timeout=cfg.engine.peer_timeout)
         self.cfg = cfg
-        self.rank = rank
-        # One store client per thread that talks to the store: a client serializes its
-        # calls, and a rendezvous blocked in one must not hold up heartbeats or another.
-        self._store_factory = store_factory
-        self.store = store_factory()
         self.run_id = run_id
         self.time_scale = TimeScale(cfg.engine.time_scale)
         # The scenario's capacity and bandwidth traces apply here as in the sim (scaled).
@@ -245,7 +240,6 @@ class DistWorker:
         self.backend = resolve_backend(cfg.engine.backend)
         self.secret = job_secret(cfg)
         self.t0 = 0.0
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.ctx = DistContext(self, make_replica(cfg, prep, rank))
         # Periodic checkpoints of this worker's state; `resume`: start from the latest.
         self.checkpointer = WorkerCheckpointer(cfg, rank, out_dir)
@@ -256,8 +250,7 @@ class DistWorker:
         self.peer_inc: dict[int, int] = dict.fromkeys(range(self.cluster.size), 0)
         self._joins_seen: set[tuple[int, int]] = set()
         self._inflight: dict[int, set[asyncio.Future[None]]] = {}
-        self._stop_reason: str | None = None
-        self._stopped = threading.Event()
+        self._next_snapshot = 0  # the next evaluation point to publish
         self._leaving = False
         self.shaper = worker_shaper(self.cluster, rank, self.time_scale)
         self.collectives = CollectiveGroups(
@@ -265,15 +258,10 @@ class DistWorker:
             backend=self.backend,
             timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
         )
-        self.transport = PairTransport(
-            store_factory,
-            rank,
-            backend=self.backend,
-            timeout_s=max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
-            max_frame_bytes=int(cfg.engine.max_message_mb * 1e6),
-            on_frame=self._on_frame,
-            on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
-            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
+        self.transport = self._pair_transport(
+            self.backend,
+            max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
+            cfg.engine.max_message_mb,
             # Paced sends measure themselves; real links are timed at the receiver.
             on_timing=None if cfg.engine.shaping == "transport" else self._on_timing,
         )
@@ -377,7 +365,7 @@ class DistWorker:
     def _connect_as_joiner(self, timeout: float) -> None:
         """A (re)joining worker: the coordinator's join record names the live members and
         their incarnations; they connect back when they see it."""
-        self.store.wait([Keys.join(self.rank)], _seconds(timeout))
+        self.store.wait([Keys.join(self.rank)], store_timeout(timeout))
         record = store_get_json(self.store, Keys.join(self.rank))
         members = [int(p) for p in record["live"]]
         self.peer_inc.update({int(p): int(i) for p, i in record["incarnations"].items()})
@@ -387,26 +375,19 @@ class DistWorker:
 
     # ---------------------------------------------------------------- the run
     def run(self) -> WorkerCounters:
-        self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
+        self.store.wait([Keys.GO], store_timeout(self.cfg.engine.startup_timeout))
         self.t0 = float(self.store.get(Keys.T0).decode())
-        loop = asyncio.new_event_loop()
-        self.loop = loop
-        asyncio.set_event_loop(loop)
-        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         # `kill -USR1 PID` prints what every coroutine of this worker is waiting on.
-        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-        monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
-        monitor.start()
+        signals = {signal.SIGTERM: self._on_sigterm, signal.SIGUSR1: _dump_tasks}
         status, error = "stopped", None
         try:
-            loop.run_until_complete(self._main())
+            self._run_loop(self._main(), signals)
             if self._leaving:
                 status = "left"
         except Exception as err:  # reported to the coordinator, then re-raised
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
-            self._stopped.set()
             counters = WorkerCounters(
                 self.rank,
                 self.ctx.iteration,
@@ -423,14 +404,12 @@ class DistWorker:
                 self.store.set(
                     Keys.final(self.rank, self.incarnation), json.dumps(counters.__dict__)
                 )
-            self.log.close()
-            loop.close()
         return counters
 
     async def _main(self) -> None:
         spec = get_strategy(self.cfg.strategy.name)
         options = parse_options(spec, self.cfg.strategy.options)
-        self._stop_event = asyncio.Event()
+        self._stop_signal()  # a stop while joining ends the run
         if self.joining:
             await self._join()
 
@@ -440,18 +419,7 @@ class DistWorker:
         async def strategy_and_service() -> None:
             await asyncio.gather(spec.worker(self.ctx, options), self.ctx.serve_state())
 
-        task = asyncio.ensure_future(strategy_and_service())
-        stopper = asyncio.ensure_future(self._stop_event.wait())
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        await cancel_others()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-
-    def stop(self, reason: str) -> None:
-        """Called on the loop: end the strategy (stop flag, or this worker is leaving)."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-            self._stop_event.set()
+        await self._until_stopped(asyncio.ensure_future(strategy_and_service()))
 
     def _on_sigterm(self) -> None:
         # A clean leave: tell the job first, so peers drop us now instead of after the
@@ -666,7 +634,8 @@ class DistWorker:
         )
 
     def _on_frame(self, peer: int, frame: memoryview) -> None:
-        """Receiver thread: decode off the loop, then deliver (or reject) on it."""
+        """Receiver thread: decode off the loop, then deliver (or reject) on it; engine
+        traffic (probes, acknowledgements) is handled here."""
         limit = self.transport.max_frame_bytes
         try:
             msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
@@ -701,10 +670,6 @@ class DistWorker:
         else:
             self.ctx.mailbox.deliver(msg)
 
-    def _reject(self, peer: int, why: str) -> None:
-        self.ctx.rejected += 1
-        self.ctx.record("rejected", src=peer, why=why)
-
     # ---------------------------------------------------------------- membership
     def _peer_gone(self, peer: int, why: str) -> None:
         """On the loop: drop `peer` everywhere, once, and wake whoever waits on it."""
@@ -729,49 +694,26 @@ class DistWorker:
             key = Keys.detected(peer, self.peer_inc[peer], self.rank)
             self.store.set(key, json.dumps({"t": now, "why": why}))
 
-    def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
-        call_from_thread(self.loop, fn, *args)
-
-    def _monitor(self) -> None:
-        """Heartbeats, leave notices, stale peers, the stop flag, evaluation snapshots."""
+    def _watch(self, store: dist.Store) -> float:
+        """Monitor thread: heartbeats, leave notices, stale peers, the stop flag, evaluation
+        snapshots."""
         every = self.time_scale.wall(self.cfg.evaluation.every_s)
-        beat = self.cfg.engine.heartbeat_s
-        timeout = self.cfg.engine.peer_timeout
-        next_snapshot = 0
-        try:
-            store = self._store_factory()
-            while not self._stopped.is_set():
-                now = time.time() - self.t0
-                beat_record = {
-                    "wall": time.time(),
-                    "t": now,
-                    "iteration": self.ctx.iteration,
-                    "epoch": self.ctx.epoch,
-                    "incarnation": self.incarnation,
-                }
-                store.set(Keys.heartbeat(self.rank), json.dumps(beat_record))
-                if store_has(store, Keys.STOP):
-                    self._from_thread(self.stop, "stop")
-                self._watch_joins(store)
-                for peer in list(self.linked):
-                    if store_has(store, Keys.left(peer, self.peer_inc[peer])):
-                        self._from_thread(self._peer_gone, peer, "left")
-                    elif store_has(store, Keys.heartbeat(peer)):
-                        record = store_get_json(store, Keys.heartbeat(peer))
-                        if heartbeat_stale(record, self.peer_inc[peer], time.time(), timeout):
-                            self._from_thread(
-                                self._peer_gone, peer, f"no heartbeat for {timeout:g} s"
-                            )
-                if self.checkpointer.due():
-                    self._from_thread(self._checkpoint)
-                while next_snapshot * every <= now:
-                    self._from_thread(self._publish_snapshot, next_snapshot)
-                    next_snapshot += 1
-                wake = min(beat, max(0.0, next_snapshot * every - now))
-                self._stopped.wait(wake)
-        except Exception as err:  # the store is gone: the job is over
-            self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
-            self._from_thread(self.stop, "store lost")
+        now = time.time() - self.t0
+        self._beat(store, t=now, iteration=self.ctx.iteration, epoch=self.ctx.epoch)
+        if store_has(store, Keys.STOP):
+            self._from_thread(self.stop, "stop")
+        self._watch_joins(store)
+        for peer in list(self.linked):
+            if store_has(store, Keys.left(peer, self.peer_inc[peer])):
+                self._from_thread(self._peer_gone, peer, "left")
+            else:
+                self._check_heartbeat(store, peer, self.peer_inc[peer])
+        if self.checkpointer.due():
+            self._from_thread(self._checkpoint)
+        while self._next_snapshot * every <= now:
+            self._from_thread(self._publish_snapshot, self._next_snapshot)
+            self._next_snapshot += 1
+        return min(self.cfg.engine.heartbeat_s, max(0.0, self._next_snapshot * every - now))
 
     # ---------------------------------------------------------------- joins
     def _watch_joins(self, store: dist.Store) -> None:
@@ -796,18 +738,8 @@ class DistWorker:
     def _link_joiner(self, peer: int, inc: int) -> None:
         label = pair_label(self.rank, self.incarnation, peer, inc)
         self._received[peer] = 0  # a new link: its sender counts from 1 again
-        try:
-            self.transport.connect(peer, incarnation=label)
-        except Exception as err:  # the joiner died during its start-up: it never joins
-            self.log.write(
-                "joiner_unreachable",
-                t=self.ctx.now(),
-                rank=self.rank,
-                peer=peer,
-                why=first_line(err),
-            )
-            return
-        self._from_thread(self._linked, peer, inc)
+        if self._link(peer, label, "joiner_unreachable"):
+            self._from_thread(self._linked, peer, inc)
 
     def _linked(self, peer: int, inc: int) -> None:
         self.peer_inc[peer] = inc
@@ -911,7 +843,3 @@ def _dump_tasks() -> None:
     for task in asyncio.all_tasks():
         task.print_stack(limit=6, file=sys.stderr)
     sys.stderr.flush()
-
-
-def _seconds(value: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=value)

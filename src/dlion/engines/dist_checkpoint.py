@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from dlion.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 from dlion.config import ExperimentConfig
 from dlion.context import WorkerContext
-from dlion.engines.sim_checkpoint import experiment_hash
+from dlion.engines.sim_checkpoint import experiment_hash, worker_snapshot
 
 
 def worker_root(out_dir: Path, rank: int) -> Path:
@@ -100,18 +99,8 @@ class WorkerCheckpointer:
         """Write this worker's state; on the event loop, with no strategy step running."""
         if self.root is None:
             return None
-        tensors, cursor = ctx.replica.snapshot()
-        tensors.update({f"strategy.{k}": v for k, v in ctx.strategy_state().items()})
-        state: dict[str, Any] = {
-            "rank": self.rank,
-            "t": ctx.now(),
-            "iteration": ctx.iteration,
-            "cursor": cursor,
-            "rng": ctx.rng.getstate(),
-            "bytes_sent": ctx.bytes_sent,
-            "messages_sent": ctx.messages_sent,
-            "rejected": ctx.rejected,
-        }
+        tensors, state = worker_snapshot(ctx)
+        state["t"] = ctx.now()
         path = save_checkpoint(
             self.root,
             self.step,

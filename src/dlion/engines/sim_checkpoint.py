@@ -40,6 +40,7 @@ from dlion.checkpoint import (
 )
 from dlion.config import ExperimentConfig, write_config
 from dlion.context import WorkerContext
+from dlion.outdir import first_difference
 from dlion.report import EvalPoint, MetricsLog
 
 
@@ -84,6 +85,23 @@ def _normal(obj: Any) -> Any:
     return json.loads(json.dumps(obj, allow_nan=False))
 
 
+def worker_snapshot(ctx: WorkerContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One worker's tensors (its replica's, then its strategy state's under "strategy.")
+    and counters, as both engines checkpoint them."""
+    tensors, cursor = ctx.replica.snapshot()
+    tensors.update({f"strategy.{k}": v for k, v in ctx.strategy_state().items()})
+    counters = {
+        "rank": ctx.rank,
+        "iteration": ctx.iteration,
+        "cursor": cursor,
+        "rng": ctx.rng.getstate(),
+        "bytes_sent": ctx.bytes_sent,
+        "messages_sent": ctx.messages_sent,
+        "rejected": ctx.rejected,
+    }
+    return tensors, counters
+
+
 def snapshot(
     engine: _SimEngine, points: list[EvalPoint]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -91,23 +109,9 @@ def snapshot(
     tensors: dict[str, torch.Tensor] = {}
     workers = []
     for ctx in engine.contexts:
-        rep_tensors, cursor = ctx.replica.snapshot()
-        for key, value in rep_tensors.items():
-            tensors[f"rank{ctx.rank}.{key}"] = value
-        for key, value in ctx.strategy_state().items():
-            tensors[f"rank{ctx.rank}.strategy.{key}"] = value
-        workers.append(
-            {
-                "rank": ctx.rank,
-                "iteration": ctx.iteration,
-                "cursor": cursor,
-                "rng": ctx.rng.getstate(),
-                "bytes_sent": ctx.bytes_sent,
-                "messages_sent": ctx.messages_sent,
-                "rejected": ctx.rejected,
-                "epoch": ctx.epoch,
-            }
-        )
+        own, worker = worker_snapshot(ctx)
+        tensors.update({f"rank{ctx.rank}.{key}": value for key, value in own.items()})
+        workers.append({**worker, "epoch": ctx.epoch})
     history = "".join(json.dumps(e) + "\n" for e in engine.log.events).encode()
     state = {
         "t": points[-1].t,
@@ -123,24 +127,6 @@ def snapshot(
         "metrics_sha256": sha256(history).hexdigest(),
     }
     return tensors, _normal(state)
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b:
-                return f"{path}.{key}".lstrip(".")
-            found = _first_difference(a[key], b[key], f"{path}.{key}")
-            if found:
-                return found
-        return ""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return ""
-    return "" if a == b else path.lstrip(".") or "state"
 
 
 class SimCheckpointer:
@@ -239,7 +225,7 @@ class SimCheckpointer:
         if ckpt is None or out_dir is None:
             raise ValueError("no checkpoint to verify")
         tensors, state = snapshot(engine, points)
-        where = _first_difference(ckpt.state, state)
+        where = first_difference(ckpt.state, state, whole="state")
         if where:
             raise CheckpointError(
                 f"{ckpt.path}: the replay differs from the checkpoint at {where} "

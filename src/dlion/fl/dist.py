@@ -11,7 +11,7 @@ and it is built from the shared runtime parts in comm/:
   max_time, checkpoint period) is stretched by `engine.time_scale`; metrics are in wall
   seconds;
 - the job's store (comm/job.py) carries membership, the start time, heartbeats and the
-  stop flag.
+  stop flag; the process's loop, monitor thread and stop are comm/peer_process.py's.
 
 The server is the job's coordinator. Clients register (`claim_rank`: one process per
 client id) with a proof of the shared secret (`engine.secret` or DLION_SECRET: an HMAC
@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
+import functools
 import json
 import os
 import resource
@@ -59,7 +59,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +67,11 @@ import torch.distributed as dist
 import yaml
 
 from dlion.cluster import MBPS
-from dlion.comm.codec import BadFrame, decode_from, encode
+from dlion.comm.codec import encode
 from dlion.comm.job import (
     Fault,
     Keys,
-    call_from_thread,
-    cancel_others,
+    StoreFactory,
     claim_rank,
     connect_all,
     decide,
@@ -82,19 +80,22 @@ from dlion.comm.job import (
     host_store,
     job_store,
     last_line,
+    launched_job,
     member_record,
     pair_label,
     parse_address,
     reap,
     shared_secret,
     store_client,
+    store_factory,
     store_get_json,
     store_has,
+    store_timeout,
     wait_decision,
 )
 from dlion.comm.messages import Control, Message
+from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import LinkShaper
-from dlion.comm.transport import PairTransport
 from dlion.context import ComputeResult
 from dlion.errors import BadInput, SimulationError
 from dlion.fl import build_algorithm
@@ -110,7 +111,7 @@ from dlion.fl.job import (
 )
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.replica import Replica
-from dlion.report import EvalPoint, MetricsLog, time_to_accuracy, write_json_atomic
+from dlion.report import EvalPoint, MetricsLog, run_summary, time_to_accuracy, write_json_atomic
 from dlion.timescale import TimeScale
 from dlion.worker import process_main, say
 
@@ -118,8 +119,6 @@ MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
 # Outside any job prefix: what a server hosting its own store publishes for its clients.
 RUN_KEY = "dlion/fl-run"
-
-StoreFactory = Callable[[], dist.Store]
 
 
 class _DistFLContext(ClientContext):
@@ -195,8 +194,10 @@ class _DistFLContext(ClientContext):
         self._proc.transport.send(SERVER, encode(left), due=time.monotonic())
 
 
-class FLProcess(FLSetup):
+class FLProcess(FLSetup, PeerProcess):
     """One process of an FL dist job: the server (rank 0) or client `rank`."""
+
+    ctx: _DistFLContext
 
     def __init__(
         self,
@@ -209,8 +210,8 @@ class FLProcess(FLSetup):
         restored: Restored | None = None,
     ) -> None:
         torch.set_num_threads(cfg.engine.threads)
+        PeerProcess.__init__(self, rank, store_factory, peer_timeout=cfg.engine.peer_timeout)
         self.cfg = cfg
-        self.rank = rank
         self.size = cfg.clients.count + 1
         self.time_scale = TimeScale(cfg.engine.time_scale)
         self.out_dir = out_dir
@@ -219,16 +220,10 @@ class FLProcess(FLSetup):
         self.restored = restored
         # Wall seconds already run before this (resumed) part: the clock continues.
         self.offset = 0.0 if restored is None else self.time_scale.wall(restored.time)
-        self._store_factory = store_factory
-        self.store = store_factory()
         self.t0 = time.time()
         # Created now: links formed before the start queue their news on it.
         self.loop = asyncio.new_event_loop()
-        self._stop_event: asyncio.Event | None = None
-        self.stop_reason: str | None = None
-        self._stopped = threading.Event()
-        self._ending = False
-        super().__init__(cfg)
+        FLSetup.__init__(self, cfg)
         self.peers = list(range(1, self.size)) if rank == SERVER else [SERVER]
         self.incarnation = 0  # a client's: which registration of its id this process is
         self.peer_inc: dict[int, int] = {}  # the server's view: each linked client's
@@ -246,19 +241,10 @@ class FLProcess(FLSetup):
         nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
         e = cfg.engine
-        self.transport = PairTransport(
-            store_factory,
-            rank,
-            backend="gloo",
-            # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
-            timeout_s=max(
-                e.startup_timeout, e.peer_timeout, self.time_scale.wall(2 * cfg.train.max_time)
-            ),
-            max_frame_bytes=int(e.max_message_mb * 1e6),
-            on_frame=self._on_frame,
-            on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),
-            on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
-        )
+        # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
+        run_s = self.time_scale.wall(2 * cfg.train.max_time)
+        timeout_s = max(e.startup_timeout, e.peer_timeout, run_s)
+        self.transport = self._pair_transport("gloo", timeout_s, e.max_message_mb)
         path = None
         if out_dir is not None:
             path = out_dir / ("metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl")
@@ -281,17 +267,15 @@ class FLProcess(FLSetup):
         )
 
     def _heartbeat(self, store: dist.Store) -> None:
-        ctx = self.ctx
-        beat = {
-            "wall": time.time(),
-            "incarnation": self.incarnation,
-            "iterations": ctx.iteration,
-            "bytes_sent": ctx.bytes_sent,
-            "vanished": ctx.vanished,
-            "compute_wall_s": ctx.compute_wall_s,
-            "rejected": ctx.rejected,
-        }
-        store.set(Keys.heartbeat(self.rank), json.dumps(beat))
+        c = self.ctx
+        self._beat(
+            store,
+            iterations=c.iteration,
+            bytes_sent=c.bytes_sent,
+            vanished=c.vanished,
+            compute_wall_s=c.compute_wall_s,
+            rejected=c.rejected,
+        )
 
     # ---------------------------------------------------------------- start-up: server
     def admit(self, store: dist.Store | None = None) -> None:
@@ -317,16 +301,12 @@ class FLProcess(FLSetup):
                 self.refused.append({**who, "t": round(self.ctx.now(), 6), "why": why})
                 self.log.write("refused", t=self.ctx.now(), **who, why=why)
                 continue
-            threading.Thread(target=self._link, args=(r, inc), daemon=True).start()
+            threading.Thread(target=self._link_client, args=(r, inc), daemon=True).start()
 
-    def _link(self, peer: int, inc: int) -> None:
-        try:
-            self.transport.connect(peer, incarnation=pair_label(SERVER, 0, peer, inc))
-        except Exception as err:  # it died while starting: it never took part
-            self.log.write("client_unreachable", t=self.ctx.now(), peer=peer, why=first_line(err))
-            return
-        self._connected[peer] = inc
-        self._from_thread(self._client_linked, peer, inc)
+    def _link_client(self, peer: int, inc: int) -> None:
+        if self._link(peer, pair_label(SERVER, 0, peer, inc), "client_unreachable"):
+            self._connected[peer] = inc
+            self._from_thread(self._client_linked, peer, inc)
 
     def _client_linked(self, peer: int, inc: int) -> None:
         """On the loop: a linked client takes part (again, for a new incarnation)."""
@@ -399,28 +379,18 @@ class FLProcess(FLSetup):
     # ---------------------------------------------------------------- the run
     def run(self) -> None:
         if self.rank != SERVER:
-            self.store.wait([Keys.GO], _seconds(self.cfg.engine.startup_timeout))
+            self.store.wait([Keys.GO], store_timeout(self.cfg.engine.startup_timeout))
             self.t0 = float(self.store.get(Keys.T0).decode())
         # The common start is a moment ahead (a resumed run's clock starts at its offset).
         time.sleep(max(0.0, self.t0 + self.offset - time.time()))
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, signal.Signals(sig).name)
-        monitor = threading.Thread(target=self._monitor, daemon=True, name="monitor")
-        monitor.start()
-        try:
-            main = self._server_main() if self.rank == SERVER else self._client_main()
-            loop.run_until_complete(main)
-        finally:
-            self._stopped.set()
-            self.log.close()
-            loop.close()
+        main = self._server_main() if self.rank == SERVER else self._client_main()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self._run_loop(main, {sig: functools.partial(self._on_signal, sig) for sig in signals})
 
-    def _on_signal(self, name: str) -> None:
-        self.signalled = getattr(signal, name)
-        self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=name)
-        self._stop("interrupted" if self.rank == SERVER else "left")
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signalled = sig
+        self.log.write("signal", t=self.ctx.now(), rank=self.rank, signal=sig.name)
+        self.stop("interrupted" if self.rank == SERVER else "left")
 
     # ---------------------------------------------------------------- transport
     async def transmit(self, dst: int, msg: Message) -> float:
@@ -432,22 +402,9 @@ class FLProcess(FLSetup):
         await asyncio.sleep(done - start)
         return done - start
 
-    def _on_frame(self, peer: int, frame: memoryview) -> None:
-        limit = self.transport.max_frame_bytes
-        try:
-            msg = decode_from(frame, peer=peer, me=self.rank, max_bytes=limit)
-        except BadFrame as err:
-            self._from_thread(self._reject, peer, str(err))
-        else:
-            self._from_thread(self._deliver, msg)
-
     def _deliver(self, msg: Message) -> None:
         if msg.src in self.live:
             self.ctx.mailbox.deliver(msg)
-
-    def _reject(self, peer: int, why: str) -> None:
-        self.ctx.rejected += 1
-        self.ctx.record("rejected", src=peer, why=why)
 
     def _peer_gone(self, peer: int, why: str) -> None:
         """On the loop, once per peer and incarnation. The server abandons the client's
@@ -464,7 +421,7 @@ class FLProcess(FLSetup):
             ended = False
             with contextlib.suppress(Exception):
                 ended = store_has(self.store, Keys.STOP)
-            self._stop("stop" if ended else "server gone")
+            self.stop("stop" if ended else "server gone")
             return
         inc = self.peer_inc.get(peer, 0)
         self._connected.pop(peer, None)
@@ -473,62 +430,31 @@ class FLProcess(FLSetup):
         self.departures.append({"rank": peer, "incarnation": inc, "t": round(now, 6), "why": why})
         self.ctx.mailbox.deliver(Message(peer, SERVER, TO_SERVER, Control("left"), now))
 
-    def _stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if self._stop_event is not None:
-            self._stop_event.set()
-
-    def _from_thread(self, fn: Callable[..., object], *args: object) -> None:
-        call_from_thread(self.loop, fn, *args)
-
-    def _monitor(self) -> None:
-        """Heartbeats, the stop flag, joins (server) and peers whose heartbeat went stale."""
-        e = self.cfg.engine
-        try:
-            store = self._store_factory()
-            while not self._stopped.is_set():
-                self._heartbeat(store)
-                if self.rank != SERVER and store_has(store, Keys.STOP):
-                    self._from_thread(self._stop, "stop")
-                if self.rank == SERVER:
-                    self.admit(store)
-                for peer in list(self.live):
-                    if not store_has(store, Keys.heartbeat(peer)):
-                        continue
-                    record = store_get_json(store, Keys.heartbeat(peer))
-                    if peer != SERVER:
-                        self.client_beats[peer] = record
-                    if time.time() - float(record["wall"]) > e.peer_timeout:
-                        why = f"no heartbeat for {e.peer_timeout:g} s"
-                        self._from_thread(self._peer_gone, peer, why)
-                self._stopped.wait(e.heartbeat_s)
-        except Exception as err:  # the store is gone: the job is over
-            self.log.write("store_lost", t=self.ctx.now(), rank=self.rank, why=str(err))
-            self._from_thread(self._stop, "store lost")
+    def _watch(self, store: dist.Store) -> float:
+        """Monitor thread: heartbeats, the stop flag, joins (server) and peers whose
+        heartbeat went stale."""
+        self._heartbeat(store)
+        if self.rank != SERVER and store_has(store, Keys.STOP):
+            self._from_thread(self.stop, "stop")
+        if self.rank == SERVER:
+            self.admit(store)
+        for peer in list(self.live):
+            record = self._check_heartbeat(store, peer, self.peer_inc.get(peer, 0))
+            if record is not None and peer != SERVER:
+                self.client_beats[peer] = record
+        return self.cfg.engine.heartbeat_s
 
     # ---------------------------------------------------------------- roles
     async def _client_main(self) -> None:
         cfg = self.cfg
-        self._stop_event = asyncio.Event()
-        if self.stop_reason is not None:
-            self._stop_event.set()
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
         )
-        task = asyncio.ensure_future(client(self.ctx, algo, cfg.local))
-        stopper = asyncio.ensure_future(self._stop_event.wait())
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        self._ending = True
-        await cancel_others()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        await self._until_stopped(asyncio.ensure_future(client(self.ctx, algo, cfg.local)))
 
     async def _server_main(self) -> None:
         cfg, scale, out_dir = self.cfg, self.time_scale, self.out_dir
-        self._stop_event = asyncio.Event()
-        if self.stop_reason is not None:
-            self._stop_event.set()
+        stop = self._stop_signal()
         replica = self.ctx.replica  # the server's is always there
         algo = build_algorithm(
             cfg.algorithm.name, cfg.algorithm.options, cfg.clients.count, cfg.clients.concurrency
@@ -602,7 +528,7 @@ class FLProcess(FLSetup):
             self.log.write("checkpoint", t=now, version=state.version, seconds=seconds, bytes=size)
 
         task = asyncio.ensure_future(server.run())
-        stopper = asyncio.ensure_future(self._stop_event.wait())
+        stopper = asyncio.ensure_future(stop.wait())
         every, max_wall = scale.wall(cfg.evaluation.every_s), scale.wall(cfg.train.max_time)
         ckpt_every = None if cfg.checkpoint.every_s is None else scale.wall(cfg.checkpoint.every_s)
         next_ckpt = None if ckpt_every is None else (self.offset // ckpt_every + 1) * ckpt_every
@@ -620,7 +546,7 @@ class FLProcess(FLSetup):
             point = EvalPoint(now, state.version, acc, acc, loss, bytes_sent())
             points.append(point)
             self.log.write("eval", **point.__dict__)
-            if self._stop_event.is_set():
+            if stop.is_set():
                 reason = self.stop_reason or "stopped"
                 break
             if next_ckpt is not None and now >= next_ckpt - 1e-9 and now < max_wall:
@@ -646,28 +572,21 @@ class FLProcess(FLSetup):
             self.store.set(Keys.STOP, reason)
         if reason == "interrupted":
             checkpoint(points[-1].t)  # the state as it was stopped: what --resume starts from
-        await cancel_others()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        await self._end_tasks(task)
         tta = time_to_accuracy(points, cfg.train.target_acc)
         self.log.write(
             "end", t=points[-1].t, tta_s=tta, reason=reason, server=server.stats.as_dict()
         )
         beats = self.client_beats.values()
-        final = points[-1]
         summary: dict[str, Any] = {
-            "scenario": cfg.name,
-            "strategy": cfg.algorithm.name,
-            "seed": cfg.train.seed,
-            "engine": "dist",
-            "target_acc": cfg.train.target_acc,
-            "tta_s": tta,
-            "final_acc": final.mean_acc,
-            "final_loss": final.mean_loss,
-            "time_s": final.t,
-            "bytes_sent": final.bytes_sent,
-            "final_min_acc": final.min_acc,
-            "iterations": final.iteration,
+            **run_summary(
+                points,
+                scenario=cfg.name,
+                strategy=cfg.algorithm.name,
+                seed=cfg.train.seed,
+                engine="dist",
+                target_acc=cfg.train.target_acc,
+            ),
             "clients": cfg.clients.count,
             "concurrency": cfg.clients.concurrency,
             "resumed_from_s": None if restored is None else restored.time,
@@ -696,17 +615,7 @@ class FLProcess(FLSetup):
         self.summary = summary
 
 
-def _seconds(value: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=value)
-
-
 # ============================================================================ launcher
-
-
-def prepare_resume(cfg: FLConfig, out_dir: Path) -> Restored:
-    """The checkpoint a resumed dist run starts from, checked against `cfg` (CheckpointError,
-    one line, before anything is started or written)."""
-    return load_checkpoint(out_dir, cfg)
 
 
 def run_fl_dist(
@@ -739,7 +648,7 @@ def run_fl_dist(
     engine = cfg.engine.model_copy(update={"name": "dist", "secret": None})
     cfg = cfg.model_copy(update={"engine": engine})
     if resume:
-        prepare_resume(cfg, out_dir)  # CheckpointError before anything is started
+        load_checkpoint(out_dir, cfg)  # CheckpointError before anything is started
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "global_model.pt"):
         (out_dir / name).unlink(missing_ok=True)
@@ -846,29 +755,11 @@ def run_fl_dist(
 # ============================================================================ process entry
 
 
-def _job_from_env() -> tuple[StoreFactory, str] | None:
-    """The launcher's store (DLION_STORE, DLION_RUN_ID), if this process was started by one."""
-    if "DLION_STORE" not in os.environ:
-        return None
-    host, port = parse_address(os.environ["DLION_STORE"], "DLION_STORE")
-    run_id = os.environ.get("DLION_RUN_ID", "")
-    if not run_id:
-        raise BadInput("DLION_RUN_ID must be set with DLION_STORE")
-    return _factory(host, port, run_id), run_id
-
-
-def _factory(host: str, port: int, run_id: str, timeout_s: float = 60.0) -> StoreFactory:
-    def factory() -> dist.Store:
-        return job_store(store_client(host, port, timeout_s), run_id)
-
-    return factory
-
-
 def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> int:
     """The server process: host the job's store on `listen` (HOST:PORT) unless a launcher
     gave one, admit clients, run, write the run's files. Returns the exit code."""
-    restored = prepare_resume(cfg, out_dir) if resume else None
-    job = _job_from_env()
+    restored = load_checkpoint(out_dir, cfg) if resume else None
+    job = launched_job(60.0)
     hosted = None
     if job is None:
         host, port = (cfg.engine.host, cfg.engine.port)
@@ -878,7 +769,7 @@ def serve(cfg: FLConfig, out_dir: Path, *, listen: str | None, resume: bool) -> 
         run_id = secrets.token_hex(6)
         record = {"run_id": run_id, "config_hash": config_hash(cfg), "clients": cfg.clients.count}
         hosted.set(RUN_KEY, json.dumps(record))
-        job = (_factory(host, hosted.port, run_id, cfg.engine.startup_timeout), run_id)
+        job = (store_factory(host, hosted.port, run_id, cfg.engine.startup_timeout), run_id)
         print(
             f"{cfg.name}: FL server on {host}:{hosted.port}, waiting for "
             f"{cfg.clients.count} clients (`dlion fl client CONFIG --server {host}:{hosted.port} "
@@ -913,7 +804,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
     with the shared secret's proof, train until the server stops the run."""
     if not 1 <= client_id <= cfg.clients.count:
         raise BadInput(f"--client-id {client_id}: this config has clients 1..{cfg.clients.count}")
-    job = _job_from_env()
+    job = launched_job(60.0)
     if job is None:
         if server is None:
             raise BadInput("--server HOST:PORT is required (where `dlion fl serve` listens)")
@@ -921,7 +812,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
         timeout = cfg.engine.startup_timeout
         try:
             root = store_client(host, port, timeout)
-            root.wait([RUN_KEY], _seconds(timeout))
+            root.wait([RUN_KEY], store_timeout(timeout))
         except Exception as err:
             raise BadInput(f"--server {server}: no FL server there ({first_line(err)})") from None
         record = json.loads(root.get(RUN_KEY).decode())
@@ -930,7 +821,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
                 f"--server {server}: the server runs another config (data, population, model "
                 "or algorithm differ); start the client with the server's config and --set"
             )
-        job = (_factory(host, port, record["run_id"], timeout), record["run_id"])
+        job = (store_factory(host, port, record["run_id"], timeout), record["run_id"])
     factory, run_id = job
     proc = FLProcess(cfg, client_id, factory, out_dir, run_id=run_id)
     say(f"client {client_id}: data built, registering")

@@ -6,15 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-# No display on the machines this runs on; Agg must be chosen before pyplot loads.
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from rich.table import Table
 
 from dlion.hybrid.evaluate import CLOUD_ONLY, EDGE_ONLY, ORACLE, Evaluation
 from dlion.hybrid.inference import METHODS
+from dlion.report.plots import png_figure
 
 LABELS = {
     "router": "router",
@@ -98,8 +94,7 @@ def plot_accuracy_vs_latency(
 ) -> Path:
     """One line per method of (latency s, accuracy) points, plus labelled single points (e.g.
     edge-only and cloud-only); latency in ms on the x axis. Saves a PNG and returns its path."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
+    with png_figure(path, figsize=(7, 4.5)) as ax:
         for method, curve in curves.items():
             points = sorted(curve)
             style = "--" if method == ORACLE else "-"
@@ -117,11 +112,6 @@ def plot_accuracy_vs_latency(
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)  # long sweeps draw many figures; leaking them exhausts memory
     return path
 
 

@@ -82,11 +82,10 @@ def short_labels(dirs: Sequence[Path]) -> list[str]:
 
 def plot_runs(runs: Sequence[RunCurve], path: Path, *, target: float | None) -> Path:
     """Mean metric against time per run, the worst replica as a shaded band; a PNG."""
-    from dlion.report.plots import plt  # pyplot with the headless backend chosen
+    from dlion.report.plots import plt, png_figure  # pyplot with the headless backend chosen
 
     metric = runs[0].summary.get("metric", "accuracy")
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    try:
+    with png_figure(path, figsize=(8, 4.8)) as ax:
         for i, run in enumerate(runs):
             color = plt.get_cmap("tab10")(i % 10)
             engine = run.summary.get("engine", "?")
@@ -104,11 +103,6 @@ def plot_runs(runs: Sequence[RunCurve], path: Path, *, target: float | None) -> 
         ax.set_ylabel(f"{metric} (line: mean over replicas, band: down to the worst)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
     return path
 
 

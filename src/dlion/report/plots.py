@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,25 @@ import matplotlib
 # There is no display on the machines this runs on; Agg must be chosen before pyplot loads.
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+
+@contextmanager
+def png_figure(
+    path: Path, dpi: int = 120, suptitle: str | None = None, **subplots: Any
+) -> Iterator[Any]:
+    """The axes of `plt.subplots(**subplots)` for the block to draw on; the figure is
+    written to `path` as a PNG when the block ends without an error, and closed either way
+    (long sweeps draw many figures; leaking them exhausts memory)."""
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield axes
+        if suptitle is not None:
+            fig.suptitle(suptitle)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_accuracy_vs_time(
@@ -23,8 +43,7 @@ def plot_accuracy_vs_time(
     xlabel: str = "simulated time (s)",
 ) -> Path:
     """Plot one accuracy line per label and a dashed target line; save a PNG and return its path."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
+    with png_figure(path, figsize=(7, 4.5)) as ax:
         for i, (label, curve) in enumerate(curves.items()):
             points = sorted(curve)
             ax.plot(
@@ -44,12 +63,6 @@ def plot_accuracy_vs_time(
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        # Long benchmark sweeps draw many figures; leaking them exhausts memory.
-        plt.close(fig)
     return path
 
 

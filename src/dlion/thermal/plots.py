@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-# There is no display on the machines this runs on; Agg must be chosen before pyplot loads.
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from dlion.report.plots import png_figure
 
 # (t_s, temp_c, limit_mhz) per point
 Trace = Sequence[tuple[float, float, float]]
@@ -20,8 +16,7 @@ def plot_temperature_frequency(
 ) -> Path:
     """Two stacked panels sharing time: temperature with the threshold, and the frequency
     limit (a step line: a limit holds until the next decision). One line per label."""
-    fig, (ax_t, ax_f) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    try:
+    with png_figure(path, dpi=110, nrows=2, ncols=1, figsize=(8, 6), sharex=True) as (ax_t, ax_f):
         for label, trace in traces.items():
             ts = [p[0] for p in trace]
             (line,) = ax_t.plot(ts, [p[1] for p in trace], label=label, linewidth=1.2)
@@ -34,10 +29,4 @@ def plot_temperature_frequency(
         ax_f.set_ylabel("frequency limit (MHz)")
         ax_f.set_xlabel("time (s)")
         ax_f.grid(True, alpha=0.3)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, format="png")
-    finally:
-        # Sweeps draw many figures; leaking them exhausts memory.
-        plt.close(fig)
     return path

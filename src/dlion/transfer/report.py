@@ -8,13 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-# There is no display on the machines this runs on; Agg must be chosen before pyplot loads.
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from rich.table import Table
 
+from dlion.report.plots import png_figure
 from dlion.transfer.pipeline import labels_to_match
 from dlion.transfer.select import FEW_LABEL
 
@@ -225,10 +221,15 @@ def markdown_tables(results: Sequence[DirectionResult]) -> str:
 def plot_accuracy_vs_labels(results: Sequence[DirectionResult], path: Path, title: str) -> Path:
     """One panel per direction: transfer and scratch accuracy against k (log scale), with
     bands of one std over seeds, and the zero-label and chance levels as dashed lines."""
-    fig, axes = plt.subplots(
-        1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False, sharey=True
-    )
-    try:
+    with png_figure(
+        path,
+        suptitle=title,
+        nrows=1,
+        ncols=len(results),
+        figsize=(5.5 * len(results), 4.2),
+        squeeze=False,
+        sharey=True,
+    ) as axes:
         for ax, r in zip(axes[0], results, strict=True):
             for label, stats, color in (
                 ("few-label transfer (kept model)", r.few_label, "tab:blue"),
@@ -250,11 +251,4 @@ def plot_accuracy_vs_labels(results: Sequence[DirectionResult], path: Path, titl
             ax.grid(True, alpha=0.3, which="both")
         axes[0][0].set_ylabel("target test accuracy")
         axes[0][-1].legend(loc="lower right", fontsize=8)
-        fig.suptitle(title)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        # Benchmarks draw several figures; leaking them exhausts memory.
-        plt.close(fig)
     return path

@@ -6,13 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless machines; must precede pyplot
-import matplotlib.pyplot as plt
 from rich.markup import escape
 from rich.table import Table
 
+from dlion.report.plots import png_figure
 from dlion.transient.planner import Outcome, Plan, pareto_front
 
 
@@ -85,8 +82,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
 def plot_frontier(plan: Plan, path: Path, title: str) -> Path:
     """Expected cost vs expected time of every candidate; the Pareto front as a line, the
     recommendation ringed, the deadline or budget dashed."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    try:
+    with png_figure(path, figsize=(7.5, 5)) as ax:
         finite = [o for o in plan.outcomes if math.isfinite(o.mean_time_s)]
         for tier, marker in (("transient", "o"), ("on-demand", "s")):
             pts = [o for o in finite if o.candidate.tier == tier]
@@ -135,9 +131,4 @@ def plot_frontier(plan: Plan, path: Path, title: str) -> Path:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
     return path
