@@ -851,14 +851,19 @@ def read_config_source(
     return raw, source
 
 
-def load_config(source: str, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    source: str, overrides: list[str] | None = None, *, strategy_options: bool = True
+) -> ExperimentConfig:
     """Load and validate a config from a YAML path or shipped scenario name, with overrides.
     The strategy's options are validated here too, through the registry (plugins from
-    DLION_PLUGINS loaded): a typo is one line before any process of a job starts."""
+    DLION_PLUGINS loaded): a typo is one line before any process of a job starts.
+    `strategy_options=False` leaves that check (which imports the strategies, and torch) to
+    the caller, for checks that must come first and fast (a torchrun world size)."""
     raw, origin = read_config_source(source)
     raw = apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw, origin)
-    check_options(cfg.strategy.name, cfg.strategy.options)
+    if strategy_options:
+        check_options(cfg.strategy.name, cfg.strategy.options)
     return cfg
 
 

@@ -33,6 +33,7 @@ from dlion.cluster import Cluster
 from dlion.config import load_config
 from dlion.errors import BadInput
 from dlion.preflight import check_world_size
+from dlion.registry import check_options
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -82,7 +83,7 @@ def run(argv: list[str]) -> int:
         "--resume", action="store_true", help="start from this rank's latest checkpoint in --out"
     )
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, [*args.overrides, "engine.name=dist"])
+    cfg = load_config(args.config, [*args.overrides, "engine.name=dist"], strategy_options=False)
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
@@ -92,6 +93,7 @@ def run(argv: list[str]) -> int:
     # Before torch is imported and any store or peer is touched: every rank fails alike,
     # with the same line, within a second.
     check_world_size(world, Cluster.from_config(cfg.cluster).size)
+    check_options(cfg.strategy.name, cfg.strategy.options)
     out_dir = args.out or Path("runs") / f"{cfg.name}-{cfg.strategy.name}-dist"
     try:
         incarnation = int(os.environ.get("DLION_INCARNATION", "0"))

@@ -379,13 +379,31 @@ class FLProcess(FLSetup, PeerProcess):
     # ---------------------------------------------------------------- the run
     def run(self) -> None:
         if self.rank != SERVER:
-            self.store.wait([Keys.GO], store_timeout(self.cfg.engine.startup_timeout))
+            self._wait_for_start()
             self.t0 = float(self.store.get(Keys.T0).decode())
         # The common start is a moment ahead (a resumed run's clock starts at its offset).
         time.sleep(max(0.0, self.t0 + self.offset - time.time()))
         main = self._server_main() if self.rank == SERVER else self._client_main()
         signals = (signal.SIGINT, signal.SIGTERM)
         self._run_loop(main, {sig: functools.partial(self._on_signal, sig) for sig in signals})
+
+    def _wait_for_start(self) -> None:
+        """Client: wait for the server's start, heartbeating meanwhile. The server drops a
+        client whose heartbeat is older than `engine.peer_timeout` once the run starts, and
+        admitting the other clients can take longer than that."""
+        timeout = self.cfg.engine.startup_timeout
+        deadline = time.time() + timeout
+        next_beat = 0.0
+        while not store_has(self.store, Keys.GO):
+            now = time.time()
+            if now > deadline:
+                raise SimulationError(
+                    f"client {self.rank}: the server did not start the run within {timeout:g} s"
+                )
+            if now >= next_beat:
+                self._heartbeat(self.store)
+                next_beat = now + self.cfg.engine.heartbeat_s
+            time.sleep(0.05)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.signalled = sig
