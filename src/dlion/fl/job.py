@@ -92,6 +92,18 @@ class FLSetup:
             x_eval, y_eval = x_eval[:limit], y_eval[:limit]
         self.x_eval, self.y_eval = x_eval, y_eval
 
+    def start_fields(self, cfg: FLConfig, parameters: int) -> dict[str, Any]:
+        """The fields of a run's `start` / `resume` event, in the sim and on processes."""
+        return {
+            "scenario": cfg.name,
+            "algorithm": cfg.algorithm.name,
+            "seed": cfg.train.seed,
+            "clients": cfg.clients.count,
+            "concurrency": cfg.clients.concurrency,
+            "parameters": parameters,
+            "flops_per_sample": self.flops,
+        }
+
 
 def server_replica(cfg: FLConfig, dataset: Dataset, model: torch.nn.Module) -> Replica:
     """The server's replica of the global model. (spec) Its data is the proxy set for

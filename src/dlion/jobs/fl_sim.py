@@ -247,13 +247,7 @@ async def _main(
     runtime.log.write(
         "resume" if resumed else "start",
         t=runtime.now(),
-        scenario=cfg.name,
-        algorithm=cfg.algorithm.name,
-        seed=cfg.train.seed,
-        clients=cfg.clients.count,
-        concurrency=cfg.clients.concurrency,
-        parameters=server.numel,
-        flops_per_sample=job.flops,
+        **job.start_fields(cfg, server.numel),
     )
     runtime.spawn(server.run())
     for ctx in job.contexts[1:]:
