@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dlion.cli import main
-from dlion.context import WorkerContext
+from dlion.context import PaysVectorWorkInRealTime, WorkerContext
 from dlion.engines.sim import run_sim
 from dlion.models import train_flops_per_sample
 from dlion.strategies import REGISTRY
@@ -207,7 +207,7 @@ def test_a_bad_switch_value_is_a_one_line_error(
 # ------------------------------------------------------------------ dist: the sleep
 
 
-class _RealCtx(WorkerContext):
+class _RealCtx(PaysVectorWorkInRealTime, WorkerContext):
     """A context on a fake real clock: `now` is fixed, sleeps are recorded."""
 
     def __init__(self, charger: VectorCharger) -> None:
@@ -250,7 +250,6 @@ def test_dist_sleeps_the_scaled_model_minus_the_real_work(
         flops_per_sample=1e6,
         batch=10,
         time_scale=TimeScale(4.0),
-        real_time=True,
     )
     # Modelled: 4 (time scale) x 2 (k) x 1 ms = 8 ms of wall time. The real work inside the
     # block takes 3 ms (a fake perf_counter), so the context sleeps the other 5 ms; the

@@ -185,11 +185,6 @@ class WorkerContext(ABC):
         # Vector work (charged): set by the engine; None = vector work is free.
         self.vector: VectorCharger | None = None
         self.charged_s = 0.0  # modelled seconds of vector work paid (context seconds)
-        self.charge_overruns = 0  # dist: charges whose real work outlasted the model
-        # dist: modelled seconds still owed; negative when a sleep overshot (the excess is
-        # credited to the next charges, so many short sleeps do not add up their wake-up
-        # delays). An overrun is not credited: real work beyond the model stays visible.
-        self._vector_debt = 0.0
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -461,22 +456,16 @@ class WorkerContext(ABC):
         the run turns charging off (`engine.charge_vector_work: false`)."""
         start = time.perf_counter()
         yield
-        charger = self.vector
-        if charger is None:
+        if self.vector is None:
             return
-        modelled = charger.seconds(kind, numel, ops, self.now())
+        modelled = self.vector.seconds(kind, numel, ops, self.now())
         self.charged_s += modelled
-        if not charger.real_time:
-            await asyncio.sleep(modelled)
-            return
-        left = modelled - (time.perf_counter() - start)
-        if left < 0:
-            self.charge_overruns += 1
-        self._vector_debt += max(left, 0.0)
-        if self._vector_debt > 0:
-            slept = time.perf_counter()
-            await asyncio.sleep(self._vector_debt)
-            self._vector_debt -= time.perf_counter() - slept
+        await self.pay_vector_work(modelled, time.perf_counter() - start)
+
+    async def pay_vector_work(self, modelled: float, real_s: float) -> None:
+        """Engine side: spend `modelled` context seconds of vector work whose real run took
+        `real_s`. On a virtual clock the real run is free and the model is all."""
+        await asyncio.sleep(modelled)
 
     async def charge(self, kind: str, numel: int, ops: int = 1) -> None:
         """Pay for vector work whose real cost is negligible here or already paid (a
@@ -534,3 +523,26 @@ def worker_setup(
         "seed": cfg.train.seed,
         "step_overhead": scale.wall(cluster.workers[rank].step_overhead_s),
     }
+
+
+class PaysVectorWorkInRealTime:
+    """Engine side, for contexts on a real clock (the dist engine): vector work costs its
+    modelled seconds in all, the real run included, so only the rest is slept.
+
+    The sleep owed is kept as a debt: negative when a sleep overshot, and the excess is
+    credited to the next charges, so many short sleeps do not add up their wake-up delays.
+    Real work beyond the model is counted (`charge_overruns`) and not credited: it stays
+    visible."""
+
+    charge_overruns: int = 0
+    _vector_debt: float = 0.0
+
+    async def pay_vector_work(self, modelled: float, real_s: float) -> None:
+        left = modelled - real_s
+        if left < 0:
+            self.charge_overruns += 1
+        self._vector_debt += max(left, 0.0)
+        if self._vector_debt > 0:
+            slept = time.perf_counter()
+            await asyncio.sleep(self._vector_debt)
+            self._vector_debt -= time.perf_counter() - slept

@@ -142,8 +142,9 @@ class VectorCharger:
     """One worker's charge: modelled seconds of vector work in its context's units.
 
     `time_scale` converts scenario seconds to the context's (1 in the sim; the dist
-    engine's wall seconds per scenario second); `real_time` says whether the context's
-    clock is real (then the real work's elapsed time counts towards the modelled cost)."""
+    engine's wall seconds per scenario second). How the seconds are spent is the context's
+    (`WorkerContext.pay_vector_work`): a virtual clock sleeps them all, a real one only
+    what the real work left."""
 
     def __init__(
         self,
@@ -154,7 +155,6 @@ class VectorCharger:
         flops_per_sample: float,
         batch: int,
         time_scale: TimeScale = UNIT,
-        real_time: bool = False,
     ) -> None:
         self.model = model
         self._overhead = overhead_s
@@ -162,7 +162,6 @@ class VectorCharger:
         self._flops = flops_per_sample
         self._batch = batch
         self.time_scale = time_scale
-        self.real_time = real_time
 
     def seconds(self, kind: str, numel: int, ops: int, now: float) -> float:
         """Context seconds for this work started at context time `now`."""
@@ -178,7 +177,6 @@ def charger_for(
     flops_per_sample: float,
     *,
     time_scale: TimeScale = UNIT,
-    real_time: bool = False,
 ) -> VectorCharger | None:
     """Worker `rank`'s charger for this run, None when `engine.charge_vector_work` is off."""
     if not cfg.engine.charge_vector_work:
@@ -190,5 +188,4 @@ def charger_for(
         flops_per_sample=flops_per_sample,
         batch=cfg.train.batch_per_worker,
         time_scale=time_scale,
-        real_time=real_time,
     )

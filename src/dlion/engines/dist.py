@@ -73,7 +73,12 @@ from dlion.comm.messages import Control, Dense, Message
 from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import pacer_rate, worker_shaper
 from dlion.config import ExperimentConfig
-from dlion.context import ComputeResult, WorkerContext, worker_setup
+from dlion.context import (
+    ComputeResult,
+    PaysVectorWorkInRealTime,
+    WorkerContext,
+    worker_setup,
+)
 from dlion.engines.collective import CollectiveGroups, group_key
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.network import all_to_all_rates
@@ -120,7 +125,7 @@ class WorkerCounters:
     charge_overruns: int = 0  # charges whose real work outlasted the modelled time
 
 
-class DistContext(WorkerContext):
+class DistContext(PaysVectorWorkInRealTime, WorkerContext):
     """WorkerContext on real time. All scenario times are stretched by `time_scale`, so a
     strategy sees consistent units: wall seconds and bytes per wall second."""
 
@@ -137,7 +142,6 @@ class DistContext(WorkerContext):
             worker.rank,
             worker.flops_per_sample,
             time_scale=worker.time_scale,
-            real_time=True,
         )
         self._deliveries: dict[int, list[float]] = {}  # recent receiver-timed rates per peer
 
