@@ -228,13 +228,20 @@ def test_signal_is_one_line_and_leaves_a_partial_summary(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a background job of a non-interactive shell (CI) starts it: SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # well inside the run
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the run
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:  # never leave a 10000 s run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == code
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"interrupted ({sig.name})"), stderr

@@ -497,13 +497,20 @@ def _quiet_after_interrupt() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to one-line messages and exit codes (2 bad input, 1 failure,
     130 SIGINT, 143 SIGTERM)."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    # SIGINT explicitly too: a process started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt at all,
+    # so `kill -INT` would not stop a run (seen in CI).
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         return _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_app(argv: list[str] | None) -> object:
