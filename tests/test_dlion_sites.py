@@ -198,6 +198,44 @@ def test_sharded_allreduce_sums_exactly_and_shares_metadata() -> None:
         assert got[r].lost == []
 
 
+@pytest.mark.parametrize(
+    "views",
+    [
+        {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2, 3]},
+        {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2]},
+    ],
+)
+def test_sharded_allreduce_agrees_when_members_start_with_different_views(
+    views: dict[int, list[int]],
+) -> None:
+    """On real processes a departure reaches survivors at different moments: some plan
+    without member 3 while others still count it, and 3 is silent. The members narrow to
+    the common group {0, 1, 2}: all three get the same exact sum 6 * [1..7] (nobody waits
+    on a message sized for another group, nothing sent for the larger group is summed)
+    and those that counted 3 report it as lost."""
+    cfg = small_config(
+        workers=[{"site": "a", "capacity_gflops": 1.0, "count": 4}],
+        train={"max_time": 0.05, "stop_at_target": False},
+        engine={"recv_timeout": 0.01},
+    )
+    got: dict[int, Any] = {}
+
+    async def worker(ctx: WorkerContext, _: Any) -> None:
+        if ctx.rank in views:
+            vec = (ctx.rank + 1) * torch.arange(1.0, 8.0)
+            got[ctx.rank] = await sharded_allreduce(ctx, vec, "t", views[ctx.rank])
+        while True:
+            await ctx.compute(1)
+            ctx.iteration_done(0.0)
+
+    run_counting(cfg, worker, None)
+    for r in views:
+        assert torch.equal(got[r].total, 6 * torch.arange(1.0, 8.0)), r
+        assert sorted(got[r].metas) == [0, 1, 2]
+    for r in views:
+        assert got[r].lost == ([3] if 3 in views[r] else []), r
+
+
 def _three_sites(**options: Any) -> Any:
     return small_config(
         workers=[

@@ -59,8 +59,17 @@ class ComputeResult:
     seconds: float  # compute time (virtual in the sim, measured in dist), no waiting included
 
 
+def tag_matches(pattern: str, tag: str) -> bool:
+    """A receive's tag matches a message's tag when equal; a pattern ending in "*" matches
+    every tag that starts with what comes before the star."""
+    if pattern.endswith("*"):
+        return tag.startswith(pattern[:-1])
+    return tag == pattern
+
+
 class Mailbox:
-    """Messages delivered to one worker, matched by (source, tag) in arrival order."""
+    """Messages delivered to one worker, matched by (source, tag) in arrival order; a tag
+    ending in "*" is a prefix (`tag_matches`)."""
 
     def __init__(self) -> None:
         self._pending: list[Message] = []
@@ -72,7 +81,7 @@ class Mailbox:
         # Waiters whose receive timed out are done (cancelled); drop them first.
         self._waiters = [w for w in self._waiters if not w[2].done()]
         for i, (src, tag, fut, _) in enumerate(self._waiters):
-            if tag == msg.tag and (src is None or src == msg.src):
+            if tag_matches(tag, msg.tag) and (src is None or src == msg.src):
                 del self._waiters[i]
                 fut.set_result(msg)
                 return
@@ -80,7 +89,7 @@ class Mailbox:
 
     def take(self, src: int | None, tag: str) -> Message | None:
         for i, msg in enumerate(self._pending):
-            if msg.tag == tag and (src is None or src == msg.src):
+            if tag_matches(tag, msg.tag) and (src is None or src == msg.src):
                 return self._pending.pop(i)
         return None
 
@@ -295,10 +304,15 @@ class WorkerContext(ABC):
                 if not isinstance(msg_or_fail, Message):
                     return msg_or_fail
                 msg = msg_or_fail
-            if tensor_problem(msg.payload, numel) is None:
+            problem = tensor_problem(msg.payload, numel)
+            if problem is None:
                 return msg
-            self.rejected += 1
-            self.record("rejected", src=msg.src, tag=tag, why=tensor_problem(msg.payload, numel))
+            self.reject(msg, problem)
+
+    def reject(self, msg: Message, why: str) -> None:
+        """Count and log a malformed message that is never applied."""
+        self.rejected += 1
+        self.record("rejected", src=msg.src, tag=msg.tag, why=why)
 
     async def allreduce_sum(
         self, vector: torch.Tensor, tag: str, *, ranks: list[int], epoch: int | None = None

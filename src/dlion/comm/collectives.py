@@ -16,6 +16,7 @@ from dlion.comm.messages import (
     Payload,
     RecvResult,
     dense_values,
+    tensor_problem,
 )
 
 
@@ -31,6 +32,8 @@ class WorkerContext(Protocol):
     def peer_since(self, rank: int) -> int: ...
 
     def record(self, event: str, **fields: Any) -> None: ...
+
+    def reject(self, msg: Message, why: str) -> None: ...
 
     def charged(self, kind: str, numel: int, ops: int = 1) -> AbstractAsyncContextManager[None]: ...
 
@@ -211,47 +214,115 @@ async def sharded_allreduce(
     its part is left out of the shard sums, and a shard whose server is lost is filled
     with this member's own part (it keeps at least its own contribution). `meta` rides on
     the round-1 messages, so every member learns every other member's numbers.
+
+    Members may start with different views: on real processes one survivor learns of a
+    departure a moment before another, after both planned the iteration. So round-1 tags
+    name the sender's group, and a member that hears a smaller group from a peer (one that
+    still counts it) narrows its own to the intersection and sends again. Every view
+    shrinks to the same intersection; the members left out of it are reported in `lost`.
     """
     ranks = sorted(ranks)
     me = ctx.rank
     own_meta = dict(meta or {})
     if len(ranks) == 1:
         return GroupSum(vector.clone(), {me: own_meta}, [])
-    shards = vector.tensor_split(len(ranks))
-    pos = ranks.index(me)
-    others = [r for r in ranks if r != me]
-    lost: list[int] = []
-    metas = {me: own_meta}
-
-    rs = f"{tag}/rs"
-    sends = [
-        asyncio.ensure_future(ctx.send(r, rs, Dense(shards[ranks.index(r)].clone()), own_meta))
-        for r in others
-    ]
+    group, failed, got, sends = await _agree_round_one(ctx, vector, tag, ranks, own_meta)
+    lost = sorted(set(failed) | (set(ranks) - set(group)))
+    if len(group) == 1:  # everyone else failed or dropped this member
+        await asyncio.gather(*sends)
+        return GroupSum(vector.clone(), {me: own_meta}, lost)
+    shards = vector.tensor_split(len(group))
+    pos = group.index(me)
+    others = [r for r in group if r != me]
     mine = shards[pos]
-    got = await asyncio.gather(*(ctx.recv(r, rs, numel=mine.numel()) for r in others))
     parts = {me: mine}
-    for r, msg in zip(others, got, strict=True):
-        if isinstance(msg, Message):
-            parts[r] = dense_values(msg)
-            metas[r] = dict(msg.meta)
-        else:
-            lost.append(r)
+    metas = {me: own_meta}
+    for r, part in got.items():
+        parts[r] = dense_values(part)
+        metas[r] = dict(part.meta)
     async with ctx.charged("sum", mine.numel() * len(parts)):
         summed = torch.zeros_like(mine)
         for r in sorted(parts):  # rank order: equal inputs give equal sums
             summed += parts[r]
 
-    ag = f"{tag}/ag"
+    ag = _group_tag(tag, "ag", group)
     sends += [asyncio.ensure_future(ctx.send(r, ag, Dense(summed))) for r in others]
-    got = await asyncio.gather(
-        *(ctx.recv(r, ag, numel=shards[ranks.index(r)].numel()) for r in others)
+    answers = await asyncio.gather(
+        *(ctx.recv(r, ag, numel=shards[group.index(r)].numel()) for r in others)
     )
-    out = [summed if r == me else shards[ranks.index(r)].clone() for r in ranks]
-    for r, msg in zip(others, got, strict=True):
+    out = [summed if r == me else shards[group.index(r)].clone() for r in group]
+    for r, msg in zip(others, answers, strict=True):
         if isinstance(msg, Message):
-            out[ranks.index(r)] = dense_values(msg)
+            out[group.index(r)] = dense_values(msg)
         elif r not in lost:
             lost.append(r)
     await asyncio.gather(*sends)
     return GroupSum(torch.cat(out), metas, sorted(lost))
+
+
+def _group_tag(tag: str, round_name: str, group: list[int]) -> str:
+    return f"{tag}/{round_name}/" + ",".join(map(str, group))
+
+
+async def _agree_round_one(
+    ctx: WorkerContext,
+    vector: torch.Tensor,
+    tag: str,
+    ranks: list[int],
+    meta: dict[str, float],
+) -> tuple[list[int], list[int], dict[int, Message], list[asyncio.Future[bool]]]:
+    """Round 1 of `sharded_allreduce` with views that may differ: (the agreed group, the
+    members that failed a receive, each other member's round-1 message, the sends).
+
+    Each pass sends this member's shards to its group under a tag naming the group, then
+    takes one round-1 message from every member it has none from under that tag. A tag
+    naming a smaller group that holds this member narrows the group to the intersection
+    (and the shards go out again, split for it); a group without this member means the
+    sender dropped it (lost to it); a larger group is a view the sender will narrow (its
+    next message is awaited). Groups only shrink, so the passes end."""
+    me = ctx.rank
+    group = ranks
+    failed: list[int] = []
+    heard: dict[int, Message] = {}  # each member's latest round-1 message
+    got: dict[int, Message] = {}  # those under this member's current group's tag
+    sends: list[asyncio.Future[bool]] = []
+    sent_for: list[int] | None = None
+    while True:
+        rs = _group_tag(tag, "rs", group)
+        if group != sent_for:
+            shards = vector.tensor_split(len(group))
+            sends += [
+                asyncio.ensure_future(ctx.send(r, rs, Dense(shards[i].clone()), meta))
+                for i, r in enumerate(group)
+                if r != me
+            ]
+            sent_for = group
+        own_numel = vector.tensor_split(len(group))[group.index(me)].numel()
+        for r, msg in list(heard.items()):
+            if r in group and r not in got and msg.tag == rs:
+                problem = tensor_problem(msg.payload, own_numel)
+                if problem is None:
+                    got[r] = msg
+                else:
+                    ctx.reject(msg, problem)
+                    del heard[r]
+        waiting = [r for r in group if r != me and r not in failed and r not in got]
+        if not waiting:
+            break
+        answers = await asyncio.gather(*(ctx.recv(r, f"{tag}/rs/*") for r in waiting))
+        narrowed = set(group)
+        for r, msg in zip(waiting, answers, strict=True):
+            theirs = (
+                {int(x) for x in msg.tag.rsplit("/", 1)[1].split(",")}
+                if isinstance(msg, Message)
+                else set()
+            )
+            if not isinstance(msg, Message) or me not in theirs:
+                failed.append(r)  # gone, silent, or it no longer counts this member
+            else:
+                heard[r] = msg
+                narrowed &= theirs
+        if sorted(narrowed) != group:  # what came under the old group's tag is void
+            group = sorted(narrowed)
+            got = {}
+    return group, failed, got, sends

@@ -677,7 +677,13 @@ class DistWorker(PeerProcess):
     # ---------------------------------------------------------------- membership
     def _peer_gone(self, peer: int, why: str) -> None:
         """On the loop: drop `peer` everywhere, once, and wake whoever waits on it."""
-        if peer not in self.linked:
+        if peer not in self.linked or self._ending:
+            return
+        stopping = False
+        with contextlib.suppress(Exception):
+            stopping = store_has(self.store, Keys.STOP)
+        if stopping:  # a peer that saw the stop flag first closed its links: not news
+            self.stop("stop")
             return
         self.linked.discard(peer)
         self.transport.drop(peer)
