@@ -264,6 +264,15 @@ def _group_tag(tag: str, round_name: str, group: list[int]) -> str:
     return f"{tag}/{round_name}/" + ",".join(map(str, group))
 
 
+def _sender_group(msg: Message) -> set[int]:
+    """The group named by a `_group_tag`; empty if the tag names none (a peer's garbage
+    then reads as a member that no longer counts this one)."""
+    try:
+        return {int(x) for x in msg.tag.rsplit("/", 1)[1].split(",")}
+    except (ValueError, IndexError):
+        return set()
+
+
 async def _agree_round_one(
     ctx: WorkerContext,
     vector: torch.Tensor,
@@ -311,16 +320,12 @@ async def _agree_round_one(
             break
         answers = await asyncio.gather(*(ctx.recv(r, f"{tag}/rs/*") for r in waiting))
         narrowed = set(group)
-        for r, msg in zip(waiting, answers, strict=True):
-            theirs = (
-                {int(x) for x in msg.tag.rsplit("/", 1)[1].split(",")}
-                if isinstance(msg, Message)
-                else set()
-            )
-            if not isinstance(msg, Message) or me not in theirs:
+        for r, answer in zip(waiting, answers, strict=True):
+            theirs = _sender_group(answer) if isinstance(answer, Message) else set()
+            if not isinstance(answer, Message) or me not in theirs:
                 failed.append(r)  # gone, silent, or it no longer counts this member
             else:
-                heard[r] = msg
+                heard[r] = answer
                 narrowed &= theirs
         if sorted(narrowed) != group:  # what came under the old group's tag is void
             group = sorted(narrowed)
