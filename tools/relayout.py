@@ -16,8 +16,10 @@ What it does, in order:
    pyproject entry points), `from dlion import x` of a moved module, and file paths
    (`src/dlion/x.py`, `dlion/x.py`, `fl/dist.py`). Recorded results are left as they were
    (benchmarks/RESULTS.md, benchmarks/results/), and so is this script.
-3. Runs ruff (isort fix + format) on the rewritten Python files, since a longer module path
-   can change the order of imports and the wrapping of lines.
+3. Writes README.md's Layout section (LAYOUT below) to match the new tree.
+4. Runs ruff (isort fix + format) on the rewritten Python files, since a longer module path
+   can change the order of imports and the wrapping of lines, and lists the docstring and
+   comment lines that grew past the line limit (rewrap those by hand).
 
 Idempotent: a second run changes nothing (a rewrite never matches its own output; names
 inside a package that an old module name became are left alone). Safe to re-run on top of
@@ -69,6 +71,7 @@ MOVES: dict[str, str] = {
     # cli: the `dlion` command and its benchmark suites
     "cli": "cli.commands",
     "bench": "cli.suites",
+    "cli_options": "cli.options",
     # probe: `dlion probe` (method, command, the link-measuring process)
     "probe": "probe.measure",
     "probe_cli": "probe.cli",
@@ -86,7 +89,7 @@ NEW_PACKAGES: dict[str, str] = {
     "core": "What every part of dlion uses: config, registry, user code, errors, outputs.",
     "training": "One replica's model, objective and optimizer, and what a run prepares.",
     "cluster": "The simulated micro-cloud: sites, links, traces, membership, vector costs.",
-    "cli": "The `dlion` command (commands.py) and its benchmark suites (suites.py).",
+    "cli": "The `dlion` command (commands.py), its suites (suites.py), shared options.",
     "probe": "`dlion probe`: measure step times and links, write a measured cluster.",
     "distbench": "`dlion dist ...`: benchmarks of the dist engine against the sim and DDP.",
 }
@@ -94,6 +97,116 @@ NEW_PACKAGES: dict[str, str] = {
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".cfg", ".ini", ".txt"}
 TEXT_NAMES = {"Makefile", "run"}
 LEAVE_ALONE = ("benchmarks/RESULTS.md", "benchmarks/results/", "tools/relayout.py")
+
+
+# README.md's Layout section: the tree as it stands after the moves.
+LAYOUT = """\
+src/dlion/
+  __init__.py, api.py  the public API: dlion.run, dlion.load_model, dlion.register_strategy
+  __main__.py          `python -m dlion`: the `dlion` command
+  context.py           the WorkerContext API strategies are written against, its public
+                       engine side, and worker_setup (what any engine tells a worker)
+  core/                what every part uses: config.py (typed config, YAML, --set
+                       overrides, one-line errors), registry.py (strategies and FL
+                       algorithms by name, built-ins and plugins; options checked when the
+                       config loads), usercode.py ("pkg.module:fn" from the config),
+                       checkpoint.py (atomic, verified checkpoints for the sim, dist
+                       workers and the FL server), timescale.py (scenario <-> wall time),
+                       preflight.py (checks before any process starts), errors.py,
+                       strict_yaml.py, outdir.py (output directories)
+  training/            one worker's model: models.py (mlp, cnn, user builders; FLOPs),
+                       objective.py (loss, metric), optim.py (optimizers, schedules),
+                       replica.py (flat parameters + buffers, shard, step, evaluation),
+                       experiment.py (what a run prepares; the saved model), model_io.py
+                       (DIR/model.safetensors)
+  cluster/             the simulated micro-cloud: topology.py (workers, sites, links,
+                       site pipes, NICs; capacity and bandwidth traces), traces.py,
+                       dynamics.py (membership schedule), vector_cost.py (what vector work
+                       besides the gradient costs; fitted per kind on a host:
+                       vector_cost_host.py)
+  data/                digits, mnist1d, synthetic; IDX/CIFAR/npz readers; partitioners;
+                       examples.py: batches read by index (tensors or a user's Dataset)
+  comm/                typed messages with encoded sizes; wire codec; ring all-reduce;
+                       transport.py pair groups, shaping.py link pacing, delivery.py when
+                       a send on a real link has crossed, job.py a job's store keys,
+                       shared-secret admission and process reaping, peer_process.py one
+                       process of a job (loop, monitor, heartbeats, links), shared by the
+                       dist engine and FL on real processes
+  engines/             imports no algorithm: runtime.py runs a job (a population of
+                       coroutines) on the virtual-time loop (virtual_loop.py) and network
+                       model (network.py); sim.py is the strategy job on it
+                       (sim_checkpoint.py: verified replay); dist engine (dist.py worker
+                       side, collective.py, dist_checkpoint.py, launcher.py job side,
+                       forkserver.py worker start-up, netns.py namespaces + tc)
+  jobs/                where an engine meets an algorithm family it may not import:
+                       fl_sim.py (the FL server and clients on the virtual runtime),
+                       dist_worker.py (`python -m dlion.jobs.dist_worker`: one dist worker,
+                       own launcher or torchrun)
+  strategies/          one file per algorithm (dlion, dlion_hpdc21, allreduce, ps, gaia, ako,
+                       hop, adpsgd, diloco, streaming_diloco, sparseloco, halos; wdb.py);
+                       __init__.py registers the built-ins; a strategy's `worker` is one rank
+  fl/                  federated learning, engine-free: algorithms (one file each),
+                       roles.py (server and client behaviours), job.py (model, replicas,
+                       star network, partition), processes.py (real processes, `dlion fl
+                       serve` / `dlion fl client`), checkpoint.py (server state on
+                       core/checkpoint.py), bench.py, cli.py
+  cli/                 commands.py (the `dlion` command), suites.py (`dlion bench`: suites
+                       side by side, with a report), options.py (options every group shares)
+  probe/               `dlion probe`: measure.py (step-time model and links, the method),
+                       cli.py, link_process.py (one process of the link measurement)
+  distbench/           `dlion dist ...`: runs.py (parity with the sim, DDP overhead,
+                       faults, kernel shaping), cli.py
+  report/              metrics log, TTA, tables, plots, progress and start-up status,
+                       scalars (CSV, TensorBoard), a finished run's files and lines, compare
+  transient/           training on transient servers: catalog, revocations, cost, planner
+  hybrid/, transfer/, thermal/   the other systems, each with its CLI group
+  scenarios/           shipped presets (homogeneous, compute-hetero, network-hetero,
+                       microcloud-hetero and its non-IID and 12/24/32-worker variants,
+                       microcloud-dynamic)
+  suites/              shipped benchmark suites (quick, headline, paper, fl)
+  thermal_profiles/, transient_catalogs/   their shipped device profiles and catalogs
+benchmarks/RESULTS.md  measured figures with the command, machine and date
+tools/relayout.py      the package layout pass (issue 19), re-runnable on a merged tree
+tests/                 pytest; `make test` runs the fast set, `make test-all` adds slow and
+                       timing cases
+"""
+
+
+# Lines the rewrite pushes past ruff's limit, rewrapped (file, rewritten text, wrapped text).
+FIXUPS: list[tuple[str, str, str]] = [
+    (
+        "src/dlion/hybrid/cli.py",
+        "which `dlion.cli.commands.main` turns into one line.",
+        "which `dlion.cli.commands.main` turns\ninto one line.",
+    ),
+    (
+        "src/dlion/jobs/dist_worker.py",
+        '"""One dist worker process: `python -m dlion.jobs.dist_worker CONFIG [--out DIR] '
+        "[--set KEY=VALUE ...]`.",
+        '"""One dist worker process (one rank of a strategy job):\n\n'
+        "    python -m dlion.jobs.dist_worker CONFIG [--out DIR] [--set KEY=VALUE ...]",
+    ),
+    (
+        "src/dlion/jobs/dist_worker.py",
+        '"dlion.jobs.dist_worker: no job store: run it through `dlion train --engine dist` '
+        'or torchrun"',
+        '"dlion.jobs.dist_worker: no job store: run it through "\n'
+        '            "`dlion train --engine dist` or torchrun"',
+    ),
+    (  # the never-import rules name the new packages whole
+        "tests/test_import_rules.py",
+        '    "dlion.cli.commands",\n    "dlion.api",\n    "dlion.cli.suites",\n'
+        '    "dlion.distbench.runs",\n    "dlion.distbench.cli",\n',
+        '    "dlion.cli",\n    "dlion.api",\n    "dlion.distbench",\n',
+    ),
+    (
+        "tests/test_models.py",
+        '"""Tests for dlion.training.models: shapes, deterministic init, FLOP counting, '
+        'trainability, errors."""',
+        '"""Tests for dlion.training.models: shapes, deterministic init, FLOP counting,\n'
+        'trainability, errors."""',
+    ),
+]
 
 
 class RelayoutError(Exception):
@@ -238,10 +351,25 @@ def rewrite(paths: list[Path]) -> list[Path]:
             new = pattern.sub(repl, new)
         if path.suffix == ".py":
             new = FROM_DLION.sub(split_from_dlion, new).replace(HIDDEN, "dlion")
+        for name, long, wrapped in FIXUPS:
+            if path == ROOT / name:
+                new = new.replace(long, wrapped)
         if new != text:
             path.write_text(new, encoding="utf-8")
             changed.append(path)
     return changed
+
+
+def write_layout() -> bool:
+    """Put LAYOUT in README.md's `## Layout` code block; True if that changed the file."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    match = re.search(r"^## Layout\n\n```\n(.*?)^```\n", text, re.M | re.S)
+    if match is None:
+        raise RelayoutError("README.md has no `## Layout` section with a ``` block")
+    new = text[: match.start(1)] + LAYOUT + text[match.end(1) :]
+    readme.write_text(new, encoding="utf-8")
+    return new != text
 
 
 def run_ruff(paths: list[Path]) -> None:
@@ -274,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if todo else 0
         do_moves(todo)
         changed = rewrite(text_files())
+        if write_layout() and ROOT / "README.md" not in changed:
+            changed.append(ROOT / "README.md")
         if not args.no_ruff:
             run_ruff(changed)
     except RelayoutError as exc:
