@@ -164,10 +164,6 @@ def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.model_validate(raw)
 
 
-def _run_key(run: dict[str, Any]) -> str:
-    return f"{run['scenario']}|{run['strategy']}|{run['seed']}"
-
-
 def run_suite(
     suite: Suite,
     out_dir: Path,

@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 
 from dlion import __version__
+from dlion.cli_options import ForceOption
 from dlion.errors import BadInput, DlionError
 from dlion.outdir import default_dir, open_output, resume_output
 
@@ -60,12 +61,6 @@ def _root(
     ] = False,
 ) -> None:
     """dlion: decentralized training across heterogeneous micro-clouds."""
-
-
-ForceOption = Annotated[
-    bool,
-    typer.Option(help="Replace an earlier dlion output in --out (never other files)."),
-]
 
 
 def _split(value: str | None) -> list[str] | None:

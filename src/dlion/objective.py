@@ -48,9 +48,6 @@ class Objective:
     higher_is_better: bool
     classification: bool  # targets are integer class ids (partitioners may use them)
 
-    def is_better(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
-
 
 def build_objective(train: TrainConfig, evaluation: EvaluationConfig) -> Objective:
     loss = build_loss(train)

@@ -158,10 +158,6 @@ class SimCheckpointer:
         if resume and out_dir is not None:
             self.pending = self._load(out_dir)
 
-    @property
-    def replaying(self) -> bool:
-        return self.pending is not None
-
     def _load(self, out_dir: Path) -> Checkpoint:
         """The latest checkpoint, verified on disk; reads only."""
         ckpt = load_latest(checkpoint_root(out_dir), self.hash)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dlion.cli_options import ForceOption
 from dlion.errors import BadInput
 from dlion.outdir import check_output_file, default_dir, open_output
 
@@ -51,9 +52,7 @@ def train(
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to write.")] = None,
     quiet: QuietOption = False,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Train the edge model, the cloud model and the router; save the run."""
     from dlion.hybrid.config import load_hybrid_config
@@ -87,9 +86,7 @@ def eval_(
         str | None, typer.Option(help="Target coverages, e.g. 0.6,0.7,0.8,0.9 (config's if unset).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write eval.json and the PNG.")] = None,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Accuracy, share sent to the cloud and expected latency per target coverage, on test
     (written into the run directory, or into a new --out directory)."""
@@ -192,9 +189,7 @@ def bench(
     coverage: Annotated[str, typer.Option(help="Target coverages.")] = "0.5,0.6,0.7,0.8,0.9",
     set_: SetOption = None,
     quiet: QuietOption = False,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Datasets x seeds: router vs thresholding vs oracle; writes JSON, markdown and PNGs."""
     from dlion.hybrid.bench import run_bench, write_outputs

@@ -11,9 +11,6 @@ import torch
 
 from dlion.errors import ConfigError
 
-SEND = 1.0
-KEEP = 0.0
-
 
 def proxy_labels(edge_correct: torch.Tensor, cloud_correct: torch.Tensor) -> torch.Tensor:
     """1.0 (send) where the edge is wrong and the cloud right, else 0.0 (keep); float32."""

@@ -34,6 +34,7 @@ change. Strategy state in checkpoints: the global model and the outer momentum.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,33 +158,47 @@ def weighted_delta(ctx: WorkerContext, state: GlobalState, weight: float) -> tor
     return torch.cat([delta, ctx.replica.buffers * weight])
 
 
+async def rounds(
+    ctx: WorkerContext,
+    prefix: str,
+    short: str,
+    state: GlobalState,
+    inner_steps: int,
+    exchange: Callable[[int, list[int], int, str], Awaitable[None]],
+) -> None:
+    """DiLoCo's and SparseLoCo's rounds: `inner_steps` steps, then `exchange(epoch, members,
+    batch, tag)`; a changed epoch or a CollectiveFailed discards the round and re-forms."""
+    # Members present from the start share the initial model; a joiner re-forms first.
+    epoch: int | None = ctx.epoch if ctx.peer_since(ctx.rank) == 0 else None
+    members = sorted([ctx.rank, *ctx.peers()])
+    while True:
+        if epoch != ctx.epoch:
+            epoch, members = await adopt_leader(ctx, prefix, state)
+        batch = my_batch(ctx, members)
+        for _ in range(inner_steps):
+            if not await inner_step(ctx, batch, epoch):
+                break
+        if ctx.epoch != epoch:
+            continue
+        tag = f"{short}{epoch}.{state.step}"
+        try:
+            await exchange(epoch, members, batch, tag)
+        except CollectiveFailed as exc:
+            ctx.record("collective_failed", tag=tag, why=str(exc))
+            epoch = None  # re-form before the next round
+
+
 # ------------------------------------------------------------------ the worker
 
 
 async def worker(ctx: WorkerContext, opt: Options) -> None:
     numel = ctx.replica.numel
     state = initial_state(ctx, "diloco.global")
-    # Members present from the start share the initial model; a joiner re-forms first.
-    epoch: int | None = ctx.epoch if ctx.peer_since(ctx.rank) == 0 else None
-    members = sorted([ctx.rank, *ctx.peers()])
-    while True:
-        if epoch != ctx.epoch:
-            epoch, members = await adopt_leader(ctx, "diloco", state)
-        batch = my_batch(ctx, members)
-        for _ in range(opt.H):
-            if not await inner_step(ctx, batch, epoch):
-                break
-        if ctx.epoch != epoch:
-            continue
-        tag = f"dl{epoch}.{state.step}"
+
+    async def exchange(epoch: int, members: list[int], batch: int, tag: str) -> None:
         async with ctx.charged("axpy", 2 * numel, 2):
             vector = weighted_delta(ctx, state, batch / ctx.global_batch)
-        try:
-            total = await ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
-        except CollectiveFailed as exc:
-            ctx.record("collective_failed", tag=tag, why=str(exc))
-            epoch = None  # re-form before the next round
-            continue
+        total = await ring_allreduce(ctx, vector, tag, ranks=members, epoch=epoch)
         # The outer step is an SGD-with-momentum step; then the replica takes the model.
         async with ctx.charged("sgd", numel):
             theta, state.momentum = outer_nesterov(
@@ -193,3 +208,5 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         state.step += 1
         async with ctx.charged("axpy", numel):
             ctx.replica.set_model_state(state.model)
+
+    await rounds(ctx, "diloco", "dl", state, opt.H, exchange)

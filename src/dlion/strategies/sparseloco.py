@@ -40,10 +40,10 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dlion.comm.collectives import CollectiveFailed, ring_allgather, ring_allreduce
+from dlion.comm.collectives import ring_allgather, ring_allreduce
 from dlion.comm.messages import QUANT_BITS, Quantized
 from dlion.context import WorkerContext
-from dlion.strategies.diloco import adopt_leader, initial_state, inner_step, my_batch
+from dlion.strategies.diloco import initial_state, rounds
 
 SUMMARY = "SparseLoCo: H inner steps, error-feedback chunked top-k with 2-bit values, mean applied"
 
@@ -148,17 +148,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     if restored is not None and restored.numel() == numel:
         error = restored.to(torch.float32).clone()
     ctx.keep_state("sparseloco.error", lambda: error)
-    epoch: int | None = ctx.epoch if ctx.peer_since(ctx.rank) == 0 else None
-    members = sorted([ctx.rank, *ctx.peers()])
-    while True:
-        if epoch != ctx.epoch:
-            epoch, members = await adopt_leader(ctx, "sparseloco", state)
-        batch = my_batch(ctx, members)
-        for _ in range(opt.H):
-            if not await inner_step(ctx, batch, epoch):
-                break
-        if ctx.epoch != epoch:
-            continue
+
+    async def exchange(epoch: int, members: list[int], batch: int, tag: str) -> None:
+        nonlocal error
         chunks = len(chunk_bounds(numel, opt.chunk))
         # Delta, the decayed buffer and its remainder (axpy), the chunked top-k, the
         # quantization of what is kept.
@@ -169,19 +161,14 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 error, delta, opt.beta, opt.density, opt.chunk, opt.bits
             )
         await ctx.charge("quant", sent.codes.numel(), chunks)
-        tag = f"sl{epoch}.{state.step}"
-        try:
-            got = await ring_allgather(
-                ctx, sent, {"samples": float(batch)}, tag, ranks=members, epoch=epoch, numel=numel
-            )
-            buffers = ctx.replica.buffers
-            if buffers.numel():
-                weighted = buffers * (batch / ctx.global_batch)
-                buffers = await ring_allreduce(ctx, weighted, f"{tag}b", ranks=members, epoch=epoch)
-        except CollectiveFailed as exc:
-            ctx.record("collective_failed", tag=tag, why=str(exc))
-            epoch = None  # re-form before the next round
-            continue  # the round is discarded; the error buffer stays as before it
+        # A failed collective discards the round; the error buffer stays as before it.
+        got = await ring_allgather(
+            ctx, sent, {"samples": float(batch)}, tag, ranks=members, epoch=epoch, numel=numel
+        )
+        buffers = ctx.replica.buffers
+        if buffers.numel():
+            weighted = buffers * (batch / ctx.global_batch)
+            buffers = await ring_allreduce(ctx, weighted, f"{tag}b", ranks=members, epoch=epoch)
         error = kept
         received = {
             r: (p, int(meta.get("samples", 0)))
@@ -198,3 +185,5 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         state.step += 1
         async with ctx.charged("axpy", numel):
             ctx.replica.set_model_state(state.model)
+
+    await rounds(ctx, "sparseloco", "sl", state, opt.H, exchange)

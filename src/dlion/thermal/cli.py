@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from dlion.cli_options import ForceOption
 from dlion.errors import ConfigError
 from dlion.outdir import default_dir, open_output
 
@@ -58,9 +59,7 @@ def simulate(
         Path | None, typer.Option(help="Sparta's start table JSON (default: user cache).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Run a workload on a simulated device; report time, share above threshold, peak, energy."""
     from dlion.report import write_json_atomic
@@ -127,9 +126,7 @@ def run(
         Path | None, typer.Option(help="Sparta's start table JSON (default: user cache).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write summary.json and a PNG here.")] = None,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Run COMMAND on this Linux machine under a policy (/sys/class/thermal + cpufreq)."""
     from dlion.config import apply_overrides
@@ -197,9 +194,7 @@ def bench(
         list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Every ambient x workload x policy x seed; table, summary.json, report.md, PNGs."""
     from dlion.thermal.bench import BenchSpec, rich_table, run_bench, verdict_lines

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dlion.cli_options import ForceOption
 from dlion.errors import BadInput
 from dlion.outdir import check_output_file, default_dir, open_output
 
@@ -46,9 +47,7 @@ def train(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     quiet: QuietOpt = False,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Source model, latent regression, zero-/few-label transfer vs scratch; saves weights."""
     from dlion.transfer.config import load_transfer_config
@@ -90,9 +89,7 @@ def bench(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/transfer-bench"),
     quiet: QuietOpt = False,
-    force: Annotated[
-        bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-    ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Transfer vs scratch over seeds and both directions; bench.json, bench.md and a PNG."""
     from dlion.transfer.bench import BENCH_JSON, BENCH_MD, BENCH_PNG, run_bench

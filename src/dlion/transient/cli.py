@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dlion.cli_options import ForceOption
 from dlion.errors import BadInput, ConfigError
 from dlion.outdir import default_dir, open_output
 
@@ -23,11 +24,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console() if sys.stdout.isatty() else Console(width=160)
-
-
-ForceOpt = Annotated[
-    bool, typer.Option(help="Replace an earlier dlion output in --out (never other files).")
-]
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -95,7 +91,7 @@ def plan(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-    force: ForceOpt = False,
+    force: ForceOption = False,
 ) -> None:
     """Choose instance type, count and tier for a deadline or a budget (Monte Carlo)."""
     from dlion.config import load_config
@@ -193,7 +189,7 @@ def bench(
         list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    force: ForceOpt = False,
+    force: ForceOption = False,
 ) -> None:
     """The issue-6 numbers: paper comparison, DLion vs ps-asp, planner vs full sim runs."""
     from dlion.transient.bench import BenchSpec, run_bench
@@ -239,7 +235,7 @@ def perf(
     configs: Annotated[int, typer.Option(min=6, help="Profiled configurations.")] = 24,
     held_out: Annotated[int, typer.Option(min=1, help="Configurations kept out of the fit.")] = 8,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    force: ForceOpt = False,
+    force: ForceOption = False,
 ) -> None:
     """Fit the step-time and checkpoint-time models; report their held-out errors."""
     from dlion.transient.bench import perf_bench
