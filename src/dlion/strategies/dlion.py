@@ -62,6 +62,24 @@ Rules, per iteration t of worker i in site s:
   overlap everywhere; RESULTS.md section 14), while a slower site's updates are few and
   its own gradient dominates. `lockstep_slack: null` overlaps everywhere; `max_delay: d`
   makes every leader wait for every remote site's update of t - d (1: lock-step sites).
+- Synchronous equal-paced sites (`site_sync`, default on; `pipe_mode`): with a remote site
+  whose iteration time is within (1 + slack) of this site's both ways, and a pipe whose
+  measured latency is under this site's last iteration time (compute + all-reduce), the
+  leader does not take that site's update of t - 1 before the all-reduce: after it, it
+  adds the site's sum to the pipes and wakes the pumps at once, waits for that site's
+  update of iteration t, and a second all-reduce inside the site (`sharded_allreduce`,
+  the members add zeros) hands what arrived to every member before the step; the
+  budget of such a pipe is the iteration time net of its latency, as for lock-step.
+  Why: lock-step applies two thirds of the update (three equal sites) one iteration late,
+  and through momentum 0.9 the largest stable step of heavy-ball SGD on a quadratic falls
+  from eta h = 3.8 to 0.15 (`benchmarks/tools17/delay_stability.py`); the part a pipe
+  carries on time removes that delay (the rest, held back by the budget and the test,
+  stays late). Costs: the pipe time (about one more iteration time) and a second
+  intra-site collective; network-hetero at lr 0.2 reaches the target on 3 of 3 seeds
+  instead of 0 of 3 (RESULTS.md section 14d). A faster remote site stays lock-step (its
+  update of t - 1 is always there), a slower one overlapped. A delay correction inside
+  momentum (the late part caught up in the buffer, as if it had arrived one step
+  earlier) only doubles that edge (0.32): not adopted.
 - DKT across sites: every `dkt_every` iterations each leader compares site losses (mean
   loss EMA of a site's members, from the numbers it holds); the leader of the best site
   sends its model to the leaders of sites worse by more than `dkt_margin`. A leader that
