@@ -449,6 +449,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     speed: float | None = None
     loss_ema: float | None = None
     iteration_s: float | None = None  # compute + all-reduce of the last iteration
+    restored_s = ctx.restored_state("iteration_s")  # a resumed worker's (for `pipe_mode`)
+    if restored_s is not None and restored_s.numel() == 1 and float(restored_s[0]) > 0:
+        iteration_s = float(restored_s[0])
+    ctx.keep_state("iteration_s", lambda: torch.tensor([iteration_s or 0.0], dtype=torch.float64))
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
     gate = opt.agreement_gate and opt.significance_z is not None
