@@ -479,14 +479,40 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         latest[src_site] = max(latest.get(src_site, -1), int(msg.meta.get("it", -1)))
 
     async def feed_pipes(
-        own: torch.Tensor, sites: dict[str, list[int]], it: int, budget_s: float
+        own: torch.Tensor,
+        sites: dict[str, list[int]],
+        it: int,
+        budget_s: float,
+        send_first: bool = False,
     ) -> None:
         """Leader: add the site's own sum of iteration `it` (no remote part: what came from
-        other sites goes back nowhere) to every live pipe's residual and wake its pump."""
+        other sites goes back nowhere) to every live pipe's residual and wake its pump.
+        `send_first` (synchronous sites wait for these messages): wake the pumps before the
+        agreement gate's bookkeeping, whose threshold then applies from the next message."""
+        pipe_meta = {"it": float(it), "src": float(me)} | knowledge_meta(known, sites[my_site])
+        if send_first:
+            for s, pipe in pipes.items():
+                if s in sites:
+                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                        pipe.residual.add(own)
+                    pipe.budget_s = budget_s
+                    pipe.meta = pipe_meta
+                    pipe.fresh.set()
+            if gate:
+                async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
+                    own_sum.mul_(AGREEMENT_DECAY).add_(own)
+                for s, pipe in pipes.items():
+                    if s in sites:
+                        async with ctx.charged("axpy", 4 * numel, 4):  # dot, norms, decay
+                            cosine = agreement(own_sum, pipe.received)
+                            pipe.received.mul_(AGREEMENT_DECAY)
+                        pipe.z = gated_z(opt.significance_z, cosine)
+                        if it % 100 == 0:
+                            ctx.record("agreement", iteration=it, site=s, cosine=cosine)
+            return
         if gate:
             async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
                 own_sum.mul_(AGREEMENT_DECAY).add_(own)
-        pipe_meta = {"it": float(it), "src": float(me)} | knowledge_meta(known, sites[my_site])
         for s, pipe in pipes.items():
             if s in sites:
                 async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
@@ -538,6 +564,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         ctx.restored_state(f"squares.{s}"),
                     )
                     pipe = _Pipe(s, residual, ctx.restored_state(f"received.{s}"))
+                    pipe.z = opt.significance_z  # the gate's threshold before any measure
                     # mypy cannot infer the type of a lambda with a default argument.
                     ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)  # type: ignore[misc]
                     ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)  # type: ignore[misc]
@@ -629,7 +656,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             budget_s = opt.rho * (result.seconds + (ctx.now() - sync_start))
             arrived = torch.zeros(numel)
             if is_leader:
-                await feed_pipes(got.total - remote, groups, t, budget_s)
+                await feed_pipes(got.total - remote, groups, t, budget_s, send_first=True)
                 fed = True
                 for s in sync_sites:
                     while s in groups and latest.get(s, -1) < t:
