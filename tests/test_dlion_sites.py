@@ -20,6 +20,7 @@ from dlion.strategies.dlion import (
     agreement,
     gated_z,
     knowledge_meta,
+    pipe_mode,
     read_knowledge,
     site_groups,
     site_iteration_times,
@@ -340,4 +341,101 @@ def test_a_departed_leader_hands_the_role_to_the_next_member() -> None:
     assert (1, 1) in changes  # rank 1 now leads site a
     late = [p for p in result.points if p.t >= 0.5]
     assert late[-1].iteration > late[0].iteration
+    assert result.summary["final_acc"] >= 0.85
+
+
+def test_pipe_mode_follows_measured_paces_and_latency() -> None:
+    # Paces in s per iteration; slack 0.25; this site's iteration time 0.015 s.
+    # A remote site 1.3x slower: overlap (never wait on it).
+    assert pipe_mode(0.013, 0.010, 0.002, 0.015, 0.25, True) == "overlap"
+    # A remote site 1.3x faster: lock-step (its previous update is always there).
+    assert pipe_mode(0.010, 0.013, 0.002, 0.015, 0.25, True) == "lockstep"
+    # Within 1.25x both ways and latency 10 ms < 15 ms: synchronous.
+    assert pipe_mode(0.012, 0.010, 0.010, 0.015, 0.25, True) == "sync"
+    assert pipe_mode(0.010, 0.012, 0.010, 0.015, 0.25, True) == "sync"
+    # The same pair over a pipe whose latency (15 ms) is not under the iteration: lock-step.
+    assert pipe_mode(0.012, 0.010, 0.015, 0.015, 0.25, True) == "lockstep"
+    # Switched off, or the iteration time not measured yet: lock-step.
+    assert pipe_mode(0.012, 0.010, 0.010, 0.015, 0.25, False) == "lockstep"
+    assert pipe_mode(0.012, 0.010, 0.010, None, 0.25, True) == "lockstep"
+    # A pace not known yet: overlap.
+    assert pipe_mode(None, 0.010, 0.002, 0.015, 0.25, True) == "overlap"
+
+
+def _equal_sites(**options: Any) -> Any:
+    return small_config(
+        workers=[
+            {"site": "a", "capacity_gflops": 0.02, "count": 2},
+            {"site": "b", "capacity_gflops": 0.02, "count": 2},
+            {"site": "c", "capacity_gflops": 0.02, "count": 2},
+        ],
+        sites=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
+        links=[
+            {"sites": ["a", "b"], "bandwidth_mbps": 100, "latency_ms": 2},
+            {"sites": ["b", "c"], "bandwidth_mbps": 20, "latency_ms": 3},
+            {"sites": ["a", "c"], "bandwidth_mbps": 20, "latency_ms": 3},
+        ],
+        options=options,
+        train={"max_time": 1.0, "stop_at_target": False},
+        engine=FREE_VECTORS,
+    )
+
+
+def _models_after_each_iteration(cfg: Any) -> tuple[Any, dict[tuple[int, int], torch.Tensor]]:
+    from dlion.strategies import get_strategy, parse_options
+
+    spec = get_strategy("dlion")
+    after: dict[tuple[int, int], torch.Tensor] = {}
+
+    async def spying(ctx: WorkerContext, opt: Any) -> None:
+        done = ctx.iteration_done
+
+        def logged(loss: float) -> None:
+            after[ctx.rank, ctx.iteration] = ctx.replica.flat.clone()
+            done(loss)
+
+        ctx.iteration_done = logged  # type: ignore[method-assign]
+        await spec.worker(ctx, opt)
+
+    options = parse_options(spec, cfg.strategy.options)
+    result, _ = run_counting(cfg, spying, options)
+    return result, after
+
+
+def test_equal_paced_sites_exchange_synchronously() -> None:
+    """Three equal sites, dense exchange, no significance test: with site_sync every site
+    applies every site's sum of iteration t in iteration t, so all sites keep (up to the
+    order of the float sums) one model; one iteration late (site_sync off) they drift."""
+    dense = {"pge": False, "significance_z": None}
+    result, after = _models_after_each_iteration(_equal_sites(**dense))
+    modes = {(e["rank"], e["site"]): e["mode"] for e in result.events if e["event"] == "pipe_mode"}
+    assert modes == {
+        (0, "b"): "sync",
+        (0, "c"): "sync",
+        (2, "a"): "sync",
+        (2, "c"): "sync",
+        (4, "a"): "sync",
+        (4, "b"): "sync",
+    }
+    assert not [e for e in result.events if e["event"] == "remote_wait_timeout"]
+    _, late = _models_after_each_iteration(_equal_sites(site_sync=False, **dense))
+    last = max(it for r, it in after if r == 4) - 1
+    assert last > 20
+    for models in (after, late):
+        assert torch.equal(models[0, last], models[1, last])  # one model per site
+    gap = float((after[0, last] - after[4, last]).abs().max())
+    late_gap = float((late[0, last] - late[4, last]).abs().max())
+    assert gap < 1e-5
+    assert late_gap > 100 * gap
+    assert result.summary["final_acc"] >= 0.85
+
+
+def test_a_synchronous_leader_that_leaves_hands_over_without_a_stall() -> None:
+    cfg = with_membership(_equal_sites(), [MembershipEvent(at_s=0.4, rank=0, event="leave")])
+    result = run_sim(cfg, progress=False)
+    changes = [(e["rank"], e["leader"]) for e in result.events if e["event"] == "leader_changed"]
+    assert (1, 1) in changes
+    assert any(e["event"] == "pipe_mode" and e["rank"] == 1 for e in result.events)
+    late = [p for p in result.points if p.t >= 0.5]
+    assert late[-1].iteration > late[0].iteration + 10
     assert result.summary["final_acc"] >= 0.85

@@ -23,7 +23,15 @@ SCENARIOS = [
     "microcloud-hetero-12",
     "microcloud-hetero-24",
 ]
-DLION = ["dlion", "dlion-lr0.1", "dlion-no-gate", "dlion-no-z", "dlion-hpdc21"]
+DLION = [
+    "dlion",
+    "dlion-lr0.1",
+    "dlion-lr0.4",
+    "dlion-no-sync",
+    "dlion-no-gate",
+    "dlion-no-z",
+    "dlion-hpdc21",
+]
 BASELINES = ["gaia", "halos", "adpsgd", "allreduce"]
 
 

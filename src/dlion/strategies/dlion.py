@@ -62,6 +62,24 @@ Rules, per iteration t of worker i in site s:
   overlap everywhere; RESULTS.md section 14), while a slower site's updates are few and
   its own gradient dominates. `lockstep_slack: null` overlaps everywhere; `max_delay: d`
   makes every leader wait for every remote site's update of t - d (1: lock-step sites).
+- Synchronous equal-paced sites (`site_sync`, default on; `pipe_mode`): with a remote site
+  whose iteration time is within (1 + slack) of this site's both ways, and a pipe whose
+  measured latency is under this site's last iteration time (compute + all-reduce), the
+  leader does not take that site's update of t - 1 before the all-reduce: after it, it
+  adds the site's sum to the pipes and wakes the pumps at once, waits for that site's
+  update of iteration t, and a second all-reduce inside the site (`sharded_allreduce`,
+  the members add zeros) hands what arrived to every member before the step; the
+  budget of such a pipe is the iteration time net of its latency, as for lock-step.
+  Why: lock-step applies two thirds of the update (three equal sites) one iteration late,
+  and through momentum 0.9 the largest stable step of heavy-ball SGD on a quadratic falls
+  from eta h = 3.8 to 0.15 (`benchmarks/tools17/delay_stability.py`); the part a pipe
+  carries on time removes that delay (the rest, held back by the budget and the test,
+  stays late). Costs: the pipe time (about one more iteration time) and a second
+  intra-site collective; network-hetero at lr 0.2 reaches the target on 3 of 3 seeds
+  instead of 0 of 3 (RESULTS.md section 14d). A faster remote site stays lock-step (its
+  update of t - 1 is always there), a slower one overlapped. A delay correction inside
+  momentum (the late part caught up in the buffer, as if it had arrived one step
+  earlier) only doubles that edge (0.32): not adopted.
 - DKT across sites: every `dkt_every` iterations each leader compares site losses (mean
   loss EMA of a site's members, from the numbers it holds); the leader of the best site
   sends its model to the leaders of sites worse by more than `dkt_margin`. A leader that
@@ -155,6 +173,15 @@ class Options(SharedOptions):
         "whose updates disagree (skewed data) send the plain top-k, which carries what the "
         "receiver's own data lacks without delay. False: the test everywhere.",
     )
+    site_sync: bool = Field(
+        True,
+        description="With lockstep_slack: a leader exchanges with an equal-paced site "
+        "synchronously (it waits for that site's update of the current iteration, and a "
+        "second collective hands it to the members before the step) when the pipe's "
+        "measured latency is under this site's last iteration time; else one iteration "
+        "late (lock-step). A late update between equal-paced sites goes through momentum "
+        "and shrinks the stable step 25x (RESULTS.md sections 14c, 14d). False: lock-step.",
+    )
     max_delay: int | None = Field(
         None,
         ge=1,
@@ -200,6 +227,32 @@ def site_iteration_times(
         else:
             out[site] = global_batch * len(members) / n / sum(speeds)
     return out
+
+
+PipeMode = Literal["overlap", "lockstep", "sync"]
+
+
+def pipe_mode(
+    pace: float | None,
+    my_pace: float | None,
+    latency: float,
+    iteration_s: float | None,
+    slack: float,
+    sync: bool,
+) -> PipeMode:
+    """How a leader exchanges with one remote site, from measured numbers: overlap (never
+    wait) when the remote site's iteration time `pace` exceeds (1 + slack) x this site's
+    (or either is not known yet); synchronously (wait for its update of the current
+    iteration) when the two paces are within (1 + slack) of each other, `sync` is on and
+    the pipe's latency is under this site's last iteration time `iteration_s` (compute +
+    site all-reduce), so the wait costs about one iteration at most; else lock-step (its
+    update of the previous iteration: a faster site's is always there)."""
+    if pace is None or my_pace is None or pace > (1 + slack) * my_pace:
+        return "overlap"
+    equal = my_pace <= (1 + slack) * pace
+    if sync and equal and iteration_s is not None and latency < iteration_s:
+        return "sync"
+    return "lockstep"
 
 
 def site_groups(ranks: Sequence[int], site_of: Callable[[int], str]) -> dict[str, list[int]]:
@@ -396,6 +449,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     speed: float | None = None
     loss_ema: float | None = None
     iteration_s: float | None = None  # compute + all-reduce of the last iteration
+    restored_s = ctx.restored_state("iteration_s")  # a resumed worker's (for `pipe_mode`)
+    if restored_s is not None and restored_s.numel() == 1 and float(restored_s[0]) > 0:
+        iteration_s = float(restored_s[0])
+    ctx.keep_state("iteration_s", lambda: torch.tensor([iteration_s or 0.0], dtype=torch.float64))
     pipes: dict[str, _Pipe] = {}  # leader only: one per remote site
     latest: dict[str, int] = {}  # newest iteration received from each remote site
     gate = opt.agreement_gate and opt.significance_z is not None
@@ -403,6 +460,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     own_sum = _restored_or_zeros(numel, ctx.restored_state("own_sum"))  # leader: decayed
     ctx.keep_state("own_sum", lambda: own_sum)  # sum of the site's own updates (agreement)
     was_leader = False
+    modes: dict[str, PipeMode] = {}  # leader: how it last exchanged with each remote site
     overheads: dict[int, float] = {}  # fixed per-step costs of the site's members (wdb.py)
     background: set[asyncio.Task[bool]] = set()
 
@@ -419,6 +477,57 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         if gate and src_site in pipes:
             pipes[src_site].received += update
         latest[src_site] = max(latest.get(src_site, -1), int(msg.meta.get("it", -1)))
+
+    async def feed_pipes(
+        own: torch.Tensor,
+        sites: dict[str, list[int]],
+        it: int,
+        budget_s: float,
+        send_first: bool = False,
+    ) -> None:
+        """Leader: add the site's own sum of iteration `it` (no remote part: what came from
+        other sites goes back nowhere) to every live pipe's residual and wake its pump.
+        `send_first` (synchronous sites wait for these messages): wake the pumps before the
+        agreement gate's bookkeeping, whose threshold then applies from the next message."""
+        pipe_meta = {"it": float(it), "src": float(me)} | knowledge_meta(known, sites[my_site])
+        if send_first:
+            for s, pipe in pipes.items():
+                if s in sites:
+                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                        pipe.residual.add(own)
+                    pipe.budget_s = budget_s
+                    pipe.meta = pipe_meta
+                    pipe.fresh.set()
+            if gate:
+                async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
+                    own_sum.mul_(AGREEMENT_DECAY).add_(own)
+                for s, pipe in pipes.items():
+                    if s in sites:
+                        async with ctx.charged("axpy", 4 * numel, 4):  # dot, norms, decay
+                            cosine = agreement(own_sum, pipe.received)
+                            pipe.received.mul_(AGREEMENT_DECAY)
+                        pipe.z = gated_z(opt.significance_z, cosine)
+                        if it % 100 == 0:
+                            ctx.record("agreement", iteration=it, site=s, cosine=cosine)
+            return
+        if gate:
+            async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
+                own_sum.mul_(AGREEMENT_DECAY).add_(own)
+        for s, pipe in pipes.items():
+            if s in sites:
+                async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                    pipe.residual.add(own)
+                pipe.budget_s = budget_s
+                pipe.meta = pipe_meta
+                pipe.z = opt.significance_z
+                if gate:
+                    async with ctx.charged("axpy", 4 * numel, 4):  # dot, two norms, decay
+                        cosine = agreement(own_sum, pipe.received)
+                        pipe.received.mul_(AGREEMENT_DECAY)
+                    pipe.z = gated_z(opt.significance_z, cosine)
+                    if it % 100 == 0:
+                        ctx.record("agreement", iteration=it, site=s, cosine=cosine)
+                pipe.fresh.set()
 
     if ctx.peer_since(me) > 0:
         # A joiner took a live peer's model; a site keeps one model, so adopt the site's.
@@ -455,6 +564,7 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                         ctx.restored_state(f"squares.{s}"),
                     )
                     pipe = _Pipe(s, residual, ctx.restored_state(f"received.{s}"))
+                    pipe.z = opt.significance_z  # the gate's threshold before any measure
                     # mypy cannot infer the type of a lambda with a default argument.
                     ctx.keep_state(f"residual.{s}", lambda p=pipe: p.residual.residual)  # type: ignore[misc]
                     ctx.keep_state(f"squares.{s}", lambda p=pipe: p.residual.squares)  # type: ignore[misc]
@@ -478,15 +588,28 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         # Remote updates and knowledge transfers: the leader takes them, others forward.
         remote = torch.zeros(numel)
         delta: torch.Tensor | None = None
+        sync_sites: list[str] = []  # leader: remote sites whose iteration-t update it awaits
         if is_leader:
             for s in groups:
                 delay = opt.max_delay
                 if delay is None and opt.lockstep_slack is not None and s != my_site:
                     paces = site_iteration_times(groups, known, G, len(ranks))
-                    pace, my_pace = paces.get(s), paces.get(my_site)
-                    if pace is not None and my_pace is not None:
-                        slow = pace > (1 + opt.lockstep_slack) * my_pace
-                        delay = None if slow else 1
+                    mode = pipe_mode(
+                        paces.get(s),
+                        paces.get(my_site),
+                        ctx.latency(leaders[s]),
+                        iteration_s,
+                        opt.lockstep_slack,
+                        opt.site_sync,
+                    )
+                    if modes.get(s) != mode:
+                        ctx.record("pipe_mode", iteration=t, site=s, mode=mode)
+                        modes[s] = mode
+                    delay = None if mode == "overlap" else 1
+                    if mode == "sync" and s in pipes:
+                        sync_sites.append(s)
+                        pipes[s].lockstep = True
+                        continue  # awaited once the site's own sum is formed (below)
                 if s in pipes:
                     pipes[s].lockstep = delay is not None
                 if s == my_site or delay is None:
@@ -512,6 +635,8 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
 
         # Dense, synchronous sum inside the site; the leader's part carries the remote ones.
         meta = {"s": speed, "l": loss_ema, "dkt": 0.0 if delta is None else 1.0}
+        if sync_sites:
+            meta["sync"] = 1.0
         if ctx.step_overhead > 0:
             meta["o"] = ctx.step_overhead
         if is_leader:
@@ -521,8 +646,37 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         async with ctx.charged("axpy", numel, 2 if is_leader else 1):
             vector = weighted + remote if is_leader else weighted
         got = await sharded_allreduce(ctx, vector, f"dl{t}", mates, meta)
-        await ctx.apply(got.total)
-        iteration_s = result.seconds + (ctx.now() - sync_start)
+        total = got.total
+        fed = False
+        budget_s = 0.0
+        if got.metas.get(leader, {}).get("sync", 0.0) == 1.0:
+            # Synchronous sites: the leader sends the site's sum at once, waits for every
+            # such site's update of this iteration, and a second collective hands them on.
+            # The pipes' budget is this iteration's compute + all-reduce (no wait in it).
+            budget_s = opt.rho * (result.seconds + (ctx.now() - sync_start))
+            arrived = torch.zeros(numel)
+            if is_leader:
+                await feed_pipes(got.total - remote, groups, t, budget_s, send_first=True)
+                fed = True
+                for s in sync_sites:
+                    while s in groups and latest.get(s, -1) < t:
+                        msg = await ctx.recv(None, REMOTE_TAG, numel=numel)
+                        if not isinstance(msg, Message):
+                            ctx.record("remote_wait_timeout", site=s, iteration=t, why=repr(msg))
+                            break
+                        async with ctx.charged("axpy", absorb_ops * numel, absorb_ops):
+                            absorb(msg, arrived)
+            live = [r for r in mates if r not in got.lost]
+            shared = await sharded_allreduce(ctx, arrived, f"ds{t}", live)
+            for r in shared.lost:
+                lost.add((r, ctx.incarnation(r)))
+                ctx.record("peer_lost", peer=r, phase=f"ds{t}")
+            async with ctx.charged("axpy", numel):
+                total = got.total + shared.total
+        await ctx.apply(total)
+        # Compute + all-reduce (+ the step when not synchronous, whose wait is left out).
+        step_s = result.seconds + (ctx.now() - sync_start)
+        iteration_s = budget_s / opt.rho if fed else step_s
         for r in got.lost:
             lost.add((r, ctx.incarnation(r)))
             ctx.record("peer_lost", peer=r, phase=f"dl{t}")
@@ -533,27 +687,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
             if r == leader and not is_leader:
                 known.update({q: v for q, v in read_knowledge(m).items() if ctx.site(q) != my_site})
 
-        if is_leader and pipes:
-            own = got.total - remote  # this site's sum alone: the remote ones go back nowhere
-            if gate:
-                async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
-                    own_sum.mul_(AGREEMENT_DECAY).add_(own)
-            pipe_meta = {"it": float(t), "src": float(me)} | knowledge_meta(known, mates)
-            for s, pipe in pipes.items():
-                if s in groups:
-                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
-                        pipe.residual.add(own)
-                    pipe.budget_s = opt.rho * iteration_s
-                    pipe.meta = pipe_meta
-                    pipe.z = opt.significance_z
-                    if gate:
-                        async with ctx.charged("axpy", 4 * numel, 4):  # dot, two norms, decay
-                            cosine = agreement(own_sum, pipe.received)
-                            pipe.received.mul_(AGREEMENT_DECAY)
-                        pipe.z = gated_z(opt.significance_z, cosine)
-                        if t % 100 == 0:
-                            ctx.record("agreement", iteration=t, site=s, cosine=cosine)
-                    pipe.fresh.set()
+        if is_leader and pipes and not fed:
+            # This site's sum alone: the remote ones go back nowhere.
+            await feed_pipes(got.total - remote, groups, t, opt.rho * step_s)
 
         # Knowledge transfer: the site applies the delta its leader announced.
         if got.metas.get(leader, {}).get("dkt", 0.0) == 1.0:
