@@ -311,7 +311,8 @@ class WorkerContext(ABC):
 
         Here, and so in the sim, it is the ring of point-to-point messages of
         `ring_allreduce` (`tag` names its messages), which the network charges chunk by
-        chunk; the dist engine runs one torch.distributed collective instead."""
+        chunk; the dist engine runs one torch.distributed collective instead on unshaped
+        links (on shaped ones, this ring too)."""
         return await ring_allreduce(self, vector, tag, ranks=ranks, epoch=epoch)
 
     def view_change(self, epoch: int | None) -> asyncio.Future[RecvResult]:

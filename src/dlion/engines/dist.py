@@ -6,7 +6,9 @@ The strategy is the same coroutine the sim runs; only the context differs:
   workers can be emulated on a small host; if the real step is already longer it is
   counted as an overrun);
 - transport: frames (comm/codec.py) over per-pair torch.distributed groups
-  (comm/transport.py), paced per link and NIC by comm/shaping.py;
+  (comm/transport.py), paced per link and NIC by comm/shaping.py; `ctx.allreduce_sum`
+  is one native collective on unshaped links only, the sim's ring of these frames on
+  shaped ones (engines/collective.py);
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
   real links) the receiver times each frame from its first chunk's arrival to its last
@@ -171,7 +173,15 @@ class DistContext(PaysVectorWorkInRealTime, WorkerContext):
     async def allreduce_sum(
         self, vector: torch.Tensor, tag: str, *, ranks: list[int], epoch: int | None = None
     ) -> torch.Tensor:
-        """One torch.distributed all-reduce over a group of `ranks` (engines/collective.py)."""
+        """On unshaped links (`engine.shaping: none`), one torch.distributed all-reduce
+        over a group of `ranks` (engines/collective.py). On shaped links the ring of
+        point-to-point messages the sim charges (`WorkerContext.allreduce_sum`): its
+        chunks are paced (transport) or cross the tc classes and site pipes (kernel) and
+        pay each link's latency like every other message. The native collective's bytes
+        went around both (the transport's pacers and latencies never saw them): all-reduce
+        ran 4.8x faster than the shaped network allows (RESULTS.md sections 12c, 12e)."""
+        if self._worker.cfg.engine.shaping != "none":
+            return await super().allreduce_sum(vector, tag, ranks=ranks, epoch=epoch)
         return await self._worker.allreduce_sum(vector, sorted(ranks), epoch)
 
     def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
