@@ -507,6 +507,39 @@ def test_all_reduce_on_kernel_shaped_pipes_is_the_ring_and_pays_bytes_and_latenc
 
 
 @needs_netns
+def test_on_kernel_shaped_links_a_send_ends_when_its_bytes_left_and_arrives_a_latency_later(
+    shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 300 ms latency on the pipe a - b (the plan has only rates; the dist engine adds
+    latency): worker 0's 20 kB send to worker 2 ends once its bytes have left (10 ms at
+    16 Mbit/s), as in the sim, and worker 2 gets it at least 300 ms after it was sent.
+    The latency used to be held at the sender, so the send itself took the 300 ms too."""
+    tests = Path(__file__).parent
+    monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    )
+    import dist_plugins  # noqa: F401  (registers t-latency here too, for config validation)
+
+    plan, _ = shaped
+    raw = three_workers().model_dump(mode="json")
+    raw["strategy"] = {"name": "t-latency", "options": {}}
+    raw["cluster"]["links"][0]["latency_ms"] = 300
+    raw["train"].update({"stop_at_target": False, "max_time": 2.0})
+    cfg = config_from_dict(raw)
+    run_dist(cfg, out_dir=tmp_path, progress=False, netns=plan.prefix)
+
+    def events(rank: int, name: str) -> list[dict[str, Any]]:
+        path = tmp_path / "workers" / f"rank-{rank}.jsonl"
+        return [e for e in map(json.loads, path.open()) if e["event"] == name]
+
+    [sent] = events(0, "sent")
+    [delivered] = events(2, "delivered")
+    assert sent["seconds"] < 0.2, sent
+    assert delivered["after"] >= 0.3, delivered
+
+
+@needs_netns
 def test_up_refuses_names_taken_and_down_is_exact_and_idempotent(
     shaped: tuple[netns.Plan, ExperimentConfig], capsys: pytest.CaptureFixture[str]
 ) -> None:

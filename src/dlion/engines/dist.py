@@ -39,6 +39,7 @@ shared with FL on real processes, fl/dist.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -264,6 +265,8 @@ class DistWorker(PeerProcess):
         self.peer_inc: dict[int, int] = dict.fromkeys(range(self.cluster.size), 0)
         self._joins_seen: set[tuple[int, int]] = set()
         self._inflight: dict[int, set[asyncio.Future[None]]] = {}
+        # Messages held for their link's latency (kernel shaping, `_arrive`), per peer.
+        self._held: dict[int, collections.deque[Message]] = {}
         self._next_snapshot = 0  # the next evaluation point to publish
         self._leaving = False
         self.shaper = worker_shaper(self.cluster, rank, self.time_scale)
@@ -453,8 +456,8 @@ class DistWorker(PeerProcess):
         frame = encode(msg)
         start = time.monotonic()
         mode = self.cfg.engine.shaping
-        latency = self.ctx.latency(dst) if mode != "none" else 0.0
         if mode == "transport":
+            latency = self.ctx.latency(dst)
             # Bandwidth traces are in scenario time, like the sim's.
             t = self.time_scale.scenario(self.ctx.now())
             for r in self.cluster.route(self.rank, dst):
@@ -464,11 +467,12 @@ class DistWorker(PeerProcess):
                 return 0.0
             await asyncio.sleep(done - start)
             return done - start
+        # Kernel shaping: tc shapes the rate, and the link's latency is added by the
+        # receiver (`_arrive`), so the frame leaves now and the send ends when its bytes
+        # have left, as in the sim, not a latency later.
         fut: asyncio.Future[None] = self.loop.create_future()
         self._inflight.setdefault(dst, set()).add(fut)
-        index, crossed = self.delivery.on_send(
-            dst, len(frame), start + latency, self.ctx.bandwidth(dst)
-        )
+        index, crossed = self.delivery.on_send(dst, len(frame), start, self.ctx.bandwidth(dst))
 
         def resolve() -> None:
             if not fut.done():
@@ -477,7 +481,7 @@ class DistWorker(PeerProcess):
         def sent() -> None:
             self._from_thread(resolve)
 
-        if not self.transport.send(dst, frame, due=start + latency, on_sent=sent):
+        if not self.transport.send(dst, frame, due=start, on_sent=sent):
             self._inflight[dst].discard(fut)
             return 0.0
         try:
@@ -672,7 +676,32 @@ class DistWorker(PeerProcess):
             return
         if msg.tag != DELIVERY_TAG:
             self._count_arrival(peer, arrival)
-        self._from_thread(self._deliver, msg)
+        self._from_thread(self._arrive, msg)
+
+    def _arrive(self, msg: Message) -> None:
+        """On the loop: a message arrived whole. On kernel-shaped links it is delivered
+        the link's latency after its last byte (tc shapes only the rate; netem, which could
+        delay packets, is not available), in arrival order per peer; acknowledgements are
+        engine traffic and go at once.
+
+        The latency used to be added at the sender, which held each frame that long before
+        handing it to the kernel: the same arrival, but every send then ended a latency
+        after the sim's (whose send ends when its bytes have left), and each ring step
+        of an all-reduce across a pipe waited one latency more (1.55x the sim's time to
+        target on microcloud-hetero; RESULTS.md section 12e)."""
+        if self.cfg.engine.shaping != "kernel" or msg.tag == DELIVERY_TAG:
+            self._deliver(msg)
+            return
+        assert self.loop is not None
+        self._held.setdefault(msg.src, collections.deque()).append(msg)
+        # One timer per message; each delivers the peer's oldest held message, so the
+        # order holds even when timers of equal due time fire out of order.
+        self.loop.call_later(self.ctx.latency(msg.src), self._release, msg.src)
+
+    def _release(self, peer: int) -> None:
+        held = self._held.get(peer)
+        if held:
+            self._deliver(held.popleft())
 
     def _deliver(self, msg: Message) -> None:
         # Joiners are linked before they are members: their state requests must get through.
@@ -691,6 +720,7 @@ class DistWorker(PeerProcess):
             return
         self.linked.discard(peer)
         self.transport.drop(peer)
+        self._held.pop(peer, None)
         self.delivery.reset(peer)
         if peer not in self.live:  # a joiner that never became a member: nothing to tell
             self.log.write("joiner_lost", t=self.ctx.now(), rank=self.rank, peer=peer, why=why)
