@@ -7,9 +7,9 @@ and the time its tasks spent since the last one: `main.compute`, `main.allreduce
 intra-site sum), `<task>.charge` (the whole charged block), `<task>.paysleep` (the sleep
 that paid it), `<task>.model` / `<task>.real` (modelled and real seconds of the work),
 `<task>.recv` / `<task>.send`; `<task>` is `main` (the strategy loop), `pump` (DLion's
-inter-site pumps) or the coroutine's name. The sim writes them to metrics.jsonl, the dist
-workers to workers/rank-N.jsonl (wall seconds: divide by the time scale). table.py
-compares the two.
+inter-site pumps), `io` (a send or receive gathered as a task) or the coroutine's name.
+The sim writes them to metrics.jsonl, the dist workers to workers/rank-N.jsonl (wall
+seconds: divide by the time scale). table.py compares the two.
 """
 
 import os
@@ -31,6 +31,8 @@ if os.environ.get("DLION_TRACE"):
             tag = "pump"
         elif "worker" in name or "strategy" in name:
             tag = "main"
+        elif "wrapped" in name:
+            tag = "io"  # a send or receive spawned as a task of its own (gathered)
         else:
             tag = name
         tr[f"{tag}.{key}"] = tr.get(f"{tag}.{key}", 0.0) + dt
