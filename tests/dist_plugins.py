@@ -39,3 +39,25 @@ async def liar(ctx: WorkerContext, options: NoOptions) -> None:
 
 
 REGISTRY["t-liar"] = StrategySpec("t-liar", "sends malformed tensors", NoOptions, liar)
+
+
+async def latency_probe(ctx: WorkerContext, options: NoOptions) -> None:
+    """Rank 0 sends rank 2 one 20 kB message and records how long its send took; rank 2
+    records how long after the send began it was delivered. Then all idle-train."""
+    if ctx.rank == 0:
+        start = ctx.now()
+        await ctx.send(2, "lat", Dense(torch.zeros(5000)))
+        ctx.record("sent", seconds=ctx.now() - start)
+    elif ctx.rank == 2:
+        got = await ctx.recv(0, "lat", numel=5000)
+        assert isinstance(got, Message)
+        ctx.record("delivered", after=ctx.now() - got.sent_at)
+    while True:
+        result = await ctx.compute(8)
+        ctx.iteration_done(result.loss)
+        await asyncio.sleep(0.01)
+
+
+REGISTRY["t-latency"] = StrategySpec(
+    "t-latency", "one timed message across a pipe", NoOptions, latency_probe
+)

@@ -1,11 +1,13 @@
-"""`ctx.allreduce_sum`: the ring in the sim, one torch.distributed collective in dist.
+"""`ctx.allreduce_sum`: the ring in the sim, one torch.distributed collective in dist on
+unshaped links, the sim's ring on shaped ones.
 
 The sim charges the ring of point-to-point messages it always did (so the all-reduce
-strategy's sim results are unchanged); the dist engine runs one collective over a
-process group of the members, formed again when the membership changes, and never hangs
-on a member that died. Here: the byte count, a SIGKILLed member, a leave and a join
-(tests/test_dist_engine.py's killed-worker test runs the all-reduce strategy on this path
-too).
+strategy's sim results are unchanged); on unshaped links the dist engine runs one
+collective over a process group of the members, formed again when the membership
+changes, and never hangs on a member that died. Here: the byte count, a SIGKILLed member,
+a leave and a join on the native path; on a transport-shaped pipe, the ring and its pipe
+time (the kernel-shaped case is in tests/test_netns.py; tests/test_dist_engine.py's
+killed-worker test runs the all-reduce strategy on transport-shaped links, the ring).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dlion.comm.collectives import ring_bytes
 from dlion.config import config_from_dict
 from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
+from dlion.experiment import make_replica, prepare
 from helpers import small_config
 
 
@@ -54,7 +57,8 @@ def _dist_config(membership: list[dict[str, Any]]) -> Any:
         strategy="allreduce",
         train={"target_acc": 0.999, "max_time": 12.0},
         evaluation={"every_s": 0.25},
-        engine={"name": "dist", "peer_timeout": 5.0, "heartbeat_s": 0.2},
+        # Unshaped links: the native collective (shaped ones run the ring, below).
+        engine={"name": "dist", "shaping": "none", "peer_timeout": 5.0, "heartbeat_s": 0.2},
     )
     raw = cfg.model_dump(mode="json")
     raw["dynamics"]["membership"] = membership
@@ -120,3 +124,31 @@ def test_the_ddp_benchmark_times_dlion_past_its_warm_up_as_it_times_ddp(tmp_path
     metrics.write_text("\n".join(json.dumps(r) for r in rows))
     assert steady_iteration_time(metrics, warmup=20) == 4.0 / 200
     assert steady_iteration_time(metrics, warmup=100) is None  # one point past it
+
+
+def test_on_a_shaped_pipe_the_all_reduce_is_the_ring_and_takes_its_bytes_time(
+    tmp_path: Path,
+) -> None:
+    """One worker per site, a 2 Mbit/s pipe between them, compute far faster than the pipe:
+    every iteration moves each member's ring chunks over the pipe, so it takes at least
+    their bytes / 250 kB/s. The native collective went around the pacers (hundreds of
+    iterations in the same time, RESULTS.md section 12e)."""
+    cfg = small_config(
+        sites=[{"name": "a"}, {"name": "b"}],
+        workers=[
+            {"site": "a", "capacity_gflops": 1000.0, "count": 1},
+            {"site": "b", "capacity_gflops": 1000.0, "count": 1},
+        ],
+        links=[{"sites": ["a", "b"], "bandwidth_mbps": 2, "latency_ms": 0}],
+        strategy="allreduce",
+        train={"stop_at_target": False, "max_time": 3.0},
+        evaluation={"every_s": 0.5},
+        engine={"name": "dist", "shaping": "transport", "peer_timeout": 5.0, "heartbeat_s": 0.2},
+    )
+    s = run_dist(cfg, out_dir=tmp_path, progress=False).summary
+    numel = make_replica(cfg, prepare(cfg, 2), 0).numel
+    per_iteration = ring_bytes(numel, 2, 0) / 250_000  # seconds on the pipe, each way
+    assert s["iterations"] >= 5  # it ran
+    assert s["time_s"] >= s["iterations"] * per_iteration, (s["time_s"], s["iterations"])
+    for rank in (0, 1):
+        assert _groups(tmp_path, rank) == []  # no native group was formed

@@ -18,7 +18,7 @@ import pytest
 
 from dlion.cli import main
 from dlion.cluster import MBPS, Cluster
-from dlion.config import ExperimentConfig
+from dlion.config import ExperimentConfig, config_from_dict
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 from helpers import small_config
@@ -470,6 +470,73 @@ def test_dist_job_trains_over_kernel_shaped_links(
         for peer in after[r]:
             assert after[r][peer] > before[r][peer], (r, peer)
     assert time.time() - started < 120
+
+
+@needs_netns
+def test_all_reduce_on_kernel_shaped_pipes_is_the_ring_and_pays_bytes_and_latency(
+    shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path
+) -> None:
+    """The all-reduce strategy on the same namespaces, compute far faster than the links
+    and a 20 ms latency on the pipe (the transport adds latency; the plan has only rates):
+    the ring's chunks cross the routers' 16 Mbit/s pipe a -> b (rank 1 -> 2) and pay the
+    pipe's latency at least twice per iteration. The native collective did neither
+    (RESULTS.md section 12e)."""
+    from dlion.comm.collectives import ring_bytes
+    from dlion.experiment import make_replica, prepare
+
+    plan, _ = shaped
+    base = three_workers()
+    raw = base.model_dump(mode="json")
+    raw["strategy"] = {"name": "allreduce", "options": {}}
+    for w in raw["cluster"]["workers"]:
+        w["capacity_gflops"] = 1000.0
+    raw["cluster"]["links"][0]["latency_ms"] = 20
+    raw["train"].update({"stop_at_target": False, "max_time": 3.0})
+    cfg = config_from_dict(raw)
+    before = netns.pipe_bytes(plan, "a")["b"]
+    s: dict[str, Any] = run_dist(cfg, out_dir=tmp_path, progress=False, netns=plan.prefix).summary
+    crossed = netns.pipe_bytes(plan, "a")["b"] - before
+    iterations = s["iterations"]
+    numel = make_replica(cfg, prepare(cfg, 3), 0).numel
+    assert iterations >= 5
+    assert crossed >= iterations * ring_bytes(numel, 3, 1)
+    assert s["time_s"] >= iterations * 2 * 0.020, (s["time_s"], iterations)
+    assert s["time_s"] >= iterations * ring_bytes(numel, 3, 1) / 2e6
+    events = [json.loads(line) for line in (tmp_path / "workers" / "rank-0.jsonl").open()]
+    assert not [e for e in events if e["event"] == "collective_group"]  # no native group
+
+
+@needs_netns
+def test_on_kernel_shaped_links_a_send_ends_when_its_bytes_left_and_arrives_a_latency_later(
+    shaped: tuple[netns.Plan, ExperimentConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 300 ms latency on the pipe a - b (the plan has only rates; the dist engine adds
+    latency): worker 0's 20 kB send to worker 2 ends once its bytes have left (10 ms at
+    16 Mbit/s), as in the sim, and worker 2 gets it at least 300 ms after it was sent.
+    The latency used to be held at the sender, so the send itself took the 300 ms too."""
+    tests = Path(__file__).parent
+    monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    )
+    import dist_plugins  # noqa: F401  (registers t-latency here too, for config validation)
+
+    plan, _ = shaped
+    raw = three_workers().model_dump(mode="json")
+    raw["strategy"] = {"name": "t-latency", "options": {}}
+    raw["cluster"]["links"][0]["latency_ms"] = 300
+    raw["train"].update({"stop_at_target": False, "max_time": 2.0})
+    cfg = config_from_dict(raw)
+    run_dist(cfg, out_dir=tmp_path, progress=False, netns=plan.prefix)
+
+    def events(rank: int, name: str) -> list[dict[str, Any]]:
+        path = tmp_path / "workers" / f"rank-{rank}.jsonl"
+        return [e for e in map(json.loads, path.open()) if e["event"] == name]
+
+    [sent] = events(0, "sent")
+    [delivered] = events(2, "delivered")
+    assert sent["seconds"] < 0.2, sent
+    assert delivered["after"] >= 0.3, delivered
 
 
 @needs_netns

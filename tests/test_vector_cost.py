@@ -279,3 +279,43 @@ def test_dist_sleeps_the_scaled_model_minus_the_real_work(
     assert slept == [pytest.approx(0.005, rel=1e-9), pytest.approx(0.005, rel=1e-9)]
     assert ctx.charged_s == pytest.approx(0.024, rel=1e-12)
     assert ctx.charge_overruns == 1
+
+
+def test_dist_concurrent_tasks_each_pay_their_own_charges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two tasks of one worker charge at once (DLion's pump beside its main loop): each
+    sleeps its own 8 ms, side by side, as the sim's clock does; a debt shared between
+    them made the second sleep both (it ended at 17 ms, RESULTS.md section 12e)."""
+    from dlion.engines.virtual_loop import VirtualTimeLoop
+
+    model = VectorCostModel({"axpy": OpCost(1e-3, 0.0)}, HostLine(0.0, 1e9))
+    charger = VectorCharger(
+        model,
+        overhead_s=0.0,
+        capacity_at=lambda t: 0.5e9,  # k = 2: 4 (time scale) x 2 x 1 ms = 8 ms per charge
+        flops_per_sample=1e6,
+        batch=10,
+        time_scale=TimeScale(4.0),
+    )
+    loop = VirtualTimeLoop()
+    # The real clock is the virtual one: the work inside the blocks takes no time.
+    monkeypatch.setattr("dlion.context.time.perf_counter", loop.time)
+    ctx = _RealCtx(charger)
+    ends: dict[str, float] = {}
+
+    async def one(name: str, start: float) -> None:
+        await asyncio.sleep(start)
+        async with ctx.charged("axpy", 5):
+            pass
+        ends[name] = loop.time()
+
+    async def run() -> None:
+        await asyncio.gather(one("main", 0.0), one("pump", 0.001))
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert ends == {"main": pytest.approx(0.008), "pump": pytest.approx(0.009)}
+    assert ctx.charge_overruns == 0

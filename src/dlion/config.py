@@ -353,7 +353,7 @@ class EngineConfig(_Strict):
     shaping: Literal["transport", "kernel", "none"] = Field(
         "transport",
         description="dist: transport = sender-side pacing of each link's bandwidth plus its "
-        "latency; kernel = bandwidth left to tc (netns), latency still added in the transport; "
+        "latency; kernel = bandwidth left to tc (netns), latency added by the receiving worker; "
         "none = neither.",
     )
     peer_timeout: float = Field(

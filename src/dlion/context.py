@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -324,7 +325,8 @@ class WorkerContext(ABC):
 
         Here, and so in the sim, it is the ring of point-to-point messages of
         `ring_allreduce` (`tag` names its messages), which the network charges chunk by
-        chunk; the dist engine runs one torch.distributed collective instead."""
+        chunk; the dist engine runs one torch.distributed collective instead on unshaped
+        links (on shaped ones, this ring too)."""
         return await ring_allreduce(self, vector, tag, ranks=ranks, epoch=epoch)
 
     def view_change(self, epoch: int | None) -> asyncio.Future[RecvResult]:
@@ -546,17 +548,28 @@ class PaysVectorWorkInRealTime:
     The sleep owed is kept as a debt: negative when a sleep overshot, and the excess is
     credited to the next charges, so many short sleeps do not add up their wake-up delays.
     Real work beyond the model is counted (`charge_overruns`) and not credited: it stays
-    visible."""
+    visible.
+
+    One debt per task: on the virtual clock, charges made by concurrent tasks of a worker
+    (DLion's pumps beside its main loop) sleep side by side, so here too a task pays only
+    its own. (One debt shared by all tasks made a task sleep what the others owed, and
+    the others sleep it again: DLion's main loop paid its pumps' top-k, 1.36-1.52x the
+    sim's time to target; RESULTS.md section 12e.)"""
 
     charge_overruns: int = 0
-    _vector_debt: float = 0.0
+    _vector_debts: weakref.WeakKeyDictionary[asyncio.Task[Any], float] | None = None
 
     async def pay_vector_work(self, modelled: float, real_s: float) -> None:
         left = modelled - real_s
         if left < 0:
             self.charge_overruns += 1
-        self._vector_debt += max(left, 0.0)
-        if self._vector_debt > 0:
+        if self._vector_debts is None:
+            self._vector_debts = weakref.WeakKeyDictionary()
+        task = asyncio.current_task()
+        assert task is not None, "vector work is paid inside a task"
+        debt = self._vector_debts.get(task, 0.0) + max(left, 0.0)
+        if debt > 0:
             slept = time.perf_counter()
-            await asyncio.sleep(self._vector_debt)
-            self._vector_debt -= time.perf_counter() - slept
+            await asyncio.sleep(debt)
+            debt -= time.perf_counter() - slept
+        self._vector_debts[task] = debt

@@ -338,11 +338,13 @@ def kernel_vs_transport(
         *overrides,
     ]
     base = load_config(scenario, sets)
-    sim_tta = run_sim(base, progress=False).summary["tta_s"]
     rows: list[dict[str, Any]] = []
     plan = netns.up(netns.plan_for(base, prefix))
     try:
         for seed in seeds:
+            # The sim of the same seed (each seed's, not the default seed's for all).
+            sim = run_sim(load_config(scenario, [*sets, f"train.seed={seed}"]), progress=False)
+            sim_tta = sim.summary["tta_s"]
             for rep in range(repeats):
                 for mode in ("transport", "kernel"):
                     cfg = load_config(
@@ -370,6 +372,11 @@ def kernel_vs_transport(
                             "iterations": s["iterations"],
                             "bytes_sent": s["bytes_sent"],
                             "compute_overruns": s["compute_overruns"],
+                            "sim_iterations": sim.summary["iterations"],
+                            "sim_vector_s": sim.summary.get("vector_charged_s", 0.0),
+                            "vector_s": s.get("vector_charged_s", 0.0),
+                            "charge_overruns": s.get("charge_overruns", 0),
+                            "load": os.getloadavg()[0],
                         }
                     )
     finally:
@@ -380,13 +387,15 @@ def kernel_vs_transport(
         return sorted(t for t in done if t is not None)
 
     lines = [
-        "| shaping | seed | run | TTA (scenario s) | TTA (wall s) | final acc | iterations | "
-        "MB sent | overruns |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shaping | seed | run | TTA (scenario s) | sim TTA (s) | dist / sim | TTA (wall s) | "
+        "final acc | iterations (sim) | MB sent | overruns | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['shaping']} | {r['seed']} | {r['repeat']} | {_fmt(r['tta_scenario_s'])} | "
-            f"{_fmt(r['tta_wall_s'])} | {r['final_acc']:.3f} | {r['iterations']} | "
-            f"{r['bytes_sent'] / 1e6:.1f} | {r['compute_overruns']} |"
+            f"{_fmt(r['sim_tta_s'])} | {_fmt(_ratio(r['tta_scenario_s'], r['sim_tta_s']))} | "
+            f"{_fmt(r['tta_wall_s'])} | {r['final_acc']:.3f} | {r['iterations']} "
+            f"({r['sim_iterations']}) | {r['bytes_sent'] / 1e6:.1f} | {r['compute_overruns']} | "
+            f"{r['load']:.1f} |"
             for r in rows
         ),
     ]
@@ -398,10 +407,14 @@ def kernel_vs_transport(
             f"median TTA (scenario s): kernel {k:.2f} (range {kernel[0]:.2f}-{kernel[-1]:.2f}, "
             f"{len(kernel)} runs), transport {t:.2f} (range {transport[0]:.2f}-"
             f"{transport[-1]:.2f}, {len(transport)} runs); kernel / transport = {k / t:.2f}; "
-            f"sim {_fmt(sim_tta)}",
+            f"sim {', '.join(_fmt(r['sim_tta_s']) for r in rows if r['shaping'] == 'kernel')}",
         ]
     _write(out_dir, "kernel", rows, "\n".join(lines))
     return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _median(values: list[float]) -> float:

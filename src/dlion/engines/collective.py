@@ -3,7 +3,10 @@ group of the current members, formed again whenever the membership changes.
 
 `ctx.allreduce_sum` (context.py) is a ring of point-to-point messages in the sim; here it
 is one `allreduce` of a gloo (or NCCL) group: one C++ operation per iteration instead of
-2(n-1) frames through the pair links, which is what PyTorch DDP does.
+2(n-1) frames through the pair links, which is what PyTorch DDP does. It is used on
+unshaped links only (`engine.shaping: none`): its traffic bypasses the transport's pacing
+and latencies, so on shaped links (transport or kernel) the dist engine runs the sim's ring
+of point-to-point messages instead (DistContext.allreduce_sum).
 
 A group belongs to one membership: its store prefix names the epoch and every member's
 rank and incarnation, so the members (and only they) meet in it, and a worker that comes

@@ -6,7 +6,9 @@ The strategy is the same coroutine the sim runs; only the context differs:
   workers can be emulated on a small host; if the real step is already longer it is
   counted as an overrun);
 - transport: frames (comm/codec.py) over per-pair torch.distributed groups
-  (comm/transport.py), paced per link and NIC by comm/shaping.py;
+  (comm/transport.py), paced per link and NIC by comm/shaping.py; `ctx.allreduce_sum`
+  is one native collective on unshaped links only, the sim's ring of these frames on
+  shaped ones (engines/collective.py);
 - links are measured, not assumed: with transport pacing a send's paced time feeds the
   per-link bandwidth estimate (`ctx.bandwidth`); without it (shaping kernel or none, i.e.
   real links) the receiver times each frame from its first chunk's arrival to its last
@@ -37,6 +39,7 @@ shared with FL on real processes, fl/dist.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -171,7 +174,15 @@ class DistContext(PaysVectorWorkInRealTime, WorkerContext):
     async def allreduce_sum(
         self, vector: torch.Tensor, tag: str, *, ranks: list[int], epoch: int | None = None
     ) -> torch.Tensor:
-        """One torch.distributed all-reduce over a group of `ranks` (engines/collective.py)."""
+        """On unshaped links (`engine.shaping: none`), one torch.distributed all-reduce
+        over a group of `ranks` (engines/collective.py). On shaped links the ring of
+        point-to-point messages the sim charges (`WorkerContext.allreduce_sum`): its
+        chunks are paced (transport) or cross the tc classes and site pipes (kernel) and
+        pay each link's latency like every other message. The native collective's bytes
+        went around both (the transport's pacers and latencies never saw them): all-reduce
+        ran 4.8x faster than the shaped network allows (RESULTS.md sections 12c, 12e)."""
+        if self._worker.cfg.engine.shaping != "none":
+            return await super().allreduce_sum(vector, tag, ranks=ranks, epoch=epoch)
         return await self._worker.allreduce_sum(vector, sorted(ranks), epoch)
 
     def observe_delivery(self, peer: int, nbytes: int, seconds: float) -> None:
@@ -254,6 +265,8 @@ class DistWorker(PeerProcess):
         self.peer_inc: dict[int, int] = dict.fromkeys(range(self.cluster.size), 0)
         self._joins_seen: set[tuple[int, int]] = set()
         self._inflight: dict[int, set[asyncio.Future[None]]] = {}
+        # Messages held for their link's latency (kernel shaping, `_arrive`), per peer.
+        self._held: dict[int, collections.deque[Message]] = {}
         self._next_snapshot = 0  # the next evaluation point to publish
         self._leaving = False
         self.shaper = worker_shaper(self.cluster, rank, self.time_scale)
@@ -443,8 +456,8 @@ class DistWorker(PeerProcess):
         frame = encode(msg)
         start = time.monotonic()
         mode = self.cfg.engine.shaping
-        latency = self.ctx.latency(dst) if mode != "none" else 0.0
         if mode == "transport":
+            latency = self.ctx.latency(dst)
             # Bandwidth traces are in scenario time, like the sim's.
             t = self.time_scale.scenario(self.ctx.now())
             for r in self.cluster.route(self.rank, dst):
@@ -454,11 +467,12 @@ class DistWorker(PeerProcess):
                 return 0.0
             await asyncio.sleep(done - start)
             return done - start
+        # Kernel shaping: tc shapes the rate, and the link's latency is added by the
+        # receiver (`_arrive`), so the frame leaves now and the send ends when its bytes
+        # have left, as in the sim, not a latency later.
         fut: asyncio.Future[None] = self.loop.create_future()
         self._inflight.setdefault(dst, set()).add(fut)
-        index, crossed = self.delivery.on_send(
-            dst, len(frame), start + latency, self.ctx.bandwidth(dst)
-        )
+        index, crossed = self.delivery.on_send(dst, len(frame), start, self.ctx.bandwidth(dst))
 
         def resolve() -> None:
             if not fut.done():
@@ -467,7 +481,7 @@ class DistWorker(PeerProcess):
         def sent() -> None:
             self._from_thread(resolve)
 
-        if not self.transport.send(dst, frame, due=start + latency, on_sent=sent):
+        if not self.transport.send(dst, frame, due=start, on_sent=sent):
             self._inflight[dst].discard(fut)
             return 0.0
         try:
@@ -662,7 +676,32 @@ class DistWorker(PeerProcess):
             return
         if msg.tag != DELIVERY_TAG:
             self._count_arrival(peer, arrival)
-        self._from_thread(self._deliver, msg)
+        self._from_thread(self._arrive, msg)
+
+    def _arrive(self, msg: Message) -> None:
+        """On the loop: a message arrived whole. On kernel-shaped links it is delivered
+        the link's latency after its last byte (tc shapes only the rate; netem, which could
+        delay packets, is not available), in arrival order per peer; acknowledgements are
+        engine traffic and go at once.
+
+        The latency used to be added at the sender, which held each frame that long before
+        handing it to the kernel: the same arrival, but every send then ended a latency
+        after the sim's (whose send ends when its bytes have left), and each ring step
+        of an all-reduce across a pipe waited one latency more (1.55x the sim's time to
+        target on microcloud-hetero; RESULTS.md section 12e)."""
+        if self.cfg.engine.shaping != "kernel" or msg.tag == DELIVERY_TAG:
+            self._deliver(msg)
+            return
+        assert self.loop is not None
+        self._held.setdefault(msg.src, collections.deque()).append(msg)
+        # One timer per message; each delivers the peer's oldest held message, so the
+        # order holds even when timers of equal due time fire out of order.
+        self.loop.call_later(self.ctx.latency(msg.src), self._release, msg.src)
+
+    def _release(self, peer: int) -> None:
+        held = self._held.get(peer)
+        if held:
+            self._deliver(held.popleft())
 
     def _deliver(self, msg: Message) -> None:
         # Joiners are linked before they are members: their state requests must get through.
@@ -687,6 +726,7 @@ class DistWorker(PeerProcess):
             return
         self.linked.discard(peer)
         self.transport.drop(peer)
+        self._held.pop(peer, None)
         self.delivery.reset(peer)
         if peer not in self.live:  # a joiner that never became a member: nothing to tell
             self.log.write("joiner_lost", t=self.ctx.now(), rank=self.rank, peer=peer, why=why)

@@ -34,9 +34,10 @@ router namespace per site.
 
 Rates are line rates: packet headers count against them, so TCP payload goodput is a few
 percent below the configured rate (about 95% for full-size frames), as on a real link.
-netem is not available here, so latency stays in the transport (engine.shaping=kernel
-adds each link's latency before sending and leaves the bandwidth to tc). Bandwidth traces
-(`dynamics.bandwidth`) are not followed: the classes keep the scenario's base rates.
+netem is not available here, so latency stays in the dist engine (engine.shaping=kernel
+delivers each message its link's latency after it arrived and leaves the bandwidth to
+tc). Bandwidth traces (`dynamics.bandwidth`) are not followed: the classes keep the
+scenario's base rates.
 
 What `up` creates is recorded, before each step, in a JSON state file
 (/run/dlion/netns/PREFIX.json, or $DLION_NETNS_DIR), so `down(prefix)` removes exactly

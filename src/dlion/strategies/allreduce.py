@@ -1,7 +1,8 @@
 """Synchronous data-parallel SGD with a dense all-reduce every iteration (the baseline).
 
 The exchange is `ctx.allreduce_sum`: the sim charges it as a ring of point-to-point
-messages, the dist engine runs it as one torch.distributed collective over the members.
+messages, and so does the dist engine on shaped links (on unshaped ones it runs one
+torch.distributed collective over the members).
 
 Membership changes: the ring is planned for the current membership epoch; when a worker
 leaves, crashes (once detected) or joins, every ring member's collective fails at once
