@@ -1,7 +1,8 @@
 """The TTA table of a `dlion bench` run that has not finished (bench writes its report only
 at the end): mean time to target over the seeds per scenario x label, from the runs'
-summary.json and config.yaml. Scenarios where some label is missing or has fewer than 3
-seeds are left out. Usage: python3 benchmarks/tools/paper_partial.py OUT_DIR
+summary.json and config.yaml. A label whose runs have not all finished in a scenario is
+shown as "not finished (n/3 runs)"; a scenario with no finished label is left out.
+Usage: python3 benchmarks/tools/paper_partial.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -40,21 +41,20 @@ def main(out_dir: Path) -> None:
     root = out_dir / "runs"
     chosen: dict[str, str] = {}
     table: dict[str, dict[str, list[float]]] = {}
+    unfinished: dict[str, dict[str, int]] = {}
     for scenario_dir in sorted(root.iterdir()):
         runs: dict[str, list[float]] = {}
-        complete = True
         for label_dir in sorted(scenario_dir.iterdir()):
             summaries = sorted(label_dir.glob("seed*/summary.json"))
             if len(summaries) < SEEDS:
-                complete = False
-                break
+                unfinished.setdefault(scenario_dir.name, {})[label_dir.name] = len(summaries)
+                continue
             results = [json.loads(f.read_text()) for f in summaries]
             runs[label_dir.name] = [r["tta_s"] for r in results if r["tta_s"] is not None]
             chosen[label_dir.name] = chosen_setting(summaries[0].parent)
-        if complete:
+        if runs:
             table[scenario_dir.name] = runs
     labels = sorted({label for runs in table.values() for label in runs})
-    table = {scenario: runs for scenario, runs in table.items() if len(runs) == len(labels)}
     print("| scenario | " + " | ".join(labels) + " |")
     print("|---|" + "---:|" * len(labels))
     for scenario, runs in table.items():
@@ -64,8 +64,11 @@ def main(out_dir: Path) -> None:
             if label != BOUND and len(t) == SEEDS
         }
         best = min(means.values(), default=None)
+        missing = unfinished.get(scenario, {})
         cells = [
-            cell(runs.get(label, []), SEEDS, means.get(label) == best and best is not None)
+            f"not finished ({missing.get(label, 0)}/{SEEDS} runs)"
+            if label not in runs
+            else cell(runs[label], SEEDS, means.get(label) == best and best is not None)
             for label in labels
         ]
         print(f"| {scenario} | " + " | ".join(cells) + " |")
