@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dlion.cluster import Cluster
-from dlion.config import config_from_dict
+from dlion.cluster.topology import Cluster
+from dlion.core.config import config_from_dict
 from dlion.engines import netns
 from dlion.fl.config import fl_config_from_dict
 

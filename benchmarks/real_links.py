@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dlion.config import ExperimentConfig, config_from_dict
+from dlion.core.config import ExperimentConfig, config_from_dict
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 

@@ -18,13 +18,13 @@ import sys
 from typing import Any
 
 import dlion.engines.sim as sim
-from dlion.config import load_config
+from dlion.core.config import load_config
 
 
 def category(filename: str, name: str) -> str:
     if "asyncio" in filename or "selectors" in filename or "_contextvars" in name:
         return "asyncio machinery"
-    if "engines/network" in filename or filename.endswith("cluster.py"):
+    if "engines/network" in filename or filename.endswith("cluster/topology.py"):
         return "network model"
     if "engines/" in filename:
         return "sim engine other"

@@ -31,7 +31,11 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if args.src is not None:
         env["PYTHONPATH"] = str(args.src.resolve() / "src")
-    cmd = [sys.executable, "-c", "import sys; from dlion.cli import main; sys.exit(main())"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from dlion.cli.commands import main; sys.exit(main())",
+    ]
     cmd += ["train", "microcloud-hetero", "--engine", "dist", "--set", "train.max_time=2"]
     cmd += ["--set", "train.stop_at_target=false", "--out", str(args.out)]
     cmd += [] if args.trace else ["--quiet"]

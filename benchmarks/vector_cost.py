@@ -1,7 +1,7 @@
-"""Calibrate the vector-work cost model (src/dlion/vector_cost.py) on this host.
+"""Calibrate the vector-work cost model (src/dlion/cluster/vector_cost.py) on this host.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/vector_cost.py [--repeats N]
-        [--write src/dlion/vector_cost_host.py]
+        [--write src/dlion/cluster/vector_cost_host.py]
 
 Times each kind of vector work (one representative op per kind, vector_cost.KINDS) at
 several sizes with torch on 1 CPU thread, sizes taking turns so a neighbour's load hits
@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from dlion.config import load_config
-from dlion.optim import FlatSGD
-from dlion.probe import fit_step_time, flops_per_sample, measure_step_times
-from dlion.vector_cost import KINDS, Fit, OpCost, fit_op
+from dlion.cluster.vector_cost import KINDS, Fit, OpCost, fit_op
+from dlion.core.config import load_config
+from dlion.probe.measure import fit_step_time, flops_per_sample, measure_step_times
+from dlion.training.optim import FlatSGD
 
 SIZES = [1_000, 4_000, 17_226, 65_536, 262_144]
 STEP_BATCHES = [8, 32, 64]
@@ -155,10 +155,10 @@ def _write(path: str, fits: dict[str, Fit], overhead: float, host_flops: float, 
         f"  # max fit error {f.max_rel_error * 100:.1f}%"
         for k, f in fits.items()
     )
-    text = f'''"""Vector-work costs fitted on the calibration host (see dlion.vector_cost).
+    text = f'''"""Vector-work costs fitted on the calibration host (see dlion.cluster.vector_cost).
 
 Command: OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/vector_cost.py \\
-    --repeats {rep} --write src/dlion/vector_cost_host.py
+    --repeats {rep} --write src/dlion/cluster/vector_cost_host.py
 Machine: {platform.machine()} container, {platform.processor() or "cpu"} ({platform.system()}),
 2 cores shared with parallel work, torch {torch.__version__} CPU, 1 thread,
 Python {sys.version.split()[0]}; {today}; load average {os.getloadavg()[0]:.1f}.

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from dlion.config import ExperimentConfig, config_from_dict
 from dlion.context import WorkerContext
+from dlion.core.config import ExperimentConfig, config_from_dict
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import REGISTRY, StrategySpec
 

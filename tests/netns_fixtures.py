@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.config import ExperimentConfig
+from dlion.core.config import ExperimentConfig
 from dlion.engines import netns
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.config import ExperimentConfig, load_config
 from dlion.context import WorkerContext
+from dlion.core.config import ExperimentConfig, load_config
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import adpsgd
 from helpers import registered, small_config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlion.comm.messages import META_ENTRY_BYTES, VALUE_BYTES
-from dlion.config import ExperimentConfig, load_config
+from dlion.core.config import ExperimentConfig, load_config
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import ako
 from dlion.strategies.ako import PartitionedAccumulator, partition_bounds, partitions_for_link

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import dlion.bench as bench
-from dlion.bench import (
+import dlion.cli.suites as bench
+from dlion.cli.suites import (
     LrSearch,
     edge_extension,
     ideal_config,
@@ -17,8 +17,8 @@ from dlion.bench import (
     run_suite,
     search_one,
 )
-from dlion.cluster import Cluster
-from dlion.config import ExperimentConfig, load_config
+from dlion.cluster.topology import Cluster
+from dlion.core.config import ExperimentConfig, load_config
 
 
 def _run(tta: float | None, acc: float) -> dict[str, object]:

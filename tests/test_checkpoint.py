@@ -14,22 +14,22 @@ import pytest
 import torch
 import yaml
 
-import dlion.checkpoint as ck
-from dlion.checkpoint import (
+import dlion.core.checkpoint as ck
+from dlion.cli.commands import main
+from dlion.comm.messages import Message
+from dlion.context import ComputeResult, WorkerContext
+from dlion.core.checkpoint import (
     CheckpointError,
     config_hash,
     latest_step_dir,
     load_latest,
     save_checkpoint,
 )
-from dlion.cli import main
-from dlion.comm.messages import Message
-from dlion.config import CheckpointConfig, ExperimentConfig, config_from_dict
-from dlion.context import ComputeResult, WorkerContext
+from dlion.core.config import CheckpointConfig, ExperimentConfig, config_from_dict
 from dlion.engines.sim import run_sim
 from dlion.engines.sim_checkpoint import checkpoint_root, experiment_hash
-from dlion.replica import Replica
 from dlion.strategies.dlion_hpdc21 import LinkResidual
+from dlion.training.replica import Replica
 from helpers import small_config
 
 H = "0" * 64
@@ -399,7 +399,16 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dlion.cli", "train", str(path), "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlion.cli.commands",
+        "train",
+        str(path),
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

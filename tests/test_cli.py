@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cli import main
-from dlion.config import shipped_scenarios
+from dlion.cli.commands import main
+from dlion.core.config import shipped_scenarios
 from dlion.strategies import REGISTRY
 
 HETERO = "microcloud-hetero"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import dlion
-from dlion.cli import BUILTIN_STRATEGIES, LAZY_GROUPS, load_group, main
+from dlion.cli.commands import BUILTIN_STRATEGIES, LAZY_GROUPS, load_group, main
 
 ROOT = Path(__file__).parent.parent
 
@@ -52,7 +52,7 @@ def test_python_m_dlion_is_the_command() -> None:
 def test_help_and_listing_do_not_import_torch(argv: list[str]) -> None:
     # `dlion fl --help` imports the fl group (which needs torch) only because it is asked for.
     code = (
-        "import sys\nfrom dlion.cli import main\n"
+        "import sys\nfrom dlion.cli.commands import main\n"
         f"rc = main({argv!r})\n"
         "print('TORCH', 'torch' in sys.modules, 'RC', rc)"
     )
@@ -62,7 +62,7 @@ def test_help_and_listing_do_not_import_torch(argv: list[str]) -> None:
 
 
 def test_builtin_strategy_list_is_the_registry() -> None:
-    from dlion.registry import BUILTIN, REGISTRY, load_builtins
+    from dlion.core.registry import BUILTIN, REGISTRY, load_builtins
 
     load_builtins()
     registry = [(s.name, s.summary) for s in REGISTRY.values() if s.name in BUILTIN]
@@ -72,7 +72,8 @@ def test_builtin_strategy_list_is_the_registry() -> None:
 def test_plugins_are_listed_from_the_registry(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dlion import registry, strategies
+    from dlion import strategies
+    from dlion.core import registry
 
     monkeypatch.setenv("DLION_PLUGINS", "dist_plugins")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))

@@ -24,7 +24,7 @@ from dlion.comm.job import (
     parse_address,
     refusal_reason,
 )
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 
 def test_the_proof_is_an_hmac_of_run_rank_and_nonce() -> None:

@@ -1,4 +1,4 @@
-"""Tests for dlion.config: shipped presets, overrides, and one-line errors naming the field."""
+"""Tests for dlion.core.config: shipped presets, overrides, and one-line errors naming the field."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlion.cluster import Cluster
-from dlion.config import (
+from dlion.cluster.topology import Cluster
+from dlion.core.config import (
     ExperimentConfig,
     apply_overrides,
     config_from_dict,
@@ -21,8 +21,8 @@ from dlion.config import (
     shipped_scenarios,
     with_changes,
 )
-from dlion.errors import BadInput, ConfigError
-from dlion.models import build_model, count_parameters, train_flops_per_sample
+from dlion.core.errors import BadInput, ConfigError
+from dlion.training.models import build_model, count_parameters, train_flops_per_sample
 
 PRESETS = ("homogeneous", "microcloud-hetero")
 HETERO = "microcloud-hetero"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlion.core.errors import DataError
 from dlion.data import (
     DATASET_NAMES,
     PARTITION_SCHEMES,
@@ -25,7 +26,6 @@ from dlion.data import (
     read_idx,
     read_npz,
 )
-from dlion.errors import DataError
 
 # ---------------------------------------------------------------- helpers
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dlion.checkpoint import TENSORS, CheckpointError, latest_step_dir, load_latest
-from dlion.config import ExperimentConfig, config_from_dict
+from dlion.core.checkpoint import TENSORS, CheckpointError, latest_step_dir, load_latest
+from dlion.core.config import ExperimentConfig, config_from_dict
 from dlion.engines.dist_checkpoint import verify_resume, worker_root
 from dlion.engines.launcher import run_dist
 from dlion.engines.sim_checkpoint import experiment_hash

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dlion.config import ExperimentConfig, config_from_dict
+from dlion.core.config import ExperimentConfig, config_from_dict
 from dlion.engines.launcher import Fault, run_dist
 from helpers import small_config
 
@@ -167,7 +167,7 @@ def _join_story(out: Path, iterations: list[int]) -> str:
 
 
 def test_torchrun_launches_the_same_job(tmp_path: Path) -> None:
-    """`torchrun -m dlion.worker`: rank 0 coordinates; same run files as the launcher."""
+    """`torchrun -m dlion.jobs.dist_worker`: rank 0 coordinates; same run files as the launcher."""
     config = tmp_path / "job.yaml"
     raw = dist_config("allreduce").model_dump(mode="json")
     raw["cluster"]["workers"] = [{"site": "a", "capacity_gflops": 0.02, "count": 2}]
@@ -180,7 +180,7 @@ def test_torchrun_launches_the_same_job(tmp_path: Path) -> None:
             "--nproc-per-node",
             "2",
             "-m",
-            "dlion.worker",
+            "dlion.jobs.dist_worker",
             str(config),
             "--out",
             str(out),

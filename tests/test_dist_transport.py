@@ -9,10 +9,10 @@ import time
 import pytest
 import torch.distributed as dist
 
-from dlion.cluster import Cluster
+from dlion.cluster.topology import Cluster
 from dlion.comm.shaping import LinkShaper, Pacer, pacer_rate, worker_shaper
 from dlion.comm.transport import CHUNK, FIRST_BLOCK, RECV_DEPTH, PairTransport, chunk_frame
-from dlion.timescale import UNIT, TimeScale
+from dlion.core.timescale import UNIT, TimeScale
 from helpers import small_config
 
 
@@ -150,8 +150,8 @@ def test_backend_choice_and_a_clear_error_for_nccl_without_cuda(
 ) -> None:
     import torch
 
+    from dlion.core.errors import ConfigError
     from dlion.engines.dist import resolve_backend
-    from dlion.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_backend("auto") == "gloo"

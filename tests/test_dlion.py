@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlion.comm.messages import INDEX_BYTES, VALUE_BYTES, Dense, Sparse
-from dlion.config import load_config
+from dlion.core.config import load_config
 from dlion.engines.sim import run_sim
 from dlion.strategies.dlion_hpdc21 import (
     LinkResidual,

@@ -11,8 +11,8 @@ import torch
 
 from dlion.comm.collectives import sharded_allreduce
 from dlion.comm.messages import Dense, Sparse
-from dlion.config import MembershipEvent, with_membership
 from dlion.context import WorkerContext
+from dlion.core.config import MembershipEvent, with_membership
 from dlion.engines.sim import run_sim
 from dlion.strategies.dlion import (
     AGREEMENT_DECAY,

@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.cluster import MBPS, Cluster
+from dlion.cluster.dynamics import membership_schedule
+from dlion.cluster.topology import MBPS, Cluster
+from dlion.cluster.traces import Trace, build_trace
 from dlion.comm.messages import Dense, Message, PeerGone, ViewChanged
-from dlion.config import (
+from dlion.context import WorkerContext
+from dlion.core.config import (
     DynamicsConfig,
     MembershipEvent,
     TraceSpec,
@@ -21,11 +24,8 @@ from dlion.config import (
     with_dynamics,
     with_membership,
 )
-from dlion.context import WorkerContext
-from dlion.dynamics import membership_schedule
+from dlion.core.errors import ConfigError, DataError
 from dlion.engines.sim import run_sim
-from dlion.errors import ConfigError, DataError
-from dlion.traces import Trace, build_trace
 from helpers import registered, small_config
 
 HEADER = 64
@@ -132,7 +132,7 @@ def test_bad_dynamics_give_one_line_errors(dynamics: dict[str, Any], message: st
 
 
 def test_bad_trace_csv_exits_2_with_the_file_named(tmp_path: Path) -> None:
-    from dlion.cli import main
+    from dlion.cli.commands import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cli import main
-from dlion.cluster import Cluster
-from dlion.config import load_config
+from dlion.cli.commands import main
+from dlion.cluster.topology import Cluster
+from dlion.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "two-labs.yaml")

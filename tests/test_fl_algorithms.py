@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.fl import ALGORITHMS, build_algorithm
 from dlion.fl import fedasmu as asmu
 from dlion.fl.base import ServerState, Update

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.fl.checkpoint import CheckpointError, load_checkpoint
 from dlion.fl.config import FLConfig, with_fl_changes
 from dlion.jobs.fl_sim import run_fl

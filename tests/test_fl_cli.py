@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.fl.config import is_fl_source, load_fl_config
 from fl_helpers import tiny
 

@@ -28,15 +28,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.comm.codec import encode
 from dlion.comm.job import Fault
 from dlion.comm.messages import Control, Dense, Message
+from dlion.core.errors import BadInput
 from dlion.engines import netns
-from dlion.errors import BadInput
 from dlion.fl.checkpoint import CheckpointError
 from dlion.fl.config import FLConfig, with_fl_changes
-from dlion.fl.dist import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_dist
+from dlion.fl.processes import MAX_DIST_CLIENTS, FLProcess, join_as_client, run_fl_dist
 from dlion.jobs.fl_sim import run_fl
 from fl_helpers import tiny
 from helpers import small_config

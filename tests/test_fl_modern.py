@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.fl import build_algorithm
 from dlion.fl import fedcompass as fc
 from dlion.fl.base import ServerState, Update

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.config import ExperimentConfig, load_config
+from dlion.core.config import ExperimentConfig, load_config
 from dlion.engines.sim import RunResult, run_sim
 from dlion.strategies import gaia
 from dlion.strategies.gaia import (

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.config import load_config
 from dlion.context import WorkerContext
+from dlion.core.config import load_config
+from dlion.core.errors import ConfigError
 from dlion.engines.sim import RunResult, run_sim
-from dlion.errors import ConfigError
 from dlion.strategies import get_strategy, hop, parse_options
 from dlion.strategies.hop import (
     UpdateQueues,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dlion.errors import BadInput, ConfigError
+from dlion.core.errors import BadInput, ConfigError
 from dlion.hybrid.calibrate import (
     Calibration,
     check_coverage,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.data import load_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.hybrid import train as train_module
 from dlion.hybrid.config import load_hybrid_config
 from dlion.hybrid.inference import edge_scores

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from dlion.cluster import MBPS
-from dlion.config import ExperimentConfig
+from dlion.cluster.topology import MBPS
+from dlion.core.config import ExperimentConfig
 from dlion.engines import netns
 from dlion.engines.dist import delivery_estimate
 from dlion.engines.launcher import run_dist

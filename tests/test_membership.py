@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.config import (
+from dlion.core.config import (
     DynamicsConfig,
     ExperimentConfig,
     MembershipEvent,

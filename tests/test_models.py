@@ -1,4 +1,5 @@
-"""Tests for dlion.models: shapes, deterministic init, FLOP counting, trainability, errors."""
+"""Tests for dlion.training.models: shapes, deterministic init, FLOP counting,
+trainability, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dlion.errors import ConfigError
-from dlion.models import MODEL_NAMES, build_model, count_parameters, train_flops_per_sample
+from dlion.core.errors import ConfigError
+from dlion.training.models import MODEL_NAMES, build_model, count_parameters, train_flops_per_sample
 
 CNN_SHAPES: list[tuple[int, ...]] = [(1, 8, 8), (1, 40), (1, 28, 28), (3, 32, 32)]
 MLP_SHAPES: list[tuple[int, ...]] = [*CNN_SHAPES, (64,), (40,)]
@@ -119,7 +120,7 @@ def test_cnn_flops_match_hand_count() -> None:
 
 
 def test_flops_independent_of_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dlion.models as models_module
+    import dlion.training.models as models_module
 
     model = build_model("mlp", (1, 8, 8), 10)
     counts = set()

@@ -11,15 +11,15 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from dlion.bench import Suite, load_suite, run_suite
+from dlion.cli.suites import Suite, load_suite, run_suite
 from dlion.comm.codec import decode, encode, pack_codes, unpack_codes
 from dlion.comm.messages import Message, Quantized, quant_levels, tensor_problem
-from dlion.config import ExperimentConfig, MembershipEvent, with_membership
+from dlion.core.config import ExperimentConfig, MembershipEvent, with_membership
+from dlion.core.errors import ConfigError
 from dlion.engines.sim import run_sim
-from dlion.errors import ConfigError
-from dlion.experiment import make_replica, prepare
 from dlion.strategies import diloco, get_strategy, halos, parse_options, sparseloco
 from dlion.strategies import streaming_diloco as sd
+from dlion.training.experiment import make_replica, prepare
 from helpers import FREE_VECTORS, run_counting, small_config
 
 # ------------------------------------------------------------------------------ DiLoCo

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from dlion.comm.transport import gloo_bind_address, reachable_address, store_host
-from dlion.config import ExperimentConfig, load_config
+from dlion.core.config import ExperimentConfig, load_config
 from dlion.engines import netns
 from helpers import small_config
 from netns_fixtures import cluster_up, needs_netns
@@ -40,7 +40,7 @@ def test_readme_command_names_node_rank_and_master_address() -> None:
     assert argv[:2] == ["torchrun", "--nnodes"]
     for flag in ("--node-rank", "--master-addr", "--master-port", "--out"):
         assert flag in argv, argv
-    assert argv[argv.index("-m") + 1] == "dlion.worker"
+    assert argv[argv.index("-m") + 1] == "dlion.jobs.dist_worker"
 
 
 def test_gloo_listens_where_the_store_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,13 +136,13 @@ def test_readme_multihost_command_runs_with_each_host_in_its_own_namespace(
 @pytest.mark.slow
 @needs_netns
 def test_probe_across_torchrun_hosts_measures_the_tc_rates(tmp_path: Path) -> None:
-    """`-m dlion probe` in place of `-m dlion.worker` in the README's command: each host
+    """`-m dlion probe` in place of `-m dlion.jobs.dist_worker` in the README's command: each host
     times its own steps, the links are measured between the hosts; host 0 writes the
     config, one worker entry per rank."""
     cfg = two_hosts()
     (tmp_path / "my-cluster.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     argv = readme_multihost_command()
-    i = argv.index("dlion.worker")
+    i = argv.index("dlion.jobs.dist_worker")
     argv[i : i + 1] = ["dlion", "probe"]
     argv[argv.index("--out") + 1] = "probed.yaml"
     argv += ["--repeats", "5", "--mb-per-pair", "1.5"]

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from dlion.comm.collectives import ring_bytes
-from dlion.config import config_from_dict
+from dlion.core.config import config_from_dict
 from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
-from dlion.experiment import make_replica, prepare
+from dlion.training.experiment import make_replica, prepare
 from helpers import small_config
 
 
@@ -111,7 +111,7 @@ def test_a_leave_and_a_join_re_form_the_group(tmp_path: Path) -> None:
 
 
 def test_the_ddp_benchmark_times_dlion_past_its_warm_up_as_it_times_ddp(tmp_path: Path) -> None:
-    from dlion.distbench import steady_iteration_time
+    from dlion.distbench.runs import steady_iteration_time
 
     metrics = tmp_path / "metrics.jsonl"
     rows = [

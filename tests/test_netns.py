@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from dlion.cli import main
-from dlion.cluster import MBPS, Cluster
-from dlion.config import ExperimentConfig, config_from_dict
+from dlion.cli.commands import main
+from dlion.cluster.topology import MBPS, Cluster
+from dlion.core.config import ExperimentConfig, config_from_dict
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 from helpers import small_config
@@ -482,7 +482,7 @@ def test_all_reduce_on_kernel_shaped_pipes_is_the_ring_and_pays_bytes_and_latenc
     pipe's latency at least twice per iteration. The native collective did neither
     (RESULTS.md section 12e)."""
     from dlion.comm.collectives import ring_bytes
-    from dlion.experiment import make_replica, prepare
+    from dlion.training.experiment import make_replica, prepare
 
     plan, _ = shaped
     base = three_workers()

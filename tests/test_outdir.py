@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlion.cli import main
-from dlion.errors import BadInput
-from dlion.outdir import MARKER, default_dir, open_output, read_marker, safe_name
+from dlion.cli.commands import main
+from dlion.core.errors import BadInput
+from dlion.core.outdir import MARKER, default_dir, open_output, read_marker, safe_name
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -224,7 +224,12 @@ def test_signal_is_one_line_and_leaves_a_partial_summary(
     args = ["train", "homogeneous", "--quiet", "--set", "train.max_time=10000"]
     args += ["--set", "train.stop_at_target=false", "--out", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from dlion.cli import main; sys.exit(main())", *args],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from dlion.cli.commands import main; sys.exit(main())",
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -250,8 +255,8 @@ def test_signal_is_one_line_and_leaves_a_partial_summary(
 
 
 def test_a_single_output_file_is_replaced_only_with_force(tmp_path: Path) -> None:
-    from dlion.errors import BadInput
-    from dlion.outdir import check_output_file
+    from dlion.core.errors import BadInput
+    from dlion.core.outdir import check_output_file
 
     target = tmp_path / "decisions.json"
     check_output_file(target)  # new: fine, nothing created

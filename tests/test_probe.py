@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlion.cli import main
-from dlion.cluster import MBPS
-from dlion.config import ExperimentConfig, config_from_dict, load_config
-from dlion.errors import BadInput
-from dlion.probe import (
+from dlion.cli.commands import main
+from dlion.cluster.topology import MBPS
+from dlion.core.config import ExperimentConfig, config_from_dict, load_config
+from dlion.core.errors import BadInput
+from dlion.probe.measure import (
     PairRate,
     ProbeError,
     StepFit,

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.config import ExperimentConfig, load_config
+from dlion.core.config import ExperimentConfig, load_config
 from dlion.engines.sim import run_sim
-from dlion.experiment import make_replica, prepare
 from dlion.strategies import ps
+from dlion.training.experiment import make_replica, prepare
 from helpers import FREE_VECTORS, run_counting, small_config
 
 # ------------------------------------------------------------------------------ pure functions

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dlion.models import build_model
-from dlion.replica import Replica
+from dlion.training.models import build_model
+from dlion.training.replica import Replica
 
 
 def _replica(seed: int = 0, n: int = 50) -> Replica:

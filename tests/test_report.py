@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 from dlion.report import (
     AggregateRow,
     EvalPoint,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.report import EvalPoint, StartupStatus, TrainProgress
 from dlion.report.compare import load_run, short_labels
 from dlion.report.scalars import CSV_COLUMNS, tensorboard_available, write_scalars

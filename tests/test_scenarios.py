@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cluster import Cluster
-from dlion.config import load_config, shipped_scenarios
-from dlion.errors import ConfigError
+from dlion.cluster.topology import Cluster
+from dlion.core.config import load_config, shipped_scenarios
+from dlion.core.errors import ConfigError
 
 
 def test_every_shipped_scenario_validates() -> None:

@@ -11,11 +11,11 @@ import torch
 from dlion.comm.collectives import ring_allreduce
 from dlion.comm.messages import Dense, Message, PeerGone, Timeout
 from dlion.context import WorkerContext
+from dlion.core.errors import SimulationError
 from dlion.data import load_dataset
 from dlion.engines.sim import run_sim
 from dlion.engines.virtual_loop import VirtualTimeLoop
-from dlion.errors import SimulationError
-from dlion.models import build_model, train_flops_per_sample
+from dlion.training.models import build_model, train_flops_per_sample
 from helpers import FREE_VECTORS, registered, small_config
 
 MBPS = 1e6 / 8

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.cluster import MBPS, Cluster
+from dlion.cluster.topology import MBPS, Cluster
 from dlion.comm.messages import Dense
-from dlion.config import DynamicsConfig, ExperimentConfig
 from dlion.context import WorkerContext
+from dlion.core.config import DynamicsConfig, ExperimentConfig
 from dlion.engines.network import all_to_all_rates, max_min_rates
 from dlion.engines.sim import run_sim
 from helpers import registered, small_config

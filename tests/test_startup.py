@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.comm.job import exit_text, last_line
-from dlion.config import ExperimentConfig
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import SimulationError
 from dlion.engines.launcher import run_dist
-from dlion.errors import SimulationError
 from helpers import small_config
 
 TESTS = Path(__file__).parent
@@ -99,7 +99,7 @@ def test_torchrun_with_the_wrong_world_size_is_one_line_on_every_rank(tmp_path: 
             "--nproc-per-node",
             "3",
             "-m",
-            "dlion.worker",
+            "dlion.jobs.dist_worker",
             str(config),
             "--out",
             str(tmp_path / "run"),

@@ -10,9 +10,9 @@ import torch
 from dlion.comm.codec import decode, encode
 from dlion.comm.messages import Message, Quantized, tensor_problem
 from dlion.context import WorkerContext
+from dlion.core.errors import ConfigError
+from dlion.core.registry import get_strategy, parse_options
 from dlion.engines.sim import run_sim
-from dlion.errors import ConfigError
-from dlion.registry import get_strategy, parse_options
 from dlion.strategies.streaming_diloco import quantize_dense, quantized_sum
 from helpers import FREE_VECTORS, registered, small_config
 

@@ -14,12 +14,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlion.cli import main
-from dlion.config import load_config
+from dlion.cli.commands import main
+from dlion.core.config import load_config
+from dlion.core.errors import ConfigError, DataError
+from dlion.core.strict_yaml import strict_load
 from dlion.data.readers import read_npz
-from dlion.errors import ConfigError, DataError
 from dlion.fl.config import is_fl_source
-from dlion.strict_yaml import strict_load
 
 
 def _error(capsys: pytest.CaptureFixture[str]) -> str:

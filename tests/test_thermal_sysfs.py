@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.thermal.backends import SysfsBackend
 from dlion.thermal.errors import ThermalError
 

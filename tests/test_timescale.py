@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dlion.cluster import Cluster
-from dlion.config import load_config
+from dlion.cluster.topology import Cluster
 from dlion.context import worker_setup
+from dlion.core.config import load_config
+from dlion.core.timescale import UNIT, TimeScale
 from dlion.engines.network import all_to_all_rates
-from dlion.timescale import UNIT, TimeScale
 
 
 def test_conversions_by_hand() -> None:

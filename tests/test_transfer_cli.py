@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.transfer.data import read_multimodal_npz
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 from dlion.transfer.config import SyntheticConfig
 from dlion.transfer.data import (
     MultimodalData,

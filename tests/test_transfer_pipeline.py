@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlion.errors import ConfigError, DataError
+from dlion.core.errors import ConfigError, DataError
 from dlion.transfer.config import (
     LabelsSection,
     RegressionSection,

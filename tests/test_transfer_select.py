@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.transfer.config import load_transfer_config
 from dlion.transfer.select import (
     FEW_LABEL,

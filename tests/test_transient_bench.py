@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cli import main
+from dlion.cli.commands import main
 from dlion.transient.bench import BenchSpec, run_bench
 from dlion.transient.catalog import load_catalog
 from dlion.transient.spec import TransientSpec

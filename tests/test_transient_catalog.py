@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.transient.catalog import Revocation, load_catalog, shipped_catalogs
 from dlion.transient.revocation import draw_lifetime_s
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.cli import main
+from dlion.cli.commands import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = [

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlion.config import load_config
-from dlion.errors import ConfigError
-from dlion.experiment import prepare
+from dlion.core.config import load_config
+from dlion.core.errors import ConfigError
+from dlion.training.experiment import prepare
 from dlion.transient.catalog import InstanceType, Revocation, load_catalog
 from dlion.transient.perf import (
     StepFeatures,
@@ -170,7 +170,7 @@ def test_evaluate_revocations_slow_and_cheapen() -> None:
 
 
 def test_profile_of_one_cluster_reproduces_its_step() -> None:
-    from dlion.config import with_changes
+    from dlion.core.config import with_changes
     from dlion.transient.profile import profile_workload, workload
 
     base = with_changes(

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from dlion.config import check_membership, load_config, with_membership
-from dlion.errors import ConfigError
+from dlion.core.config import check_membership, load_config, with_membership
+from dlion.core.errors import ConfigError
 from dlion.transient.catalog import InstanceType, Revocation
 from dlion.transient.cost import Billing, RankBilling, billed_intervals, run_cost
 from dlion.transient.revocation import Lease, Timeline, draw_timeline, membership_events

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlion.config import load_config, with_changes, with_membership
+from dlion.core.config import load_config, with_changes, with_membership
 from dlion.engines.sim import run_sim
 from dlion.transient.catalog import InstanceType, Revocation
 from dlion.transient.cost import Billing, RankBilling, cost_fields, run_cost

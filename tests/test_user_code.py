@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import dlion
-from dlion.cli import main
-from dlion.config import ScheduleConfig, config_from_dict
+from dlion.cli.commands import main
+from dlion.core.config import ScheduleConfig, config_from_dict
+from dlion.core.errors import ConfigError
 from dlion.data.examples import DatasetExamples, TensorExamples
 from dlion.engines.sim import run_sim
-from dlion.errors import ConfigError
-from dlion.model_io import load_model
-from dlion.optim import schedule_factor
+from dlion.training.model_io import load_model
+from dlion.training.optim import schedule_factor
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -125,7 +125,7 @@ def bn_buffers(replica: Any) -> torch.Tensor:
 def test_a_user_model_with_batchnorm_trains_and_its_buffers_are_all_reduced(
     user_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dlion.replica import Replica
+    from dlion.training.replica import Replica
 
     seen: dict[int, list[torch.Tensor]] = {}  # update count -> each replica's buffers
     original = Replica.apply
@@ -428,9 +428,9 @@ def test_a_nan_loss_is_a_runtime_failure_with_one_line(
 def test_a_bad_model_file_is_refused(user_dir: Path) -> None:
     (user_dir / "run").mkdir()
     (user_dir / "run" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(dlion.model_io.ModelFileError, match="not a readable safetensors"):
+    with pytest.raises(dlion.training.model_io.ModelFileError, match="not a readable safetensors"):
         load_model(user_dir / "run")
-    with pytest.raises(dlion.model_io.ModelFileError, match="no model file"):
+    with pytest.raises(dlion.training.model_io.ModelFileError, match="no model file"):
         load_model(user_dir)
 
 

@@ -8,13 +8,8 @@ from typing import Any
 
 import pytest
 
-from dlion.cli import main
-from dlion.context import PaysVectorWorkInRealTime, WorkerContext
-from dlion.engines.sim import run_sim
-from dlion.models import train_flops_per_sample
-from dlion.strategies import REGISTRY
-from dlion.timescale import TimeScale
-from dlion.vector_cost import (
+from dlion.cli.commands import main
+from dlion.cluster.vector_cost import (
     KINDS,
     HostLine,
     OpCost,
@@ -24,13 +19,18 @@ from dlion.vector_cost import (
     fit_op,
     shipped_model,
 )
-from dlion.vector_cost_host import HOST_STEP, OPS
+from dlion.cluster.vector_cost_host import HOST_STEP, OPS
+from dlion.context import PaysVectorWorkInRealTime, WorkerContext
+from dlion.core.timescale import TimeScale
+from dlion.engines.sim import run_sim
+from dlion.strategies import REGISTRY
+from dlion.training.models import train_flops_per_sample
 from helpers import registered, small_config
 
 
 def _flops_per_sample() -> int:
     from dlion.data import load_dataset
-    from dlion.models import build_model
+    from dlion.training.models import build_model
 
     ds = load_dataset("digits")
     model = build_model("mlp", ds.input_shape, ds.num_classes, hidden=[32])

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from dlion.cluster import Cluster
+from dlion.cluster.topology import Cluster
 from dlion.context import WorkerContext
 from dlion.data import load_dataset
 from dlion.engines.sim import run_sim
-from dlion.models import build_model, train_flops_per_sample
 from dlion.strategies.dlion import wdb_batch_sizes
 from dlion.strategies.wdb import equal_time_batches, step_time
+from dlion.training.models import build_model, train_flops_per_sample
 from helpers import registered, small_config
 
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dlion.config import load_config
+from dlion.core.config import load_config
 from dlion.engines import netns
 from dlion.engines.launcher import run_dist
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from hivemind.compression import Float16Compression, NoCompression
 
-from dlion.cluster import Cluster
-from dlion.config import load_config
-from dlion.experiment import Prepared, prepare
+from dlion.cluster.topology import Cluster
+from dlion.core.config import load_config
+from dlion.training.experiment import Prepared, prepare
 
 
 def accuracy(model: torch.nn.Module, prep: Prepared) -> float:

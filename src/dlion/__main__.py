@@ -2,6 +2,6 @@
 
 import sys
 
-from dlion.cli import main
+from dlion.cli.commands import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from dlion.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
+from dlion.core.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
 from dlion.report import EvalPoint
 
 
@@ -46,13 +46,13 @@ def run(
     if engine is not None:
         extra.insert(0, f"engine.name={engine}")
     cfg = _resolve(config, extra)
-    from dlion.registry import check_options
+    from dlion.core.registry import check_options
 
     # A typo in strategy options: one ConfigError before anything runs (a loaded file is
     # checked by load_config; a dict or config object here).
     check_options(cfg.strategy.name, cfg.strategy.options)
     if out is not None:
-        from dlion.outdir import open_output
+        from dlion.core.outdir import open_output
 
         output = open_output(Path(out), command="train", force=force, option="out")
         with output.writing() as work:
@@ -75,7 +75,7 @@ def _resolve(
 
 
 def _run_in(cfg: ExperimentConfig, out_dir: Path, progress: bool) -> RunOutput:
-    from dlion.model_io import MODEL_FILE, load_model
+    from dlion.training.model_io import MODEL_FILE, load_model
 
     if cfg.engine.name == "dist":
         from dlion.engines.launcher import run_dist

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dlion.cluster.vector_cost import VectorCharger
 from dlion.comm.collectives import ring_allreduce
 from dlion.comm.messages import (
     Control,
@@ -36,13 +37,12 @@ from dlion.comm.messages import (
     ViewChanged,
     tensor_problem,
 )
-from dlion.replica import Replica
-from dlion.timescale import UNIT, TimeScale
-from dlion.vector_cost import VectorCharger
+from dlion.core.timescale import UNIT, TimeScale
+from dlion.training.replica import Replica
 
 if TYPE_CHECKING:
-    from dlion.cluster import Cluster
-    from dlion.config import ExperimentConfig
+    from dlion.cluster.topology import Cluster
+    from dlion.core.config import ExperimentConfig
 
 # A tag no message carries: a guarded wait for it ends only at a membership change.
 VIEW_TAG = "__view"
@@ -465,7 +465,7 @@ class WorkerContext(ABC):
     # ---------------------------------------------------------------- vector work
     @asynccontextmanager
     async def charged(self, kind: str, numel: int, ops: int = 1) -> AsyncIterator[None]:
-        """Pay for the vector work done inside the block (`dlion.vector_cost`): `ops`
+        """Pay for the vector work done inside the block (`dlion.cluster.vector_cost`): `ops`
         calls of `kind` over `numel` elements in all. The sim advances this worker's clock
         by the modelled seconds at the end of the block; the dist engine sleeps what the
         real work left of them (an overrun is counted when it took longer). Free when

@@ -2,7 +2,7 @@
 pair rendezvous, and the processes a launcher starts and reaps.
 
 Used by the dist engine (engines/dist.py, engines/launcher.py, worker.py) and by FL on
-real processes (fl/dist.py); it imports neither.
+real processes (fl/processes.py); it imports neither.
 
 - The store: a torch.distributed TCPStore (hosted by a launcher, by torchrun's agent, or
   by the FL server) holds everything that is not training traffic. A job's keys live
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 if TYPE_CHECKING:
     import torch.distributed as dist

@@ -1,6 +1,6 @@
 """One process of a job on real processes, apart from its role: store clients, the loop
 with its monitor thread and signals, frames, peer heartbeats and links, the stop. Used by
-a strategy's worker (engines/dist.py) and the FL server or a client (fl/dist.py); a
+a strategy's worker (engines/dist.py) and the FL server or a client (fl/processes.py); a
 subclass sets `ctx`, `log` and `transport` and defines the three hooks."""
 
 from __future__ import annotations

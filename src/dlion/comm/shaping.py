@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from dlion.cluster import Cluster, Resource
-from dlion.timescale import TimeScale
+from dlion.cluster.topology import Cluster, Resource
+from dlion.core.timescale import TimeScale
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 from sklearn.datasets import load_digits, make_classification
 from sklearn.model_selection import train_test_split
 
+from dlion.core.errors import DataError
 from dlion.data.readers import CIFAR_NUM_CLASSES, read_cifar10_batch, read_idx, read_npz
-from dlion.errors import DataError
 
 __all__ = ["DATASET_NAMES", "Dataset", "cache_dir", "load_dataset"]
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import default_collate
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 
 
 class Examples(Protocol):

@@ -7,7 +7,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 
 __all__ = ["PARTITION_SCHEMES", "partition"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 
 __all__ = ["read_cifar10_batch", "read_idx", "read_npz", "validate_arrays"]
 

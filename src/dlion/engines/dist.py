@@ -33,7 +33,7 @@ agent) carries everything that is not training traffic: registration with an opt
 shared-secret proof, heartbeats, leave notices, snapshots for evaluation, the stop flag
 and each worker's final counters. Key layout, membership and pair rendezvous: comm/job.py;
 the process's loop, monitor thread, heartbeat checks and stop: comm/peer_process.py (both
-shared with FL on real processes, fl/dist.py).
+shared with FL on real processes, fl/processes.py).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dlion.cluster import Cluster
+from dlion.cluster.topology import Cluster
+from dlion.cluster.vector_cost import charger_for
 from dlion.comm.codec import BadFrame, decode_from, encode
 from dlion.comm.collectives import CollectiveFailed, ring_bytes
 from dlion.comm.delivery import ACK_MIN_BYTES, DeliveryLedger, reading_counts
@@ -75,22 +76,21 @@ from dlion.comm.job import (
 from dlion.comm.messages import Control, Dense, Message
 from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import pacer_rate, worker_shaper
-from dlion.config import ExperimentConfig
 from dlion.context import (
     ComputeResult,
     PaysVectorWorkInRealTime,
     WorkerContext,
     worker_setup,
 )
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import ConfigError
+from dlion.core.registry import get_strategy, parse_options
+from dlion.core.timescale import TimeScale
 from dlion.engines.collective import CollectiveGroups, group_key
 from dlion.engines.dist_checkpoint import WorkerCheckpointer
 from dlion.engines.network import all_to_all_rates
-from dlion.errors import ConfigError
-from dlion.experiment import make_replica, prepare
-from dlion.registry import get_strategy, parse_options
 from dlion.report import MetricsLog
-from dlion.timescale import TimeScale
-from dlion.vector_cost import charger_for
+from dlion.training.experiment import make_replica, prepare
 
 # The receiver's acknowledgement of a timed frame (engine traffic: never in a mailbox).
 DELIVERY_TAG = "__delivered"

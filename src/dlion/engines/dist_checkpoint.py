@@ -25,9 +25,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dlion.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
-from dlion.config import ExperimentConfig
 from dlion.context import WorkerContext
+from dlion.core.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
+from dlion.core.config import ExperimentConfig
 from dlion.engines.sim_checkpoint import experiment_hash, worker_snapshot
 
 

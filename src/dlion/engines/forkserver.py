@@ -1,7 +1,7 @@
 """Start dist worker processes from a fork server that has already imported torch.
 
 Where the start-up time of `dlion train --engine dist` went (6 workers, 2-core host,
-measured in benchmarks/RESULTS.md section 13): each `python -m dlion.worker` imported
+measured in benchmarks/RESULTS.md section 13): each `python -m dlion.jobs.dist_worker` imported
 torch (~2.3 s of CPU), scikit-learn and scipy for the digits loader (~1.5 s), then
 counted the model's FLOPs, whose first use imports torch._dynamo (~1.9 s): about 6 s of
 CPU per worker, 36 s for six on two cores, before any of them registered. Here one
@@ -9,10 +9,10 @@ process (multiprocessing's fork server, started fresh, so no threads or locks of
 launcher leak into the children) imports all of that once, while the launcher prepares
 its own copy of the data; each worker is then a fork of it that starts in milliseconds.
 
-A forked worker runs exactly what `python -m dlion.worker` runs (same argv, the
+A forked worker runs exactly what `python -m dlion.jobs.dist_worker` runs (same argv, the
 launcher's environment and working directory at the time of the spawn, its output to
 its log file), and is handled through the Popen methods the launcher uses.
-`DLION_FORKSERVER=0` falls back to one `python -m dlion.worker` per worker.
+`DLION_FORKSERVER=0` falls back to one `python -m dlion.jobs.dist_worker` per worker.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 # What a worker imports before it registers; loaded once in the fork server. torch._dynamo
 # is what torch.utils.flop_counter pulls in on first use (the FLOP count of the model).
-PRELOAD = ["dlion.worker", "dlion.engines.dist", "dlion.strategies", "torch._dynamo"]
+PRELOAD = ["dlion.jobs.dist_worker", "dlion.engines.dist", "dlion.strategies", "torch._dynamo"]
 
 
 def enabled() -> bool:
@@ -84,12 +84,12 @@ class ForkedWorker:
 
 
 def fork_worker(argv: list[str], env: Mapping[str, str], log_path: Path) -> ForkedWorker:
-    """Start `python -m dlion.worker ARGV` as a fork of the fork server."""
+    """Start `python -m dlion.jobs.dist_worker ARGV` as a fork of the fork server."""
     ctx = _context()
     process = ctx.Process(
         target=_child,
         args=(list(argv), dict(env), os.getcwd(), str(log_path)),
-        name=f"dlion.worker {' '.join(argv)}",
+        name=f"dlion.jobs.dist_worker {' '.join(argv)}",
         daemon=False,
     )
     process.start()
@@ -97,7 +97,7 @@ def fork_worker(argv: list[str], env: Mapping[str, str], log_path: Path) -> Fork
 
 
 def _child(argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
-    """In the forked process: become `python -m dlion.worker` (never returns)."""
+    """In the forked process: become `python -m dlion.jobs.dist_worker` (never returns)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(cwd)
@@ -113,9 +113,9 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> Non
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.argv = ["dlion.worker", *argv]
+    sys.argv = ["dlion.jobs.dist_worker", *argv]
     try:
         # By name: the worker module is the launcher's caller's business, not an engine's.
-        importlib.import_module("dlion.worker").main()
+        importlib.import_module("dlion.jobs.dist_worker").main()
     finally:
-        os._exit(1)  # dlion.worker exits itself; reaching here is a failure
+        os._exit(1)  # dlion.jobs.dist_worker exits itself; reaching here is a failure

@@ -1,7 +1,7 @@
 """The dist engine, job side: launch worker processes, evaluate them, write the run's files.
 
 `run_dist` hosts the job's store (a torch.distributed TCPStore), starts one process per
-worker (what `python -m dlion.worker` runs, with the same environment variables torchrun
+worker (what `python -m dlion.jobs.dist_worker` runs, with the same environment variables torchrun
 sets; forked from a preloaded fork server, see forkserver.py), and runs the coordinator.
 It is the workers' parent: a worker whose process ends before the job starts is named at
 once (`Coordinator.wait_ready`), and the command shows the start-up as it goes. The
@@ -10,7 +10,7 @@ reads each live worker's snapshot from the store, evaluates it, logs the point, 
 the progress bar, and sets the stop flag at the target or at max_time. It outlives any
 worker, so it can record departures (with the time peers took to notice) and still
 finish the run. Under torchrun the same coordinator runs in rank 0's process instead
-(see dlion/worker.py).
+(see dlion/jobs/dist_worker.py).
 
 Faults for tests and benchmarks are injected here as real signals: SIGKILL (a crash,
 no goodbye) or SIGTERM (a clean leave) to a worker process at a given time.
@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dlion.cluster import Cluster
+from dlion.cluster.dynamics import membership_schedule
+from dlion.cluster.topology import Cluster
 from dlion.comm.codec import BadFrame, decode
 from dlion.comm.job import (
     Fault,
@@ -50,15 +51,14 @@ from dlion.comm.job import (
     store_has,
 )
 from dlion.comm.messages import dense_values
-from dlion.config import ExperimentConfig
-from dlion.dynamics import membership_schedule
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import SimulationError
+from dlion.core.timescale import TimeScale
 from dlion.engines import forkserver
 from dlion.engines.dist import job_secret, resolve_backend
 from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.forkserver import ForkedWorker
 from dlion.engines.sim import RunResult
-from dlion.errors import SimulationError
-from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
 from dlion.report import (
     EvalPoint,
     MetricsLog,
@@ -70,9 +70,9 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
-from dlion.timescale import TimeScale
+from dlion.training.experiment import Prepared, make_replica, prepare, save_trained_model
 
-# A worker process: forked from the fork server, or a `python -m dlion.worker` (netns).
+# A worker process: forked from the fork server, or a `python -m dlion.jobs.dist_worker` (netns).
 WorkerProcess = subprocess.Popen[bytes] | ForkedWorker
 
 
@@ -588,7 +588,7 @@ def run_dist(
         name = f"rank-{rank}.log" if incarnation == 0 else f"rank-{rank}.{incarnation}.log"
         if attachment is None and forkserver.enabled():
             return forkserver.fork_worker(args, env, logs / name)
-        argv = [sys.executable, "-m", "dlion.worker", *args]
+        argv = [sys.executable, "-m", "dlion.jobs.dist_worker", *args]
         if attachment is not None:
             argv = attachment.command(rank, argv)  # `ip netns exec` execs: same pid
         with (logs / name).open("wb") as log_file:

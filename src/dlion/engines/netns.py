@@ -13,7 +13,7 @@ router namespace per site.
   subnet's last host, .254), where the launcher, which stays in the root namespace, hosts
   the job's store. All of it is one L2 segment: the routers forward by bridging, so
   addresses need no routes, and all inter-site traffic of a site leaves through its `wan`;
-- shaping with tc htb, as the sim's network model (dlion.cluster) describes it:
+- shaping with tc htb, as the sim's network model (dlion.cluster.topology) describes it:
   - on each router's `wan` egress, one class per destination site at that site pipe's
     rate, selected by u32 filters on the destination site's worker addresses: every flow
     from this site to that one shares it, and the kernel does the sharing. Where the site
@@ -58,10 +58,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.cluster import Cluster
-from dlion.config import ExperimentConfig
-from dlion.errors import BadInput, DlionError
-from dlion.timescale import TimeScale
+from dlion.cluster.topology import Cluster
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import BadInput, DlionError
+from dlion.core.timescale import TimeScale
 
 DEFAULT_PREFIX = "dlion"
 DEFAULT_SUBNET = "10.77.0.0/24"

@@ -46,7 +46,7 @@ def up(
 ) -> None:
     """Create a namespace per worker behind a router namespace per site, and tc classes per
     link and per shared site pipe."""
-    from dlion.config import load_config
+    from dlion.core.config import load_config
     from dlion.engines import netns
 
     cfg = load_config(scenario, list(set_ or []))

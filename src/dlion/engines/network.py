@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dlion.cluster import Cluster, Resource
+from dlion.cluster.topology import Cluster, Resource
 
 # A flow with fewer bytes left than this is done: absorbs float rounding of rate * time.
 _DONE_BYTES = 1e-3

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from dlion.cluster import Cluster
+from dlion.cluster.topology import Cluster
 from dlion.context import ComputeResult, WorkerContext
 from dlion.engines.network import Network
 from dlion.engines.virtual_loop import VirtualTimeLoop

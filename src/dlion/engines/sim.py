@@ -28,17 +28,16 @@ from typing import Any
 
 import torch
 
-from dlion.cluster import Cluster
+from dlion.cluster.dynamics import membership_schedule
+from dlion.cluster.topology import Cluster
+from dlion.cluster.vector_cost import charger_for
 from dlion.comm.messages import Message
-from dlion.config import ExperimentConfig, MembershipEvent, initially_absent, write_config
 from dlion.context import worker_setup
-from dlion.dynamics import membership_schedule
+from dlion.core.config import ExperimentConfig, MembershipEvent, initially_absent, write_config
+from dlion.core.registry import get_strategy, parse_options
 from dlion.engines.network import all_to_all_rates
 from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
 from dlion.engines.sim_checkpoint import SimCheckpointer, checkpoint_root
-from dlion.experiment import Prepared, make_replica, prepare, save_trained_model
-from dlion.registry import get_strategy, parse_options
-from dlion.replica import Replica
 from dlion.report import (
     EvalPoint,
     MetricsLog,
@@ -49,7 +48,8 @@ from dlion.report import (
     worst,
     write_json_atomic,
 )
-from dlion.vector_cost import charger_for
+from dlion.training.experiment import Prepared, make_replica, prepare, save_trained_model
+from dlion.training.replica import Replica
 
 
 @dataclass

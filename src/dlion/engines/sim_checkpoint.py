@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 import torch
 
-from dlion.checkpoint import (
+from dlion.context import WorkerContext
+from dlion.core.checkpoint import (
     Checkpoint,
     CheckpointError,
     config_hash,
@@ -38,9 +39,8 @@ from dlion.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from dlion.config import ExperimentConfig, write_config
-from dlion.context import WorkerContext
-from dlion.outdir import first_difference
+from dlion.core.config import ExperimentConfig, write_config
+from dlion.core.outdir import first_difference
 from dlion.report import EvalPoint, MetricsLog
 
 

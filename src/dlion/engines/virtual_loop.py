@@ -12,7 +12,7 @@ import asyncio
 import selectors
 from typing import Any
 
-from dlion.errors import SimulationError
+from dlion.core.errors import SimulationError
 
 
 class _VirtualSelector(selectors.DefaultSelector):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from dlion.fl import ca2fl, fadas, fedasmu, fedasync, fedavg, fedbuff, fedcompass, fedpace
-from dlion.fl.base import Algorithm
-from dlion.registry import (
+from dlion.core.registry import (
     FL_ALGORITHMS,
     AlgorithmSpec,
     get_fl_algorithm,
     parse_fl_options,
     register_fl_builtin,
 )
+from dlion.fl import ca2fl, fadas, fedasmu, fedasync, fedavg, fedbuff, fedcompass, fedpace
+from dlion.fl.base import Algorithm
 
 for _spec in (
     AlgorithmSpec("fedavg", fedavg.SUMMARY, fedavg.Options, fedavg.FedAvg),

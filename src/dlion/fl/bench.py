@@ -26,13 +26,13 @@ from typing import Any, Literal, TypedDict
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.config import format_validation_error, parse_yaml_mapping, read_source
-from dlion.errors import ConfigError
+from dlion.core.config import format_validation_error, parse_yaml_mapping, read_source
+from dlion.core.errors import ConfigError
+from dlion.core.outdir import same_config
+from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
 from dlion.jobs.fl_sim import run_fl
-from dlion.outdir import same_config
 from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
-from dlion.strict_yaml import strict_load
 
 REFERENCE = "fedpace"  # the algorithm every other one is compared with
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from dlion.checkpoint import CheckpointError, latest_step_dir, load_latest
-from dlion.checkpoint import save_checkpoint as save_step
+from dlion.core.checkpoint import CheckpointError, latest_step_dir, load_latest
+from dlion.core.checkpoint import save_checkpoint as save_step
 from dlion.fl.base import Algorithm, ServerState
 from dlion.fl.config import FLConfig, config_hash
 from dlion.fl.roles import Server

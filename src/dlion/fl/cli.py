@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 app = typer.Typer(
     help="Federated learning (FedASMU, AAAI '24, and baselines): list algorithms and configs; "
@@ -58,7 +58,7 @@ def serve_command(
 ) -> None:
     """Run the FL server of a dist job: clients on any host join with `dlion fl client`.
     Ctrl-C (or SIGTERM) stops it with a checkpoint; `--resume` continues from it."""
-    from dlion.worker import process_main
+    from dlion.jobs.dist_worker import process_main
 
     process_main(lambda _: _serve(config, listen, out, resume, set_ or [], force), [])
 
@@ -66,9 +66,9 @@ def serve_command(
 def _serve(
     config: str, listen: str, out: Path | None, resume: bool, overrides: list[str], force: bool
 ) -> int:
+    from dlion.core.outdir import open_output, resume_output
     from dlion.fl.config import load_fl_config
-    from dlion.fl.dist import serve
-    from dlion.outdir import open_output, resume_output
+    from dlion.fl.processes import serve
 
     cfg = load_fl_config(config, [*overrides, "engine.name=dist"])
     target = out or Path("runs") / f"{cfg.name}-{cfg.algorithm.name}-dist"
@@ -95,8 +95,8 @@ def client_command(
     """Run one FL client of a dist job served by `dlion fl serve` (on this or another host);
     the shared secret comes from DLION_SECRET (or engine.secret)."""
     from dlion.fl.config import load_fl_config
-    from dlion.fl.dist import join_as_client
-    from dlion.worker import process_main
+    from dlion.fl.processes import join_as_client
+    from dlion.jobs.dist_worker import process_main
 
     def run(_: list[str]) -> int:
         cfg = load_fl_config(config, [*(set_ or []), "engine.name=dist"])
@@ -116,9 +116,9 @@ def train_fl(
     console: Console,
     force: bool = False,
 ) -> None:
+    from dlion.core.outdir import default_dir, open_output, resume_output
     from dlion.fl.config import load_fl_config
     from dlion.jobs.fl_sim import run_fl
-    from dlion.outdir import default_dir, open_output, resume_output
     from dlion.report import plot_accuracy_vs_time
 
     if engine not in (None, "sim", "dist"):
@@ -139,7 +139,7 @@ def train_fl(
     out_dir = output.path
     with output.writing() as work:
         if cfg.engine.name == "dist":
-            from dlion.fl.dist import run_fl_dist
+            from dlion.fl.processes import run_fl_dist
 
             result = run_fl_dist(cfg, out_dir=work, resume=resume is not None)
         else:
@@ -181,8 +181,8 @@ def bench_fl(
     console: Console,
     force: bool = False,
 ) -> None:
+    from dlion.core.outdir import default_dir, open_output
     from dlion.fl.bench import load_fl_suite, run_fl_suite, write_fl_report
-    from dlion.outdir import default_dir, open_output
     from dlion.report.metrics import warn_diverged
 
     suite = load_fl_suite(source)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from dlion.config import (
+from dlion.core.config import (
     DatasetSource,
     ModelConfig,
     _Strict,
@@ -25,8 +25,8 @@ from dlion.config import (
     read_text_file,
     shipped_names,
 )
-from dlion.errors import ConfigError
-from dlion.registry import check_fl_options
+from dlion.core.errors import ConfigError
+from dlion.core.registry import check_fl_options
 
 FL_PRESETS = "fl/scenarios"  # shipped FL configs, inside the dlion package
 
@@ -146,11 +146,11 @@ class FLEvaluationConfig(_Strict):
 
 class FLEngineConfig(_Strict):
     name: Literal["sim", "dist"] = Field(
-        "sim", description="sim: virtual time; dist: real processes (fl/dist.py)."
+        "sim", description="sim: virtual time; dist: real processes (fl/processes.py)."
     )
     header_bytes: int = Field(64, ge=0, description="Envelope charged on every message.")
     threads: int = Field(1, ge=1, description="torch intra-op threads.")
-    # ---- dist only (fl/dist.py: one server process, one process per client, gloo on CPU)
+    # ---- dist only (fl/processes.py: one server process, one process per client, gloo on CPU)
     time_scale: float = Field(
         1.0,
         gt=0,

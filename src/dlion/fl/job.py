@@ -1,6 +1,6 @@
 """The FL job, engine-free: its model, the server's and the clients' replicas, the star
 network of links between the server and its clients, and the partition record. The sim
-(jobs/fl_sim.py) and real processes (fl/dist.py) build the job from these.
+(jobs/fl_sim.py) and real processes (fl/processes.py) build the job from these.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlion.cluster import MBPS, Cluster, Link, Worker
+from dlion.cluster.topology import MBPS, Cluster, Link, Worker
 from dlion.data import Dataset
-from dlion.experiment import cached_dataset
 from dlion.fl.config import FLConfig
 from dlion.fl.population import ClientProfile, make_population, split_clients
-from dlion.models import build_model, train_flops_per_sample
-from dlion.replica import Replica
 from dlion.report import EvalPoint, write_json_atomic
+from dlion.training.experiment import cached_dataset
+from dlion.training.models import build_model, train_flops_per_sample
+from dlion.training.replica import Replica
 
 
 @dataclass

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dlion.core.errors import DataError
 from dlion.data import partition
-from dlion.errors import DataError
 from dlion.fl.config import FLConfig, Range
 
 

@@ -35,10 +35,10 @@ from dlion.comm.messages import (
     tensor_problem,
 )
 from dlion.context import WorkerContext
-from dlion.errors import SimulationError
+from dlion.core.errors import SimulationError
 from dlion.fl.base import Algorithm, ServerState, Update
 from dlion.fl.config import FLConfig, LocalConfig, SecurityConfig
-from dlion.replica import Replica
+from dlion.training.replica import Replica
 
 TO_SERVER = "fl"
 TASK = "task"

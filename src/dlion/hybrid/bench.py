@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 from dlion.hybrid.calibrate import check_coverage
 from dlion.hybrid.config import config_hash, load_hybrid_config
 from dlion.hybrid.evaluate import (

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 
 def check_coverage(coverage: float, field: str = "coverage") -> float:

@@ -1,5 +1,6 @@
 """`dlion hybrid ...`: selective-query edge/cloud inference (Kag et al., ICLR '23): train,
-eval, route and bench. Bad input raises BadInput, which `dlion.cli.main` turns into one line."""
+eval, route and bench. Bad input raises BadInput, which `dlion.cli.commands.main` turns
+into one line."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dlion.cli_options import ForceOption
-from dlion.errors import BadInput
-from dlion.outdir import check_output_file, default_dir, open_output
+from dlion.cli.options import ForceOption
+from dlion.core.errors import BadInput
+from dlion.core.outdir import check_output_file, default_dir, open_output
 
 app = typer.Typer(
     help="Hybrid edge/cloud inference with a selective-query router (ICLR '23).",

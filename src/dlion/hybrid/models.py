@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dlion.errors import ConfigError, DlionError
+from dlion.core.errors import ConfigError, DlionError
 from dlion.hybrid.spec import ModelSpec
-from dlion.models import build_model
+from dlion.training.models import build_model
 
 # builder(input_shape, num_classes, spec, seed) -> an nn.Sequential ending in nn.Linear, or a
 # SplitModel. input_shape is what the model sees, after the spec's downsampling.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 
 
 def proxy_labels(edge_correct: torch.Tensor, cloud_correct: torch.Tensor) -> torch.Tensor:

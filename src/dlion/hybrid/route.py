@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlion.core.errors import DataError
 from dlion.data.readers import validate_arrays
-from dlion.errors import DataError
 from dlion.hybrid.calibrate import check_coverage, keep_mask
 from dlion.hybrid.inference import edge_scores, predict
 from dlion.hybrid.store import HybridRun

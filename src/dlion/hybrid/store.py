@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, config_hash, load_hybrid_config
 from dlion.hybrid.gain import gain_feature_dim

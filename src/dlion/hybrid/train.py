@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from dlion.core.errors import DataError, DlionError
 from dlion.data import load_dataset
-from dlion.errors import DataError, DlionError
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, TrainConfig
 from dlion.hybrid.gain import fold_ids, gain_features, gain_loss

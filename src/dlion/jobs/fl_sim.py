@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from dlion.comm.messages import Control, Message
+from dlion.core.errors import BadInput
 from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
-from dlion.errors import BadInput
 from dlion.fl import build_algorithm
 from dlion.fl.base import Algorithm, ServerState
 from dlion.fl.checkpoint import load_checkpoint, save_checkpoint
@@ -34,7 +34,6 @@ from dlion.fl.job import (
     write_partition,
 )
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.replica import Replica
 from dlion.report import (
     EvalPoint,
     MetricsLog,
@@ -43,6 +42,7 @@ from dlion.report import (
     time_to_accuracy,
     write_json_atomic,
 )
+from dlion.training.replica import Replica
 
 # An idle client's receive wakes up this often (virtual s) just to wait again; large so
 # that idle clients cost almost no events.
@@ -176,7 +176,7 @@ def run_fl(
     if cfg.engine.name != "sim":
         raise BadInput(
             f"engine.name={cfg.engine.name}: this runs the FL sim; dist jobs run through "
-            "`dlion train --engine dist` (fl/dist.py)"
+            "`dlion train --engine dist` (fl/processes.py)"
         )
     torch.set_num_threads(cfg.engine.threads)
     algo = build_algorithm(

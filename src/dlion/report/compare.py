@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 from dlion.report.metrics import read_metrics
 
 

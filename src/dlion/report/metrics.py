@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 
 COLUMNS: tuple[str, ...] = (
     "scenario",

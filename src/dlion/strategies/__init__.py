@@ -1,10 +1,10 @@
 """The built-in training strategies, one file per algorithm, registered by name in
-`dlion.registry` when this package is imported (the registry imports it on first lookup).
+`dlion.core.registry` when this package is imported (the registry imports it on first lookup).
 `register_strategy`, `get_strategy` and the rest are re-exported from the registry."""
 
 from __future__ import annotations
 
-from dlion.registry import (
+from dlion.core.registry import (
     REGISTRY,
     StrategySpec,
     get_strategy,

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from dlion.cli_options import ForceOption
-from dlion.errors import ConfigError
-from dlion.outdir import default_dir, open_output
+from dlion.cli.options import ForceOption
+from dlion.core.errors import ConfigError
+from dlion.core.outdir import default_dir, open_output
 
 app = typer.Typer(
     help="Heat-budget-aware DVFS (Sparta, EDGE '21): keep edge devices cool and fast.",
@@ -129,7 +129,7 @@ def run(
     force: ForceOption = False,
 ) -> None:
     """Run COMMAND on this Linux machine under a policy (/sys/class/thermal + cpufreq)."""
-    from dlion.config import apply_overrides
+    from dlion.core.config import apply_overrides
     from dlion.thermal.config import PolicyConfig
     from dlion.thermal.device import load_profile
     from dlion.thermal.errors import ThermalError

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlion.config import apply_overrides
+from dlion.core.config import apply_overrides
 from dlion.thermal.device import DeviceProfile, load_profile
 from dlion.thermal.errors import ThermalError
 from dlion.thermal.workload import SHIPPED_WORKLOADS, Workload

@@ -1,6 +1,6 @@
 """The thermal package's bad-input error (one line at the CLI, exit code 2)."""
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 
 class ThermalError(BadInput):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dlion.config import format_validation_error
+from dlion.core.config import format_validation_error
 from dlion.report import write_json_atomic
 from dlion.thermal.errors import ThermalError
 

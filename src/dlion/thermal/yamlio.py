@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from dlion.config import format_validation_error, parse_yaml_mapping, read_text_file
-from dlion.errors import ConfigError
+from dlion.core.config import format_validation_error, parse_yaml_mapping, read_text_file
+from dlion.core.errors import ConfigError
 from dlion.thermal.errors import ThermalError
 
 PROFILE_FOLDER = "thermal_profiles"

@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dlion.cli_options import ForceOption
-from dlion.errors import BadInput
-from dlion.outdir import check_output_file, default_dir, open_output
+from dlion.cli.options import ForceOption
+from dlion.core.errors import BadInput
+from dlion.core.outdir import check_output_file, default_dir, open_output
 
 app = typer.Typer(
     help="Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",

@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.config import (
+from dlion.core.config import (
     apply_overrides,
     format_validation_error,
     parse_yaml_mapping,
     read_text_file,
 )
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 
 # `dlion transfer train synthetic` runs on the generated set with every default.
 BUILTIN = "synthetic"

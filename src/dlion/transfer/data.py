@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dlion.core.errors import DataError
 from dlion.data.readers import load_npz_arrays
-from dlion.errors import DataError
 from dlion.transfer.config import SyntheticConfig
 
 PREFIX = "modality_"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 from dlion.transfer.config import ModelSection, TransferConfig
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlion.errors import ConfigError, DataError
+from dlion.core.errors import ConfigError, DataError
 from dlion.report import write_json_atomic
 from dlion.transfer.config import LabelsSection, RegressionSection, TransferConfig
 from dlion.transfer.data import MultimodalData, generate_synthetic, read_multimodal_npz

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dlion.errors import DataError
+from dlion.core.errors import DataError
 from dlion.report import write_json_atomic
 from dlion.transfer.config import TransferConfig
 from dlion.transfer.encoders import (

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from dlion.config import ExperimentConfig, load_config, with_changes
-from dlion.errors import DlionError
+from dlion.core.config import ExperimentConfig, load_config, with_changes
+from dlion.core.errors import DlionError
 from dlion.report import write_json_atomic
 from dlion.transient.catalog import Catalog
 from dlion.transient.perf import (
@@ -94,7 +94,7 @@ def _check_done(summary: dict[str, Any], max_time: float) -> dict[str, Any]:
 
 
 def _train_size(cfg: ExperimentConfig) -> int:
-    from dlion.experiment import prepare
+    from dlion.training.experiment import prepare
 
     return prepare(cfg, 1).num_train()
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.config import format_validation_error, parse_yaml_mapping, read_text_file
-from dlion.errors import ConfigError
+from dlion.core.config import format_validation_error, parse_yaml_mapping, read_text_file
+from dlion.core.errors import ConfigError
 
 Tier = Literal["transient", "on-demand"]
 TIERS: tuple[Tier, ...] = ("transient", "on-demand")

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dlion.cli_options import ForceOption
-from dlion.errors import BadInput, ConfigError
-from dlion.outdir import default_dir, open_output
+from dlion.cli.options import ForceOption
+from dlion.core.errors import BadInput, ConfigError
+from dlion.core.outdir import default_dir, open_output
 
 if TYPE_CHECKING:
     from dlion.transient.planner import Goal
@@ -94,7 +94,7 @@ def plan(
     force: ForceOption = False,
 ) -> None:
     """Choose instance type, count and tier for a deadline or a budget (Monte Carlo)."""
-    from dlion.config import load_config
+    from dlion.core.config import load_config
     from dlion.transient.catalog import load_catalog
     from dlion.transient.plan import PlanRequest, make_plan, write_plan
     from dlion.transient.planner import parse_budget, parse_duration

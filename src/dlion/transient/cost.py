@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dlion.config import ExperimentConfig, initially_absent
+from dlion.core.config import ExperimentConfig, initially_absent
 
 
 @dataclass(frozen=True)

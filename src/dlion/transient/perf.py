@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from dlion.cluster import MBPS
-from dlion.config import ExperimentConfig, with_changes
+from dlion.cluster.topology import MBPS
+from dlion.core.config import ExperimentConfig, with_changes
 from dlion.engines.sim import run_sim
-from dlion.experiment import prepare
+from dlion.training.experiment import prepare
 from dlion.transient.runs import model_bytes
 
 STEP_FEATURES = ("compute_s", "comm_s", "server_excess_s", "constant_s")

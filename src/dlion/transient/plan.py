@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlion.config import ExperimentConfig
-from dlion.errors import ConfigError
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import ConfigError
 from dlion.report import write_json_atomic
 from dlion.transient.catalog import Catalog
 from dlion.transient.planner import Goal, Plan, candidates, evaluate, recommend

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 from dlion.transient.catalog import TIERS, Catalog, InstanceType
 from dlion.transient.revocation import Lease, draw_timeline
 from dlion.transient.runs import Candidate

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dlion.config import ExperimentConfig, with_changes
+from dlion.core.config import ExperimentConfig, with_changes
 from dlion.engines.sim import run_sim
 from dlion.transient.catalog import InstanceType
 from dlion.transient.perf import StepModel, StepProfile, fit_step_model, profile_step, step_features

@@ -13,8 +13,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from dlion.config import MembershipEvent
-from dlion.errors import ConfigError
+from dlion.core.config import MembershipEvent
+from dlion.core.errors import ConfigError
 from dlion.transient.catalog import InstanceType, Revocation, Tier
 
 _READY, _REVOKE = 0, 1  # at equal times a replacement is ready before a revocation happens

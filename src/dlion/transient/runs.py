@@ -7,10 +7,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlion.config import ExperimentConfig, config_from_dict, with_membership
+from dlion.core.config import ExperimentConfig, config_from_dict, with_membership
 from dlion.engines.sim import RunResult, run_sim
-from dlion.experiment import make_model, prepare
-from dlion.models import count_parameters
+from dlion.training.experiment import make_model, prepare
+from dlion.training.models import count_parameters
 from dlion.transient.catalog import InstanceType, Tier
 from dlion.transient.cost import Billing, RankBilling, cost_fields
 from dlion.transient.revocation import Timeline, draw_timeline, membership_events

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dlion.errors import ConfigError
-from dlion.usercode import accepts, call_user, is_reference, load_callable
+from dlion.core.errors import ConfigError
+from dlion.core.usercode import accepts, call_user, is_reference, load_callable
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
 

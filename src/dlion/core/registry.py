@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 
 # The packages whose import registers the built-in strategies (strategies/__init__.py)
 # and FL algorithms (fl/__init__.py).

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 
 
 def check_world_size(world: int, workers: int) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.cluster import Cluster
-from dlion.config import (
+from dlion.cluster.topology import Cluster
+from dlion.core.config import (
     ExperimentConfig,
     config_from_dict,
     format_validation_error,
@@ -20,9 +20,9 @@ from dlion.config import (
     read_source,
     with_changes,
 )
+from dlion.core.errors import ConfigError
+from dlion.core.outdir import same_config
 from dlion.engines.sim import run_sim
-from dlion.errors import ConfigError
-from dlion.outdir import same_config
 from dlion.report import (
     aggregate,
     bench_table,

@@ -10,7 +10,7 @@ quantization, averaging) costs time from this model, so no strategy's extra work
 - `kind` is one of KINDS (below); `numel` the elements the work touches in all, `ops`
   how many separate calls it makes (each pays the fixed cost once).
 - (fixed_s, per_element_s) per kind were fitted on one host by `benchmarks/vector_cost.py`
-  (torch CPU, 1 thread); the constants ship in `dlion.vector_cost_host` with the command,
+  (torch CPU, 1 thread); the constants ship in `dlion.cluster.vector_cost_host` with the command,
   machine and date, so runs are deterministic and nothing is timed at run time.
 - k(t), the **speed rule**: how many times slower than the calibration host the worker is,
   measured on the quantity the cluster configures, one training step of this run's model
@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dlion.timescale import UNIT, TimeScale
+from dlion.core.timescale import UNIT, TimeScale
 
 if TYPE_CHECKING:
-    from dlion.cluster import Cluster
-    from dlion.config import ExperimentConfig
+    from dlion.cluster.topology import Cluster
+    from dlion.core.config import ExperimentConfig
 
 # Kinds of vector work, each timed by benchmarks/vector_cost.py with one representative op.
 KINDS: dict[str, str] = {
@@ -130,8 +130,8 @@ def fit_op(sizes: list[int], seconds: list[float]) -> Fit:
 
 
 def shipped_model() -> VectorCostModel:
-    """The model fitted on the calibration host (`dlion.vector_cost_host`)."""
-    from dlion.vector_cost_host import HOST_STEP, OPS
+    """The model fitted on the calibration host (`dlion.cluster.vector_cost_host`)."""
+    from dlion.cluster.vector_cost_host import HOST_STEP, OPS
 
     return VectorCostModel(
         {k: OpCost(*OPS[k]) for k in KINDS}, HostLine(HOST_STEP[0], HOST_STEP[1])

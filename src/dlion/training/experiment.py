@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlion.config import ExperimentConfig
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import ConfigError, DataError
+from dlion.core.usercode import call_user, load_callable
 from dlion.data import Dataset, load_dataset, partition
 from dlion.data.examples import (
     DatasetExamples,
@@ -31,12 +33,10 @@ from dlion.data.examples import (
     item_shape,
     read_labels,
 )
-from dlion.errors import ConfigError, DataError
-from dlion.model_io import SavedModel, choose_state, model_spec, save_model
-from dlion.models import build_model, train_flops_per_sample
-from dlion.objective import Objective, build_objective
-from dlion.replica import Replica
-from dlion.usercode import call_user, load_callable
+from dlion.training.model_io import SavedModel, choose_state, model_spec, save_model
+from dlion.training.models import build_model, train_flops_per_sample
+from dlion.training.objective import Objective, build_objective
+from dlion.training.replica import Replica
 
 _FLOP_SAMPLES = 4  # real training samples the FLOP count runs on
 
@@ -271,7 +271,7 @@ def save_trained_model(
 
 def evaluate_saved_model(cfg: ExperimentConfig, run_dir: Path) -> tuple[float, float]:
     """(metric, loss) of the model saved in run_dir on the test set of its config."""
-    from dlion.model_io import load_model
+    from dlion.training.model_io import load_model
 
     model = load_model(run_dir)
     prep = prepare(cfg, 1)

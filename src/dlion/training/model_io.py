@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dlion.config import ExperimentConfig
-from dlion.errors import BadInput
-from dlion.models import build_model
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import BadInput
+from dlion.training.models import build_model
 
 MODEL_FILE = "model.safetensors"
 _META_KEY = "dlion"

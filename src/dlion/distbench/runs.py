@@ -28,13 +28,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dlion.cluster import Cluster
-from dlion.config import ExperimentConfig, load_config
+from dlion.cluster.topology import Cluster
+from dlion.core.config import ExperimentConfig, load_config
+from dlion.core.errors import BadInput
 from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
-from dlion.errors import BadInput
-from dlion.experiment import make_replica, prepare
 from dlion.report import write_json_atomic
+from dlion.training.experiment import make_replica, prepare
 
 
 def machine() -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 MARKER = ".dlion-output.json"
 RUNS = Path("runs")

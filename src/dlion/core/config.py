@@ -18,9 +18,9 @@ from pydantic import (
     model_validator,
 )
 
-from dlion.errors import ConfigError
-from dlion.registry import check_options
-from dlion.strict_yaml import INT64_MAX, strict_load
+from dlion.core.errors import ConfigError
+from dlion.core.registry import check_options
+from dlion.core.strict_yaml import INT64_MAX, strict_load
 
 
 class _Strict(BaseModel):
@@ -337,7 +337,7 @@ class EngineConfig(_Strict):
         True,
         description="Charge each strategy's vector work besides the gradient (optimizer "
         "steps, sums, top-k, scans, quantization) from the calibrated cost model "
-        "(dlion.vector_cost); false: only gradients cost time (results before issue 16 "
+        "(dlion.cluster.vector_cost); false: only gradients cost time (results before issue 16 "
         "part 4).",
     )
     # ---- dist engine only

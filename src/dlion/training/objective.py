@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlion.config import EvaluationConfig, TrainConfig
-from dlion.errors import ConfigError
-from dlion.usercode import load_callable
+from dlion.core.config import EvaluationConfig, TrainConfig
+from dlion.core.errors import ConfigError
+from dlion.core.usercode import load_callable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]

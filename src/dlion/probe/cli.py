@@ -1,11 +1,11 @@
 """`dlion probe`: measure this host's step times and the links between workers, and write
-a config with the measured cluster (method: dlion/probe.py).
+a config with the measured cluster (method: dlion/probe/measure.py).
 
     dlion probe digits-hetero --out cluster.yaml
     dlion netns up mycluster.yaml && dlion probe mycluster.yaml --netns dlion --out c.yaml
 
 Across the hosts of a torchrun job (the same command as training, `-m dlion probe` for
-`-m dlion.worker`), every rank times steps on its own host and the links are measured
+`-m dlion.jobs.dist_worker`), every rank times steps on its own host and the links are measured
 between the ranks; rank 0 writes the config, one worker entry per rank:
 
     torchrun --nnodes 2 --node-rank R --nproc-per-node 1 --master-addr HOST0 \
@@ -25,9 +25,9 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from dlion.cluster import Cluster
-    from dlion.config import ExperimentConfig
-    from dlion.probe import PairRate, StepFit
+    from dlion.cluster.topology import Cluster
+    from dlion.core.config import ExperimentConfig
+    from dlion.probe.measure import PairRate, StepFit
 
 # Above this relative miss on any timed batch size the user is told the line fits poorly.
 POOR_FIT = 0.10
@@ -36,7 +36,7 @@ console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 class _LinkArgs(TypedDict):
-    """The link measurement's settings (probe.measure_links, probe_worker.run_links)."""
+    """The link measurement's settings (probe.measure_links, probe.link_process.run_links)."""
 
     bytes_per_pair: int
     frames: int
@@ -45,7 +45,7 @@ class _LinkArgs(TypedDict):
 
 
 def _ints(value: str, what: str) -> list[int]:
-    from dlion.errors import BadInput
+    from dlion.core.errors import BadInput
 
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
@@ -92,10 +92,10 @@ def probe(
     pair's bandwidth and latency through the engine's transport, and writes --out."""
     import yaml
 
-    from dlion import probe as p
-    from dlion.cluster import MBPS, Cluster
-    from dlion.config import config_from_dict, load_config
-    from dlion.timescale import TimeScale
+    from dlion.cluster.topology import MBPS, Cluster
+    from dlion.core.config import config_from_dict, load_config
+    from dlion.core.timescale import TimeScale
+    from dlion.probe import measure as p
 
     cfg = load_config(config, list(set_ or []))
     if links and netns is not None:  # a prefix that is not up fails now, not after the steps
@@ -109,8 +109,8 @@ def probe(
     check_on = [c for c in check_on if c not in fit_on]
     torchrun = _torchrun_rank()
     if torchrun is not None:
-        from dlion.errors import BadInput
-        from dlion.preflight import check_world_size
+        from dlion.core.errors import BadInput
+        from dlion.core.preflight import check_world_size
 
         if netns is not None:
             raise BadInput("--netns: not under torchrun (each rank is already on its own host)")
@@ -189,7 +189,7 @@ def _torchrun_rank() -> tuple[int, int] | None:
     """(rank, world size) when started by torchrun, else None."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    from dlion.errors import BadInput
+    from dlion.core.errors import BadInput
 
     try:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -209,9 +209,9 @@ def _across_torchrun(
     and the rates."""
     import torch.distributed as dist
 
-    from dlion import probe as p
-    from dlion.probe_worker import run_links
-    from dlion.worker import store_from_env
+    from dlion.jobs.dist_worker import store_from_env
+    from dlion.probe import measure as p
+    from dlion.probe.link_process import run_links
 
     timeout = link_args["timeout_s"]
     job_factory, _, _ = store_from_env(world, rank, timeout)

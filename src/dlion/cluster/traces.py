@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlion.config import TraceSpec
-from dlion.errors import DataError
+from dlion.core.config import TraceSpec
+from dlion.core.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlion.config import OptimizerConfig, ScheduleConfig, TrainConfig
-from dlion.errors import ConfigError
-from dlion.usercode import call_user, load_callable
+from dlion.core.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from dlion.core.errors import ConfigError
+from dlion.core.usercode import call_user, load_callable
 
 
 class FlatSGD(torch.optim.Optimizer):

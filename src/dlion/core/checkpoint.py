@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dlion.errors import BadInput
+from dlion.core.errors import BadInput
 
 FORMAT = "dlion-checkpoint/1"
 TENSORS = "tensors.safetensors"

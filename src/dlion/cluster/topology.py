@@ -18,9 +18,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from dlion.config import ClusterConfig, DynamicsConfig
-from dlion.errors import ConfigError
-from dlion.traces import Trace, build_trace
+from dlion.cluster.traces import Trace, build_trace
+from dlion.core.config import ClusterConfig, DynamicsConfig
+from dlion.core.errors import ConfigError
 
 MBPS = 1e6 / 8  # bytes per second in one Mbit/s
 

@@ -1,9 +1,11 @@
-"""One dist worker process: `python -m dlion.worker CONFIG [--out DIR] [--set KEY=VALUE ...]`.
+"""One dist worker process (one rank of a strategy job):
+
+    python -m dlion.jobs.dist_worker CONFIG [--out DIR] [--set KEY=VALUE ...]
 
 Started by `dlion train --engine dist` (which hosts the job's store and passes it in
 DLION_STORE), or by torchrun:
 
-    torchrun --nproc-per-node 6 -m dlion.worker microcloud-hetero --out runs/dist
+    torchrun --nproc-per-node 6 -m dlion.jobs.dist_worker microcloud-hetero --out runs/dist
 
 Under torchrun the worker reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, uses the
 store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE), and rank 0 also runs the
@@ -29,16 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dlion.cluster import Cluster
-from dlion.config import load_config
-from dlion.errors import BadInput
-from dlion.preflight import check_world_size
-from dlion.registry import check_options
+from dlion.cluster.topology import Cluster
+from dlion.core.config import load_config
+from dlion.core.errors import BadInput
+from dlion.core.preflight import check_world_size
+from dlion.core.registry import check_options
 
 if TYPE_CHECKING:
     import torch.distributed as dist
 
-    from dlion.config import ExperimentConfig
+    from dlion.core.config import ExperimentConfig
 
     StoreFactory = Callable[[], dist.Store]
 
@@ -60,7 +62,8 @@ def store_from_env(world: int, rank: int, timeout_s: float) -> tuple[StoreFactor
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     except (KeyError, ValueError):
         raise BadInput(
-            "dlion.worker: no job store: run it through `dlion train --engine dist` or torchrun"
+            "dlion.jobs.dist_worker: no job store: run it through "
+            "`dlion train --engine dist` or torchrun"
         ) from None
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
@@ -75,7 +78,7 @@ def run(argv: list[str]) -> int:
     # Receiver and sender threads hand every message to the event loop: a short GIL switch
     # interval keeps each handoff from waiting out the default 5 ms.
     sys.setswitchinterval(0.0005)
-    parser = argparse.ArgumentParser(prog="python -m dlion.worker")
+    parser = argparse.ArgumentParser(prog="python -m dlion.jobs.dist_worker")
     parser.add_argument("config", help="YAML config path or shipped scenario name")
     parser.add_argument("--out", type=Path, default=None, help="run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -88,7 +91,7 @@ def run(argv: list[str]) -> int:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
         raise BadInput(
-            "dlion.worker: RANK and WORLD_SIZE must be set (torchrun sets them)"
+            "dlion.jobs.dist_worker: RANK and WORLD_SIZE must be set (torchrun sets them)"
         ) from None
     # Before torch is imported and any store or peer is touched: every rank fails alike,
     # with the same line, within a second.

@@ -8,11 +8,11 @@ import math
 import torch
 from torch import nn
 
-from dlion.config import EvaluationConfig, TrainConfig
+from dlion.core.config import EvaluationConfig, TrainConfig
+from dlion.core.errors import DlionError
 from dlion.data.examples import Examples, TensorExamples
-from dlion.errors import DlionError
-from dlion.objective import Objective, build_objective
-from dlion.optim import (
+from dlion.training.objective import Objective, build_objective
+from dlion.training.optim import (
     FlatSGD,
     build_optimizer,
     flat_state,
@@ -178,7 +178,7 @@ class Replica:
 
     @property
     def optimizer_cost(self) -> tuple[str, int]:
-        """How an optimizer step is charged (dlion.vector_cost): its kind, `sgd` for
+        """How an optimizer step is charged (dlion.cluster.vector_cost): its kind, `sgd` for
         FlatSGD and `adamw` for anything else, and the tensors it steps one by one."""
         kind = "sgd" if isinstance(self.optimizer, FlatSGD) else "adamw"
         return kind, len(self._opt_params)

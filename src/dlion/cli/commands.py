@@ -24,9 +24,9 @@ import typer
 from rich.console import Console
 
 from dlion import __version__
-from dlion.cli_options import ForceOption
-from dlion.errors import BadInput, DlionError
-from dlion.outdir import default_dir, open_output, resume_output
+from dlion.cli.options import ForceOption
+from dlion.core.errors import BadInput, DlionError
+from dlion.core.outdir import default_dir, open_output, resume_output
 
 try:  # typer >= 0.29 vendors click; older versions use click itself
     from typer._click.exceptions import UsageError
@@ -116,7 +116,7 @@ def train(
         from dlion.engines import forkserver
 
         forkserver.warm_up()  # dist workers' imports start now, beside this process's own
-    from dlion.config import load_config
+    from dlion.core.config import load_config
     from dlion.engines.sim import run_sim
     from dlion.fl.config import is_fl_source
     from dlion.report.finish import finish_run, summary_lines
@@ -198,9 +198,9 @@ def eval_run(
     and compare with the value in its summary.json."""
     import json
 
-    from dlion.config import load_config
-    from dlion.experiment import evaluate_saved_model
+    from dlion.core.config import load_config
     from dlion.report.finish import metric_text
+    from dlion.training.experiment import evaluate_saved_model
 
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: no such run directory")
@@ -247,7 +247,7 @@ def bench(
 ) -> None:
     """Run a benchmark suite side by side; writes summary.json, report.md and plots.
     Finished runs in --out are reused when their whole resolved config matches."""
-    from dlion.bench import load_suite, report, run_suite
+    from dlion.cli.suites import load_suite, report, run_suite
     from dlion.fl.bench import is_fl_suite
     from dlion.report.metrics import warn_diverged
 
@@ -353,7 +353,7 @@ def list_strategies() -> None:
         for name, summary in BUILTIN_STRATEGIES:
             print(f"{name:<12} {summary}")
         return
-    from dlion.registry import BUILTIN, REGISTRY, load_builtins, load_plugins
+    from dlion.core.registry import BUILTIN, REGISTRY, load_builtins, load_plugins
 
     load_builtins()
     load_plugins()
@@ -365,7 +365,7 @@ def list_strategies() -> None:
 @app.command("scenarios")
 def list_scenarios() -> None:
     """List the shipped scenario presets."""
-    from dlion.config import config_from_dict, read_config_source, shipped_scenarios
+    from dlion.core.config import config_from_dict, read_config_source, shipped_scenarios
 
     names = shipped_scenarios()
     width = max(len(n) for n in names) + 2
@@ -395,12 +395,14 @@ LAZY_GROUPS = (
     ),
     LazyGroup(
         "probe",
-        "dlion.probe_cli",
+        "dlion.probe.cli",
         "probe",
         "Measure this host's step time and the links between workers; write a cluster YAML.",
         group=False,
     ),
-    LazyGroup("dist", "dlion.dist_cli", "app", "Benchmarks of the dist engine (real processes)."),
+    LazyGroup(
+        "dist", "dlion.distbench.cli", "app", "Benchmarks of the dist engine (real processes)."
+    ),
     LazyGroup(
         "fl",
         "dlion.fl.cli",

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dlion.errors import ConfigError
+from dlion.core.errors import ConfigError
 
 
 def is_reference(name: str) -> bool:

@@ -34,7 +34,7 @@ the checkpoint are lost.
 
 Three ways to run it:
 - `dlion train FL_CONFIG --engine dist` (`run_fl_dist`): this host, the launcher hosts the
-  store and starts `python -m dlion.fl.dist serve|client` per rank;
+  store and starts `python -m dlion.fl.processes serve|client` per rank;
 - `dlion fl serve CONFIG --listen HOST:PORT` on one host (it hosts the store) and
   `dlion fl client CONFIG --server HOST:PORT --client-id K` on others;
 - the same entry points with DLION_STORE/DLION_RUN_ID set (what the launcher does).
@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dlion.cluster import MBPS
+from dlion.cluster.topology import MBPS
 from dlion.comm.codec import encode
 from dlion.comm.job import (
     Fault,
@@ -97,7 +97,8 @@ from dlion.comm.messages import Control, Message
 from dlion.comm.peer_process import PeerProcess
 from dlion.comm.shaping import LinkShaper
 from dlion.context import ComputeResult
-from dlion.errors import BadInput, SimulationError
+from dlion.core.errors import BadInput, SimulationError
+from dlion.core.timescale import TimeScale
 from dlion.fl import build_algorithm
 from dlion.fl.base import ServerState
 from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
@@ -110,10 +111,9 @@ from dlion.fl.job import (
     write_partition,
 )
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
-from dlion.replica import Replica
+from dlion.jobs.dist_worker import process_main, say
 from dlion.report import EvalPoint, MetricsLog, run_summary, time_to_accuracy, write_json_atomic
-from dlion.timescale import TimeScale
-from dlion.worker import process_main, say
+from dlion.training.replica import Replica
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
 _IDLE_RECV_S = 3600.0
@@ -688,7 +688,7 @@ def run_fl_dist(
                 **(rank_env or {}).get(rank, {}),
             }
             role = ["serve"] if rank == SERVER else ["client", "--client-id", str(rank)]
-            argv = [sys.executable, "-m", "dlion.fl.dist", *role, str(config_path)]
+            argv = [sys.executable, "-m", "dlion.fl.processes", *role, str(config_path)]
             argv += ["--out", str(out_dir), *(["--resume"] if resume and rank == SERVER else [])]
             with (logs / f"rank-{rank}.log").open("wb") as log_file:
                 # Own session: a Ctrl-C reaches this launcher only, which stops the server
@@ -849,7 +849,7 @@ def join_as_client(cfg: FLConfig, client_id: int, out_dir: Path | None, server: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dlion.fl.dist")
+    parser = argparse.ArgumentParser(prog="python -m dlion.fl.processes")
     roles = parser.add_subparsers(dest="role", required=True)
     srv = roles.add_parser("serve", help="the FL server (rank 0)")
     srv.add_argument("config")

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dlion.errors import BadInput
-from dlion.outdir import OutputDir, open_output
+from dlion.core.errors import BadInput
+from dlion.core.outdir import OutputDir, open_output
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks of the dist engine (real processes).")
 console = Console()
@@ -61,8 +61,8 @@ def parity(
     force: ForceOption = False,
 ) -> None:
     """Sim vs dist TTA on one scenario, side by side (dist in scenario seconds)."""
-    from dlion.config import load_config
-    from dlion.distbench import parity as run
+    from dlion.core.config import load_config
+    from dlion.distbench.runs import parity as run
 
     seed_list = _ints(seeds, "--seeds")
     _positive(time_scale, "--time-scale")
@@ -82,7 +82,7 @@ def ddp(
     force: ForceOption = False,
 ) -> None:
     """dlion's allreduce vs DistributedDataParallel: 2 local workers, time per iteration."""
-    from dlion.distbench import ddp_overhead
+    from dlion.distbench.runs import ddp_overhead
 
     _positive(wall_s, "--wall-s")
     output = _output(out, "ddp", force)
@@ -108,7 +108,7 @@ def fault(
     force: ForceOption = False,
 ) -> None:
     """A fault-free run, then the same run with one worker SIGKILLed part-way."""
-    from dlion.distbench import check_fault, fault_run
+    from dlion.distbench.runs import check_fault, fault_run
 
     _positive(time_scale, "--time-scale")
     check_fault(scenario, strategy, time_scale, rank, at, set_ or [])
@@ -133,8 +133,8 @@ def kernel(
     force: ForceOption = False,
 ) -> None:
     """TTA with kernel-shaped links (netns + tc htb; root) vs transport-shaped links."""
-    from dlion.config import load_config
-    from dlion.distbench import kernel_vs_transport
+    from dlion.core.config import load_config
+    from dlion.distbench.runs import kernel_vs_transport
 
     seed_list = _ints(seeds, "--seeds")
     _positive(time_scale, "--time-scale")

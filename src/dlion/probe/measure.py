@@ -39,12 +39,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dlion.cluster import MBPS
-from dlion.config import ExperimentConfig
-from dlion.errors import BadInput, DlionError
-from dlion.timescale import TimeScale
+from dlion.cluster.topology import MBPS
+from dlion.core.config import ExperimentConfig
+from dlion.core.errors import BadInput, DlionError
+from dlion.core.timescale import TimeScale
 
-# Store keys of a probe run (the worker side is dlion/probe_worker.py).
+# Store keys of a probe run (the worker side is dlion/probe/link_process.py).
 KEY_GO = "go/{k}"  # the master starts ordered pair k
 KEY_BW = "bw/{k}"  # the receiver's bytes/s for pair k
 KEY_LAT = "lat/{k}"  # the sender's one-way latency (s) for pair k
@@ -110,7 +110,7 @@ def measure_step_times(
     (the upper part of the distribution measures the neighbours, not the model)."""
     import torch
 
-    from dlion.experiment import make_replica, prepare
+    from dlion.training.experiment import make_replica, prepare
 
     torch.set_num_threads(cfg.engine.threads)
     prep = prepare(cfg, 1)
@@ -134,7 +134,7 @@ def _lower_quartile(values: list[float]) -> float:
 
 
 def flops_per_sample(cfg: ExperimentConfig) -> int:
-    from dlion.experiment import prepare
+    from dlion.training.experiment import prepare
 
     return prepare(cfg, 1).flops_per_sample
 
@@ -188,7 +188,7 @@ def measure_links(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(n):
-            argv = [sys.executable, "-m", "dlion.probe_worker", str(rank), str(n), host]
+            argv = [sys.executable, "-m", "dlion.probe.link_process", str(rank), str(n), host]
             argv += [str(port), str(bytes_per_pair), str(frames), str(pings), str(timeout_s)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             if plan is not None:

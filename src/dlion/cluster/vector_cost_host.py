@@ -1,7 +1,7 @@
-"""Vector-work costs fitted on the calibration host (see dlion.vector_cost).
+"""Vector-work costs fitted on the calibration host (see dlion.cluster.vector_cost).
 
 Command: OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/vector_cost.py \
-    --repeats 300 --write src/dlion/vector_cost_host.py
+    --repeats 300 --write src/dlion/cluster/vector_cost_host.py
 Machine: x86_64 container, cpu (Linux),
 2 cores shared with parallel work, torch 2.13.0+cpu CPU, 1 thread,
 Python 3.11.7; 2026-12-07; load average about 10.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from dlion.config import DynamicsConfig, MembershipEvent, check_membership, initially_absent
+from dlion.core.config import DynamicsConfig, MembershipEvent, check_membership, initially_absent
 
 
 def membership_schedule(dyn: DynamicsConfig, n: int, horizon: float) -> list[MembershipEvent]:

@@ -1,6 +1,6 @@
-"""One process of `dlion probe`'s link measurement (see dlion/probe.py for the method).
+"""One process of `dlion probe`'s link measurement (see dlion/probe/measure.py for the method).
 
-    python -m dlion.probe_worker RANK WORLD HOST PORT BYTES_PER_PAIR FRAMES PINGS TIMEOUT_S
+    python -m dlion.probe.link_process RANK WORLD HOST PORT BYTES_PER_PAIR FRAMES PINGS TIMEOUT_S
 
 Joins the probe's store, connects to every peer through the engine's transport, then for
 each ordered pair k = (i, j), once the master says go: i streams the frames to j; j times
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from dlion.comm.transport import PairTransport
-from dlion.probe import KEY_BW, KEY_END, KEY_GO, KEY_LAT, KEY_READY, ordered_pairs
+from dlion.probe.measure import KEY_BW, KEY_END, KEY_GO, KEY_LAT, KEY_READY, ordered_pairs
 
 
 class _Receiver:

@@ -1,0 +1,1 @@
+"""The `dlion` command (commands.py), its suites (suites.py), shared options."""

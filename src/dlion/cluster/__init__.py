@@ -1,0 +1,1 @@
+"""The simulated micro-cloud: sites, links, traces, membership, vector costs."""

@@ -1,0 +1,1 @@
+"""What every part of dlion uses: config, registry, user code, errors, outputs."""

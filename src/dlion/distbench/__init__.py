@@ -1,0 +1,1 @@
+"""`dlion dist ...`: benchmarks of the dist engine against the sim and DDP."""

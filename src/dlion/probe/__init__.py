@@ -1,0 +1,1 @@
+"""`dlion probe`: measure step times and links, write a measured cluster."""

@@ -1,0 +1,1 @@
+"""One replica's model, objective and optimizer, and what a run prepares."""
