@@ -490,44 +490,43 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         `send_first` (synchronous sites wait for these messages): wake the pumps before the
         agreement gate's bookkeeping, whose threshold then applies from the next message."""
         pipe_meta = {"it": float(it), "src": float(me)} | knowledge_meta(known, sites[my_site])
-        if send_first:
-            for s, pipe in pipes.items():
-                if s in sites:
-                    async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
-                        pipe.residual.add(own)
-                    pipe.budget_s = budget_s
-                    pipe.meta = pipe_meta
-                    pipe.fresh.set()
-            if gate:
-                async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
-                    own_sum.mul_(AGREEMENT_DECAY).add_(own)
-                for s, pipe in pipes.items():
-                    if s in sites:
-                        async with ctx.charged("axpy", 4 * numel, 4):  # dot, norms, decay
-                            cosine = agreement(own_sum, pipe.received)
-                            pipe.received.mul_(AGREEMENT_DECAY)
-                        pipe.z = gated_z(opt.significance_z, cosine)
-                        if it % 100 == 0:
-                            ctx.record("agreement", iteration=it, site=s, cosine=cosine)
-            return
-        if gate:
+        live = [(s, pipe) for s, pipe in pipes.items() if s in sites]
+
+        async def feed(pipe: _Pipe) -> None:
+            async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
+                pipe.residual.add(own)
+            pipe.budget_s = budget_s
+            pipe.meta = pipe_meta
+
+        async def decay_own_sum() -> None:
             async with ctx.charged("axpy", 2 * numel, 2):  # decay, add
                 own_sum.mul_(AGREEMENT_DECAY).add_(own)
-        for s, pipe in pipes.items():
-            if s in sites:
-                async with ctx.charged("axpy", 3 * numel, 3):  # residual, squares
-                    pipe.residual.add(own)
-                pipe.budget_s = budget_s
-                pipe.meta = pipe_meta
-                pipe.z = opt.significance_z
-                if gate:
-                    async with ctx.charged("axpy", 4 * numel, 4):  # dot, two norms, decay
-                        cosine = agreement(own_sum, pipe.received)
-                        pipe.received.mul_(AGREEMENT_DECAY)
-                    pipe.z = gated_z(opt.significance_z, cosine)
-                    if it % 100 == 0:
-                        ctx.record("agreement", iteration=it, site=s, cosine=cosine)
+
+        async def gate_pipe(s: str, pipe: _Pipe) -> None:
+            async with ctx.charged("axpy", 4 * numel, 4):  # dot, two norms, decay
+                cosine = agreement(own_sum, pipe.received)
+                pipe.received.mul_(AGREEMENT_DECAY)
+            pipe.z = gated_z(opt.significance_z, cosine)
+            if it % 100 == 0:
+                ctx.record("agreement", iteration=it, site=s, cosine=cosine)
+
+        if send_first:
+            for _, pipe in live:
+                await feed(pipe)
                 pipe.fresh.set()
+            if gate:
+                await decay_own_sum()
+                for s, pipe in live:
+                    await gate_pipe(s, pipe)
+            return
+        if gate:
+            await decay_own_sum()
+        for s, pipe in live:
+            await feed(pipe)
+            pipe.z = opt.significance_z
+            if gate:
+                await gate_pipe(s, pipe)
+            pipe.fresh.set()
 
     if ctx.peer_since(me) > 0:
         # A joiner took a live peer's model; a site keeps one model, so adopt the site's.
