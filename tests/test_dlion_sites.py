@@ -237,18 +237,23 @@ def test_sharded_allreduce_agrees_when_members_start_with_different_views(
         assert got[r].lost == ([3] if 3 in views[r] else []), r
 
 
-def _three_sites(**options: Any) -> Any:
+def _three_sites(
+    gflops: tuple[float, float, float] = (0.4, 0.2, 0.1),
+    pipes: tuple[tuple[float, float], ...] = ((20, 4), (10, 6), (7, 8)),
+    **options: Any,
+) -> Any:
+    """Sites a, b, c of two workers each (`gflops` per site); `pipes`: (Mbit/s, ms) of the
+    a-b, b-c and a-c site pipes."""
+    pairs = (["a", "b"], ["b", "c"], ["a", "c"])
     return small_config(
         workers=[
-            {"site": "a", "capacity_gflops": 0.4, "count": 2},
-            {"site": "b", "capacity_gflops": 0.2, "count": 2},
-            {"site": "c", "capacity_gflops": 0.1, "count": 2},
+            {"site": site, "capacity_gflops": g, "count": 2}
+            for site, g in zip("abc", gflops, strict=True)
         ],
         sites=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
         links=[
-            {"sites": ["a", "b"], "bandwidth_mbps": 20, "latency_ms": 4},
-            {"sites": ["b", "c"], "bandwidth_mbps": 10, "latency_ms": 6},
-            {"sites": ["a", "c"], "bandwidth_mbps": 7, "latency_ms": 8},
+            {"sites": pair, "bandwidth_mbps": mbps, "latency_ms": ms}
+            for pair, (mbps, ms) in zip(pairs, pipes, strict=True)
         ],
         options=options,
         train={"max_time": 1.0, "stop_at_target": False},
@@ -363,22 +368,7 @@ def test_pipe_mode_follows_measured_paces_and_latency() -> None:
 
 
 def _equal_sites(**options: Any) -> Any:
-    return small_config(
-        workers=[
-            {"site": "a", "capacity_gflops": 0.02, "count": 2},
-            {"site": "b", "capacity_gflops": 0.02, "count": 2},
-            {"site": "c", "capacity_gflops": 0.02, "count": 2},
-        ],
-        sites=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
-        links=[
-            {"sites": ["a", "b"], "bandwidth_mbps": 100, "latency_ms": 2},
-            {"sites": ["b", "c"], "bandwidth_mbps": 20, "latency_ms": 3},
-            {"sites": ["a", "c"], "bandwidth_mbps": 20, "latency_ms": 3},
-        ],
-        options=options,
-        train={"max_time": 1.0, "stop_at_target": False},
-        engine=FREE_VECTORS,
-    )
+    return _three_sites((0.02, 0.02, 0.02), ((100, 2), (20, 3), (20, 3)), **options)
 
 
 def _models_after_each_iteration(cfg: Any) -> tuple[Any, dict[tuple[int, int], torch.Tensor]]:

@@ -300,13 +300,13 @@ async def _agree_round_one(
         rs = _group_tag(tag, "rs", group)
         if group != sent_for:
             shards = vector.tensor_split(len(group))
+            own_numel = shards[group.index(me)].numel()
             sends += [
                 asyncio.ensure_future(ctx.send(r, rs, Dense(shards[i].clone()), meta))
                 for i, r in enumerate(group)
                 if r != me
             ]
             sent_for = group
-        own_numel = vector.tensor_split(len(group))[group.index(me)].numel()
         for r, msg in list(heard.items()):
             if r in group and r not in got and msg.tag == rs:
                 problem = tensor_problem(msg.payload, own_numel)
