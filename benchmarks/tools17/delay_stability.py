@@ -16,6 +16,8 @@ Update (14c, lock-step): v <- beta v + (1 - f) g(x_t) + f g(x_{t-1}); x <- x - e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -28,14 +30,20 @@ def spectral_radius(a: float, beta: float, f: float) -> float:
     return float(max(abs(np.linalg.eigvals(m))))
 
 
-def edge(beta: float, f: float) -> float:
+def largest_stable(radius: Callable[[float], float], points: int) -> float:
+    """The largest step a of np.linspace(1e-3, 4, points) below which every step is stable
+    (spectral radius < 1)."""
     lo = 0.0
-    for a in np.linspace(1e-3, 4.0, 40000):
-        if spectral_radius(a, beta, f) < 1:
+    for a in np.linspace(1e-3, 4.0, points):
+        if radius(a) < 1:
             lo = a
         else:
             break
     return lo
+
+
+def edge(beta: float, f: float) -> float:
+    return largest_stable(lambda a: spectral_radius(a, beta, f), 40000)
 
 
 def rule_radius(a: float, beta: float, weights: tuple[float, float, float]) -> float:
@@ -54,13 +62,7 @@ def rule_radius(a: float, beta: float, weights: tuple[float, float, float]) -> f
 
 
 def rule_edge(beta: float, weights: tuple[float, float, float]) -> float:
-    lo = 0.0
-    for a in np.linspace(1e-3, 4.0, 8000):
-        if rule_radius(a, beta, weights) < 1:
-            lo = a
-        else:
-            break
-    return lo
+    return largest_stable(lambda a: rule_radius(a, beta, weights), 8000)
 
 
 if __name__ == "__main__":
