@@ -283,17 +283,45 @@ class TrainConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
-class EngineConfig(_Strict):
+class JobEngineConfig(_Strict):
+    """The `engine:` fields of every kind of job (strategy and FL configs): which engine,
+    the message envelope, and how the dist engine's processes meet and are paced."""
+
     name: Literal["sim", "dist"] = Field(
-        "sim", description="sim: virtual clock in one process; dist: real processes."
+        "sim",
+        description="sim: virtual clock in one process; dist: real processes "
+        "(engines/dist.py for strategies, fl/processes.py for FL).",
     )
     header_bytes: int = Field(
         64, ge=0, description="Per-message envelope size charged by the network model."
     )
+    threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="dist: wall seconds per config (scenario) second. Compute throttling, "
+        "link shaping, latencies and timeouts (for FL also availability periods and the eval "
+        "grid) all stretch by it, so a small host can emulate a slower cluster.",
+    )
+    max_message_mb: float = Field(
+        64.0, gt=0, description="dist: frames larger than this are refused (and the link dropped)."
+    )
+    secret: str | None = Field(
+        None,
+        description="dist: shared secret; processes that cannot prove it are refused at join. "
+        "The DLION_SECRET environment variable sets it too (and wins); prefer it to the file.",
+    )
+    host: str = Field("127.0.0.1", description="dist: address the job's store binds to.")
+    port: int = Field(0, ge=0, le=65535, description="dist: store port (0: any free).")
+    startup_timeout: float = Field(
+        120.0, gt=0, description="dist: wall seconds to wait for every process to connect."
+    )
+
+
+class EngineConfig(JobEngineConfig):
     recv_timeout: float = Field(
         30.0, gt=0, description="Default receive timeout (virtual seconds in the sim)."
     )
-    threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
     measure_min_bytes: int = Field(
         16_384,
         ge=1,
@@ -344,12 +372,6 @@ class EngineConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="dist transport: auto picks nccl when CUDA is available, else gloo."
     )
-    time_scale: float = Field(
-        1.0,
-        gt=0,
-        description="dist: wall seconds per scenario second. Compute throttling, link shaping, "
-        "latencies and timeouts all stretch by it, so a small host can emulate a slower cluster.",
-    )
     shaping: Literal["transport", "kernel", "none"] = Field(
         "transport",
         description="dist: transport = sender-side pacing of each link's bandwidth plus its "
@@ -369,19 +391,6 @@ class EngineConfig(_Strict):
         gt=0,
         description="dist: a joiner takes part from the iteration the fastest member will "
         "reach this many wall seconds later, so every member hears of it first.",
-    )
-    max_message_mb: float = Field(
-        64.0, gt=0, description="dist: frames larger than this are refused (and the link dropped)."
-    )
-    secret: str | None = Field(
-        None,
-        description="dist: shared secret; processes that cannot prove it are refused at join. "
-        "The DLION_SECRET environment variable sets it too (and wins).",
-    )
-    host: str = Field("127.0.0.1", description="dist launcher: address the job's store binds to.")
-    port: int = Field(0, ge=0, le=65535, description="dist launcher: store port (0: any free).")
-    startup_timeout: float = Field(
-        120.0, gt=0, description="dist: wall seconds to wait for every worker to connect."
     )
 
 
@@ -425,7 +434,8 @@ class CheckpointConfig(_Strict):
         None,
         gt=0,
         description="Write a checkpoint every this many seconds (virtual in the sim, taken at "
-        "the first evaluation point at or after each multiple; wall in dist); None: never.",
+        "the first evaluation point at or after each multiple; wall in dist, stretched by "
+        "engine.time_scale for FL, whose server also checkpoints when stopped); None: never.",
     )
     keep: int = Field(
         2, ge=1, description="Checkpoints kept: the newest and, by default, the one before it."

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dlion.core.config import format_validation_error, parse_yaml_mapping, read_source
 from dlion.core.errors import ConfigError
-from dlion.core.outdir import same_config
 from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
 from dlion.jobs.fl_sim import run_fl
@@ -156,7 +155,6 @@ def run_fl_suite(
     seeds: int | None = None,
     extra_set: list[str] | None = None,
     progress: bool = True,
-    force: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     chosen = [a for a in suite.algorithms if labels is None or a.label in labels]
     if labels is not None and set(labels) - {a.label for a in suite.algorithms}:
@@ -170,7 +168,7 @@ def run_fl_suite(
     n_seeds = seeds or suite.seeds
     total = len(names) * len(suite.variants) * len(chosen) * n_seeds
     out_dir.mkdir(parents=True, exist_ok=True)
-    tuned = _search(suite, chosen, out_dir, extra_set or [], progress, force)
+    tuned = _search(suite, chosen, out_dir, extra_set or [], progress)
     runs: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
     targets: dict[str, float] = {}
@@ -187,7 +185,7 @@ def run_fl_suite(
                     run_dir = out_dir / "runs" / key.replace("/", "__") / algo.label / f"seed{seed}"
                     done += 1
                     desc = f"[{done}/{total}] {key} {algo.label} seed {seed}"
-                    summary, points = _run_or_reuse(cfg, run_dir, algo.label, progress, desc, force)
+                    summary, points = _run_or_reuse(cfg, run_dir, algo.label, progress, desc)
                     runs.append(summary)
                     curves.setdefault(key, {}).setdefault(algo.label, []).append(points)
     plots: list[Path] = []
@@ -236,7 +234,6 @@ def _search(
     out_dir: Path,
     extra_set: list[str],
     progress: bool,
-    force: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """label -> the grid point with the best mean pilot accuracy (see the module doc)."""
     search = suite.search
@@ -269,7 +266,7 @@ def _search(
                     )
                     done += 1
                     desc = f"[search {done}/{total}] {key} {algo.label} {point} seed {seed}"
-                    summary, _ = _run_or_reuse(cfg, run_dir, algo.label, progress, desc, force)
+                    summary, _ = _run_or_reuse(cfg, run_dir, algo.label, progress, desc)
                     accs.append(float(summary["final_acc"]))
                     tta = summary["tta_s"]
                     ttas.append(float(tta) if tta is not None else float(summary["time_s"]))
@@ -290,28 +287,25 @@ def _search(
 
 
 def _run_or_reuse(
-    cfg: FLConfig, run_dir: Path, label: str, progress: bool, description: str, force: bool
+    cfg: FLConfig, run_dir: Path, label: str, progress: bool, description: str
 ) -> tuple[dict[str, Any], list[tuple[float, float]]]:
-    summary_path = run_dir / "summary.json"
-    config_path = run_dir / "config.yaml"
-    wanted = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     # Only a finished run of exactly this config is reused (another grid point, a changed
     # scenario file: run again).
-    if summary_path.is_file() and config_path.is_file() and config_path.read_text() == wanted:
-        try:
-            summary = json.loads(summary_path.read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved == cfg.model_dump(mode="json"):
+            summary = json.loads((run_dir / "summary.json").read_text())
             points = [
                 (float(e["t"]), float(e["mean_acc"]))
                 for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                 if e.get("event") == "eval"
             ]
-            finished = isinstance(summary, dict) and "tta_s" in summary and points
-            if finished and same_config(run_dir, cfg.model_dump(mode="json"), force):
+            if isinstance(summary, dict) and "tta_s" in summary and points:
                 return summary, points
-        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
-            pass  # torn output: the run did not finish, run it again
-    # Not a finished run of this config (torn, or replaced with --force): cleared first,
-    # so that no old summary sits beside the new metrics.
+    except (OSError, yaml.YAMLError, json.JSONDecodeError, KeyError, ValueError, TypeError):
+        pass  # no run, or torn output: the run did not finish, run it again
+    # Not a finished run of this config: cleared first, so that no old summary sits beside
+    # the new metrics.
     shutil.rmtree(run_dir, ignore_errors=True)
     result = run_fl(cfg, out_dir=run_dir, label=label, progress=progress, description=description)
     return result.summary, [(p.t, p.mean_acc) for p in result.points]

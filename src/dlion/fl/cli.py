@@ -198,7 +198,6 @@ def bench_fl(
             seeds=seeds,
             extra_set=overrides,
             progress=not quiet,
-            force=force,
         )
         text = write_fl_report(suite, runs, plots, work)
     warn_diverged(runs)

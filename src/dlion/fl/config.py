@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from dlion.core.config import (
+    CheckpointConfig,
     DatasetSource,
+    JobEngineConfig,
     ModelConfig,
     _Strict,
     apply_overrides,
@@ -144,50 +146,14 @@ class FLEvaluationConfig(_Strict):
     max_test_samples: int | None = Field(None, ge=1)
 
 
-class FLEngineConfig(_Strict):
-    name: Literal["sim", "dist"] = Field(
-        "sim", description="sim: virtual time; dist: real processes (fl/processes.py)."
-    )
-    header_bytes: int = Field(64, ge=0, description="Envelope charged on every message.")
-    threads: int = Field(1, ge=1, description="torch intra-op threads.")
-    # ---- dist only (fl/processes.py: one server process, one process per client, gloo on CPU)
-    time_scale: float = Field(
-        1.0,
-        gt=0,
-        description="dist: wall seconds per config second. Compute throttling, link shaping, "
-        "latencies, availability periods, task timeouts and the eval grid stretch by it.",
-    )
+class FLEngineConfig(JobEngineConfig):
+    # dist only (fl/processes.py: one server process, one process per client, gloo on CPU)
     heartbeat_s: float = Field(0.2, gt=0, description="dist: heartbeat period (wall s).")
     peer_timeout: float = Field(
         5.0,
         gt=0,
         description="dist: a client whose heartbeat is older than this (wall s) is gone; a "
         "killed process is usually noticed sooner, by its broken link.",
-    )
-    startup_timeout: float = Field(
-        120.0, gt=0, description="dist: wall seconds to wait for every process to connect."
-    )
-    max_message_mb: float = Field(
-        64.0, gt=0, description="dist: frames larger than this are refused (link dropped)."
-    )
-    host: str = Field("127.0.0.1", description="dist: address the job's store binds to.")
-    port: int = Field(0, ge=0, le=65535, description="dist: store port (0: any free).")
-    secret: str | None = Field(
-        None,
-        description="dist: shared secret; a client that cannot prove it is refused. The "
-        "DLION_SECRET environment variable sets it too (and wins); prefer it to the file.",
-    )
-
-
-class CheckpointConfig(_Strict):
-    every_s: float | None = Field(
-        None,
-        gt=0,
-        description="Checkpoint the server state this often (config seconds: virtual in the "
-        "sim, wall / engine.time_scale in dist, which also checkpoints when stopped).",
-    )
-    keep: int = Field(
-        2, ge=1, description="Checkpoints kept: the newest and, by default, the one before it."
     )
 
 
