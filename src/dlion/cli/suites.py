@@ -7,17 +7,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlion.cluster.topology import Cluster
 from dlion.core.config import (
     ExperimentConfig,
     config_from_dict,
-    format_validation_error,
     load_config,
     parse_yaml_mapping,
     read_source,
+    validated,
     with_changes,
 )
 from dlion.core.errors import ConfigError
@@ -132,13 +131,7 @@ class Suite(BaseModel):
 
 def load_suite(source: str) -> Suite:
     text = read_source(source, "suites", "suite")
-    try:
-        raw = parse_yaml_mapping(text, source)
-        return Suite.model_validate(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"{source}: invalid YAML") from None
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+    return validated(Suite, parse_yaml_mapping(text, source), source)
 
 
 def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dlion.comm.codec import BadFrame, decode_from
 from dlion.comm.job import (
@@ -24,6 +24,7 @@ from dlion.comm.job import (
     store_get_json,
     store_has,
 )
+from dlion.comm.shaping import LinkShaper
 from dlion.comm.transport import PairTransport
 
 if TYPE_CHECKING:
@@ -33,12 +34,29 @@ if TYPE_CHECKING:
     from dlion.report import MetricsLog
 
 
+T = TypeVar("T")
+
+
+async def stretched(work: Callable[[], T], target: float) -> tuple[T, float]:
+    """Run `work` now, then sleep what is left of `target` wall seconds (a real step
+    stretched to what the emulated device would take). Returns the work's result and its
+    real seconds; at or above `target`, an overrun: no sleep."""
+    start = time.perf_counter()
+    result = work()
+    measured = time.perf_counter() - start
+    if target > measured:
+        await asyncio.sleep(target - measured)
+    return result, measured
+
+
 class _Context(Protocol):
     rejected: int
 
     def now(self) -> float: ...
 
     def record(self, event: str, **fields: Any) -> None: ...
+
+    def latency(self, peer: int) -> float: ...
 
 
 class PeerProcess(abc.ABC):
@@ -47,6 +65,7 @@ class PeerProcess(abc.ABC):
     ctx: _Context
     log: MetricsLog
     transport: PairTransport
+    shaper: LinkShaper  # paces `_paced_send`
     incarnation: int  # which registration of its rank this process is
 
     def __init__(
@@ -173,6 +192,15 @@ class PeerProcess(abc.ABC):
             on_refused=lambda peer, why: self._from_thread(self._reject, peer, why),
             on_timing=on_timing,
         )
+
+    async def _paced_send(self, dst: int, frame: bytes, start: float) -> float:
+        """Send `frame` to `dst` paced by the shaper from `start` (monotonic), due there a
+        link latency after its last byte; the seconds it holds the link (0: link gone)."""
+        done = self.shaper.reserve(dst, start, len(frame))
+        if not self.transport.send(dst, frame, due=done + self.ctx.latency(dst)):
+            return 0.0
+        await asyncio.sleep(done - start)
+        return done - start
 
     def _link(self, peer: int, label: str, failed: str) -> bool:
         """A thread of its own: form the pair link `label` with `peer`; False (and the

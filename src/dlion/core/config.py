@@ -6,7 +6,7 @@ import copy
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -877,11 +877,19 @@ def load_config(
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], raw: dict[str, Any], origin: str) -> M:
+    """`raw` as a `model` (a config, a suite); else a ConfigError naming `origin`."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{origin}: {format_validation_error(err)}") from None
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:
+    return validated(ExperimentConfig, raw, origin)
 
 
 def with_changes(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
@@ -904,8 +912,8 @@ def with_membership(cfg: ExperimentConfig, events: list[MembershipEvent]) -> Exp
     return with_dynamics(cfg, dyn)
 
 
-def write_config(out_dir: Path, cfg: ExperimentConfig) -> None:
-    """The run's resolved config, beside its metrics."""
-    (out_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
+def write_config(out_dir: Path, cfg: BaseModel) -> Path:
+    """The run's resolved config (of any kind of job), beside its metrics; its path."""
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

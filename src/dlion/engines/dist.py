@@ -74,7 +74,7 @@ from dlion.comm.job import (
     wait_decision,
 )
 from dlion.comm.messages import Control, Dense, Message
-from dlion.comm.peer_process import PeerProcess
+from dlion.comm.peer_process import PeerProcess, stretched
 from dlion.comm.shaping import pacer_rate, worker_shaper
 from dlion.context import (
     ComputeResult,
@@ -106,10 +106,6 @@ def resolve_backend(name: str) -> str:
     if name == "nccl" and not torch.cuda.is_available():
         raise ConfigError("engine.backend: nccl needs CUDA, and none is available here")
     return name
-
-
-def job_secret(cfg: ExperimentConfig) -> str | None:
-    return shared_secret(cfg.engine.secret)
 
 
 @dataclass
@@ -152,20 +148,15 @@ class DistContext(PaysVectorWorkInRealTime, WorkerContext):
         return time.time() - self._worker.t0
 
     async def compute(self, batch_size: int) -> ComputeResult:
-        # The gradient is taken now, on the parameters as they are at the call (strategies
-        # that serve peers while computing, like AD-PSGD, rely on this).
-        start = time.perf_counter()
-        grad, loss = self.replica.gradient(batch_size)
-        measured = time.perf_counter() - start
         w = self._worker
         # Capacity traces are in scenario time: the step starts at now / time_scale.
         flops = w.flops_per_sample * batch_size
         scale = w.time_scale
         target = scale.wall(w.cluster.compute_time(self.rank, flops, scale.scenario(self.now())))
-        if target > measured:
-            await asyncio.sleep(target - measured)
-        else:
-            self.overruns += 1
+        # The gradient is taken now, on the parameters as they are at the call (strategies
+        # that serve peers while computing, like AD-PSGD, rely on this).
+        (grad, loss), measured = await stretched(lambda: self.replica.gradient(batch_size), target)
+        self.overruns += measured >= target
         return ComputeResult(grad, loss, batch_size, max(target, measured))
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
@@ -253,7 +244,7 @@ class DistWorker(PeerProcess):
         prep = prepare(cfg, self.cluster.size)
         self.flops_per_sample = prep.flops_per_sample
         self.backend = resolve_backend(cfg.engine.backend)
-        self.secret = job_secret(cfg)
+        self.secret = shared_secret(cfg.engine.secret)
         self.t0 = 0.0
         self.ctx = DistContext(self, make_replica(cfg, prep, rank))
         # Periodic checkpoints of this worker's state; `resume`: start from the latest.
@@ -457,16 +448,11 @@ class DistWorker(PeerProcess):
         start = time.monotonic()
         mode = self.cfg.engine.shaping
         if mode == "transport":
-            latency = self.ctx.latency(dst)
             # Bandwidth traces are in scenario time, like the sim's.
             t = self.time_scale.scenario(self.ctx.now())
             for r in self.cluster.route(self.rank, dst):
                 self.shaper.set_rate(r, pacer_rate(self.cluster, r, t, self.time_scale))
-            done = self.shaper.reserve(dst, start, len(frame))
-            if not self.transport.send(dst, frame, due=done + latency):
-                return 0.0
-            await asyncio.sleep(done - start)
-            return done - start
+            return await self._paced_send(dst, frame, start)
         # Kernel shaping: tc shapes the rate, and the link's latency is added by the
         # receiver (`_arrive`), so the frame leaves now and the send ends when its bytes
         # have left, as in the sim, not a latency later.

@@ -23,7 +23,6 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from dlion.cluster.dynamics import membership_schedule
 from dlion.cluster.topology import Cluster
@@ -47,15 +45,16 @@ from dlion.comm.job import (
     last_line,
     reap,
     refusal_reason,
+    shared_secret,
     store_get_json,
     store_has,
 )
 from dlion.comm.messages import dense_values
-from dlion.core.config import ExperimentConfig
+from dlion.core.config import ExperimentConfig, write_config
 from dlion.core.errors import SimulationError
 from dlion.core.timescale import TimeScale
 from dlion.engines import forkserver
-from dlion.engines.dist import job_secret, resolve_backend
+from dlion.engines.dist import resolve_backend
 from dlion.engines.dist_checkpoint import keep_previous_metrics, verify_resume
 from dlion.engines.forkserver import ForkedWorker
 from dlion.engines.sim import RunResult
@@ -147,7 +146,7 @@ class Coordinator:
         """Decide on every registered worker: admitted if it proves the shared secret (or
         none is set), refused otherwise. The coordinator is the only one that decides, so a
         process with a wrong secret cannot refuse the others."""
-        secret = job_secret(self.cfg)
+        secret = shared_secret(self.cfg.engine.secret)
         for r in range(self.size):
             if not store_has(self.store, Keys.member(r)):
                 continue
@@ -293,8 +292,7 @@ class Coordinator:
                 continue
             if self.processes is None or self._exited(fault.rank) is not None:
                 continue
-            sig = signal.SIGKILL if fault.signal == "KILL" else signal.SIGTERM
-            self.processes[fault.rank].send_signal(sig)
+            self.processes[fault.rank].send_signal(fault.signum)
             self._signalled[fault.rank] = self.now()
             self.log.write("fault", t=self.now(), rank=fault.rank, signal=fault.signal)
 
@@ -556,8 +554,7 @@ def run_dist(
     else:  # a new run in an old directory starts clean: old checkpoints are not its own
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    config_path = write_config(out_dir, cfg)
     store_host = cfg.engine.host if attachment is None else attachment.store_host
     server = host_store(store_host, cfg.engine.port, cfg.engine.startup_timeout)
     run_id = secrets.token_hex(6)

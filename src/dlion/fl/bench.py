@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlion.core.config import format_validation_error, parse_yaml_mapping, read_source
+from dlion.core.config import parse_yaml_mapping, read_source, validated
 from dlion.core.errors import ConfigError
 from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
@@ -138,12 +138,7 @@ def is_fl_suite(source: str) -> bool:
 
 def load_fl_suite(source: str) -> FLSuite:
     text = read_source(source, "suites", "suite")
-    try:
-        return FLSuite.model_validate(parse_yaml_mapping(text, source))
-    except yaml.YAMLError:
-        raise ConfigError(f"{source}: invalid YAML") from None
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+    return validated(FLSuite, parse_yaml_mapping(text, source), source)
 
 
 def run_fl_suite(

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from dlion.core.config import (
     CheckpointConfig,
@@ -21,11 +21,11 @@ from dlion.core.config import (
     ModelConfig,
     _Strict,
     apply_overrides,
-    format_validation_error,
     parse_yaml_mapping,
     read_config_source,
     read_text_file,
     shipped_names,
+    validated,
 )
 from dlion.core.errors import ConfigError
 from dlion.core.registry import check_fl_options
@@ -227,10 +227,7 @@ def load_fl_config(source: str, overrides: list[str] | None = None) -> FLConfig:
 def fl_config_from_dict(raw: dict[str, Any], origin: str = "config") -> FLConfig:
     if raw.get("kind", "fl") != "fl":
         raise ConfigError(f"{origin}: kind: expected 'fl', got {raw.get('kind')!r}")
-    try:
-        return FLConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"{origin}: {format_validation_error(err)}") from None
+    return validated(FLConfig, raw, origin)
 
 
 def with_fl_changes(cfg: FLConfig, overrides: list[str]) -> FLConfig:

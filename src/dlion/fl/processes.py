@@ -64,7 +64,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from dlion.cluster.topology import MBPS
 from dlion.comm.codec import encode
@@ -94,9 +93,10 @@ from dlion.comm.job import (
     wait_decision,
 )
 from dlion.comm.messages import Control, Message
-from dlion.comm.peer_process import PeerProcess
+from dlion.comm.peer_process import PeerProcess, stretched
 from dlion.comm.shaping import LinkShaper
 from dlion.context import ComputeResult
+from dlion.core.config import write_config
 from dlion.core.errors import BadInput, SimulationError
 from dlion.core.timescale import TimeScale
 from dlion.fl import build_algorithm
@@ -112,7 +112,14 @@ from dlion.fl.job import (
 )
 from dlion.fl.roles import SERVER, TO_SERVER, ClientContext, Server, client
 from dlion.jobs.dist_worker import process_main, say
-from dlion.report import EvalPoint, MetricsLog, run_summary, time_to_accuracy, write_json_atomic
+from dlion.report import (
+    EvalPoint,
+    MetricsLog,
+    read_metrics,
+    run_summary,
+    time_to_accuracy,
+    write_json_atomic,
+)
 from dlion.training.replica import Replica
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
@@ -150,15 +157,11 @@ class _DistFLContext(ClientContext):
         return time.time() - self._proc.t0
 
     async def compute(self, batch_size: int) -> ComputeResult:
-        start = time.perf_counter()
-        grad, loss = self.replica.gradient(batch_size)
-        measured = time.perf_counter() - start
-        self.compute_wall_s += measured
         p = self._proc
         gflops = p.profiles[self.rank - 1].gflops
         target = p.time_scale.wall(p.flops * batch_size / (gflops * 1e9))
-        if target > measured:
-            await asyncio.sleep(target - measured)
+        (grad, loss), measured = await stretched(lambda: self.replica.gradient(batch_size), target)
+        self.compute_wall_s += measured
         return ComputeResult(grad, loss, batch_size, max(target, measured))
 
     async def _transmit(self, dst: int, msg: Message, wire_bytes: int) -> float:
@@ -412,13 +415,7 @@ class FLProcess(FLSetup, PeerProcess):
 
     # ---------------------------------------------------------------- transport
     async def transmit(self, dst: int, msg: Message) -> float:
-        frame = encode(msg)
-        start = time.monotonic()
-        done = self.shaper.reserve(dst, start, len(frame))
-        if not self.transport.send(dst, frame, due=done + self.ctx.latency(dst)):
-            return 0.0
-        await asyncio.sleep(done - start)
-        return done - start
+        return await self._paced_send(dst, encode(msg), time.monotonic())
 
     def _deliver(self, msg: Message) -> None:
         if msg.src in self.live:
@@ -667,8 +664,7 @@ def run_fl_dist(
     if not resume:  # a new run in an old directory starts clean
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-    config_path = out_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    config_path = write_config(out_dir, cfg)
     e = cfg.engine
     host = host_store(e.host, e.port, e.startup_timeout)
     run_id = secrets.token_hex(6)
@@ -750,11 +746,7 @@ def run_fl_dist(
     summary["signals"] = killed
     summary["client_exit_codes"] = {str(r): p.returncode for r, p in procs.items() if r != SERVER}
     write_json_atomic(summary_path, summary)
-    events = [
-        json.loads(line)
-        for line in (out_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    events = read_metrics(out_dir / "metrics.jsonl")
     points = [
         EvalPoint(**{k: ev[k] for k in EvalPoint.__dataclass_fields__})
         for ev in events

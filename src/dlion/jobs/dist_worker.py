@@ -137,17 +137,14 @@ def run(argv: list[str]) -> int:
 def _coordinate(cfg: ExperimentConfig, store: dist.Store, out_dir: Path, run_id: str) -> None:
     """torchrun's rank 0, beside its worker: the launcher's part of the job (admission,
     evaluation, progress) and the same files and final lines as `dlion train`."""
-    import yaml
-
+    from dlion.core.config import write_config
     from dlion.engines.launcher import Coordinator
     from dlion.report import StartupStatus
     from dlion.report.finish import finish_run, summary_lines
     from dlion.report.metrics import warn_diverged
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
+    write_config(out_dir, cfg)
     coordinator = Coordinator(cfg, store, out_dir=out_dir, run_id=run_id)
     with StartupStatus() as status:
         coordinator.wait_ready(status)

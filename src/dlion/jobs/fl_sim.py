@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dlion.comm.messages import Control, Message
+from dlion.core.config import write_config
 from dlion.core.errors import BadInput
 from dlion.engines.runtime import VirtualContext, VirtualRuntime, virtual_runtime
 from dlion.fl import build_algorithm
@@ -197,9 +197,7 @@ def run_fl(
             job.vanished = int(restored.meta.get("vanished", 0))
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(
-                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            )
+            write_config(out_dir, cfg)
             write_partition(out_dir / "partition.json", cfg, job.dataset, job.shards)
             if restored is None:
                 (out_dir / "metrics.jsonl").unlink(missing_ok=True)
