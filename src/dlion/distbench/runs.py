@@ -15,10 +15,10 @@ Each compares side by side in one command and writes JSON plus a markdown table:
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from dlion.core.config import ExperimentConfig, load_config
 from dlion.core.errors import BadInput
 from dlion.engines.launcher import Fault, run_dist
 from dlion.engines.sim import run_sim
-from dlion.report import write_json_atomic
+from dlion.report import read_metrics, write_json_atomic
 from dlion.training.experiment import make_replica, prepare
 
 
@@ -158,11 +158,7 @@ def _ddp_worker(
 def steady_iteration_time(metrics: Path, warmup: int) -> float | None:
     """Wall seconds per iteration between the first evaluation point past `warmup`
     iterations and the last one, as DDP is timed after its warm-up (None: too few points)."""
-    points = [
-        e
-        for e in (json.loads(line) for line in metrics.read_text().splitlines())
-        if e.get("event") == "eval"
-    ]
+    points = [e for e in read_metrics(metrics) if e.get("event") == "eval"]
     past = [e for e in points if e["iteration"] >= warmup]
     if len(past) < 2 or past[-1]["iteration"] <= past[0]["iteration"]:
         return None
@@ -401,7 +397,7 @@ def kernel_vs_transport(
     ]
     kernel, transport = tta("kernel"), tta("transport")
     if kernel and transport:
-        k, t = _median(kernel), _median(transport)
+        k, t = statistics.median(kernel), statistics.median(transport)
         lines += [
             "",
             f"median TTA (scenario s): kernel {k:.2f} (range {kernel[0]:.2f}-{kernel[-1]:.2f}, "
@@ -415,9 +411,3 @@ def kernel_vs_transport(
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2

@@ -182,8 +182,8 @@ class DistContext(PaysVectorWorkInRealTime, WorkerContext):
         window = self._deliveries.setdefault(peer, [])
         first = not window
         window.append(nbytes / seconds)
-        del window[: -self._worker.cfg.engine.delivery_window]
         engine = self._worker.cfg.engine
+        del window[: -engine.delivery_window]
         # The first measurement replaces the configured speed whatever it says.
         previous = None if first else self.bandwidth(peer)
         self.set_bandwidth(peer, delivery_estimate(window, previous, engine.delivery_max_rise))
@@ -298,22 +298,18 @@ class DistWorker(PeerProcess):
         record = member_record(self.secret, self.run_id, self.rank, self.incarnation)
         register(self.store, record, self.rank)
 
-    def _decision(self, rank: int, inc: int, timeout: float) -> str:
-        """The coordinator's word on `rank`: "admitted", "refused", "absent" or "missing"."""
-        return wait_decision(self.store, rank, inc, timeout)[0]
-
     def connect_peers(self) -> None:
         """Wait for the coordinator to admit this worker, then connect to every admitted
         peer (in parallel); refused, missing or unreachable peers are gone from the start."""
         timeout = self.cfg.engine.startup_timeout
-        if self._decision(self.rank, self.incarnation, timeout) != "admitted":
+        if wait_decision(self.store, self.rank, self.incarnation, timeout)[0] != "admitted":
             raise PermissionError("refused by the job: shared secret mismatch (DLION_SECRET)")
         if self.joining:
             self._connect_as_joiner(timeout)
             return
         verified: list[int] = []
         for peer in self.ctx.peers():
-            decision = self._decision(peer, 0, timeout)
+            decision, _ = wait_decision(self.store, peer, 0, timeout)
             # The coordinator decides; checking the proof here too costs nothing.
             record = store_get_json(self.store, Keys.member(peer)) if decision == "admitted" else {}
             if decision == "admitted" and check_membership(self.secret, self.run_id, peer, record):
