@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from dlion.cluster.topology import Cluster
 from dlion.core.config import (
     ExperimentConfig,
+    _Strict,
     config_from_dict,
     load_config,
     parse_yaml_mapping,
@@ -34,9 +35,7 @@ from dlion.report import (
 IDEAL = "ideal"
 
 
-class SuiteStrategy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class SuiteStrategy(_Strict):
     label: str = Field(description="Name in tables and plots.")
     strategy: str = Field(description="Registered strategy name.")
     options: dict[str, Any] = Field(default_factory=dict, description="strategy.options.")
@@ -54,11 +53,9 @@ class SuiteStrategy(BaseModel):
     )
 
 
-class LrSearch(BaseModel):
+class LrSearch(_Strict):
     """The same learning-rate search for every strategy: each grid value on one scenario,
     pick the lowest mean TTA (all seeds reaching the target), else the best final accuracy."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     scenario: str = Field("homogeneous", description="Where the search runs.")
     grid: list[float] = Field(min_length=1, description="Learning rates to try.")
@@ -78,9 +75,7 @@ class LrSearch(BaseModel):
     )
 
 
-class Suite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class Suite(_Strict):
     name: str
     description: str = ""
     scenarios: list[str] = Field(min_length=1, description="Shipped names or YAML paths.")

@@ -50,7 +50,7 @@ from dlion.comm.job import (
     store_has,
 )
 from dlion.comm.messages import dense_values
-from dlion.core.config import ExperimentConfig, write_config
+from dlion.core.config import ExperimentConfig, initially_absent, write_config
 from dlion.core.errors import SimulationError
 from dlion.core.timescale import TimeScale
 from dlion.engines import forkserver
@@ -85,11 +85,7 @@ def schedule_from_config(cfg: ExperimentConfig, size: int) -> tuple[list[Fault],
         "leave": "TERM",
         "join": "JOIN",
     }
-    faults = [Fault(e.rank, e.ready_s, kinds[e.event]) for e in events]
-    first: dict[int, str] = {}
-    for e in sorted(events, key=lambda e: e.at_s):
-        first.setdefault(e.rank, e.event)
-    return faults, {r for r, kind in first.items() if kind == "join"}
+    return [Fault(e.rank, e.ready_s, kinds[e.event]) for e in events], initially_absent(events)
 
 
 class Coordinator:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from dlion.core.config import parse_yaml_mapping, read_source, validated
+from dlion.core.config import _Strict, parse_yaml_mapping, read_source, validated
 from dlion.core.errors import ConfigError
 from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
@@ -36,9 +36,7 @@ from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
 REFERENCE = "fedpace"  # the algorithm every other one is compared with
 
 
-class SuiteAlgorithm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class SuiteAlgorithm(_Strict):
     label: str = Field(description="Name in tables and plots.")
     algorithm: str = Field(description="Registered FL algorithm name.")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -57,9 +55,7 @@ class SuiteAlgorithm(BaseModel):
         ]
 
 
-class SearchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SearchConfig(_Strict):
     seeds: list[int] = Field(min_length=1, description="Pilot seeds, none of them a bench seed.")
     settings: list[str] = Field(
         min_length=1, description="Settings searched on: 'scenario' or 'scenario/variant'."
@@ -67,9 +63,7 @@ class SearchConfig(BaseModel):
     points: int = Field(ge=1, description="Grid points per algorithm: the same for every one.")
 
 
-class FLSuite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class FLSuite(_Strict):
     kind: Literal["fl"]
     name: str
     description: str = ""
