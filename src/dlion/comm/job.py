@@ -32,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -267,6 +267,21 @@ def claim_rank(
         if not gone:
             return {}, holder
         expected, inc = text, held_inc + 1
+
+
+def undecided(
+    store: dist.Store, ranks: Iterable[int], decided: set[tuple[int, int]]
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """The coordinator's new registrations among `ranks`: (rank, incarnation, record) for
+    each not in `decided` yet, which it is added to."""
+    for r in ranks:
+        if not store_has(store, Keys.member(r)):
+            continue
+        record = store_get_json(store, Keys.member(r))
+        inc = int(record.get("incarnation", 0))
+        if (r, inc) not in decided:
+            decided.add((r, inc))
+            yield r, inc, record
 
 
 def decide(

@@ -39,15 +39,16 @@ from dlion.comm.codec import BadFrame, decode
 from dlion.comm.job import (
     Fault,
     Keys,
+    decide,
     exit_text,
     host_store,
     job_store,
     last_line,
     reap,
-    refusal_reason,
     shared_secret,
     store_get_json,
     store_has,
+    undecided,
 )
 from dlion.comm.messages import dense_values
 from dlion.core.config import ExperimentConfig, initially_absent, write_config
@@ -143,20 +144,10 @@ class Coordinator:
         none is set), refused otherwise. The coordinator is the only one that decides, so a
         process with a wrong secret cannot refuse the others."""
         secret = shared_secret(self.cfg.engine.secret)
-        for r in range(self.size):
-            if not store_has(self.store, Keys.member(r)):
-                continue
-            record = store_get_json(self.store, Keys.member(r))
-            inc = int(record.get("incarnation", 0))
-            if (r, inc) in self._decided:
-                continue
-            self._decided.add((r, inc))
-            why = refusal_reason(secret, self.run_id, r, record)
-            if why:
-                self.store.set(Keys.refused(r, inc), why)
+        for r, inc, record in undecided(self.store, range(self.size), self._decided):
+            if decide(self.store, secret, self.run_id, r, record):
                 self.log.write("refused", t=max(0.0, self.now()), rank=r, pid=record.get("pid"))
                 continue
-            self.store.set(Keys.admitted(r, inc), "1")
             if inc > 0:
                 # A joiner: tell it (and the members) who is in, with their incarnations.
                 self.inc[r] = inc

@@ -90,6 +90,7 @@ from dlion.comm.job import (
     store_get_json,
     store_has,
     store_timeout,
+    undecided,
     wait_decision,
 )
 from dlion.comm.messages import Control, Message
@@ -285,14 +286,7 @@ class FLProcess(FLSetup, PeerProcess):
         """Decide on every new registration; link to the admitted ones in the background
         (a client joining a running job included). `store`: the calling thread's client."""
         store = store or self.store
-        for r in range(1, self.size):
-            if not store_has(store, Keys.member(r)):
-                continue
-            record = store_get_json(store, Keys.member(r))
-            inc = int(record.get("incarnation", 0))
-            if (r, inc) in self._decided:
-                continue
-            self._decided.add((r, inc))
+        for r, inc, record in undecided(store, range(1, self.size), self._decided):
             why = decide(store, self.secret, self.run_id, r, record)
             who = {
                 "rank": r,
