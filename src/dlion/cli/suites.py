@@ -13,6 +13,7 @@ from dlion.cluster.topology import Cluster
 from dlion.core.config import (
     ExperimentConfig,
     _Strict,
+    check_chosen,
     config_from_dict,
     load_config,
     parse_yaml_mapping,
@@ -20,7 +21,6 @@ from dlion.core.config import (
     validated,
     with_changes,
 )
-from dlion.core.errors import ConfigError
 from dlion.core.outdir import same_config
 from dlion.engines.sim import run_sim
 from dlion.report import (
@@ -169,15 +169,9 @@ def run_suite(
 
     Returns the run summaries, the plots, and the learning-rate search's choices."""
     chosen = [s for s in suite.strategies if strategies is None or s.label in strategies]
-    if strategies is not None:
-        unknown = set(strategies) - {s.label for s in suite.strategies} - {IDEAL}
-        if unknown:
-            known = ", ".join(s.label for s in suite.strategies)
-            raise ConfigError(f"--strategies: unknown {sorted(unknown)} (suite has {known})")
+    check_chosen("--strategies", strategies, [s.label for s in suite.strategies], IDEAL)
     names = [s for s in suite.scenarios if scenarios is None or s in scenarios]
-    if scenarios is not None and set(scenarios) - set(suite.scenarios):
-        bad = sorted(set(scenarios) - set(suite.scenarios))
-        raise ConfigError(f"--scenarios: unknown {bad} (suite has {', '.join(suite.scenarios)})")
+    check_chosen("--scenarios", scenarios, suite.scenarios)
     with_ideal = suite.ideal and (strategies is None or IDEAL in strategies)
     n_seeds = seeds or suite.seeds
     # Every config is built (and so validated) and every reuse decided before any run.

@@ -888,6 +888,13 @@ def validated(model: type[M], raw: dict[str, Any], origin: str) -> M:
         raise ConfigError(f"{origin}: {format_validation_error(err)}") from None
 
 
+def check_chosen(option: str, chosen: list[str] | None, known: list[str], *more: str) -> None:
+    """A suite run restricted to `chosen` names (None: all) of `known` (or `more`)."""
+    unknown = sorted(set(chosen or []) - set(known) - set(more))
+    if unknown:
+        raise ConfigError(f"{option}: unknown {unknown} (suite has {', '.join(known)})")
+
+
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:
     return validated(ExperimentConfig, raw, origin)
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, TypedDict
 import yaml
 from pydantic import Field, model_validator
 
-from dlion.core.config import _Strict, parse_yaml_mapping, read_source, validated
+from dlion.core.config import _Strict, check_chosen, parse_yaml_mapping, read_source, validated
 from dlion.core.errors import ConfigError
 from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
@@ -146,13 +146,8 @@ def run_fl_suite(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     chosen = [a for a in suite.algorithms if labels is None or a.label in labels]
-    if labels is not None and set(labels) - {a.label for a in suite.algorithms}:
-        bad = sorted(set(labels) - {a.label for a in suite.algorithms})
-        known = ", ".join(a.label for a in suite.algorithms)
-        raise ConfigError(f"--strategies: unknown {bad} (suite has {known})")
-    if scenarios is not None and set(scenarios) - set(suite.scenarios):
-        bad = sorted(set(scenarios) - set(suite.scenarios))
-        raise ConfigError(f"--scenarios: unknown {bad} (suite has {', '.join(suite.scenarios)})")
+    check_chosen("--strategies", labels, [a.label for a in suite.algorithms])
+    check_chosen("--scenarios", scenarios, suite.scenarios)
     names = [s for s in suite.scenarios if scenarios is None or s in scenarios]
     n_seeds = seeds or suite.seeds
     total = len(names) * len(suite.variants) * len(chosen) * n_seeds
