@@ -28,7 +28,6 @@ from pydantic import Field, model_validator
 
 from dlion.core.config import _Strict, check_chosen, parse_yaml_mapping, read_source, validated
 from dlion.core.errors import ConfigError
-from dlion.core.strict_yaml import strict_load
 from dlion.fl.config import FLConfig, load_fl_config, with_fl_changes
 from dlion.jobs.fl_sim import run_fl
 from dlion.report import mean_curve, plot_accuracy_vs_time, write_json_atomic
@@ -124,10 +123,10 @@ class FLSuite(_Strict):
 
 def is_fl_suite(source: str) -> bool:
     try:
-        raw = strict_load(read_source(source, "suites", "suite"))
-    except (ConfigError, yaml.YAMLError):
+        raw = parse_yaml_mapping(read_source(source, "suites", "suite"), source)
+    except ConfigError:
         return False
-    return isinstance(raw, dict) and raw.get("kind") == "fl"
+    return raw.get("kind") == "fl"
 
 
 def load_fl_suite(source: str) -> FLSuite:
