@@ -18,6 +18,15 @@ reaches a bound (T = a_i + b_min / s_i or a_i + b_max / s_i): find the segment w
 crosses G and interpolate. Real batches are then rounded by largest remainder (ties to the
 lower index), which keeps the sum and the bounds. With every a_i = 0 this is the paper's
 proportional split up to rounding.
+
+What a_i holds (`StepCostMeter`): the worker's configured step overhead (inside its
+compute) plus, with `wdb_vector_work` (dlion.py), the vector work its own loop paid over
+its last iteration (`ctx.charged_here()`: weighting, its shard of the all-reduce, the
+optimizer step; not its background senders'), an EMA with the speeds' weight. Why: that
+work costs every worker the same elements, so its time follows the worker's slowness
+(vector_cost.py's speed rule) and does not shrink with the batch: on compute-hetero a
+split by speed alone leaves the 0.1 GFLOP/s worker 3.5 ms of vector work per iteration
+against 0.5 ms on the 0.8 one, and everybody waits for it (RESULTS.md section 14g).
 """
 
 from __future__ import annotations
@@ -50,6 +59,38 @@ def equal_time_batches(
         raise ValueError(f"overheads must be >= 0 and finite, got {list(overheads)}")
     real = _equal_time_real(global_batch, speeds, overheads, b_min, cap)
     return _round_keeping_sum(real, global_batch)
+
+
+class StepCostMeter:
+    """One worker's fixed seconds per step a_i: `overhead` + an EMA (newest weight
+    `weight`) of the vector seconds its loop paid per iteration, from the running total
+    it is shown once per iteration (`observe`). The first call only sets the reference:
+    until a whole iteration has been seen the vector part is 0."""
+
+    def __init__(self, overhead: float, weight: float) -> None:
+        self.overhead = overhead
+        self.weight = weight
+        self.vector: float | None = None
+        self._last: float | None = None
+
+    def observe(self, paid_total: float) -> float:
+        """Take the running total of vector seconds; return a_i."""
+        if self._last is not None:
+            sample = paid_total - self._last
+            w = self.weight
+            self.vector = sample if self.vector is None else w * sample + (1 - w) * self.vector
+        self._last = paid_total
+        return self.overhead + (self.vector or 0.0)
+
+
+def costs_drifted(
+    costs: dict[int, float], alloc_costs: dict[int, float] | None, threshold: float
+) -> bool:
+    """Whether a fixed step cost moved by more than `threshold` (relative) from the one
+    the batches were allocated for: a cost first known (from 0) always counts."""
+    if alloc_costs is None or set(costs) != set(alloc_costs):
+        return True
+    return any(not math.isclose(costs[r], alloc_costs[r], rel_tol=threshold) for r in costs)
 
 
 def step_time(batch: int, speed: float, overhead: float) -> float:
