@@ -11,7 +11,9 @@ Rules, per iteration t of worker i in site s:
   loss EMAs ride on the messages: inside a site on the all-reduce, across sites on the
   leaders' updates; the leader passes the remote ones to its members. Re-balanced every
   `reprofile_every` iterations, at once on a drift above `drift_threshold` or a change of
-  the member set (as in dlion-hpdc21).
+  the member set (as in dlion-hpdc21). With `wdb_vector_work` (default) each worker's
+  fixed step cost (its configured overhead + the vector work its own loop paid over its
+  last iteration, measured) enters as well, and the split equalises step times (wdb.py).
 - Inside a site, dense and synchronous: the members all-reduce their weighted gradients
   (`sharded_allreduce`: reduce-scatter + all-gather, two latencies) and apply the same
   total, so a site keeps one model, as Gaia's per-site server does.
