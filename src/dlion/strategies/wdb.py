@@ -20,13 +20,16 @@ lower index), which keeps the sum and the bounds. With every a_i = 0 this is the
 proportional split up to rounding.
 
 What a_i holds (`StepCostMeter`): the worker's configured step overhead (inside its
-compute) plus, with `wdb_vector_work` (dlion.py), the vector work its own loop paid over
-its last iteration (`ctx.charged_here()`: weighting, its shard of the all-reduce, the
-optimizer step; not its background senders'), an EMA with the speeds' weight. Why: that
-work costs every worker the same elements, so its time follows the worker's slowness
-(vector_cost.py's speed rule) and does not shrink with the batch: on compute-hetero a
-split by speed alone leaves the 0.1 GFLOP/s worker 3.5 ms of vector work per iteration
-against 0.5 ms on the 0.8 one, and everybody waits for it (RESULTS.md section 14g).
+compute) plus, with `wdb_vector_work` (dlion.py), the vector work of the step every
+member of the all-reduce does, as its own loop paid it (`ctx.charged_here()` over the
+weighting, its shard's sum, the optimizer step), an EMA with the speeds' weight. Why:
+that work is the same elements on every worker, so its time follows the worker's
+slowness (vector_cost.py's speed rule) and does not shrink with the batch: on
+compute-hetero a split by speed alone leaves the 0.1 GFLOP/s worker 3.5 ms of it per
+iteration against 0.5 ms on the 0.8 one, and everybody waits (RESULTS.md section 14g).
+A site leader's own extra work (absorbing and feeding the inter-site pipes) is left out:
+counted, it shrank the leaders' batches on sites of equal workers, and microcloud-dynamic
+failed 2 of 6 seeds (section 14g).
 """
 
 from __future__ import annotations
@@ -63,24 +66,19 @@ def equal_time_batches(
 
 class StepCostMeter:
     """One worker's fixed seconds per step a_i: `overhead` + an EMA (newest weight
-    `weight`) of the vector seconds its loop paid per iteration, from the running total
-    it is shown once per iteration (`observe`). The first call only sets the reference:
-    until a whole iteration has been seen the vector part is 0."""
+    `weight`) of the vector seconds of one iteration's step work (`observe`, once per
+    iteration)."""
 
     def __init__(self, overhead: float, weight: float) -> None:
         self.overhead = overhead
         self.weight = weight
         self.vector: float | None = None
-        self._last: float | None = None
 
-    def observe(self, paid_total: float) -> float:
-        """Take the running total of vector seconds; return a_i."""
-        if self._last is not None:
-            sample = paid_total - self._last
-            w = self.weight
-            self.vector = sample if self.vector is None else w * sample + (1 - w) * self.vector
-        self._last = paid_total
-        return self.overhead + (self.vector or 0.0)
+    def observe(self, seconds: float) -> float:
+        """Take this iteration's vector seconds; return a_i."""
+        w = self.weight
+        self.vector = seconds if self.vector is None else w * seconds + (1 - w) * self.vector
+        return self.overhead + self.vector
 
 
 def costs_drifted(
