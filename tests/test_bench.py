@@ -18,6 +18,7 @@ from dlion.cli.suites import (
     search_one,
 )
 from dlion.cluster.topology import Cluster
+from dlion.cluster.vector_cost import charger_for, shipped_model
 from dlion.core.config import ExperimentConfig, load_config
 
 
@@ -47,6 +48,42 @@ def test_ideal_bound_is_one_worker_with_summed_compute_and_global_batch() -> Non
     assert cluster.capacity(0) == pytest.approx(Cluster.from_config(cfg.cluster).total_capacity())
     assert ideal.train.batch_per_worker == 6 * cfg.train.batch_per_worker
     assert ideal.strategy.name == "allreduce"
+
+
+def test_ideal_bound_pays_a_balanced_clusters_overhead_and_its_capacitys_vector_rate() -> None:
+    """Workers (0.3 GFLOP/s, 1 ms overhead) and 2 x (0.1 GFLOP/s, 5 ms), batch 32: the
+    summed worker has 0.5 GFLOP/s and the capacity-weighted mean overhead (0.3 x 1 + 0.2 x 5)
+    / 0.5 = 2.6 ms, so its step, 2.6 ms + 96 F / 0.5e9, is the equal step time of the three
+    (wdb.py: T = (G + sum s_i a_i) / sum s_i); its vector work is rated at batch 32, as a
+    0.5 GFLOP/s worker with that overhead in this cluster would be."""
+    raw = load_config("homogeneous").model_dump(mode="json")
+    raw["cluster"]["workers"] = [
+        {"site": "site-a", "capacity_gflops": 0.3, "step_overhead_ms": 1.0},
+        {"site": "site-a", "capacity_gflops": 0.1, "step_overhead_ms": 5.0, "count": 2},
+    ]
+    cfg = ExperimentConfig.model_validate(raw)
+    ideal = ideal_config(cfg)
+    (worker,) = ideal.cluster.workers
+    assert worker.capacity_gflops == pytest.approx(0.5)
+    assert worker.step_overhead_ms == pytest.approx(2.6)
+    assert ideal.engine.vector_cost_batch == 32
+    assert ideal.train.batch_per_worker == 96
+    flops = 85_760.0  # the digits MLP [128, 64]
+    step = Cluster.from_config(ideal.cluster).compute_time(0, 96 * flops)
+    speeds = [0.3e9 / flops, 0.1e9 / flops, 0.1e9 / flops]
+    overheads = [0.001, 0.005, 0.005]
+    equal_t = (96 + sum(s * a for s, a in zip(speeds, overheads, strict=True))) / sum(speeds)
+    assert step == pytest.approx(equal_t, rel=1e-12)
+    # The charger's speed ratio at batch 32: (2.6 ms + 32 F / 0.5e9) / the host's at 32.
+    charger = charger_for(ideal, Cluster.from_config(ideal.cluster), 0, flops)
+    assert charger is not None
+    model = shipped_model()
+    k = (0.0026 + 32 * flops / 0.5e9) / (
+        model.host.overhead_s + 32 * flops / model.host.flops_per_s
+    )
+    assert charger.seconds("sgd", 1000, 1, 0.0) == pytest.approx(
+        k * model.host_seconds("sgd", 1000), rel=1e-12
+    )
 
 
 def test_ideal_bound_follows_the_summed_capacity_trace() -> None:

@@ -125,6 +125,34 @@ def test_a_charged_op_advances_the_clock_by_exactly_the_models_cost() -> None:
     assert seen[1] == seen[0]
 
 
+def test_charged_here_counts_the_calling_tasks_work_not_its_background_tasks() -> None:
+    seen: dict[int, tuple[float, float, float]] = {}
+
+    async def background(ctx: WorkerContext) -> float:
+        async with ctx.charged("topk", 10_000, 3):
+            pass
+        return ctx.charged_here()
+
+    async def worker(ctx: WorkerContext, _: Any) -> None:
+        task = asyncio.ensure_future(background(ctx))
+        async with ctx.charged("topk", 10_000, 2):
+            pass
+        own = ctx.charged_here()
+        theirs = await task
+        seen[ctx.rank] = (own, theirs, ctx.charged_s)
+
+    workers = [{"site": "a", "capacity_gflops": 1.0, "count": 2}]
+    with registered("t-here", worker):
+        run_sim(small_config(workers=workers, strategy="t-here"), progress=False)
+    fixed, per = OPS["topk"]
+    work = 16 * _flops_per_sample()
+    k = (work / 1e9) / (HOST_STEP[0] + work / HOST_STEP[1])
+    own, theirs, total = seen[0]
+    assert own == pytest.approx(k * (2 * fixed + 10_000 * per), rel=1e-12)
+    assert theirs == pytest.approx(k * (3 * fixed + 10_000 * per), rel=1e-12)
+    assert total == pytest.approx(own + theirs, rel=1e-12)
+
+
 def test_a_worker_k_times_slower_pays_k_times_longer() -> None:
     fast, slow = _charged_times(1.0), _charged_times(0.25)
     assert slow[0] == pytest.approx(4 * fast[0], rel=1e-12)

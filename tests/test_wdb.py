@@ -8,11 +8,17 @@ from typing import Any
 import pytest
 
 from dlion.cluster.topology import Cluster
+from dlion.cluster.vector_cost import shipped_model
 from dlion.context import WorkerContext
 from dlion.data import load_dataset
 from dlion.engines.sim import run_sim
 from dlion.strategies.dlion import wdb_batch_sizes
-from dlion.strategies.wdb import equal_time_batches, step_time
+from dlion.strategies.wdb import (
+    StepCostMeter,
+    costs_drifted,
+    equal_time_batches,
+    step_time,
+)
 from dlion.training.models import build_model, train_flops_per_sample
 from helpers import registered, small_config
 
@@ -95,9 +101,9 @@ def test_dlion_wdb_equalises_step_times_under_fixed_overheads() -> None:
         {"site": "a", "capacity_gflops": 0.01, "step_overhead_ms": 20.0},
         {"site": "a", "capacity_gflops": 0.01, "step_overhead_ms": 0.001},
     ]
-    cfg = small_config(
-        workers=workers, options={"dkt": False, "pge": False}, train={"max_time": 1.0}
-    )
+    # The configured overheads alone (the measured vector work has its own test below).
+    options = {"dkt": False, "pge": False, "wdb_vector_work": False}
+    cfg = small_config(workers=workers, options=options, train={"max_time": 1.0})
     result = run_sim(cfg, progress=False)
     wdb = [e for e in result.events if e["event"] == "wdb"]
     assert wdb, "DLion never re-balanced its batches"
@@ -109,3 +115,58 @@ def test_dlion_wdb_equalises_step_times_under_fixed_overheads() -> None:
     t0, t1 = (step_time(b, speed, a) for b, a in zip(batches, [0.020, 0.000001], strict=True))
     # Equal within one sample's time.
     assert abs(t0 - t1) <= 1.0 / speed + 1e-9
+
+
+def test_step_cost_meter_is_the_overhead_plus_an_ema_of_the_step_vector_seconds() -> None:
+    meter = StepCostMeter(overhead=0.001, weight=0.5)
+    # First iteration paid 4 ms: a = 1 + 4 ms.
+    assert meter.observe(0.004) == pytest.approx(0.005, rel=1e-12)
+    # Second paid 6 ms: EMA 0.5 x 6 + 0.5 x 4 = 5 ms, a = 6 ms.
+    assert meter.observe(0.006) == pytest.approx(0.006, rel=1e-12)
+
+
+def test_costs_drift_when_first_known_or_moved_by_more_than_the_threshold() -> None:
+    assert costs_drifted({0: 0.0, 1: 0.0}, None, 0.2)
+    assert costs_drifted({0: 0.001, 1: 0.0}, {0: 0.0, 1: 0.0}, 0.2)  # first measured
+    assert not costs_drifted({0: 0.0011, 1: 0.0}, {0: 0.001, 1: 0.0}, 0.2)  # 10%
+    assert costs_drifted({0: 0.0013, 1: 0.0}, {0: 0.001, 1: 0.0}, 0.2)  # 30%
+    assert costs_drifted({0: 0.001}, {0: 0.001, 1: 0.0}, 0.2)  # the pool changed
+
+
+def test_dlion_wdb_counts_each_workers_measured_vector_work() -> None:
+    """Two workers in one site, 1.0 and 0.25 GFLOP/s, no configured overhead. Per iteration
+    each pays, at its speed ratio k (vector_cost.py), one weighting axpy (the leader, rank
+    0, adds the remote sum in the same block: 2 calls), the sum of its shard of the
+    all-reduce (2 parts) and one SGD step over all parameters. WDB then splits the 32
+    samples for equal step times with those seconds as the fixed costs."""
+    flops = _flops_per_sample()
+    workers = [
+        {"site": "a", "capacity_gflops": 1.0},
+        {"site": "a", "capacity_gflops": 0.25},
+    ]
+    cfg = small_config(workers=workers, options={"pge": False}, train={"max_time": 0.3})
+    result = run_sim(cfg, progress=False)
+    numel = next(e for e in result.events if e["event"] == "start")["parameters"]
+    model = shipped_model()
+    shard = numel - numel // 2  # tensor_split: the first shard takes the odd element
+
+    def cost(capacity: float, axpy_ops: int, shard_numel: int) -> float:
+        k = model.speed_ratio(0.0, capacity, flops, 16)
+        host = (
+            model.host_seconds("axpy", numel, axpy_ops)
+            + model.host_seconds("sum", 2 * shard_numel)
+            + model.host_seconds("sgd", numel)
+        )
+        return k * host
+
+    expected_costs = [cost(1e9, 2, shard), cost(0.25e9, 1, numel // 2)]
+    wdb = [e for e in result.events if e["event"] == "wdb"]
+    measured = [e for e in wdb if e["costs"][0] > 0 and e["costs"][1] > 0]
+    assert measured, "the measured vector work never reached WDB"
+    assert measured[0]["iteration"] == 1  # re-balanced as soon as it was known
+    assert measured[-1]["costs"] == pytest.approx(expected_costs, rel=1e-9)
+    speeds = [1e9 / flops, 0.25e9 / flops]
+    assert measured[-1]["batches"] == equal_time_batches(32, speeds, expected_costs)
+    # The slow worker's vector work is 4x the fast one's (1 axpy call fewer): it gets
+    # fewer samples than the split by speed alone gives it.
+    assert measured[-1]["batches"][1] < wdb_batch_sizes(32, speeds)[1]

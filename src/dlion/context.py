@@ -195,6 +195,11 @@ class WorkerContext(ABC):
         # Vector work (charged): set by the engine; None = vector work is free.
         self.vector: VectorCharger | None = None
         self.charged_s = 0.0  # modelled seconds of vector work paid (context seconds)
+        # The same per asyncio task: what a strategy's own loop paid, without the work of
+        # the background tasks it started (`charged_here`).
+        self._charged_by_task: weakref.WeakKeyDictionary[asyncio.Task[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ---------------------------------------------------------------- membership and links
     @property
@@ -476,7 +481,17 @@ class WorkerContext(ABC):
             return
         modelled = self.vector.seconds(kind, numel, ops, self.now())
         self.charged_s += modelled
+        task = asyncio.current_task()
+        if task is not None:
+            self._charged_by_task[task] = self._charged_by_task.get(task, 0.0) + modelled
         await self.pay_vector_work(modelled, time.perf_counter() - start)
+
+    def charged_here(self) -> float:
+        """Modelled seconds of vector work paid so far by the calling task's own blocks,
+        not by the tasks it started: a strategy's main loop measures its own step cost
+        with it while its background senders' work runs beside it."""
+        task = asyncio.current_task()
+        return self.charged_s if task is None else self._charged_by_task.get(task, 0.0)
 
     async def pay_vector_work(self, modelled: float, real_s: float) -> None:
         """Engine side: spend `modelled` context seconds of vector work whose real run took

@@ -132,6 +132,15 @@ def load_suite(source: str) -> Suite:
 def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """One virtual worker with the cluster's summed compute, the global batch, no network.
 
+    Its step is that of the cluster perfectly balanced: with step time a_i + b_i F / c_i
+    per worker, equal times for sum b_i = G give T = G F / C + sum c_i a_i / C (wdb.py), so
+    the summed worker's step overhead is the capacity-weighted mean of the workers'. Its
+    vector work (the optimizer step, once per step) is rated by the speed rule at the
+    cluster's per-worker batch (`engine.vector_cost_batch`), as a worker of capacity C in
+    that cluster: rated at the global batch, the host's fixed step cost would weigh less
+    and the summed worker would pay vector work 3.4x slower than its capacity says on
+    compute-hetero (slower than the fastest real worker; RESULTS.md section 14g).
+
     With capacity traces the summed capacity follows them (a piecewise-constant sum of
     the workers' traces); bandwidth traces and membership events do not apply to it
     (no network; every worker's compute counts for the whole run)."""
@@ -139,7 +148,11 @@ def ideal_config(cfg: ExperimentConfig) -> ExperimentConfig:
     total = sum(w.capacity_gflops * w.count for w in workers)
     count = sum(w.count for w in workers)
     raw = cfg.model_dump(mode="json")
-    raw["cluster"]["workers"] = [{"site": workers[0].site, "capacity_gflops": total}]
+    overhead_ms = sum(w.capacity_gflops * w.count * w.step_overhead_ms for w in workers) / total
+    raw["cluster"]["workers"] = [
+        {"site": workers[0].site, "capacity_gflops": total, "step_overhead_ms": overhead_ms}
+    ]
+    raw["engine"]["vector_cost_batch"] = cfg.engine.vector_cost_batch or cfg.train.batch_per_worker
     raw["cluster"]["links"] = []
     raw["train"]["batch_per_worker"] = cfg.train.batch_per_worker * count
     raw["strategy"] = {"name": "allreduce", "options": {}}

@@ -14,7 +14,9 @@ quantization, averaging) costs time from this model, so no strategy's extra work
   machine and date, so runs are deterministic and nothing is timed at run time.
 - k(t), the **speed rule**: how many times slower than the calibration host the worker is,
   measured on the quantity the cluster configures, one training step of this run's model
-  at the run's `train.batch_per_worker` b:
+  at the run's `train.batch_per_worker` b (`engine.vector_cost_batch` when set: the
+  ideal bound's one worker takes the whole global batch, and is rated at its cluster's
+  per-worker batch, as a worker of its capacity in that cluster):
 
       k(t) = (o + b F / c(t)) / (o_h + b F / c_h)
 
@@ -186,6 +188,6 @@ def charger_for(
         overhead_s=cluster.workers[rank].step_overhead_s,
         capacity_at=lambda t: cluster.capacity(rank, t),
         flops_per_sample=flops_per_sample,
-        batch=cfg.train.batch_per_worker,
+        batch=cfg.engine.vector_cost_batch or cfg.train.batch_per_worker,
         time_scale=time_scale,
     )

@@ -368,6 +368,14 @@ class EngineConfig(JobEngineConfig):
         "(dlion.cluster.vector_cost); false: only gradients cost time (results before issue 16 "
         "part 4).",
     )
+    vector_cost_batch: int | None = Field(
+        None,
+        ge=1,
+        description="The batch at which the speed rule compares a worker's step with the "
+        "calibration host's (dlion.cluster.vector_cost); None: train.batch_per_worker. The "
+        "ideal bound sets its cluster's per-worker batch, so that its summed worker pays "
+        "vector work as a worker of that capacity in that cluster would.",
+    )
     # ---- dist engine only
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="dist transport: auto picks nccl when CUDA is available, else gloo."

@@ -11,7 +11,10 @@ Rules, per iteration t of worker i in site s:
   loss EMAs ride on the messages: inside a site on the all-reduce, across sites on the
   leaders' updates; the leader passes the remote ones to its members. Re-balanced every
   `reprofile_every` iterations, at once on a drift above `drift_threshold` or a change of
-  the member set (as in dlion-hpdc21).
+  the member set (as in dlion-hpdc21). With `wdb_vector_work` (default) each worker's
+  fixed step cost (its configured overhead + the measured vector work of its step:
+  weighting, shard sum, optimizer) enters as well, and the split equalises step times
+  (wdb.py).
 - Inside a site, dense and synchronous: the members all-reduce their weighted gradients
   (`sharded_allreduce`: reduce-scatter + all-gather, two latencies) and apply the same
   total, so a site keeps one model, as Gaia's per-site server does.
@@ -119,7 +122,7 @@ from dlion.strategies.dlion_hpdc21 import (
     should_rebalance,
     wdb_batch_sizes,
 )
-from dlion.strategies.wdb import equal_time_batches
+from dlion.strategies.wdb import StepCostMeter, costs_drifted, equal_time_batches
 
 SUMMARY = "DLion: site all-reduce, one top-k update per site pair, paced by measured speeds; WDB"
 
@@ -136,6 +139,14 @@ class Options(SharedOptions):
         "G is its share of the workers, so sites run at their own pace and none waits for "
         "another. all: over every worker (HPDC '21's rule): sites run in step, each "
         "applying every site's gradient once per iteration, late.",
+    )
+    wdb_vector_work: bool = Field(
+        True,
+        description="WDB counts the vector work of each worker's step (weighting, its "
+        "all-reduce shard's sum, optimizer step; measured, EMA) as a fixed step cost "
+        "and equalises step times (wdb.py): it does not shrink with the batch, and a slow "
+        "worker pays it slowly (RESULTS.md section 14g). False: only the configured "
+        "step overhead.",
     )
     pge: bool = Field(
         True, description="Prioritized (top-k, error feedback) updates across sites; else dense."
@@ -462,6 +473,9 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
     was_leader = False
     modes: dict[str, PipeMode] = {}  # leader: how it last exchanged with each remote site
     overheads: dict[int, float] = {}  # fixed per-step costs of the site's members (wdb.py)
+    meter = StepCostMeter(ctx.step_overhead, opt.speed_ema)  # this worker's
+    my_cost = ctx.step_overhead  # sent in the next all-reduce's meta, so all see the same
+    alloc_costs: dict[int, float] | None = None
     background: set[asyncio.Task[bool]] = set()
 
     def spawn(coro: object) -> None:
@@ -578,7 +592,6 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         sample_speed = result.samples / result.seconds
         if ctx.step_overhead > 0:  # samples/s of the per-sample work alone (wdb.py)
             sample_speed = result.samples / max(result.seconds - ctx.step_overhead, 1e-9)
-            overheads[me] = ctx.step_overhead
         speed = sample_speed if speed is None else ema(speed, sample_speed, opt.speed_ema)
         loss_ema = result.loss if loss_ema is None else ema(loss_ema, result.loss, 1 - opt.loss_ema)
         known[me] = (speed, loss_ema)
@@ -636,15 +649,17 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         meta = {"s": speed, "l": loss_ema, "dkt": 0.0 if delta is None else 1.0}
         if sync_sites:
             meta["sync"] = 1.0
-        if ctx.step_overhead > 0:
-            meta["o"] = ctx.step_overhead
+        if my_cost > 0:
+            meta["o"] = my_cost
         if is_leader:
             meta |= knowledge_meta(known, [r for r in known if ctx.site(r) != my_site])
         sync_start = ctx.now()
+        paid = ctx.charged_here()  # WDB's fixed cost: the work every member does (wdb.py)
         # The weighting above and the leader's addition of the remote updates.
         async with ctx.charged("axpy", numel, 2 if is_leader else 1):
             vector = weighted + remote if is_leader else weighted
         got = await sharded_allreduce(ctx, vector, f"dl{t}", mates, meta)
+        step_vector_s = ctx.charged_here() - paid
         total = got.total
         fed = False
         budget_s = 0.0
@@ -672,7 +687,10 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
                 ctx.record("peer_lost", peer=r, phase=f"ds{t}")
             async with ctx.charged("axpy", numel):
                 total = got.total + shared.total
+        paid = ctx.charged_here()
         await ctx.apply(total)
+        step_vector_s += ctx.charged_here() - paid
+        my_cost = meter.observe(step_vector_s if opt.wdb_vector_work else 0.0)
         # Compute + all-reduce (+ the step when not synchronous, whose wait is left out).
         step_s = result.seconds + (ctx.now() - sync_start)
         iteration_s = budget_s / opt.rho if fed else step_s
@@ -720,21 +738,29 @@ async def worker(ctx: WorkerContext, opt: Options) -> None:
         share = sum(equal[ranks.index(r)] for r in pool)
         speeds = {r: known[r][0] for r in pool if r in known}
         if len(speeds) == len(pool) and len(ranks) > 1:
-            if opt.wdb and should_rebalance(
-                t, speeds, alloc_speeds, opt.reprofile_every, opt.drift_threshold
+            costs = {r: overheads.get(r, 0.0) for r in pool}
+            if opt.wdb and (
+                should_rebalance(t, speeds, alloc_speeds, opt.reprofile_every, opt.drift_threshold)
+                or costs_drifted(costs, alloc_costs, opt.drift_threshold)
             ):
                 b_min = max(opt.b_min, ctx.replica.min_batch)  # BatchNorm needs two samples
-                costs = [overheads.get(r, 0.0) for r in pool]
-                if any(costs):  # fixed step costs: equalise step times (wdb.py)
+                if any(costs.values()):  # fixed step costs: equalise step times (wdb.py)
                     sizes = equal_time_batches(
-                        share, [speeds[r] for r in pool], costs, b_min, opt.b_max
+                        share, [speeds[r] for r in pool], list(costs.values()), b_min, opt.b_max
                     )
                 else:
                     sizes = wdb_batch_sizes(share, [speeds[r] for r in pool], b_min, opt.b_max)
                 batches = dict(zip(pool, sizes, strict=True))
                 alloc_speeds = speeds
+                alloc_costs = costs
                 if me == pool[0]:
-                    ctx.record("wdb", iteration=t, batches=sizes, speeds=[speeds[r] for r in pool])
+                    ctx.record(
+                        "wdb",
+                        iteration=t,
+                        batches=sizes,
+                        speeds=[speeds[r] for r in pool],
+                        costs=list(costs.values()),
+                    )
             elif not opt.wdb:
                 batches = {}
         elif len(ranks) == 1:

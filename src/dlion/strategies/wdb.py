@@ -18,6 +18,18 @@ reaches a bound (T = a_i + b_min / s_i or a_i + b_max / s_i): find the segment w
 crosses G and interpolate. Real batches are then rounded by largest remainder (ties to the
 lower index), which keeps the sum and the bounds. With every a_i = 0 this is the paper's
 proportional split up to rounding.
+
+What a_i holds (`StepCostMeter`): the worker's configured step overhead (inside its
+compute) plus, with `wdb_vector_work` (dlion.py), the vector work of the step every
+member of the all-reduce does, as its own loop paid it (`ctx.charged_here()` over the
+weighting, its shard's sum, the optimizer step), an EMA with the speeds' weight. Why:
+that work is the same elements on every worker, so its time follows the worker's
+slowness (vector_cost.py's speed rule) and does not shrink with the batch: on
+compute-hetero a split by speed alone leaves the 0.1 GFLOP/s worker 3.5 ms of it per
+iteration against 0.5 ms on the 0.8 one, and everybody waits (RESULTS.md section 14g).
+A site leader's own extra work (absorbing and feeding the inter-site pipes) is left out:
+counted, it shrank the leaders' batches on sites of equal workers, and microcloud-dynamic
+failed 2 of 6 seeds (section 14g).
 """
 
 from __future__ import annotations
@@ -50,6 +62,33 @@ def equal_time_batches(
         raise ValueError(f"overheads must be >= 0 and finite, got {list(overheads)}")
     real = _equal_time_real(global_batch, speeds, overheads, b_min, cap)
     return _round_keeping_sum(real, global_batch)
+
+
+class StepCostMeter:
+    """One worker's fixed seconds per step a_i: `overhead` + an EMA (newest weight
+    `weight`) of the vector seconds of one iteration's step work (`observe`, once per
+    iteration)."""
+
+    def __init__(self, overhead: float, weight: float) -> None:
+        self.overhead = overhead
+        self.weight = weight
+        self.vector: float | None = None
+
+    def observe(self, seconds: float) -> float:
+        """Take this iteration's vector seconds; return a_i."""
+        w = self.weight
+        self.vector = seconds if self.vector is None else w * seconds + (1 - w) * self.vector
+        return self.overhead + self.vector
+
+
+def costs_drifted(
+    costs: dict[int, float], alloc_costs: dict[int, float] | None, threshold: float
+) -> bool:
+    """Whether a fixed step cost moved by more than `threshold` (relative) from the one
+    the batches were allocated for: a cost first known (from 0) always counts."""
+    if alloc_costs is None or set(costs) != set(alloc_costs):
+        return True
+    return any(not math.isclose(costs[r], alloc_costs[r], rel_tol=threshold) for r in costs)
 
 
 def step_time(batch: int, speed: float, overhead: float) -> float:
