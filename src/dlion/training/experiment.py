@@ -173,15 +173,13 @@ def prepare(cfg: ExperimentConfig, num_workers: int) -> Prepared:
     limit = cfg.evaluation.max_test_samples
     if limit is not None and limit < len(test):
         test = test.head(limit)  # type: ignore[attr-defined]
-    _check_forward(cfg, template, data, objective)
+    _check_forward(template, data, objective)
     return Prepared(
         data.train, test, data.input_shape, data.num_classes, shards, flops, objective, template
     )
 
 
-def _check_forward(
-    cfg: ExperimentConfig, model: nn.Module, data: LoadedData, objective: Objective
-) -> None:
+def _check_forward(model: nn.Module, data: LoadedData, objective: Objective) -> None:
     """One forward pass and loss on two samples (on a copy): a model, data and loss that do
     not fit together fail here with one line, not in the middle of a run."""
     probe = copy.deepcopy(model)

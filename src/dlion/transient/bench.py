@@ -258,7 +258,6 @@ def planner_part(
     spec: TransientSpec,
     lr: float,
     out_dir: Path,
-    progress: bool,
 ) -> dict[str, Any]:
     base = _base(b, "ps-asp", lr)
     results = []
@@ -333,7 +332,7 @@ def run_bench(
             else:  # the same search the strategies part runs for ps-asp
                 cand = Candidate(catalog.get(b.instance), b.workers, "transient")
                 lr, _ = _tune_lr(runner, b, "ps-asp", cand, spec, fixed_work=False)
-            record["planner"] = planner_part(runner, b, catalog, spec, lr, out_dir, progress)
+            record["planner"] = planner_part(runner, b, catalog, spec, lr, out_dir)
     finally:
         runner.close()
     write_json_atomic(out_dir / "summary.json", record)
@@ -354,7 +353,6 @@ class _PerfSample(TypedDict):
 
 
 def perf_bench(
-    catalog: Catalog,
     out_dir: Path,
     *,
     configs: int = 24,

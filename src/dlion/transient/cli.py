@@ -239,16 +239,13 @@ def perf(
 ) -> None:
     """Fit the step-time and checkpoint-time models; report their held-out errors."""
     from dlion.transient.bench import perf_bench
-    from dlion.transient.catalog import load_catalog
     from dlion.transient.summary import perf_markdown
 
     if held_out >= configs - 3:
         raise ConfigError(f"--held-out: leave at least 4 configurations to fit, got {held_out}")
     output = open_output(out, command="transient-perf", force=force)
     with output.writing() as work:
-        record = perf_bench(
-            load_catalog(), work, configs=configs, held_out=held_out, progress=not quiet
-        )
+        record = perf_bench(work, configs=configs, held_out=held_out, progress=not quiet)
         text = perf_markdown(record)
         (work / "perf.md").write_text(text)
     console.print(text, markup=False, highlight=False)
