@@ -93,10 +93,11 @@ def eval_(
     (written into the run directory, or into a new --out directory)."""
     from dlion.hybrid.evaluate import evaluate
     from dlion.hybrid.inference import METHODS
-    from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation, rich_table
+    from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation
     from dlion.hybrid.store import load_run
     from dlion.hybrid.train import load_splits
     from dlion.report import write_json_atomic
+    from dlion.report.tables import rich_grid
 
     targets = parse_coverages(coverage) if coverage is not None else None
     if out is not None and out.resolve() != run_dir.resolve():
@@ -107,7 +108,7 @@ def eval_(
     ev = evaluate(run, x_test, y_test, targets)
     title = f"{run.cfg.name} seed {run.cfg.seed}: {ev.n} test inputs"
     rows = eval_rows(ev, targets)
-    console.print(rich_table(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
+    console.print(rich_grid(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
     router_loss = next(p for p in ev.no_loss if p.method == "router")
     console.print(
         f"router at no excess loss (within 0.5 points of cloud-only, test sweep): coverage "
