@@ -254,24 +254,6 @@ def regress_latent(
     )
 
 
-def train_head(
-    encoder: nn.Module,
-    head: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: LabelsSection,
-    *,
-    seed: int,
-    tick: Tick = _quiet_tick,
-) -> None:
-    """Few-label head on a frozen encoder: full-batch Adam on the head's parameters only."""
-    encoder.requires_grad_(False)
-    encoder.eval()
-    with torch.no_grad():
-        features = encoder(x)
-    fit_head(head, features, y, cfg, seed=seed, tick=tick)
-
-
 def fit_head(
     head: nn.Module,
     features: torch.Tensor,
