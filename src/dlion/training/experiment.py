@@ -52,9 +52,6 @@ class Prepared:
     objective: Objective
     template: nn.Module  # the initial model every replica copies
 
-    def num_train(self) -> int:
-        return len(self.train)
-
 
 @functools.lru_cache(maxsize=8)
 def cached_dataset(

@@ -261,7 +261,6 @@ def fit_head(
     cfg: LabelsSection,
     *,
     seed: int,
-    tick: Tick = _quiet_tick,
 ) -> None:
     """Full-batch Adam on the head alone, on precomputed (frozen-encoder) features."""
     torch.manual_seed(seed)
@@ -272,7 +271,6 @@ def fit_head(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        tick()
     head.eval()
 
 

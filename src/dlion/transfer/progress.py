@@ -72,9 +72,9 @@ class StageBar:
         self._task = task
         self._total = total
 
-    def tick(self, steps: int = 1) -> None:
+    def tick(self) -> None:
         if self._progress is not None and self._task is not None:
-            self._progress.advance(self._task, steps)
+            self._progress.advance(self._task, 1)
 
     def note(self, text: str) -> None:
         """Short live text next to the bar (e.g. the validation MSE)."""

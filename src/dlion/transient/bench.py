@@ -61,7 +61,7 @@ class BenchSpec:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _base(b: BenchSpec, strategy: str, lr: float, extra: Sequence[str] = ()) -> ExperimentConfig:
+def _base(b: BenchSpec, strategy: str, lr: float) -> ExperimentConfig:
     return load_config(
         b.scenario,
         [
@@ -72,7 +72,6 @@ def _base(b: BenchSpec, strategy: str, lr: float, extra: Sequence[str] = ()) -> 
             f"train.max_time={b.max_time}",
             f"evaluation.every_s={b.eval_every_s}",
             *b.overrides,
-            *extra,
         ],
     )
 
@@ -96,7 +95,7 @@ def _check_done(summary: dict[str, Any], max_time: float) -> dict[str, Any]:
 def _train_size(cfg: ExperimentConfig) -> int:
     from dlion.training.experiment import prepare
 
-    return prepare(cfg, 1).num_train()
+    return len(prepare(cfg, 1).train)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
