@@ -5,14 +5,12 @@ into one line."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput
 from dlion.core.outdir import check_output_file, default_dir, open_output
 
@@ -20,8 +18,7 @@ app = typer.Typer(
     help="Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
     no_args_is_help=True,
 )
-# Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
-console = Console() if sys.stdout.isatty() else Console(width=200)
+console = wide_console(200)
 
 SetOption = Annotated[
     list[str] | None,

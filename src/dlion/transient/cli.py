@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput, ConfigError
 from dlion.core.outdir import default_dir, open_output
 
@@ -23,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 
 def _ints(value: str, what: str) -> list[int]:
