@@ -61,7 +61,6 @@ from typing import Any
 from dlion.cluster.topology import Cluster
 from dlion.core.config import ExperimentConfig
 from dlion.core.errors import BadInput, DlionError
-from dlion.core.outdir import write_atomic
 from dlion.core.timescale import TimeScale
 
 DEFAULT_PREFIX = "dlion"
@@ -449,7 +448,9 @@ def read_state(prefix: str) -> dict[str, Any] | None:
 def _write_state(prefix: str, state: dict[str, Any]) -> None:
     path = state_path(prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
 
 
 def load_plan(prefix: str) -> Plan:
