@@ -24,7 +24,7 @@ M = TypeVar("M", bound=BaseModel)
 def read_profile_text(source: str) -> str:
     """Text of a profile YAML file, or of the shipped profile of that name."""
     try:
-        return read_source(source, PROFILE_FOLDER, "profile")
+        return read_source(source, PROFILE_FOLDER, "profile", "profile")
     except ConfigError as exc:  # keep the message; one error type for the thermal package
         raise ThermalError(str(exc)) from None
 
