@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from dlion.cli.commands import main
 from dlion.core.errors import BadInput
+from dlion.core.files import write_atomic
 from dlion.core.outdir import (
     MARKER,
     default_dir,
     open_output,
     read_marker,
     safe_name,
-    write_atomic,
 )
 
 

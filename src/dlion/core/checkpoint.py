@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dlion.core.errors import BadInput
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 
 FORMAT = "dlion-checkpoint/1"
 TENSORS = "tensors.safetensors"

@@ -21,8 +21,6 @@ The rules (README, "Output directories"):
 A marker file, `.dlion-output.json`, says that a directory is a dlion output: the command
 that wrote it, its status (running, complete, partial) and the entries it wrote, so that a
 file the user adds later is recognised as theirs.
-
-`write_atomic` writes one file so that a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,23 +53,6 @@ def safe_name(text: str) -> str:
 def default_dir(*parts: object) -> Path:
     """runs/PART1-PART2-...: a default output directory that stays inside runs/."""
     return RUNS / safe_name("-".join(str(p) for p in parts))
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp) on a temp file beside `path` (the same directory, for os.replace to
-    be an atomic rename), fsync it, then rename it over `path`: readers see the old file or
-    the new one, and a crash mid-write leaves the old one. The temp file goes on failure."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:

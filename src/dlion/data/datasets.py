@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits, make_classification
 from sklearn.model_selection import train_test_split
 
 from dlion.core.errors import DataError
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 from dlion.data.readers import CIFAR_NUM_CLASSES, read_cifar10_batch, read_idx, read_npz
 
 __all__ = ["DATASET_NAMES", "Dataset", "cache_dir", "load_dataset"]

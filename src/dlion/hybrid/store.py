@@ -19,7 +19,7 @@ from torch import nn
 
 from dlion.core.checkpoint import file_sha256
 from dlion.core.errors import BadInput
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, config_hash, load_hybrid_config
 from dlion.hybrid.gain import gain_feature_dim

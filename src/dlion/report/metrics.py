@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dlion.core.errors import DataError
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 
 
 @dataclass(frozen=True)

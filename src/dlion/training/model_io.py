@@ -22,7 +22,7 @@ from torch import nn
 
 from dlion.core.config import ExperimentConfig
 from dlion.core.errors import BadInput
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 from dlion.training.models import build_model
 
 MODEL_FILE = "model.safetensors"

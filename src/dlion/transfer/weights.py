@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dlion.core.errors import DataError
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 from dlion.report import write_json_atomic
 from dlion.transfer.config import TransferConfig
 from dlion.transfer.encoders import (

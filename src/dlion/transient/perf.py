@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from dlion.cluster.topology import MBPS
 from dlion.core.config import ExperimentConfig, with_changes
-from dlion.core.outdir import write_atomic
+from dlion.core.files import write_atomic
 from dlion.engines.sim import run_sim
 from dlion.training.experiment import prepare
 from dlion.transient.runs import model_bytes
