@@ -45,7 +45,8 @@ def test_ideal_bound_is_one_worker_with_summed_compute_and_global_batch() -> Non
     ideal = ideal_config(cfg)
     cluster = Cluster.from_config(ideal.cluster)
     assert cluster.size == 1
-    assert cluster.capacity(0) == pytest.approx(Cluster.from_config(cfg.cluster).total_capacity())
+    summed = sum(w.capacity_flops for w in Cluster.from_config(cfg.cluster).workers)
+    assert cluster.capacity(0) == pytest.approx(summed)
     assert ideal.train.batch_per_worker == 6 * cfg.train.batch_per_worker
     assert ideal.strategy.name == "allreduce"
 

@@ -112,7 +112,7 @@ def test_a_nic_is_a_parent_class_shared_by_the_peer_classes() -> None:
 
 def test_tc_commands_shape_each_peer_by_destination_address() -> None:
     plan = plan_of(three_workers(nic_mbps=30))
-    cmds = netns.tc_commands(plan, plan.workers[0])
+    cmds = netns.tc_commands(plan.workers[0])
     assert all(c[:3] == ["tc", "-n", "tp-0"] for c in cmds)
     root = cmds[0]
     assert root[3:] == [
@@ -140,7 +140,7 @@ def test_tc_commands_shape_each_peer_by_destination_address() -> None:
     ]
     # Without NICs the peer classes hang from the root and there is no 1:1.
     flat = plan_of(three_workers())
-    assert not any("1:1" in c for c in netns.tc_commands(flat, flat.workers[0]))
+    assert not any("1:1" in c for c in netns.tc_commands(flat.workers[0]))
 
 
 def _filters(cmds: list[list[str]]) -> list[tuple[str | None, str | None, str, str]]:
@@ -184,7 +184,7 @@ def test_router_shapes_one_pipe_per_destination_site_under_its_uplink() -> None:
         ("a", "1:", 16_000_000),
         ("c", "1:", 100_000_000),
     ]
-    cmds = netns.router_tc_commands(plan, a)
+    cmds = netns.router_tc_commands(a)
     assert all(cmd[:3] == ["tc", "-n", "tp-s0"] and "wan" in cmd for cmd in cmds)
     assert _filters(cmds) == [
         ("10.77.0.2", "10.77.0.4", "1", "1:2"),  # the per-pair link 1 -> 3: not on a pipe
@@ -195,7 +195,7 @@ def test_router_shapes_one_pipe_per_destination_site_under_its_uplink() -> None:
     # The per-pair link is shaped on the workers, like a link inside a site.
     assert {k.peer: (k.via, k.rate_bps) for k in plan.workers[1].classes}[3] == (None, 4_000_000)
     # c's downlink: on the core's port to c (root namespace), traffic from the others' workers.
-    down = netns.downlink_tc_commands(plan, c)
+    down = netns.downlink_tc_commands(c)
     assert all(cmd[0] == "tc" and "-n" not in cmd for cmd in down)
     assert all(cmd[cmd.index("dev") + 1] == "tp-u2" for cmd in down)
     assert _filters(down)[2:] == [
@@ -203,7 +203,7 @@ def test_router_shapes_one_pipe_per_destination_site_under_its_uplink() -> None:
         ("10.77.0.2", None, "2", "1:1"),
         ("10.77.0.3", None, "2", "1:1"),
     ]
-    assert netns.downlink_tc_commands(plan, a) == []
+    assert netns.downlink_tc_commands(a) == []
 
 
 def test_plan_round_trips_through_json_and_matches_only_the_same_config() -> None:

@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 
 from dlion.cli.commands import main
 from dlion.core.errors import BadInput
-from dlion.core.outdir import MARKER, default_dir, open_output, read_marker, safe_name
+from dlion.core.files import write_atomic
+from dlion.core.outdir import (
+    MARKER,
+    default_dir,
+    open_output,
+    read_marker,
+    safe_name,
+)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -270,3 +277,20 @@ def test_a_single_output_file_is_replaced_only_with_force(tmp_path: Path) -> Non
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BadInput, match="is a file, not a directory"):
         check_output_file(tmp_path / "afile" / "out.json")
+
+
+def test_write_atomic_replaces_the_file_or_leaves_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left
+    write_atomic(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -26,6 +26,7 @@ from dlion.report import (
     write_json_atomic,
     write_report,
 )
+from dlion.report.tables import markdown_grid
 
 
 def _point(t: float, acc: float) -> EvalPoint:
@@ -210,6 +211,11 @@ def test_markdown_table_contains_rows() -> None:
     assert "| s1 | dlion | 5.0 | 2/2 | 2.20x | 91.0 ± 1.4 | 2.50 |" in lines
     assert "| s1 | allreduce | 11.0 | 2/2 | 1.00x |" in text
     assert "| hard | dlion | — | 0/1 | — | 50.0 ± 0.0 | 1.00 |" in lines
+
+
+def test_markdown_grid_aligns_the_left_columns_and_escapes_pipes() -> None:
+    text = markdown_grid(["a", "b", "c"], [["x|y", "1", "2"]], left={0, 2})
+    assert text == "| a | b | c |\n|:---|---:|:---|\n| x\\|y | 1 | 2 |"
 
 
 def test_bench_table_renders() -> None:

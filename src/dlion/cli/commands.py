@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 
 from dlion import __version__
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput, DlionError
 from dlion.core.outdir import default_dir, open_output, resume_output
 
@@ -40,8 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dlion: decentralized training across heterogeneous micro-clouds.",
 )
-# Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 err_console = Console(stderr=True)
 
 

@@ -124,9 +124,6 @@ class Cluster:
         route; NICs excluded)."""
         return min(self.resource_capacity(r, t) for r in self.route(src, dst))
 
-    def total_capacity(self) -> float:
-        return sum(w.capacity_flops for w in self.workers)
-
     def compute_time(self, rank: int, flops: float, start: float = 0.0) -> float:
         """Virtual seconds worker `rank` needs for one step of `flops` training work started
         at `start`: the worker's fixed step overhead, then the FLOPs, exact across capacity

@@ -36,10 +36,6 @@ class Trace:
         if any(not (v > 0 and math.isfinite(v)) for v in self.values):
             raise ValueError("trace values must be positive and finite")
 
-    @classmethod
-    def constant(cls, value: float) -> Trace:
-        return cls((0.0,), (value,))
-
     def at(self, t: float) -> float:
         return self.values[bisect.bisect_right(self.times, t) - 1]
 

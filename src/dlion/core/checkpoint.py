@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dlion.core.errors import BadInput
+from dlion.core.files import write_atomic
 
 FORMAT = "dlion-checkpoint/1"
 TENSORS = "tensors.safetensors"
@@ -162,16 +163,7 @@ def save_checkpoint(
 
 
 def _point_latest(root: Path, name: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=".latest.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, root / LATEST)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(root / LATEST, lambda tmp: tmp.write_text(name + "\n", encoding="utf-8"))
     _fsync_dir(root)
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
@@ -22,6 +21,7 @@ from sklearn.datasets import load_digits, make_classification
 from sklearn.model_selection import train_test_split
 
 from dlion.core.errors import DataError
+from dlion.core.files import write_atomic
 from dlion.data.readers import CIFAR_NUM_CLASSES, read_cifar10_batch, read_idx, read_npz
 
 __all__ = ["DATASET_NAMES", "Dataset", "cache_dir", "load_dataset"]
@@ -233,24 +233,15 @@ def _read_cache(cache_file: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
-    # Temp file + os.replace so a concurrent reader never sees a half-written cache. Caching is
-    # an optimisation only: if the directory is not writable, carry on without it.
-    tmp_name: str | None = None
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+    # Atomic, so a concurrent reader never sees a half-written cache. Caching is an
+    # optimisation only: if the directory is not writable, carry on without it.
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a handle: np.savez would add .npz to a file name
             np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
-        os.replace(tmp_name, cache_file)
-        tmp_name = None
-    except OSError:
-        pass
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+
+    with contextlib.suppress(OSError):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_file, save)
 
 
 def _load_synthetic(

@@ -124,9 +124,9 @@ def _target_of(item: Any, where: str) -> Any:
     return target.item() if isinstance(target, torch.Tensor) and target.numel() == 1 else target
 
 
-def class_labels(labels: np.ndarray, where: str, num_classes: int | None = None) -> np.ndarray:
-    """`labels` as int64 class ids in [0, num_classes), checked before anything is
-    allocated from them; DataError naming `where` otherwise."""
+def class_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """`labels` as non-negative int64 class ids, checked before anything is allocated from
+    them; DataError naming `where` otherwise."""
     if labels.ndim != 1:
         raise DataError(f"{where}: classification needs one integer label per sample")
     if labels.dtype.kind == "f":
@@ -137,8 +137,4 @@ def class_labels(labels: np.ndarray, where: str, num_classes: int | None = None)
     out = labels.astype(np.int64)
     if len(out) and out.min() < 0:
         raise DataError(f"{where}: labels must be >= 0, found {int(out.min())}")
-    if num_classes is not None and len(out) and out.max() >= num_classes:
-        raise DataError(
-            f"{where}: label {int(out.max())} is outside 0..{num_classes - 1} (num_classes)"
-        )
     return out

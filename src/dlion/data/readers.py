@@ -36,11 +36,15 @@ CIFAR_NUM_CLASSES = 10
 MAX_CLASSES = 100_000
 
 
-def _read_bytes(path: Path) -> bytes:
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_file(path)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -208,10 +212,7 @@ def validate_arrays(x: Any, y: Any, where: str, x_name: str = "x", y_name: str =
 
 def load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of an npz file, never unpickling; any problem is a DataError naming it."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+    _check_file(path)
     try:
         # allow_pickle=False: object arrays would be unpickled, which can run code.
         loaded = np.load(path, allow_pickle=False)

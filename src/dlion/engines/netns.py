@@ -380,7 +380,7 @@ def _u32(
     ]  # fmt: skip
 
 
-def tc_commands(plan: Plan, w: WorkerNet) -> list[list[str]]:
+def tc_commands(w: WorkerNet) -> list[list[str]]:
     """The `tc` argv lists that shape worker `w`'s egress (run inside its namespace)."""
     tc = ["tc", "-n", w.netns]
     cmds = _htb_root(tc, WORKER_IFNAME)
@@ -392,7 +392,7 @@ def tc_commands(plan: Plan, w: WorkerNet) -> list[list[str]]:
     return cmds
 
 
-def router_tc_commands(plan: Plan, r: SiteRouter) -> list[list[str]]:
+def router_tc_commands(r: SiteRouter) -> list[list[str]]:
     """The `tc` argv lists that shape router `r`'s wan egress: its site's pipes to every
     other site (under its uplink, where it has one); per-pair links bypass them."""
     tc = ["tc", "-n", r.netns]
@@ -407,7 +407,7 @@ def router_tc_commands(plan: Plan, r: SiteRouter) -> list[list[str]]:
     return cmds
 
 
-def downlink_tc_commands(plan: Plan, r: SiteRouter) -> list[list[str]]:
+def downlink_tc_commands(r: SiteRouter) -> list[list[str]]:
     """The `tc` argv lists for router `r`'s downlink, where it has one: on the core bridge's
     port to the site (root namespace), one class for traffic from the other sites."""
     if r.downlink_bps is None:
@@ -572,7 +572,7 @@ def up(plan: Plan) -> Plan:
             _must(["ip", "link", "set", r.host_ifname, "up"])
             _must([*ns, "link", "set", ROUTER_WAN, "master", ROUTER_BRIDGE])
             _must([*ns, "link", "set", ROUTER_WAN, "up"])
-            for argv in router_tc_commands(plan, r) + downlink_tc_commands(plan, r):
+            for argv in router_tc_commands(r) + downlink_tc_commands(r):
                 _must(argv)
         for w in plan.workers:
             router = routers[w.site]
@@ -587,7 +587,7 @@ def up(plan: Plan) -> Plan:
             _must([*ns, "link", "set", "lo", "up"])
             _must([*ns, "addr", "add", f"{w.address}/{p}", "dev", WORKER_IFNAME])
             _must([*ns, "link", "set", WORKER_IFNAME, "up"])
-            for argv in tc_commands(plan, w):
+            for argv in tc_commands(w):
                 _must(argv)
     except BaseException:
         down(plan.prefix)

@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from dlion.cli.options import wide_console
 from dlion.engines.netns import DEFAULT_PREFIX, DEFAULT_SUBNET
 
 app = typer.Typer(
@@ -21,7 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 PrefixOption = Annotated[
     str, typer.Option(help="Names the namespaces (PREFIX-RANK), bridge and state file.")

@@ -58,7 +58,6 @@ class Network:
         self._last_update = loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._dirty = False
-        self.bytes_moved = 0.0
         # Paths by (src, dst), with an id each; rates by path, by (bandwidth epoch, sorted
         # path ids of the flows). Rates depend only on the paths and the capacities, so a
         # set of concurrent flows seen before (every synchronous iteration repeats its
@@ -112,9 +111,7 @@ class Network:
             return  # nothing moved since the last update (many flows start at one instant)
         self._last_update = now
         for f in self._flows:
-            moved = f.rate * elapsed
-            f.remaining -= moved
-            self.bytes_moved += moved
+            f.remaining -= f.rate * elapsed
         still: list[_Flow] = []
         for f in self._flows:
             if f.remaining <= _DONE_BYTES:

@@ -122,7 +122,6 @@ class FedASMU(Algorithm):
             "nu": torch.full((n,), o.nu0, dtype=torch.float64),
         }
         self.abs_r = torch.zeros(1, dtype=torch.float64)  # running mean of |r|
-        self.last_alpha = 0.0
 
     # ---------------------------------------------------------------- server side
     def merge(self, state: ServerState, update: Update) -> str:
@@ -143,7 +142,6 @@ class FedASMU(Algorithm):
         before = state.probe_loss() if adapting else 0.0
         state.model.mul_(1 - a).add_(update.weights, alpha=a)
         state.version = t
-        self.last_alpha = a
         if adapting:
             self._adapt(i, before, state.probe_loss(), bool(update.meta.get("pulled", 0.0)))
         return "merged"

@@ -6,6 +6,6 @@ Modules, one job each: `config` (typed config, presets), `models` (edge/cloud mo
 `proxy` (proxy labels, router features), `router` (the router MLP and its loss), `calibrate`
 (thresholds for a target coverage), `latency` (the latency model), `inference` (predictions
 and send scores), `train` (alternating training), `evaluate` (coverage tables and curves),
-`route` (routing new inputs), `store` (saved runs), `report` (tables, plots), `bench`
+`route` (routing new inputs), `store` (saved runs), `report` (table rows, plots), `bench`
 (datasets x seeds), `cli` (`dlion hybrid ...`).
 """

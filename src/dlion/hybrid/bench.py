@@ -27,7 +27,7 @@ from dlion.hybrid.evaluate import (
     random_accuracy,
 )
 from dlion.hybrid.inference import METHODS
-from dlion.hybrid.report import LABELS, markdown, plot_accuracy_vs_latency, rich_table
+from dlion.hybrid.report import LABELS, plot_accuracy_vs_latency
 from dlion.hybrid.store import RUN_FILE, HybridRun, load_run, save_run
 from dlion.hybrid.timing import (
     EndToEnd,
@@ -37,6 +37,7 @@ from dlion.hybrid.timing import (
 )
 from dlion.hybrid.train import load_splits, torch_threads, train_hybrid
 from dlion.report import write_json_atomic
+from dlion.report.tables import markdown_grid, rich_grid
 
 COVERAGE_COLUMNS = (
     "dataset",
@@ -419,35 +420,35 @@ def write_outputs(
         'coverage" compares the rankings at exactly the target share on the test sweep; gap '
         "closed = (accuracy − random routing) / (oracle − random routing) at exactly that "
         "coverage, from the means over seeds.",
-        markdown(COVERAGE_COLUMNS, cov_rows),
+        markdown_grid(COVERAGE_COLUMNS, cov_rows),
         "Share of the oracle gap closed (random routing = 0, oracle = 1), exact coverage:",
-        markdown(GAP_COLUMNS, gaps),
+        markdown_grid(GAP_COLUMNS, gaps),
         "Baselines:",
-        markdown(BASELINE_COLUMNS, base_rows),
+        markdown_grid(BASELINE_COLUMNS, base_rows),
         "Lowest latency within 0.5 accuracy points of cloud-only (threshold sweep on test):",
-        markdown(NO_LOSS_COLUMNS, loss_rows),
+        markdown_grid(NO_LOSS_COLUMNS, loss_rows),
         "Measured on this CPU, one input at a time (median of torch.utils.benchmark), beside "
         "the FLOP-based latency model:",
-        markdown(MEASURED_COLUMNS, meas_rows),
+        markdown_grid(MEASURED_COLUMNS, meas_rows),
         "End to end, measured: each method's pipeline run input by input over the test set "
         "at its no-excess-loss coverage (fastest of 3 passes); cloud-only runs the cloud "
         "model on every input. The uplink is not measured; the last column adds the modelled "
         "uplink to every sent input:",
-        markdown(END_TO_END_COLUMNS, e2e_rows),
+        markdown_grid(END_TO_END_COLUMNS, e2e_rows),
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
     (out_dir / "report.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     tables = [
-        rich_table(
+        rich_grid(
             "hybrid bench: accuracy and latency per target coverage",
             COVERAGE_COLUMNS,
             cov_rows,
             section_every=len(targets),
         ),
-        rich_table("baselines", BASELINE_COLUMNS, base_rows),
-        rich_table("lowest latency within 0.5 points of cloud-only", NO_LOSS_COLUMNS, loss_rows),
-        rich_table("share of the oracle gap closed", GAP_COLUMNS, gaps),
-        rich_table("measured on this CPU vs modelled, per input", MEASURED_COLUMNS, meas_rows),
-        rich_table("end to end, measured, at no excess loss", END_TO_END_COLUMNS, e2e_rows),
+        rich_grid("baselines", BASELINE_COLUMNS, base_rows),
+        rich_grid("lowest latency within 0.5 points of cloud-only", NO_LOSS_COLUMNS, loss_rows),
+        rich_grid("share of the oracle gap closed", GAP_COLUMNS, gaps),
+        rich_grid("measured on this CPU vs modelled, per input", MEASURED_COLUMNS, meas_rows),
+        rich_grid("end to end, measured, at no excess loss", END_TO_END_COLUMNS, e2e_rows),
     ]
     return tables, plots

@@ -5,14 +5,12 @@ into one line."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput
 from dlion.core.outdir import check_output_file, default_dir, open_output
 
@@ -20,8 +18,7 @@ app = typer.Typer(
     help="Hybrid edge/cloud inference with a selective-query router (ICLR '23).",
     no_args_is_help=True,
 )
-# Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
-console = Console() if sys.stdout.isatty() else Console(width=200)
+console = wide_console(200)
 
 SetOption = Annotated[
     list[str] | None,
@@ -93,10 +90,11 @@ def eval_(
     (written into the run directory, or into a new --out directory)."""
     from dlion.hybrid.evaluate import evaluate
     from dlion.hybrid.inference import METHODS
-    from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation, rich_table
+    from dlion.hybrid.report import EVAL_COLUMNS, eval_rows, plot_evaluation
     from dlion.hybrid.store import load_run
     from dlion.hybrid.train import load_splits
     from dlion.report import write_json_atomic
+    from dlion.report.tables import rich_grid
 
     targets = parse_coverages(coverage) if coverage is not None else None
     if out is not None and out.resolve() != run_dir.resolve():
@@ -107,7 +105,7 @@ def eval_(
     ev = evaluate(run, x_test, y_test, targets)
     title = f"{run.cfg.name} seed {run.cfg.seed}: {ev.n} test inputs"
     rows = eval_rows(ev, targets)
-    console.print(rich_table(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
+    console.print(rich_grid(title, EVAL_COLUMNS, rows, section_every=len(METHODS) + 1))
     router_loss = next(p for p in ev.no_loss if p.method == "router")
     console.print(
         f"router at no excess loss (within 0.5 points of cloud-only, test sweep): coverage "

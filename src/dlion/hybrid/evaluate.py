@@ -125,7 +125,7 @@ def evaluate(
     lat = run.latency
     cloud_acc = float(cloud_correct.float().mean())
     points = [
-        Point(EDGE_ONLY, None, 1.0, float(edge_correct.float().mean()), 0.0, lat.edge_only()),
+        Point(EDGE_ONLY, None, 1.0, float(edge_correct.float().mean()), 0.0, lat.edge_model_s),
         Point(CLOUD_ONLY, None, 0.0, cloud_acc, 1.0, lat.cloud_only()),
     ]
     for target in targets:

@@ -50,9 +50,6 @@ class LatencyModel:
         """No edge compute: every input goes straight to the cloud."""
         return self.uplink_s + self.cloud_s
 
-    def edge_only(self) -> float:
-        return self.edge_model_s
-
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 

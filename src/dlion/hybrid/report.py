@@ -1,12 +1,9 @@
-"""Tables (rich and markdown) and accuracy-vs-latency plots for selective query
-(Kag et al., ICLR '23)."""
+"""Table rows and accuracy-vs-latency plots for selective query (Kag et al., ICLR '23)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-from rich.table import Table
 
 from dlion.hybrid.evaluate import CLOUD_ONLY, EDGE_ONLY, ORACLE, Evaluation
 from dlion.hybrid.inference import METHODS
@@ -60,29 +57,6 @@ def eval_rows(ev: Evaluation, targets: Sequence[float]) -> list[list[str]]:
             ]
         )
     return rows
-
-
-def rich_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], section_every: int = 0
-) -> Table:
-    """A rich table; a rule after every `section_every` rows (0 = none)."""
-    table = Table(title=title)
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i < 2 else "right")
-    for i, row in enumerate(rows):
-        end = bool(section_every) and (i + 1) % section_every == 0
-        table.add_row(*row, end_section=end)
-    return table
-
-
-def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table (no trailing newline)."""
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(columns))) + "|",
-    ]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def plot_accuracy_vs_latency(

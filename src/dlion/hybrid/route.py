@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dlion.core.errors import DataError
-from dlion.data.readers import validate_arrays
+from dlion.data.readers import load_npz_arrays, validate_arrays
 from dlion.hybrid.calibrate import check_coverage, keep_mask
 from dlion.hybrid.inference import edge_scores, predict
 from dlion.hybrid.store import HybridRun
@@ -39,22 +39,10 @@ def read_inputs(
     with path.open("rb") as f:
         if f.read(4) != b"PK\x03\x04":  # an npz is a zip archive
             raise DataError(f"{path}: not an npz archive (write it with numpy.savez(path, x=...))")
-    try:
-        loaded = np.load(path, allow_pickle=False)  # no pickle: object arrays could run code
-    except Exception as exc:  # np.load raises many types for a bad file
-        raise DataError(f"{path}: not a readable npz file: {exc}") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an npz archive (save inputs with numpy.savez(path, x=...))")
-    try:
-        with loaded as npz:
-            if "x" not in npz.files:
-                raise DataError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
-            x = npz["x"]
-            y = npz["y"] if "y" in npz.files else None
-    except DataError:
-        raise
-    except Exception as exc:  # a corrupt member, or an object array refused without pickle
-        raise DataError(f"{path}: cannot read array from npz: {exc}") from None
+    arrays = load_npz_arrays(path)
+    if "x" not in arrays:
+        raise DataError(f"{path}: missing array 'x' (found {sorted(arrays)})")
+    x, y = arrays["x"], arrays.get("y")
     count = x.shape[0] if x.ndim >= 1 else 0
     labels = validate_arrays(x, y if y is not None else np.zeros(count, np.int64), str(path))
     if tuple(x.shape[1:]) != input_shape:

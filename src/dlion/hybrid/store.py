@@ -4,13 +4,8 @@ validates every file and refuses a truncated, tampered or mismatched one with on
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,7 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dlion.core.checkpoint import file_sha256
 from dlion.core.errors import BadInput
+from dlion.core.files import write_atomic
 from dlion.hybrid.calibrate import Calibration
 from dlion.hybrid.config import HybridConfig, config_hash, load_hybrid_config
 from dlion.hybrid.gain import gain_feature_dim
@@ -105,27 +102,6 @@ def build_models(
 # ----------------------------------------------------------------------------- saving
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(tmp_name) then rename over `path`: readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-
-
 def _module(models: HybridModels, role: str) -> nn.Module:
     return {
         "edge": models.edge,
@@ -147,12 +123,12 @@ def save_run(run: HybridRun, run_dir: Path) -> None:
             k: v.detach().contiguous() for k, v in _module(run.models, role).state_dict().items()
         }
         meta = {"format": FORMAT, "role": role, "config_hash": digest}
-        _write_atomic(path, partial(save_file, state, metadata=meta))
-        files[path.name] = _sha256(path)
+        write_atomic(path, partial(save_file, state, metadata=meta))
+        files[path.name] = file_sha256(path)
     config_text = yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False)
-    _write_atomic(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+    write_atomic(run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
     write_json_atomic(run_dir / CALIBRATION_FILE, run.calibration.to_json())
-    files[CALIBRATION_FILE] = _sha256(run_dir / CALIBRATION_FILE)
+    files[CALIBRATION_FILE] = file_sha256(run_dir / CALIBRATION_FILE)
     write_json_atomic(
         run_dir / RUN_FILE,
         {
@@ -235,7 +211,7 @@ def _load_weights(module: nn.Module, path: Path, role: str, digest: str, checksu
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise BadInput(f"{path}: {key} holds NaN or Inf")
-    if _sha256(path) != checksum:
+    if file_sha256(path) != checksum:
         raise BadInput(f"{path}: checksum mismatch with run.json (tampered or replaced)")
     module.load_state_dict(tensors, strict=True)
 
@@ -264,7 +240,7 @@ def load_run(run_dir: Path) -> HybridRun:
         _load_weights(_module(models, role), run_dir / name, role, digest, files[name])
     cal_path = run_dir / CALIBRATION_FILE
     calibration = Calibration.from_json(_read_json(cal_path), str(cal_path))
-    if _sha256(cal_path) != files.get(CALIBRATION_FILE):
+    if file_sha256(cal_path) != files.get(CALIBRATION_FILE):
         raise BadInput(f"{cal_path}: checksum mismatch with run.json (tampered or replaced)")
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
     return HybridRun(cfg, models, calibration, latency, input_shape, num_classes, info)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypedDict
 
 import typer
-from rich.console import Console
+
+from dlion.cli.options import wide_console
 
 if TYPE_CHECKING:
     from dlion.cluster.topology import Cluster
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # Above this relative miss on any timed batch size the user is told the line fits poorly.
 POOR_FIT = 0.10
 
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 
 class _LinkArgs(TypedDict):

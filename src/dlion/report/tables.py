@@ -1,10 +1,13 @@
-"""Aggregation of run records over seeds, and the benchmark table as rich, markdown and report."""
+"""Aggregation of run records over seeds, and the benchmark table as rich, markdown and report.
+
+`rich_grid` and `markdown_grid` lay out any table of text cells; every report uses them.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,31 +139,45 @@ def _format_row(row: AggregateRow) -> list[str]:
     ]
 
 
-def bench_table(rows: Sequence[AggregateRow], title: str) -> Table:
-    """The benchmark table for printing with rich."""
+def rich_grid(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    left: Container[int] = range(2),
+    section_every: int = 0,
+) -> Table:
+    """A rich table of text cells: the columns whose index is in `left` (text) left-aligned,
+    the others (numbers) right-aligned; a rule after every `section_every` rows (0: none)."""
     table = Table(title=title)
-    for i, name in enumerate(COLUMNS):
-        # Text columns left, numeric columns right.
-        table.add_column(name, justify="left" if i < 2 else "right")
-    for row in rows:
-        table.add_row(*_format_row(row))
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i in left else "right")
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=bool(section_every) and (i + 1) % section_every == 0)
     return table
 
 
-def _md_cell(text: str) -> str:
+def markdown_grid(
+    columns: Sequence[str], rows: Iterable[Sequence[str]], *, left: Container[int] = range(2)
+) -> str:
+    """A table of text cells as GitHub markdown, aligned as `rich_grid` (no trailing newline)."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(":---" if i in left else "---:" for i in range(len(columns))) + "|",
+    ]
     # A bare pipe would split the cell in GitHub markdown.
-    return text.replace("|", "\\|")
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bench_table(rows: Sequence[AggregateRow], title: str) -> Table:
+    """The benchmark table for printing with rich."""
+    return rich_grid(title, COLUMNS, map(_format_row, rows))
 
 
 def markdown_table(rows: Sequence[AggregateRow]) -> str:
     """The benchmark table as a GitHub markdown table (no trailing newline)."""
-    lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(_md_cell(c) for c in _format_row(row)) + " |")
-    return "\n".join(lines)
+    return markdown_grid(COLUMNS, map(_format_row, rows))
 
 
 def write_report(

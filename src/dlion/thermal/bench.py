@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dlion.report import write_json_atomic
+from dlion.report.tables import markdown_grid, rich_grid
 from dlion.thermal.config import ThermalConfig, config_from_raw
 from dlion.thermal.errors import ThermalError
 from dlion.thermal.plots import plot_temperature_frequency
@@ -244,7 +245,7 @@ COLUMNS = (
 )
 
 
-_TEXT = ("workload", "policy", "seeds")
+_TEXT = (1, 2, 3)  # workload, policy, seeds: text, left-aligned
 
 
 def _cells(r: Row) -> list[str]:
@@ -268,21 +269,7 @@ def _cells(r: Row) -> list[str]:
 
 
 def rich_table(rows: Sequence[Row], title: str) -> Table:
-    table = Table(title=title)
-    for name in COLUMNS:
-        table.add_column(name, justify="left" if name in _TEXT else "right")
-    for r in rows:
-        table.add_row(*_cells(r))
-    return table
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join(":---" if name in _TEXT else "---:" for name in COLUMNS) + "|",
-    ]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
+    return rich_grid(title, COLUMNS, map(_cells, rows), left=_TEXT)
 
 
 def verdict_lines(rows: Sequence[Row]) -> list[str]:
@@ -336,7 +323,7 @@ def write_report(
         f"history run(s) per cell (seeds {HISTORY_SEED}+). `time / sparta` > 1 means Sparta "
         "finishes first. `below thr` is the share of simulated time with the true temperature "
         "at or below the threshold.",
-        markdown_table(rows),
+        markdown_grid(COLUMNS, map(_cells, rows), left=_TEXT),
         "## Goal: >= 94% below the threshold, faster than every other policy that also is\n\n"
         + "\n".join(verdict_lines(rows)),
         "## Infeasible units (left out of the table above)\n\n"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import ConfigError
 from dlion.core.outdir import default_dir, open_output
 
@@ -19,8 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-# Off a terminal rich would wrap tables at 80 columns; give them room.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 
 def _check_policy(name: str) -> str:

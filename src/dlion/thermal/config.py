@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlion.core.config import apply_overrides
-from dlion.thermal.device import DeviceProfile, load_profile
+from dlion.thermal.device import DeviceProfile, load_profile, shipped_profiles
 from dlion.thermal.errors import ThermalError
 from dlion.thermal.workload import SHIPPED_WORKLOADS, Workload
-from dlion.thermal.yamlio import parse_mapping, read_file, shipped_profile_names, validate
+from dlion.thermal.yamlio import parse_mapping, read_file, validate
 
 PolicyName = Literal["sparta", "performance", "fixed-cap", "reactive"]
 POLICY_NAMES: tuple[str, ...] = ("sparta", "performance", "fixed-cap", "reactive")
@@ -175,12 +175,12 @@ def load_thermal_config(source: str, overrides: list[str] | None = None) -> Ther
 
     A relative `device:` path in a file is looked up next to that file first.
     """
-    if source in shipped_profile_names() and not Path(source).exists():
+    if source in shipped_profiles() and not Path(source).exists():
         raw: dict = {"name": source, "device": source}
     else:
         path = Path(source)
         if path.suffix not in (".yaml", ".yml") and not path.exists():
-            known = ", ".join(shipped_profile_names())
+            known = ", ".join(shipped_profiles())
             raise ThermalError(f"{source}: not a config YAML file or a shipped profile ({known})")
         raw = parse_mapping(read_file(path, "config"), source)
         device = raw.get("device")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +27,7 @@ class LoopResult:
     learned: dict[str, Any]
 
 
-def control_loop(
-    policy: Policy,
-    backend: Backend,
-    interval_s: float,
-    on_tick: Callable[[Tick], None] | None = None,
-) -> LoopResult:
+def control_loop(policy: Policy, backend: Backend, interval_s: float) -> LoopResult:
     """Every `interval_s`: read temperature and progress, ask the policy, set the limit;
     until the workload finishes. The policy's `finish` is called once at the end."""
     if interval_s <= 0:
@@ -47,10 +41,7 @@ def control_loop(
         if limit not in levels:
             raise ThermalError(f"policy {policy.name} chose {limit} MHz, not a level")
         backend.set_frequency_limit_mhz(limit)
-        tick = Tick(obs.t_s, obs.temp_c, limit, done)
-        ticks.append(tick)
-        if on_tick is not None:
-            on_tick(tick)
+        ticks.append(Tick(obs.t_s, obs.temp_c, limit, done))
         if not backend.wait(interval_s):
             break
     end_s = backend.now_s()

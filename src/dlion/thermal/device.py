@@ -20,7 +20,8 @@ from itertools import pairwise
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlion.thermal.yamlio import parse_mapping, read_profile_text, shipped_profile_names, validate
+from dlion.core.config import shipped_names
+from dlion.thermal.yamlio import PROFILE_FOLDER, parse_mapping, read_profile_text, validate
 
 
 class DeviceProfile(BaseModel):
@@ -116,7 +117,7 @@ def exact_step(temp_c: float, steady_c: float, tau_s: float, dt_s: float) -> flo
 
 def shipped_profiles() -> list[str]:
     """Names of the shipped device profiles."""
-    return shipped_profile_names()
+    return shipped_names(PROFILE_FOLDER)
 
 
 def load_profile(source: str) -> DeviceProfile:

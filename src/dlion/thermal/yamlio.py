@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from dlion.core.config import format_validation_error, parse_yaml_mapping, read_text_file
+from dlion.core.config import (
+    format_validation_error,
+    parse_yaml_mapping,
+    read_source,
+    read_text_file,
+)
 from dlion.core.errors import ConfigError
 from dlion.thermal.errors import ThermalError
 
@@ -17,21 +21,12 @@ PROFILE_FOLDER = "thermal_profiles"
 M = TypeVar("M", bound=BaseModel)
 
 
-def shipped_profile_names() -> list[str]:
-    """Names of the device profiles shipped in dlion/thermal_profiles."""
-    root = resources.files("dlion") / PROFILE_FOLDER
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
 def read_profile_text(source: str) -> str:
     """Text of a profile YAML file, or of the shipped profile of that name."""
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return read_file(path, "profile")
-    if source in shipped_profile_names():
-        return (resources.files("dlion") / PROFILE_FOLDER / f"{source}.yaml").read_text()
-    known = ", ".join(shipped_profile_names())
-    raise ThermalError(f"{source}: not a profile YAML file or a shipped profile ({known})")
+    try:
+        return read_source(source, PROFILE_FOLDER, "profile", "profile")
+    except ConfigError as exc:  # keep the message; one error type for the thermal package
+        raise ThermalError(str(exc)) from None
 
 
 def read_file(path: Path, what: str) -> str:

@@ -52,9 +52,6 @@ class Prepared:
     objective: Objective
     template: nn.Module  # the initial model every replica copies
 
-    def num_train(self) -> int:
-        return len(self.train)
-
 
 @functools.lru_cache(maxsize=8)
 def cached_dataset(
@@ -173,15 +170,13 @@ def prepare(cfg: ExperimentConfig, num_workers: int) -> Prepared:
     limit = cfg.evaluation.max_test_samples
     if limit is not None and limit < len(test):
         test = test.head(limit)  # type: ignore[attr-defined]
-    _check_forward(cfg, template, data, objective)
+    _check_forward(template, data, objective)
     return Prepared(
         data.train, test, data.input_shape, data.num_classes, shards, flops, objective, template
     )
 
 
-def _check_forward(
-    cfg: ExperimentConfig, model: nn.Module, data: LoadedData, objective: Objective
-) -> None:
+def _check_forward(model: nn.Module, data: LoadedData, objective: Objective) -> None:
     """One forward pass and loss on two samples (on a copy): a model, data and loss that do
     not fit together fail here with one line, not in the middle of a run."""
     probe = copy.deepcopy(model)

@@ -10,7 +10,6 @@ builder ("pkg.module:fn") is importable where it is loaded.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from dlion.core.config import ExperimentConfig
 from dlion.core.errors import BadInput
+from dlion.core.files import write_atomic
 from dlion.training.models import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -95,9 +95,7 @@ def save_model(out_dir: Path, model: nn.Module, spec: dict[str, Any], saved: Sav
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {_META_KEY: json.dumps({"model": spec, "saved": saved.summary()})}
     path = out_dir / MODEL_FILE
-    tmp = path.with_name(f".{MODEL_FILE}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

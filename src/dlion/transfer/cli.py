@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput
 from dlion.core.outdir import check_output_file, default_dir, open_output
 
@@ -18,8 +16,7 @@ app = typer.Typer(
     help="Cross-modality transfer (RecycleML): reuse a trained sensor model for a new modality.",
     no_args_is_help=True,
 )
-# Off a terminal (CI, a log file) rich would wrap tables at 80 columns; give them room.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 ConfigArg = Annotated[
     str, typer.Argument(help="YAML config file, or 'synthetic' for the generated set.")

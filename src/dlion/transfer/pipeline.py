@@ -254,24 +254,6 @@ def regress_latent(
     )
 
 
-def train_head(
-    encoder: nn.Module,
-    head: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: LabelsSection,
-    *,
-    seed: int,
-    tick: Tick = _quiet_tick,
-) -> None:
-    """Few-label head on a frozen encoder: full-batch Adam on the head's parameters only."""
-    encoder.requires_grad_(False)
-    encoder.eval()
-    with torch.no_grad():
-        features = encoder(x)
-    fit_head(head, features, y, cfg, seed=seed, tick=tick)
-
-
 def fit_head(
     head: nn.Module,
     features: torch.Tensor,
@@ -279,7 +261,6 @@ def fit_head(
     cfg: LabelsSection,
     *,
     seed: int,
-    tick: Tick = _quiet_tick,
 ) -> None:
     """Full-batch Adam on the head alone, on precomputed (frozen-encoder) features."""
     torch.manual_seed(seed)
@@ -290,7 +271,6 @@ def fit_head(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        tick()
     head.eval()
 
 

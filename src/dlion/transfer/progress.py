@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
 
 from rich.console import Console
 from rich.progress import (
@@ -41,12 +40,7 @@ class Stages:
             self._progress.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
 
@@ -72,9 +66,9 @@ class StageBar:
         self._task = task
         self._total = total
 
-    def tick(self, steps: int = 1) -> None:
+    def tick(self) -> None:
         if self._progress is not None and self._task is not None:
-            self._progress.advance(self._task, steps)
+            self._progress.advance(self._task, 1)
 
     def note(self, text: str) -> None:
         """Short live text next to the bar (e.g. the validation MSE)."""

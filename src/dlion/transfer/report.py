@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from dlion.report.plots import png_figure
+from dlion.report.tables import markdown_grid, rich_grid
 from dlion.transfer.pipeline import labels_to_match
 from dlion.transfer.select import FEW_LABEL
 
@@ -187,34 +188,19 @@ def summary_rows(results: Sequence[DirectionResult]) -> list[list[str]]:
 
 def rich_tables(results: Sequence[DirectionResult]) -> tuple[Table, Table]:
     """The accuracy table (per k) and the summary table, for printing with rich."""
-    acc = Table(title="Target-modality test accuracy: transfer vs scratch on the same k labels")
-    for i, col in enumerate(ACC_COLUMNS):
-        acc.add_column(col, justify="left" if i < 2 else "right")
-    for row in accuracy_rows(results):
-        acc.add_row(*row)
-    summary = Table(title="Transfer summary")
-    for i, col in enumerate(SUMMARY_COLUMNS):
-        summary.add_column(col, justify="left" if i == 0 else "right")
-    for row in summary_rows(results):
-        summary.add_row(*row)
-    return acc, summary
-
-
-def _markdown(columns: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> str:
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join(":---" if i < left else "---:" for i in range(len(columns))) + "|",
-    ]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    acc_title = "Target-modality test accuracy: transfer vs scratch on the same k labels"
+    return (
+        rich_grid(acc_title, ACC_COLUMNS, accuracy_rows(results)),
+        rich_grid("Transfer summary", SUMMARY_COLUMNS, summary_rows(results), left=range(1)),
+    )
 
 
 def markdown_tables(results: Sequence[DirectionResult]) -> str:
     """Both tables as GitHub markdown, separated by a blank line."""
     return (
-        _markdown(ACC_COLUMNS, accuracy_rows(results), left=2)
+        markdown_grid(ACC_COLUMNS, accuracy_rows(results))
         + "\n\n"
-        + _markdown(SUMMARY_COLUMNS, summary_rows(results), left=1)
+        + markdown_grid(SUMMARY_COLUMNS, summary_rows(results), left=range(1))
     )
 
 

@@ -8,8 +8,6 @@ meta.json describes and refuses a mismatch with one line naming the file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dlion.core.errors import DataError
+from dlion.core.files import write_atomic
 from dlion.report import write_json_atomic
 from dlion.transfer.config import TransferConfig
 from dlion.transfer.encoders import (
@@ -36,16 +35,9 @@ META = "meta.json"
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """safetensors (no pickle), written to a temp file and renamed, so a crash mid-write
-    leaves the previous file intact."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """safetensors (no pickle), written atomically (a crash mid-write leaves the previous file)."""
+    flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def write_run(

@@ -61,7 +61,7 @@ class BenchSpec:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _base(b: BenchSpec, strategy: str, lr: float, extra: Sequence[str] = ()) -> ExperimentConfig:
+def _base(b: BenchSpec, strategy: str, lr: float) -> ExperimentConfig:
     return load_config(
         b.scenario,
         [
@@ -72,7 +72,6 @@ def _base(b: BenchSpec, strategy: str, lr: float, extra: Sequence[str] = ()) -> 
             f"train.max_time={b.max_time}",
             f"evaluation.every_s={b.eval_every_s}",
             *b.overrides,
-            *extra,
         ],
     )
 
@@ -96,7 +95,7 @@ def _check_done(summary: dict[str, Any], max_time: float) -> dict[str, Any]:
 def _train_size(cfg: ExperimentConfig) -> int:
     from dlion.training.experiment import prepare
 
-    return prepare(cfg, 1).num_train()
+    return len(prepare(cfg, 1).train)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -258,7 +257,6 @@ def planner_part(
     spec: TransientSpec,
     lr: float,
     out_dir: Path,
-    progress: bool,
 ) -> dict[str, Any]:
     base = _base(b, "ps-asp", lr)
     results = []
@@ -333,7 +331,7 @@ def run_bench(
             else:  # the same search the strategies part runs for ps-asp
                 cand = Candidate(catalog.get(b.instance), b.workers, "transient")
                 lr, _ = _tune_lr(runner, b, "ps-asp", cand, spec, fixed_work=False)
-            record["planner"] = planner_part(runner, b, catalog, spec, lr, out_dir, progress)
+            record["planner"] = planner_part(runner, b, catalog, spec, lr, out_dir)
     finally:
         runner.close()
     write_json_atomic(out_dir / "summary.json", record)
@@ -354,7 +352,6 @@ class _PerfSample(TypedDict):
 
 
 def perf_bench(
-    catalog: Catalog,
     out_dir: Path,
     *,
     configs: int = 24,

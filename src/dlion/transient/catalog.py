@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlion.core.config import format_validation_error, parse_yaml_mapping, read_text_file
+from dlion.core.config import (
+    format_validation_error,
+    parse_yaml_mapping,
+    read_source,
+    shipped_names,
+)
 from dlion.core.errors import ConfigError
 
 Tier = Literal["transient", "on-demand"]
 TIERS: tuple[Tier, ...] = ("transient", "on-demand")
+_FOLDER = "transient_catalogs"  # the shipped catalogs
 
 
 class _Strict(BaseModel):
@@ -90,22 +95,13 @@ class Catalog(_Strict):
 
 
 def shipped_catalogs() -> list[str]:
-    root = resources.files("dlion") / "transient_catalogs"
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+    return shipped_names(_FOLDER)
 
 
 def load_catalog(source: str | Path = "default") -> Catalog:
     """A catalog from a YAML path or a shipped catalog name; one-line ConfigError otherwise."""
     text_source = str(source)
-    path = Path(text_source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        text = read_text_file(path, "catalog")
-    elif text_source in shipped_catalogs():
-        text = (resources.files("dlion") / "transient_catalogs" / f"{text_source}.yaml").read_text()
-    else:
-        known = ", ".join(shipped_catalogs())
-        raise ConfigError(f"{text_source}: not a catalog file or a shipped catalog ({known})")
-    raw = parse_yaml_mapping(text, text_source)
+    raw = parse_yaml_mapping(read_source(text_source, _FOLDER, "catalog", "catalog"), text_source)
     try:
         return Catalog.model_validate(raw)
     except ValidationError as err:

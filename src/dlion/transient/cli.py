@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from dlion.cli.options import ForceOption
+from dlion.cli.options import ForceOption, wide_console
 from dlion.core.errors import BadInput, ConfigError
 from dlion.core.outdir import default_dir, open_output
 
@@ -23,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console() if sys.stdout.isatty() else Console(width=160)
+console = wide_console()
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -239,16 +237,13 @@ def perf(
 ) -> None:
     """Fit the step-time and checkpoint-time models; report their held-out errors."""
     from dlion.transient.bench import perf_bench
-    from dlion.transient.catalog import load_catalog
     from dlion.transient.summary import perf_markdown
 
     if held_out >= configs - 3:
         raise ConfigError(f"--held-out: leave at least 4 configurations to fit, got {held_out}")
     output = open_output(out, command="transient-perf", force=force)
     with output.writing() as work:
-        record = perf_bench(
-            load_catalog(), work, configs=configs, held_out=held_out, progress=not quiet
-        )
+        record = perf_bench(work, configs=configs, held_out=held_out, progress=not quiet)
         text = perf_markdown(record)
         (work / "perf.md").write_text(text)
     console.print(text, markup=False, highlight=False)

@@ -12,8 +12,6 @@ is unchanged. Checkpoint profiles are real: `measure_checkpoint` writes safetens
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 
 from dlion.cluster.topology import MBPS
 from dlion.core.config import ExperimentConfig, with_changes
+from dlion.core.files import write_atomic
 from dlion.engines.sim import run_sim
 from dlion.training.experiment import prepare
 from dlion.transient.runs import model_bytes
@@ -130,12 +129,7 @@ def measure_checkpoint(nbytes: int, folder: Path, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / "checkpoint.safetensors")
+        write_atomic(folder / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
         times.append(time.perf_counter() - start)
     return min(times)
 

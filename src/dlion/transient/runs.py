@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from dlion.core.config import ExperimentConfig, config_from_dict, with_membership
 from dlion.engines.sim import RunResult, run_sim
@@ -118,21 +117,14 @@ def revocation_rng(seed: int) -> random.Random:
 
 
 def run_transient(
-    base: ExperimentConfig,
-    cand: Candidate,
-    spec: TransientSpec,
-    seed: int,
-    *,
-    out_dir: Path | None = None,
-    progress: bool = False,
+    base: ExperimentConfig, cand: Candidate, spec: TransientSpec, seed: int
 ) -> RunResult:
     """One sim run of `base` on `cand` with seeded revocations; summary has the cost block."""
     cfg, billing, timeline = transient_config(base, cand, spec, seed)
     result = run_sim(
         cfg,
-        out_dir=out_dir,
         label=cfg.strategy.name,
-        progress=progress,
+        progress=False,
         description=f"{cand.label} seed {seed}",
         summary_fields=cost_fields(cfg, billing),
     )
