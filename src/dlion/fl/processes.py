@@ -244,11 +244,7 @@ class FLProcess(FLSetup, PeerProcess):
         self.ctx = _DistFLContext(self, replica)
         nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
-        e = cfg.engine
-        # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
-        run_s = self.time_scale.wall(2 * cfg.train.max_time)
-        timeout_s = max(e.startup_timeout, e.peer_timeout, run_s)
-        self.transport = self._pair_transport("gloo", timeout_s, e.max_message_mb)
+        self.transport = self._pair_transport("gloo", cfg.engine.max_message_mb)
         path = None
         if out_dir is not None:
             path = out_dir / ("metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl")
