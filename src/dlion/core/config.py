@@ -77,6 +77,13 @@ class WorkerConfig(_Strict):
     )
 
 
+def _sites_or_workers(model: Any) -> Any:
+    """Links and bandwidth traces join two sites or two workers, never both or neither."""
+    if (model.sites is None) == (model.workers is None):
+        raise ValueError("give exactly one of 'sites' or 'workers'")
+    return model
+
+
 class LinkConfig(_Strict):
     """Site-to-site link, or a per-pair override when `workers` is given.
 
@@ -95,11 +102,7 @@ class LinkConfig(_Strict):
     bandwidth_mbps: float = Field(gt=0, description="Link bandwidth in Mbit/s.")
     latency_ms: float = Field(ge=0, description="One-way latency in ms.")
 
-    @model_validator(mode="after")
-    def _one_endpoint_kind(self) -> LinkConfig:
-        if (self.sites is None) == (self.workers is None):
-            raise ValueError("give exactly one of 'sites' or 'workers'")
-        return self
+    _one_endpoint_kind = model_validator(mode="after")(_sites_or_workers)
 
 
 class ClusterConfig(_Strict):
@@ -534,11 +537,7 @@ class BandwidthTrace(TraceSpec):
     sites: tuple[str, str] | None = Field(None, description="The two sites the links join.")
     workers: tuple[int, int] | None = Field(None, description="The two worker ranks.")
 
-    @model_validator(mode="after")
-    def _one_endpoint_kind(self) -> BandwidthTrace:
-        if (self.sites is None) == (self.workers is None):
-            raise ValueError("give exactly one of 'sites' or 'workers'")
-        return self
+    _one_endpoint_kind = model_validator(mode="after")(_sites_or_workers)
 
 
 MembershipKind = Literal["leave", "crash", "join"]
