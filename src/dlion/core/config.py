@@ -206,6 +206,12 @@ class ModelConfig(_Strict):
         return self
 
 
+def _name_shorthand(cls: type[BaseModel], data: Any) -> Any:
+    """A section given as a bare name means {name: NAME}: `train.optimizer: adamw` (or
+    --set train.optimizer=adamw) is {name: adamw}."""
+    return {"name": data} if isinstance(data, str) else data
+
+
 class OptimizerConfig(_Strict):
     """The optimizer a replica applies its aggregated update with (torch.optim semantics).
     `train.lr`, `train.momentum` (sgd) and `train.weight_decay` fill its hyperparameters
@@ -221,11 +227,7 @@ class OptimizerConfig(_Strict):
         default_factory=dict, description="Further keyword arguments (betas, eps, ...)."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        # `train.optimizer: adamw` (or --set train.optimizer=adamw) means {name: adamw}.
-        return {"name": data} if isinstance(data, str) else data
+    _shorthand = model_validator(mode="before")(_name_shorthand)
 
 
 class ScheduleConfig(_Strict):
@@ -244,10 +246,7 @@ class ScheduleConfig(_Strict):
     )
     min_factor: float = Field(0.0, ge=0, le=1, description="cosine: final lr / train.lr.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+    _shorthand = model_validator(mode="before")(_name_shorthand)
 
 
 # ----------------------------------------------------------------------------- strategy
