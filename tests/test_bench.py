@@ -13,7 +13,7 @@ from dlion.cli.suites import (
     edge_extension,
     ideal_config,
     load_suite,
-    pick_learning_rate,
+    pick_best,
     run_suite,
     search_one,
 )
@@ -26,18 +26,18 @@ def _run(tta: float | None, acc: float) -> dict[str, object]:
     return {"tta_s": tta, "final_acc": acc}
 
 
-def test_pick_learning_rate_prefers_fastest_rate_that_always_reaches() -> None:
+def test_pick_best_prefers_the_fastest_rate_that_always_reaches() -> None:
     grid = {
         "0.01": [_run(None, 0.9), _run(5.0, 0.95)],  # one seed missed: not eligible
         "0.05": [_run(3.0, 0.95), _run(5.0, 0.95)],  # mean 4.0
         "0.1": [_run(2.0, 0.95), _run(5.0, 0.95)],  # mean 3.5: the choice
     }
-    assert pick_learning_rate(grid) == 0.1
+    assert pick_best(grid) == "0.1"
 
 
-def test_pick_learning_rate_falls_back_to_best_final_accuracy() -> None:
+def test_pick_best_falls_back_to_best_final_accuracy() -> None:
     grid = {"0.01": [_run(None, 0.7)], "0.05": [_run(None, 0.8)], "0.1": [_run(None, 0.6)]}
-    assert pick_learning_rate(grid) == 0.05
+    assert pick_best(grid) == "0.05"
 
 
 def test_ideal_bound_is_one_worker_with_summed_compute_and_global_batch() -> None:

@@ -415,11 +415,6 @@ def candidate_overrides(
     return out
 
 
-def pick_learning_rate(grid: dict[str, list[dict[str, Any]]]) -> float:
-    """`pick_best` over a grid keyed by learning rate."""
-    return float(pick_best(grid))
-
-
 def pick_best(grid: dict[str, list[dict[str, Any]]]) -> str:
     """Lowest mean TTA among the candidates every seed reached the target with; if none
     did, the highest mean final accuracy. Ties go to the first candidate in the grid."""

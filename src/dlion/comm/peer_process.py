@@ -176,7 +176,6 @@ class PeerProcess(abc.ABC):
     def _pair_transport(
         self,
         backend: str,
-        timeout_s: float,
         max_message_mb: float,
         on_timing: Callable[[int, int, float, float], None] | None = None,
     ) -> PairTransport:
@@ -185,7 +184,6 @@ class PeerProcess(abc.ABC):
             self._store_factory,
             self.rank,
             backend=backend,
-            timeout_s=timeout_s,
             max_frame_bytes=int(max_message_mb * 1e6),
             on_frame=self._on_frame,
             on_failure=lambda peer, why: self._from_thread(self._peer_gone, peer, why),

@@ -117,10 +117,6 @@ class _Outbox:
             self._ready.wait_for(lambda: bool(self._urgent or self._normal))
             return self._urgent.popleft() if self._urgent else self._normal.popleft()
 
-    def qsize(self) -> int:
-        with self._ready:
-            return len(self._urgent) + len(self._normal)
-
 
 class _PeerLink:
     def __init__(self, transport: PairTransport, peer: int, group: dist.ProcessGroup) -> None:
@@ -299,7 +295,6 @@ class PairTransport:
         rank: int,
         *,
         backend: str,
-        timeout_s: float,
         max_frame_bytes: int,
         on_frame: FrameCallback,
         on_failure: FailureCallback,
@@ -315,7 +310,6 @@ class PairTransport:
         # the rendezvous itself is bounded by the caller (`connect` runs in a thread it
         # waits on for at most the start-up timeout).
         self.timeout = PAIR_OP_TIMEOUT
-        self.connect_timeout_s = timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.on_frame = on_frame
         self.on_failure = on_failure
@@ -394,7 +388,3 @@ class PairTransport:
         if link is not None:
             link.failed = True
             link.outbox.put(None)
-
-    def pending(self) -> int:
-        """Frames still queued to leave (used to drain before a clean exit)."""
-        return sum(link.outbox.qsize() for link in list(self._links.values()))

@@ -77,6 +77,13 @@ class WorkerConfig(_Strict):
     )
 
 
+def _sites_or_workers(model: Any) -> Any:
+    """Links and bandwidth traces join two sites or two workers, never both or neither."""
+    if (model.sites is None) == (model.workers is None):
+        raise ValueError("give exactly one of 'sites' or 'workers'")
+    return model
+
+
 class LinkConfig(_Strict):
     """Site-to-site link, or a per-pair override when `workers` is given.
 
@@ -95,11 +102,7 @@ class LinkConfig(_Strict):
     bandwidth_mbps: float = Field(gt=0, description="Link bandwidth in Mbit/s.")
     latency_ms: float = Field(ge=0, description="One-way latency in ms.")
 
-    @model_validator(mode="after")
-    def _one_endpoint_kind(self) -> LinkConfig:
-        if (self.sites is None) == (self.workers is None):
-            raise ValueError("give exactly one of 'sites' or 'workers'")
-        return self
+    _one_endpoint_kind = model_validator(mode="after")(_sites_or_workers)
 
 
 class ClusterConfig(_Strict):
@@ -203,6 +206,12 @@ class ModelConfig(_Strict):
         return self
 
 
+def _name_shorthand(cls: type[BaseModel], data: Any) -> Any:
+    """A section given as a bare name means {name: NAME}: `train.optimizer: adamw` (or
+    --set train.optimizer=adamw) is {name: adamw}."""
+    return {"name": data} if isinstance(data, str) else data
+
+
 class OptimizerConfig(_Strict):
     """The optimizer a replica applies its aggregated update with (torch.optim semantics).
     `train.lr`, `train.momentum` (sgd) and `train.weight_decay` fill its hyperparameters
@@ -218,11 +227,7 @@ class OptimizerConfig(_Strict):
         default_factory=dict, description="Further keyword arguments (betas, eps, ...)."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        # `train.optimizer: adamw` (or --set train.optimizer=adamw) means {name: adamw}.
-        return {"name": data} if isinstance(data, str) else data
+    _shorthand = model_validator(mode="before")(_name_shorthand)
 
 
 class ScheduleConfig(_Strict):
@@ -241,10 +246,7 @@ class ScheduleConfig(_Strict):
     )
     min_factor: float = Field(0.0, ge=0, le=1, description="cosine: final lr / train.lr.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+    _shorthand = model_validator(mode="before")(_name_shorthand)
 
 
 # ----------------------------------------------------------------------------- strategy
@@ -534,11 +536,7 @@ class BandwidthTrace(TraceSpec):
     sites: tuple[str, str] | None = Field(None, description="The two sites the links join.")
     workers: tuple[int, int] | None = Field(None, description="The two worker ranks.")
 
-    @model_validator(mode="after")
-    def _one_endpoint_kind(self) -> BandwidthTrace:
-        if (self.sites is None) == (self.workers is None):
-            raise ValueError("give exactly one of 'sites' or 'workers'")
-        return self
+    _one_endpoint_kind = model_validator(mode="after")(_sites_or_workers)
 
 
 MembershipKind = Literal["leave", "crash", "join"]

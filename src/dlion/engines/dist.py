@@ -268,7 +268,6 @@ class DistWorker(PeerProcess):
         )
         self.transport = self._pair_transport(
             self.backend,
-            max(cfg.engine.peer_timeout, cfg.engine.startup_timeout),
             cfg.engine.max_message_mb,
             # Paced sends measure themselves; real links are timed at the receiver.
             on_timing=None if cfg.engine.shaping == "transport" else self._on_timing,

@@ -22,6 +22,10 @@ from dlion.training.experiment import cached_dataset
 from dlion.training.models import build_model, train_flops_per_sample
 from dlion.training.replica import Replica
 
+# An idle client's receive wakes up this often (virtual s in the sim) just to wait again;
+# large so that idle clients cost almost no events.
+IDLE_RECV_S = 3600.0
+
 
 @dataclass
 class FLRunResult:

@@ -105,6 +105,7 @@ from dlion.fl.base import ServerState
 from dlion.fl.checkpoint import Restored, load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig, config_hash, load_fl_config
 from dlion.fl.job import (
+    IDLE_RECV_S,
     FLRunResult,
     FLSetup,
     client_replica,
@@ -124,7 +125,6 @@ from dlion.report import (
 from dlion.training.replica import Replica
 
 MAX_DIST_CLIENTS = 16  # one process per client on one host: keep it small
-_IDLE_RECV_S = 3600.0
 # Outside any job prefix: what a server hosting its own store publishes for its clients.
 RUN_KEY = "dlion/fl-run"
 
@@ -144,7 +144,7 @@ class _DistFLContext(ClientContext):
             sites=["server"] + ["client"] * (size - 1),
             replica=replica,  # type: ignore[arg-type]  # clients start without a model
             global_batch=proc.cfg.local.batch_size,
-            recv_timeout=_IDLE_RECV_S,
+            recv_timeout=IDLE_RECV_S,
             bandwidth_seed={p: proc.link_rate(p) for p in peers},
             latency=dict.fromkeys(peers, lat),
             header_bytes=proc.cfg.engine.header_bytes,
@@ -244,11 +244,7 @@ class FLProcess(FLSetup, PeerProcess):
         self.ctx = _DistFLContext(self, replica)
         nic = self.time_scale.rate(cfg.server.nic_mbps * MBPS) if rank == SERVER else None
         self.shaper = LinkShaper({p: self.link_rate(p) for p in self.peers}, nic)
-        e = cfg.engine
-        # Idle links wait for frames for a long time: the gloo timeout must outlast the run.
-        run_s = self.time_scale.wall(2 * cfg.train.max_time)
-        timeout_s = max(e.startup_timeout, e.peer_timeout, run_s)
-        self.transport = self._pair_transport("gloo", timeout_s, e.max_message_mb)
+        self.transport = self._pair_transport("gloo", cfg.engine.max_message_mb)
         path = None
         if out_dir is not None:
             path = out_dir / ("metrics.jsonl" if rank == SERVER else f"workers/rank-{rank}.jsonl")

@@ -154,9 +154,9 @@ def _coordinate(cfg: ExperimentConfig, store: dist.Store, out_dir: Path, run_id:
         result.summary, result.points, out_dir, name=cfg.name, target=cfg.train.target_acc
     )
     warn_diverged([result.summary])
-    from rich.console import Console
+    from dlion.cli.options import wide_console
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = wide_console()
     for line in summary_lines(result.summary, out_dir, written):
         console.print(line)
 

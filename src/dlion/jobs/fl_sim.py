@@ -26,6 +26,7 @@ from dlion.fl.base import Algorithm, ServerState
 from dlion.fl.checkpoint import load_checkpoint, save_checkpoint
 from dlion.fl.config import FLConfig
 from dlion.fl.job import (
+    IDLE_RECV_S,
     FLRunResult,
     FLSetup,
     client_replica,
@@ -44,10 +45,6 @@ from dlion.report import (
 )
 from dlion.training.replica import Replica
 
-# An idle client's receive wakes up this often (virtual s) just to wait again; large so
-# that idle clients cost almost no events.
-_IDLE_RECV_S = 3600.0
-
 
 class _Context(VirtualContext, ClientContext):
     """The server (rank 0) and every client use this context; only clients use the
@@ -64,7 +61,7 @@ class _Context(VirtualContext, ClientContext):
             sites=["server"] + ["client"] * (size - 1),
             replica=replica,  # (clients start without a model)
             global_batch=job.cfg.local.batch_size,
-            recv_timeout=_IDLE_RECV_S,
+            recv_timeout=IDLE_RECV_S,
             bandwidth_seed={p: job.cluster.link(rank, p).bandwidth for p in peers},
             latency={p: job.cluster.link(rank, p).latency for p in peers},
             header_bytes=job.cfg.engine.header_bytes,

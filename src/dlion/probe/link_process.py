@@ -87,7 +87,6 @@ def run_links(
         store_factory,
         rank,
         backend="gloo",
-        timeout_s=timeout_s,
         max_frame_bytes=max(bytes_per_pair, 1 << 20),
         on_frame=on_frame,
         on_failure=on_failure,
