@@ -264,22 +264,7 @@ def _three_sites(
 def test_a_site_keeps_one_model_and_sites_differ() -> None:
     """Members of a site apply the same total every iteration: after each iteration their
     parameters are bit-identical; sites differ (sparse, late exchange across sites)."""
-    from dlion.strategies import get_strategy, parse_options
-
-    spec = get_strategy("dlion")
-    after: dict[tuple[int, int], torch.Tensor] = {}
-
-    async def spying(ctx: WorkerContext, opt: Any) -> None:
-        done = ctx.iteration_done
-
-        def logged(loss: float) -> None:
-            after[ctx.rank, ctx.iteration] = ctx.replica.flat.clone()
-            done(loss)
-
-        ctx.iteration_done = logged  # type: ignore[method-assign]
-        await spec.worker(ctx, opt)
-
-    result, _ = run_counting(_three_sites(), spying, parse_options(spec, {}))
+    result, after = _models_after_each_iteration(_three_sites())
     pairs = [(0, 1), (2, 3), (4, 5)]
     compared = 0
     for a, b in pairs:
